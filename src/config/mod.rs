@@ -1,0 +1,565 @@
+//! The config file: typed, defaulted and strict, so that a typo is an error naming the key and the
+//! line at install time (Ansible validates with `nightcopy check-config`), never a surprise at 2 AM.
+//!
+//! Values that can be wrong validate themselves as newtypes while the YAML is read, so their errors
+//! carry a position too. Credentials are deliberately not configurable here: they come from the
+//! SDK's default chain (the instance role on EC2).
+
+mod units;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{de, Deserialize, Deserializer, Serialize};
+
+pub use units::{HumanDuration, Size};
+
+use crate::scan::Excludes;
+
+pub const DEFAULT_PATH: &str = "/etc/nightcopy/config.yaml";
+
+/// S3's limits, which bound what the transfer section may ask for.
+pub const MIN_PART_SIZE: u64 = 5 * Size::MIB;
+pub const MAX_PART_SIZE: u64 = 5 * Size::GIB;
+pub const MAX_SINGLE_PUT: u64 = 5 * Size::GIB;
+pub const MAX_CONCURRENCY: usize = 256;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    pub source: Source,
+    pub destination: Destination,
+    #[serde(default)]
+    pub transfer: Transfer,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: AbsPath,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Source {
+    pub path: AbsPath,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_from: Option<AbsPath>,
+    #[serde(default = "yes")]
+    pub one_file_system: bool,
+    /// Refuse to run when `path` is not a mount point: an empty mount point must never look like a
+    /// successful backup of nothing.
+    #[serde(default = "yes")]
+    pub require_mountpoint: bool,
+    #[serde(default)]
+    pub symlinks: SymlinkPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SymlinkPolicy {
+    /// Symlinks are counted and not stored: the default, because following them can leave the
+    /// source tree or loop.
+    #[default]
+    Skip,
+    /// Store what the link points to, as if it were the file itself.
+    Follow,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Destination {
+    pub bucket: BucketName,
+    #[serde(default)]
+    pub prefix: Prefix,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<EndpointUrl>,
+    #[serde(default)]
+    pub force_path_style: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class: Option<StorageClass>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sse: Option<Sse>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sse_kms_key_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Transfer {
+    #[serde(default = "default_concurrency")]
+    pub concurrency: Concurrency,
+    #[serde(default = "default_threshold")]
+    pub multipart_threshold: Size,
+    #[serde(default = "default_part_size")]
+    pub part_size: Size,
+    /// Bytes per second for uploaded data; 0 means unlimited.
+    #[serde(default = "zero_size")]
+    pub bandwidth_limit: Size,
+}
+
+impl Default for Transfer {
+    fn default() -> Self {
+        Transfer {
+            concurrency: default_concurrency(),
+            multipart_threshold: default_threshold(),
+            part_size: default_part_size(),
+            bandwidth_limit: zero_size(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_state_dir() -> AbsPath {
+    AbsPath(PathBuf::from("/var/lib/nightcopy"))
+}
+fn default_concurrency() -> Concurrency {
+    Concurrency(16)
+}
+fn default_threshold() -> Size {
+    Size(64 * Size::MIB)
+}
+fn default_part_size() -> Size {
+    Size(16 * Size::MIB)
+}
+fn zero_size() -> Size {
+    Size(0)
+}
+
+/// Why a config could not be used. Every variant names the file; most name the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "cannot read config {path}: {source} (is the path right? set --config or NIGHTCOPY_CONFIG)"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Reads, parses and validates a config file, including the exclude list it names.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let config: Config = serde_saphyr::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        config.validate().map_err(invalid)?;
+        Ok(config)
+    }
+
+    /// Rules that span keys; single values were checked while parsing.
+    fn validate(&self) -> Result<(), String> {
+        let t = &self.transfer;
+        if t.part_size.0 < MIN_PART_SIZE || t.part_size.0 > MAX_PART_SIZE {
+            return Err(format!(
+                "transfer.part-size: {} is outside S3's limits: use 5MiB to 5GiB",
+                t.part_size
+            ));
+        }
+        if t.multipart_threshold.0 > MAX_SINGLE_PUT {
+            return Err(format!(
+                "transfer.multipart-threshold: {} is above S3's 5GiB single-upload limit",
+                t.multipart_threshold
+            ));
+        }
+        match (&self.destination.sse, &self.destination.sse_kms_key_id) {
+            (Some(Sse::Kms), _) | (_, None) => {}
+            (_, Some(_)) => {
+                return Err(
+                    "destination.sse-kms-key-id is set but destination.sse is not aws:kms: set sse: aws:kms or drop the key id"
+                        .into(),
+                )
+            }
+        }
+        if let Some(r) = &self.destination.region {
+            let ok = !r.is_empty()
+                && r.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !ok {
+                return Err(format!(
+                    "destination.region: {r:?} is not a region name (e.g. us-east-1)"
+                ));
+            }
+        }
+        if self.source.path.0 == self.state_dir.0
+            || self.state_dir.0.starts_with(&self.source.path.0)
+        {
+            // Not fatal for correctness, but the manifest would be backed up while it is rewritten.
+            tracing::debug!("state-dir lies inside the source tree");
+        }
+        self.excludes()?;
+        Ok(())
+    }
+
+    /// The compiled exclude set: inline patterns plus the `exclude-from` file.
+    pub fn excludes(&self) -> Result<Excludes, String> {
+        let mut patterns: Vec<(String, String)> = self
+            .source
+            .exclude
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.clone(), format!("source.exclude[{i}]")))
+            .collect();
+        if let Some(file) = &self.source.exclude_from {
+            let text = std::fs::read_to_string(&file.0).map_err(|e| {
+                format!(
+                    "source.exclude-from: cannot read {}: {e} (create it, or remove the key)",
+                    file.0.display()
+                )
+            })?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim_end();
+                if line.trim_start().is_empty() || line.trim_start().starts_with('#') {
+                    continue;
+                }
+                patterns.push((
+                    line.to_owned(),
+                    format!("{} line {}", file.0.display(), n + 1),
+                ));
+            }
+        }
+        Excludes::new(&patterns)
+    }
+
+    /// A stable name for where this config writes: the manifest is only trusted for the same one.
+    pub fn destination_id(&self) -> String {
+        let d = &self.destination;
+        format!(
+            "{}|{}|{}",
+            d.endpoint_url.as_ref().map_or("aws", |u| u.0.as_str()),
+            d.bucket.0,
+            d.prefix.0
+        )
+    }
+}
+
+/// An absolute path; relative paths depend on the working directory, which a timer does not fix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct AbsPath(pub PathBuf);
+
+impl<'de> Deserialize<'de> for AbsPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if !s.starts_with('/') {
+            return Err(de::Error::custom(format!(
+                "{s:?} is not an absolute path: start it with /"
+            )));
+        }
+        Ok(AbsPath(PathBuf::from(s)))
+    }
+}
+
+/// A bucket name as S3 accepts it (general purpose buckets).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct BucketName(pub String);
+
+impl BucketName {
+    pub fn new(s: &str) -> Result<Self, String> {
+        let allowed = "3 to 63 characters of a-z, 0-9, '.' and '-', starting and ending with a letter or digit";
+        let b = s.as_bytes();
+        let chars_ok = b
+            .iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-');
+        let ends_ok = b.first().is_some_and(u8::is_ascii_alphanumeric)
+            && b.last().is_some_and(u8::is_ascii_alphanumeric);
+        if !(3..=63).contains(&b.len()) || !chars_ok || !ends_ok {
+            return Err(format!("{s:?} is not a valid bucket name: {allowed}"));
+        }
+        if s.contains("..") || s.contains(".-") || s.contains("-.") {
+            return Err(format!(
+                "{s:?} is not a valid bucket name: no '..', '.-' or '-.'"
+            ));
+        }
+        if s.parse::<std::net::Ipv4Addr>().is_ok() {
+            return Err(format!(
+                "{s:?} is not a valid bucket name: it looks like an IP address"
+            ));
+        }
+        Ok(BucketName(s.to_owned()))
+    }
+}
+
+impl<'de> Deserialize<'de> for BucketName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        BucketName::new(&String::deserialize(d)?).map_err(de::Error::custom)
+    }
+}
+
+/// A key prefix: empty (the bucket root) or ending in `/`, never starting with `/` (S3 would keep
+/// that slash as part of every key, which nobody means).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Prefix(pub String);
+
+impl Prefix {
+    pub fn new(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Ok(Prefix(String::new()));
+        }
+        if s.starts_with('/') {
+            return Err(format!(
+                "{s:?} starts with '/': write it without, e.g. \"fs/\""
+            ));
+        }
+        if !s.ends_with('/') {
+            return Err(format!("{s:?} must end with '/', e.g. \"{s}/\""));
+        }
+        if s.contains("//") {
+            return Err(format!("{s:?} contains an empty path segment '//'"));
+        }
+        if s.chars().any(char::is_control) {
+            return Err(format!("{s:?} contains a control character"));
+        }
+        if s.len() > 512 {
+            return Err(
+                "a prefix of over 512 bytes leaves too little of S3's 1,024-byte key limit".into(),
+            );
+        }
+        Ok(Prefix(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Prefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Prefix::new(&String::deserialize(d)?).map_err(de::Error::custom)
+    }
+}
+
+/// An http(s) endpoint for S3-compatible servers and tests; omitted on AWS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct EndpointUrl(pub String);
+
+impl<'de> Deserialize<'de> for EndpointUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let rest = s
+            .strip_prefix("https://")
+            .or_else(|| s.strip_prefix("http://"))
+            .ok_or_else(|| de::Error::custom(format!("{s:?} is not an http:// or https:// URL")))?;
+        if rest.is_empty() || rest.starts_with('/') {
+            return Err(de::Error::custom(format!("{s:?} has no host")));
+        }
+        Ok(EndpointUrl(s.trim_end_matches('/').to_owned()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StorageClass {
+    Standard,
+    StandardIa,
+    OnezoneIa,
+    IntelligentTiering,
+    GlacierIr,
+    Glacier,
+    DeepArchive,
+    ReducedRedundancy,
+}
+
+impl StorageClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageClass::Standard => "STANDARD",
+            StorageClass::StandardIa => "STANDARD_IA",
+            StorageClass::OnezoneIa => "ONEZONE_IA",
+            StorageClass::IntelligentTiering => "INTELLIGENT_TIERING",
+            StorageClass::GlacierIr => "GLACIER_IR",
+            StorageClass::Glacier => "GLACIER",
+            StorageClass::DeepArchive => "DEEP_ARCHIVE",
+            StorageClass::ReducedRedundancy => "REDUCED_REDUNDANCY",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Sse {
+    #[serde(rename = "AES256")]
+    Aes256,
+    #[serde(rename = "aws:kms")]
+    Kms,
+}
+
+impl Sse {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sse::Aes256 => "AES256",
+            Sse::Kms => "aws:kms",
+        }
+    }
+}
+
+/// How many uploads (and multipart parts) are in flight at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Concurrency(pub usize);
+
+impl<'de> Deserialize<'de> for Concurrency {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        if n < 1 || n > MAX_CONCURRENCY as i64 {
+            return Err(de::Error::custom(format!(
+                "{n} is outside 1 to {MAX_CONCURRENCY}"
+            )));
+        }
+        Ok(Concurrency(n as usize))
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match serde_saphyr::to_string(self) {
+            Ok(s) => f.write_str(&s),
+            Err(e) => write!(f, "# cannot render config: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "source:\n  path: /mnt/fs\ndestination:\n  bucket: my-backups\n";
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/nightcopy/config.yaml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(c.source.one_file_system);
+        assert!(c.source.require_mountpoint);
+        assert_eq!(c.source.symlinks, SymlinkPolicy::Skip);
+        assert_eq!(c.destination.prefix.as_str(), "");
+        assert_eq!(c.transfer.concurrency.0, 16);
+        assert_eq!(c.transfer.multipart_threshold.0, 64 * Size::MIB);
+        assert_eq!(c.transfer.part_size.0, 16 * Size::MIB);
+        assert_eq!(c.transfer.bandwidth_limit.0, 0);
+        assert_eq!(c.state_dir.0, PathBuf::from("/var/lib/nightcopy"));
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../config/nightcopy.example.yaml");
+        // exclude-from names a file on the target host; check the rest.
+        let text = text.replace("exclude-from: /etc/nightcopy/exclude.txt", "");
+        let c = parse(&text).unwrap();
+        assert_eq!(c.destination.storage_class, Some(StorageClass::StandardIa));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_line() {
+        let cases: &[(&str, &[&str])] = &[
+            ("source:\n  path: /mnt/fs\n  pth: x\ndestination:\n  bucket: my-backups\n", &["pth", "line 3"]),
+            ("source:\n  path: mnt/fs\ndestination:\n  bucket: my-backups\n", &["absolute", "line 2"]),
+            ("source:\n  path: /mnt/fs\ndestination:\n  bucket: My_Bucket\n", &["My_Bucket", "bucket name", "line 4"]),
+            ("source:\n  path: /mnt/fs\ndestination:\n  bucket: b-1\n  prefix: fs\n", &["end with '/'", "line 5"]),
+            ("source:\n  path: /mnt/fs\ndestination:\n  bucket: b-1\ntransfer:\n  part-size: lots\n", &["not a size", "line 6"]),
+            ("source:\n  path: /mnt/fs\ndestination:\n  bucket: b-1\ntransfer:\n  concurrency: 0\n", &["outside 1 to 256", "line 6"]),
+            ("source:\n  path: /mnt/fs\ndestination:\n  bucket: b-1\n  storage-class: COLD\n", &["COLD", "line 5"]),
+            ("source:\n  path: /mnt/fs\ndestination:\n  bucket: b-1\n  sse: rot13\n", &["rot13", "line 5"]),
+        ];
+        for (text, wants) in cases {
+            let err = parse(text).unwrap_err();
+            for want in *wants {
+                assert!(err.contains(want), "{err:?} should mention {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn cross_key_rules() {
+        let cases: &[(&str, &str)] = &[
+            ("transfer:\n  part-size: 1MiB\n", "transfer.part-size"),
+            (
+                "transfer:\n  multipart-threshold: 6GiB\n",
+                "transfer.multipart-threshold",
+            ),
+            (
+                "source:\n  path: /mnt/fs\n  exclude: ['a[']\n",
+                "source.exclude[0]",
+            ),
+            (
+                "source:\n  path: /mnt/fs\n  exclude-from: /nonexistent/exclude.txt\n",
+                "source.exclude-from",
+            ),
+        ];
+        for (extra, want) in cases {
+            let text = if extra.starts_with("source:") {
+                format!("{extra}destination:\n  bucket: b-1\n")
+            } else {
+                format!("{MINIMAL}{extra}")
+            };
+            let err = parse(&text).unwrap_err();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
+        let kms = format!("{MINIMAL}  sse: AES256\n  sse-kms-key-id: k\n");
+        assert!(parse(&kms).unwrap_err().contains("sse-kms-key-id"));
+    }
+
+    #[test]
+    fn bucket_names() {
+        for ok in ["abc", "my-backups", "a.b.c", "0abc9", &"a".repeat(63)] {
+            assert!(BucketName::new(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "ab",
+            "Abc",
+            "a_b",
+            "-ab",
+            "ab-",
+            "a..b",
+            "a.-b",
+            "192.168.1.1",
+            &"a".repeat(64),
+            "",
+        ] {
+            assert!(BucketName::new(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefixes() {
+        for (p, ok) in [
+            ("", true),
+            ("fs/", true),
+            ("a/b/", true),
+            ("fs", false),
+            ("/fs/", false),
+            ("a//b/", false),
+            ("a\n/", false),
+        ] {
+            assert_eq!(Prefix::new(p).is_ok(), ok, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = parse(MINIMAL).unwrap();
+        let again = parse(&c.to_string()).unwrap();
+        assert_eq!(again.destination.bucket, c.destination.bucket);
+        assert_eq!(again.transfer.part_size, c.transfer.part_size);
+    }
+}

@@ -1,0 +1,164 @@
+//! How a path under the source becomes an S3 key, and back.
+//!
+//! A name that is valid UTF-8 without control characters is used as it is, so keys look like the
+//! tree. Any other name is *escaped*: every byte that is not part of a valid, printable UTF-8
+//! sequence becomes `%XX`, and `%` itself becomes `%25` — in that name only. The object then carries
+//! the whole original path in metadata (`nightcopy-raw-path`, fully percent-encoded), which is what
+//! restore uses to put the exact bytes back. Control characters are escaped too because S3's XML
+//! listing cannot carry most of them.
+//!
+//! An escaped name could equal a real name in the same directory ("caf%E9" the file vs "caf\xe9"
+//! escaped): the scan yields both with the same key and the planner reports the second as an error,
+//! so nothing is overwritten silently.
+
+use std::borrow::Cow;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use percent_encoding::{percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+/// S3's limit on a key, prefix included.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// The key form of one path component.
+pub fn component(name: &OsStr) -> Cow<'_, str> {
+    let bytes = name.as_bytes();
+    match std::str::from_utf8(bytes) {
+        Ok(s) if !s.chars().any(char::is_control) => Cow::Borrowed(s),
+        _ => Cow::Owned(escape(bytes)),
+    }
+}
+
+fn escape(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() + 8);
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '%' || c.is_control() {
+                let mut buf = [0; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The relative key of a path below the source root, and whether any component was escaped.
+pub fn relative_key(rel: &Path) -> (String, bool) {
+    let mut key = String::with_capacity(rel.as_os_str().len());
+    let mut escaped = false;
+    for (i, c) in rel.iter().enumerate() {
+        if i > 0 {
+            key.push('/');
+        }
+        let part = component(c);
+        escaped |= matches!(part, Cow::Owned(_));
+        key.push_str(&part);
+    }
+    (key, escaped)
+}
+
+/// Everything but unreserved characters and '/': the form of `nightcopy-raw-path`, which must be
+/// plain ASCII to travel as an HTTP header.
+const RAW_PATH: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+pub fn encode_raw_path(rel: &Path) -> String {
+    percent_encode(rel.as_os_str().as_bytes(), RAW_PATH).to_string()
+}
+
+pub fn decode_raw_path(s: &str) -> Vec<u8> {
+    percent_encoding::percent_decode_str(s).collect()
+}
+
+/// Siblings are walked in this order so that the whole walk comes out in S3 key order (byte order of
+/// full keys). A directory sorts as its name plus '/', because every key below it has that prefix:
+/// "a-b" (0x2D) comes before the directory "a" whose keys start "a/" (0x2F), although a plain
+/// name sort puts "a" first.
+pub fn sibling_order(a: &str, a_dir: bool, b: &str, b_dir: bool) -> std::cmp::Ordering {
+    let sa: &[u8] = if a_dir { b"/" } else { b"" };
+    let sb: &[u8] = if b_dir { b"/" } else { b"" };
+    a.as_bytes()
+        .iter()
+        .chain(sa)
+        .cmp(b.as_bytes().iter().chain(sb))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+
+    #[test]
+    fn plain_names_are_kept() {
+        for n in [
+            "a.txt",
+            "with space",
+            "plus+sign",
+            "100%",
+            "ünïcödé",
+            "日本語",
+            "emoji 🎉",
+        ] {
+            assert_eq!(component(OsStr::new(n)), n);
+        }
+    }
+
+    #[test]
+    fn awkward_names_are_escaped_reversibly() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"caf\xe9", "caf%E9"),
+            (b"a\nb", "a%0Ab"),
+            (b"tab\there", "tab%09here"),
+            (b"50%\xff", "50%25%FF"),
+            (b"\x7f", "%7F"),
+        ];
+        for (raw, want) in cases {
+            let os = OsString::from_vec(raw.to_vec());
+            assert_eq!(component(&os), *want);
+            // reversible: the escaped form decodes back to the bytes
+            let back: Vec<u8> = percent_encoding::percent_decode_str(want).collect();
+            assert_eq!(&back, raw);
+        }
+    }
+
+    #[test]
+    fn raw_path_round_trips_any_bytes() {
+        let raw: Vec<u8> = (1u8..=255).filter(|&b| b != b'/').collect();
+        let p = std::path::PathBuf::from(OsString::from_vec(raw.clone()));
+        let enc = encode_raw_path(&p);
+        assert!(enc.is_ascii());
+        assert_eq!(decode_raw_path(&enc), raw);
+    }
+
+    #[test]
+    fn relative_keys() {
+        assert_eq!(
+            relative_key(Path::new("a/b c/d")),
+            ("a/b c/d".into(), false)
+        );
+        let p = std::path::PathBuf::from(OsString::from_vec(b"d/x\xffy".to_vec()));
+        assert_eq!(relative_key(&p), ("d/x%FFy".into(), true));
+    }
+
+    #[test]
+    fn directories_sort_as_name_slash() {
+        use std::cmp::Ordering::*;
+        assert_eq!(sibling_order("a-b", false, "a", true), Less);
+        assert_eq!(sibling_order("a", false, "a-b", false), Less);
+        assert_eq!(sibling_order("a.txt", false, "a", true), Less);
+        assert_eq!(sibling_order("a0", false, "a", true), Greater);
+    }
+}

@@ -1,0 +1,268 @@
+//! nightcopy: an additive-only nightly backup of a mounted filesystem to S3.
+//!
+//! The run is a pipeline whose stages are the modules, in order:
+//! `config` → `guard` → `scan` ∥ `list` → `plan` → `upload` → `report`.
+//! The scan and the bucket listing run side by side; the planner merges them with the last
+//! manifest in key order, so memory stays flat however many files there are.
+
+pub mod config;
+pub mod exit;
+pub mod guard;
+pub mod keys;
+pub mod list;
+pub mod manifest;
+pub mod plan;
+pub mod report;
+pub mod scan;
+pub mod store;
+pub mod upload;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use aws_credential_types::provider::ProvideCredentials;
+use futures::StreamExt;
+
+use crate::config::Config;
+use crate::manifest::ManifestEntry;
+use crate::plan::{Planner, Step};
+use crate::report::{FileErrorKind, RunReport, Stats};
+use crate::store::s3::S3Store;
+use crate::store::{ObjectStore, StoreError};
+use crate::upload::Uploader;
+
+/// How far the upload stage may run ahead of the oldest unfinished file. The manifest is written
+/// in key order, so completed files wait here for slower ones (a large multipart) before them;
+/// this bounds that wait's memory while leaving plenty of small files to keep the slots busy.
+const ORDER_WINDOW: usize = 4096;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Print each planned upload with its reason; send nothing but the listing.
+    pub dry_run: bool,
+}
+
+/// Errors that end a run. Each says what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Guard(#[from] guard::GuardError),
+    #[error("{0}")]
+    Credentials(String),
+    #[error("{0}")]
+    Region(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("state directory: cannot write the manifest: {0} (is the disk full or read-only?)")]
+    Manifest(std::io::Error),
+}
+
+/// Loads the AWS SDK configuration through the default chain (environment, profile, the EC2
+/// instance role over IMDSv2) and proves that credentials can be had, before anything else.
+pub async fn connect(config: &Config) -> Result<aws_config::SdkConfig, Fatal> {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(region) = &config.destination.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    let sdk = loader.load().await;
+    if sdk.region().is_none() {
+        return Err(Fatal::Region(
+            "no AWS region: set destination.region in the config (or AWS_REGION)".into(),
+        ));
+    }
+    let provider = sdk.credentials_provider().ok_or_else(|| {
+        Fatal::Credentials("no AWS credentials provider could be configured".into())
+    })?;
+    provider.provide_credentials().await.map_err(|e| {
+        Fatal::Credentials(format!(
+            "no AWS credentials: on EC2 attach an instance role to the instance (and allow IMDSv2 \
+             from this host); elsewhere set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE ({})",
+            aws_sdk_s3::error::DisplayErrorContext(&e)
+        ))
+    })?;
+    Ok(sdk)
+}
+
+/// One backup run with the real S3 client.
+pub async fn run(config: &Config, opts: &RunOptions) -> Result<RunReport, Fatal> {
+    let started = Instant::now();
+    guard::check_source(&config.source.path.0, config.source.require_mountpoint)?;
+    guard::prepare_state_dir(&config.state_dir.0)?;
+    let sdk = connect(config).await?;
+    let store = Arc::new(S3Store::new(&sdk, &config.destination));
+    run_with(config, opts, store, started).await
+}
+
+/// The pipeline over any store (tests wrap the real one to count or fail requests).
+pub async fn run_with<S: ObjectStore>(
+    config: &Config,
+    opts: &RunOptions,
+    store: Arc<S>,
+    started: Instant,
+) -> Result<RunReport, Fatal> {
+    let stats = Arc::new(Stats::default());
+    let prefix = config.destination.prefix.as_str().to_owned();
+    let destination = config.destination_id();
+
+    let manifest = match manifest::open(&config.state_dir.0, &destination) {
+        Ok(m) => m,
+        Err(why) => {
+            tracing::warn!(
+                "the manifest in {} is not used: {why}; deciding by size and upload time this once",
+                config.state_dir.0.display()
+            );
+            None
+        }
+    };
+    if manifest.is_none() {
+        tracing::info!(
+            "no manifest for this destination yet: comparing with the bucket listing only"
+        );
+    }
+
+    // The first listing page is awaited here so that a missing bucket or denied access is a clear
+    // fatal error before a single file is read.
+    let remote = list::start(store.clone(), prefix.clone()).await?;
+
+    let excludes = config.excludes().map_err(Fatal::Config)?;
+    let scan_opts = scan::ScanOptions {
+        root: config.source.path.0.clone(),
+        excludes,
+        one_file_system: config.source.one_file_system,
+        symlinks: config.source.symlinks,
+        max_key_bytes: keys::MAX_KEY_BYTES - prefix.len(),
+    };
+
+    // Scan and plan on a blocking thread; steps flow to the async upload stage through a bounded
+    // channel, so a slow upload stage pauses the walk instead of buffering the tree.
+    let (step_tx, step_rx) = tokio::sync::mpsc::channel::<Result<Step, StoreError>>(1024);
+    let plan_stats = stats.clone();
+    let planner = tokio::task::spawn_blocking(move || {
+        let local = scan::scan(scan_opts, plan_stats);
+        let manifest_entries = manifest.into_iter().flatten();
+        for step in Planner::new(local, remote, manifest_entries) {
+            let stop = step.is_err();
+            if step_tx.blocking_send(step).is_err() || stop {
+                break;
+            }
+        }
+    });
+
+    let mut writer = if opts.dry_run {
+        None
+    } else {
+        Some(manifest::Writer::create(&config.state_dir.0, &destination).map_err(Fatal::Manifest)?)
+    };
+    let uploader = Arc::new(Uploader::new(
+        store.clone(),
+        stats.clone(),
+        prefix.clone(),
+        &config.transfer,
+    ));
+    let dry_run = opts.dry_run;
+    let handle_stats = stats.clone();
+    let mut outcomes = tokio_stream_from(step_rx)
+        .map(move |step| {
+            let uploader = uploader.clone();
+            let stats = handle_stats.clone();
+            let prefix = prefix.clone();
+            async move { handle(step, &uploader, &stats, &prefix, dry_run).await }
+        })
+        .buffered(ORDER_WINDOW);
+
+    let mut fatal = None;
+    while let Some(outcome) = outcomes.next().await {
+        match outcome {
+            Ok(Some(record)) => {
+                if let Some(w) = writer.as_mut() {
+                    w.push(&record).map_err(Fatal::Manifest)?;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                fatal = Some(e);
+                break;
+            }
+        }
+    }
+    drop(outcomes); // closes the channel: the planner stops at its next send
+    let _ = planner.await;
+    if let Some(e) = fatal {
+        // The old manifest stays: what this run uploaded is found by the listing next time.
+        return Err(Fatal::Store(e));
+    }
+    if let Some(w) = writer {
+        w.commit().map_err(Fatal::Manifest)?;
+    }
+    Ok(RunReport::new(
+        stats.snapshot(started.elapsed()),
+        opts.dry_run,
+    ))
+}
+
+/// One planned step: upload it (on its own task, so signing and I/O of many small files run in
+/// parallel), or pass its record through.
+async fn handle<S: ObjectStore>(
+    step: Result<Step, StoreError>,
+    uploader: &Arc<Uploader<S>>,
+    stats: &Stats,
+    prefix: &str,
+    dry_run: bool,
+) -> Result<Option<ManifestEntry>, StoreError> {
+    match step? {
+        Step::Unchanged { record } => {
+            stats.checked();
+            Ok(Some(record))
+        }
+        Step::RemoteOnly { key } => {
+            stats.remote_only(&key);
+            Ok(None)
+        }
+        Step::DuplicateKey { entry } => {
+            stats.file_error(
+                &entry.path,
+                FileErrorKind::BadName,
+                &format_args!(
+                    "its key {prefix}{} is already used by another file's (escaped) name; rename one of them",
+                    entry.key
+                ),
+            );
+            Ok(None)
+        }
+        Step::Upload {
+            entry,
+            reason,
+            previous,
+        } if dry_run => {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "upload\t{reason}\t{}\t{prefix}{}\t{}",
+                entry.size,
+                entry.key,
+                entry.path.display()
+            );
+            stats.transferred(&entry.path, &entry.key, entry.size, &reason);
+            Ok(previous)
+        }
+        Step::Upload {
+            entry,
+            reason,
+            previous,
+        } => {
+            let uploader = uploader.clone();
+            tokio::spawn(async move { uploader.upload(entry, reason, previous).await })
+                .await
+                .expect("upload task panicked")
+        }
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,279 @@
+//! The local record of what was backed up: per key the size, mtime (ns) and SHA-256 of the file as
+//! it was uploaded. It is what lets a rerun skip unchanged files without a HEAD per object, and
+//! catch a file whose content changed while its mtime moved backwards.
+//!
+//! Stored sorted by key in one text file and read as a stream, so memory does not grow with the
+//! tree. A new manifest is written beside the old one as the run goes and renamed over it only
+//! when the run completes; a trailer with the entry count and a SHA-256 of everything before it
+//! lets a torn or edited file be detected and ignored (the run then falls back to the listing).
+//!
+//! Keys never contain control characters (see `keys`), so a line per entry is unambiguous.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+const MAGIC: &str = "nightcopy-manifest 1";
+pub const FILE_NAME: &str = "manifest";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestEntry {
+    pub key: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// None when the entry was adopted from the listing without an upload (no manifest yet).
+    pub sha256: Option<[u8; 32]>,
+}
+
+impl ManifestEntry {
+    fn to_line(&self) -> String {
+        let sha = self.sha256.map_or_else(|| "-".to_owned(), hex::encode);
+        format!("{}\t{}\t{}\t{}\n", self.key, self.size, self.mtime_ns, sha)
+    }
+
+    fn parse(line: &str) -> Option<ManifestEntry> {
+        let mut f = line.split('\t');
+        let key = f.next()?.to_owned();
+        let size = f.next()?.parse().ok()?;
+        let mtime_ns = f.next()?.parse().ok()?;
+        let sha = f.next()?;
+        let sha256 = if sha == "-" {
+            None
+        } else {
+            Some(hex::decode(sha).ok()?.try_into().ok()?)
+        };
+        f.next().is_none().then_some(ManifestEntry {
+            key,
+            size,
+            mtime_ns,
+            sha256,
+        })
+    }
+}
+
+/// Why an existing manifest is not used. Never fatal: the run falls back to the listing.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejected {
+    #[error("it was written for another destination ({0})")]
+    OtherDestination(String),
+    #[error("it is damaged: {0}")]
+    Damaged(String),
+    #[error("it cannot be read: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Opens the manifest for `destination`, checking it whole first. `Ok(None)`: there is none yet.
+pub fn open(state_dir: &Path, destination: &str) -> Result<Option<Reader>, Rejected> {
+    let path = state_dir.join(FILE_NAME);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    verify(BufReader::new(file), destination)?;
+    let mut lines = BufReader::new(File::open(&path)?).lines();
+    lines.next(); // header, verified above
+    Ok(Some(Reader { lines }))
+}
+
+/// One pass over the whole file: header, order, syntax and trailer. Cheap next to a walk of the same
+/// tree, and it means the merge never acts on half a manifest.
+fn verify(mut r: impl BufRead, destination: &str) -> Result<(), Rejected> {
+    let damaged = |m: &str| Rejected::Damaged(m.to_owned());
+    let mut hash = Sha256::new();
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let Some(dest) = line
+        .strip_suffix('\n')
+        .and_then(|l| l.strip_prefix(MAGIC))
+        .and_then(|l| l.strip_prefix(' '))
+    else {
+        return Err(damaged("no header"));
+    };
+    if dest != destination {
+        return Err(Rejected::OtherDestination(dest.to_owned()));
+    }
+    hash.update(line.as_bytes());
+    let mut count = 0u64;
+    let mut last: Option<String> = None;
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Err(damaged("no trailer (the write was cut short)"));
+        }
+        if let Some(trailer) = line.strip_prefix("end ") {
+            let want = format!("{count} {}\n", hex::encode(hash.finalize()));
+            if trailer != want {
+                return Err(damaged("the trailer does not match the entries"));
+            }
+            if r.read_line(&mut line)? != 0 {
+                return Err(damaged("data after the trailer"));
+            }
+            return Ok(());
+        }
+        let entry = line
+            .strip_suffix('\n')
+            .and_then(ManifestEntry::parse)
+            .ok_or_else(|| damaged(&format!("entry {} is malformed", count + 1)))?;
+        if last.as_ref().is_some_and(|l| *l >= entry.key) {
+            return Err(damaged(&format!("entry {} is out of order", count + 1)));
+        }
+        hash.update(line.as_bytes());
+        last = Some(entry.key);
+        count += 1;
+    }
+}
+
+/// Entries of a verified manifest, in key order.
+pub struct Reader {
+    lines: io::Lines<BufReader<File>>,
+}
+
+impl Iterator for Reader {
+    type Item = ManifestEntry;
+
+    fn next(&mut self) -> Option<ManifestEntry> {
+        let line = self.lines.next()?.ok()?;
+        // The file was verified just before; a line that no longer parses (the trailer, or a file
+        // replaced underneath us) ends the stream.
+        ManifestEntry::parse(&line)
+    }
+}
+
+/// Writes the next manifest beside the current one; `commit` replaces it atomically.
+pub struct Writer {
+    out: BufWriter<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+    hash: Sha256,
+    count: u64,
+    last: Option<String>,
+}
+
+impl Writer {
+    pub fn create(state_dir: &Path, destination: &str) -> io::Result<Writer> {
+        let path = state_dir.join(FILE_NAME);
+        let tmp = state_dir.join(format!("{FILE_NAME}.new"));
+        // 0600: the manifest lists every file name of the tree.
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let mut w = Writer {
+            out: BufWriter::with_capacity(256 * 1024, file),
+            tmp,
+            path,
+            hash: Sha256::new(),
+            count: 0,
+            last: None,
+        };
+        w.write(&format!("{MAGIC} {destination}\n"))?;
+        Ok(w)
+    }
+
+    fn write(&mut self, s: &str) -> io::Result<()> {
+        self.hash.update(s.as_bytes());
+        self.out.write_all(s.as_bytes())
+    }
+
+    /// Entries must come in strictly increasing key order.
+    pub fn push(&mut self, e: &ManifestEntry) -> io::Result<()> {
+        if self.last.as_ref().is_some_and(|l| *l >= e.key) {
+            return Err(io::Error::other(format!(
+                "manifest entries out of order at {:?}",
+                e.key
+            )));
+        }
+        self.write(&e.to_line())?;
+        self.last = Some(e.key.clone());
+        self.count += 1;
+        Ok(())
+    }
+
+    pub fn commit(mut self) -> io::Result<u64> {
+        let trailer = format!(
+            "end {} {}\n",
+            self.count,
+            hex::encode(self.hash.clone().finalize())
+        );
+        self.out.write_all(trailer.as_bytes())?;
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        fs::rename(&self.tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(self.count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(key: &str, sha: bool) -> ManifestEntry {
+        ManifestEntry {
+            key: key.into(),
+            size: 42,
+            mtime_ns: -5,
+            sha256: sha.then_some([7; 32]),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(open(d.path(), "x").unwrap().is_none());
+        let mut w = Writer::create(d.path(), "dest|b|p/").unwrap();
+        let entries = [e("a b", true), e("a/b", false), e("z%FF", true)];
+        for x in &entries {
+            w.push(x).unwrap();
+        }
+        assert_eq!(w.commit().unwrap(), 3);
+        let got: Vec<_> = open(d.path(), "dest|b|p/").unwrap().unwrap().collect();
+        assert_eq!(got, entries);
+        assert!(matches!(
+            open(d.path(), "other"),
+            Err(Rejected::OtherDestination(_))
+        ));
+    }
+
+    #[test]
+    fn out_of_order_push_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Writer::create(d.path(), "x").unwrap();
+        w.push(&e("b", true)).unwrap();
+        assert!(w.push(&e("a", true)).is_err());
+        assert!(w.push(&e("b", true)).is_err());
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Writer::create(d.path(), "x").unwrap();
+        w.push(&e("a", true)).unwrap();
+        w.push(&e("b", true)).unwrap();
+        w.commit().unwrap();
+        let path = d.path().join(FILE_NAME);
+        let good = fs::read_to_string(&path).unwrap();
+        let damaged = [
+            good[..good.len() / 2].to_owned(), // torn write
+            good.replace("\t42\t", "\t43\t"),  // edited entry
+            good.replacen("a\t", "c\t", 1),    // reordered
+            format!("{good}extra\n"),          // appended
+            String::new(),                     // empty
+        ];
+        for text in damaged {
+            fs::write(&path, &text).unwrap();
+            assert!(
+                matches!(open(d.path(), "x"), Err(Rejected::Damaged(_))),
+                "{text:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The real object store: aws-sdk-s3 against AWS or an S3-compatible endpoint.
+//!
+//! Decisions recorded here:
+//! - Every upload carries `x-amz-checksum-sha256` (per part for multipart) computed by us from the
+//!   bytes we read; S3 rejects the request if what it received differs. Because that checksum
+//!   already protects the body, payload signing is turned off: otherwise the SDK would hash every
+//!   body a second time just to sign it.
+//! - The SDK's own default checksums are limited to operations that require them, for the same
+//!   reason (it would add a CRC32 pass over every body).
+//! - Error codes that mean "nothing else can work either" (credentials, access, bucket, region,
+//!   clock) are classed fatal, with a message that says what to do.
+
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, ServerSideEncryption, StorageClass,
+};
+use aws_sdk_s3::Client;
+use base64::Engine as _;
+use bytes::Bytes;
+
+use super::{
+    CompletedPart, ErrorClass, HeadInfo, ListPage, ObjectMeta, ObjectStore, PutRequest, StoreError,
+};
+use crate::config::Destination;
+use crate::plan::RemoteObject;
+
+#[derive(Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    /// "s3://bucket at endpoint", for messages.
+    place: String,
+    storage_class: Option<StorageClass>,
+    sse: Option<ServerSideEncryption>,
+    sse_kms_key_id: Option<String>,
+}
+
+impl S3Store {
+    pub fn new(sdk: &aws_config::SdkConfig, dest: &Destination) -> S3Store {
+        let mut b = aws_sdk_s3::config::Builder::from(sdk)
+            .force_path_style(dest.force_path_style)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenSupported);
+        if let Some(url) = &dest.endpoint_url {
+            b = b.endpoint_url(&url.0);
+        }
+        let place = match &dest.endpoint_url {
+            Some(u) => format!("s3://{} at {}", dest.bucket.0, u.0),
+            None => format!(
+                "s3://{} in {}",
+                dest.bucket.0,
+                sdk.region().map_or("the default region", |r| r.as_ref())
+            ),
+        };
+        S3Store {
+            client: Client::from_conf(b.build()),
+            bucket: dest.bucket.0.clone(),
+            place,
+            storage_class: dest.storage_class.map(|s| StorageClass::from(s.as_str())),
+            sse: dest.sse.map(|s| ServerSideEncryption::from(s.as_str())),
+            sse_kms_key_id: dest.sse_kms_key_id.clone(),
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn error<E, R>(&self, op: &str, key: &str, err: SdkError<E, R>) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug,
+    {
+        let code = err.code().map(str::to_owned);
+        let what = if key.is_empty() {
+            self.place.clone()
+        } else {
+            format!("{key} in {}", self.place)
+        };
+        let (class, advice) = match (&err, code.as_deref()) {
+            (SdkError::ConstructionFailure(_), _) => (
+                ErrorClass::Fatal,
+                "could not build the request — usually no AWS credentials: on EC2 attach an \
+                 instance role (IMDSv2 reachable); elsewhere set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
+            ),
+            (SdkError::DispatchFailure(_), _) => (
+                ErrorClass::Fatal,
+                "cannot reach the endpoint: check destination.endpoint-url / region and the network",
+            ),
+            (_, Some("NoSuchBucket")) => (
+                ErrorClass::Fatal,
+                "the bucket does not exist: create it or correct destination.bucket",
+            ),
+            (_, Some("AccessDenied" | "AllAccessDisabled" | "AccountProblem")) => (
+                ErrorClass::Fatal,
+                "access denied: the instance role needs s3:ListBucket on the bucket and \
+                 s3:PutObject on the prefix (docs/operations.md)",
+            ),
+            (_, Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "InvalidToken")) => (
+                ErrorClass::Fatal,
+                "the credentials were rejected: check the instance role or the keys in the environment",
+            ),
+            (_, Some("RequestTimeTooSkewed")) => (
+                ErrorClass::Fatal,
+                "this host's clock is more than 15 minutes off: fix time sync (chrony/NTP) and rerun",
+            ),
+            (_, Some("AuthorizationHeaderMalformed" | "PermanentRedirect" | "IllegalLocationConstraintException")) => (
+                ErrorClass::Fatal,
+                "the bucket is in another region: set destination.region to the bucket's region",
+            ),
+            _ => (ErrorClass::PerObject, ""),
+        };
+        let detail = DisplayErrorContext(&err);
+        let message = if advice.is_empty() {
+            format!("{op} {what} failed: {detail}")
+        } else {
+            format!("{op} {what} failed: {advice} ({detail})")
+        };
+        StoreError {
+            class,
+            code,
+            message,
+        }
+    }
+}
+
+fn b64(sha: &[u8; 32]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(sha)
+}
+
+impl ObjectStore for S3Store {
+    async fn list_page(
+        &self,
+        prefix: &str,
+        continuation: Option<String>,
+    ) -> Result<ListPage, StoreError> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_continuation_token(continuation)
+            .send()
+            .await
+            .map_err(|e| self.error("listing", prefix, e))?;
+        let objects = out
+            .contents
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|o| {
+                let key = o.key?.strip_prefix(prefix)?.to_owned();
+                Some(RemoteObject {
+                    key,
+                    size: o.size.unwrap_or(0).max(0) as u64,
+                    last_modified_ns: o.last_modified.map_or(0, |t| {
+                        t.as_nanos().clamp(i64::MIN as i128, i64::MAX as i128) as i64
+                    }),
+                })
+            })
+            .collect();
+        let next = out
+            .next_continuation_token
+            .filter(|_| out.is_truncated == Some(true));
+        Ok(ListPage { objects, next })
+    }
+
+    async fn put(&self, req: PutRequest) -> Result<(), StoreError> {
+        let (body, len) = match req.body {
+            super::Body::Bytes(b) => {
+                let len = b.len() as u64;
+                (ByteStream::from(b), len)
+            }
+            super::Body::File { path, len } => {
+                let stream = ByteStream::read_from()
+                    .path(&path)
+                    .length(Length::Exact(len))
+                    .build()
+                    .await
+                    .map_err(|e| StoreError {
+                        class: ErrorClass::PerObject,
+                        code: None,
+                        message: format!("cannot reopen {}: {e}", path.display()),
+                    })?;
+                (stream, len)
+            }
+        };
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&req.key)
+            .body(body)
+            .content_length(len as i64)
+            .checksum_sha256(b64(&req.sha256))
+            .set_metadata(Some(req.meta.to_map()))
+            .set_storage_class(self.storage_class.clone())
+            .set_server_side_encryption(self.sse.clone())
+            .set_ssekms_key_id(self.sse_kms_key_id.clone())
+            .customize()
+            .disable_payload_signing()
+            .send()
+            .await
+            .map_err(|e| self.error("upload of", &req.key, e))?;
+        Ok(())
+    }
+
+    async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String, StoreError> {
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .checksum_algorithm(ChecksumAlgorithm::Sha256)
+            .set_metadata(Some(meta.to_map()))
+            .set_storage_class(self.storage_class.clone())
+            .set_server_side_encryption(self.sse.clone())
+            .set_ssekms_key_id(self.sse_kms_key_id.clone())
+            .send()
+            .await
+            .map_err(|e| self.error("starting multipart upload of", key, e))?;
+        out.upload_id.ok_or_else(|| StoreError {
+            class: ErrorClass::PerObject,
+            code: None,
+            message: format!("starting multipart upload of {key}: no upload id in the reply"),
+        })
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        data: Bytes,
+        sha256: [u8; 32],
+    ) -> Result<CompletedPart, StoreError> {
+        let len = data.len() as i64;
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .body(ByteStream::from(data))
+            .content_length(len)
+            .checksum_sha256(b64(&sha256))
+            .customize()
+            .disable_payload_signing()
+            .send()
+            .await
+            .map_err(|e| self.error(&format!("upload of part {number} of"), key, e))?;
+        Ok(CompletedPart {
+            number,
+            etag: out.e_tag.unwrap_or_default(),
+            sha256,
+        })
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<CompletedPart>,
+    ) -> Result<(), StoreError> {
+        let parts = parts
+            .into_iter()
+            .map(|p| {
+                aws_sdk_s3::types::CompletedPart::builder()
+                    .part_number(p.number)
+                    .e_tag(p.etag)
+                    .checksum_sha256(b64(&p.sha256))
+                    .build()
+            })
+            .collect();
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| self.error("completing multipart upload of", key, e))?;
+        Ok(())
+    }
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(|e| self.error("aborting multipart upload of", key, e))?;
+        Ok(())
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<HeadInfo>, StoreError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .checksum_mode(ChecksumMode::Enabled)
+            .send()
+            .await
+        {
+            Ok(o) => Ok(Some(HeadInfo {
+                size: o.content_length.unwrap_or(0).max(0) as u64,
+                meta: o.metadata.unwrap_or_default(),
+                checksum_sha256: o.checksum_sha256,
+            })),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+            Err(e) => Err(self.error("reading metadata of", key, e)),
+        }
+    }
+}

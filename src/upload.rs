@@ -1,0 +1,411 @@
+//! Uploads one planned file and says what the manifest should now record for it.
+//!
+//! The rule this module exists to keep: a file is recorded as backed up only after S3 accepted
+//! bytes whose SHA-256 equals the SHA-256 of what we read, and the file's stat (size, mtime,
+//! ctime, inode) was the same before and after that read. A file that changes while it is read is
+//! retried once, then left for the next run and counted.
+//!
+//! Sizes: up to `SMALL_BODY` the file is read once into memory and sent from there. Up to the
+//! multipart threshold it is hashed in one pass and then streamed by the SDK from disk with that
+//! hash as the checksum — S3 rejects the upload if the second read differs, so the object can only
+//! ever be what the first read saw. Above the threshold, multipart: parts are read sequentially
+//! (one pass, whole-file hash and part hashes together) and uploaded concurrently.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::num::NonZeroU32;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::manifest::ManifestEntry;
+use crate::plan::Reason;
+use crate::report::{FileErrorKind, Stats};
+use crate::scan::LocalEntry;
+use crate::store::{Body, CompletedPart, ObjectMeta, ObjectStore, PutRequest, StoreError};
+
+/// Files up to this size are read into memory once. Bounded by concurrency × this.
+pub const SMALL_BODY: u64 = 1024 * 1024;
+/// S3 allows at most this many parts; larger files get larger parts.
+const MAX_PARTS: u64 = 10_000;
+const READ_BUF: usize = 256 * 1024;
+
+type Limiter = governor::DefaultDirectRateLimiter;
+
+pub struct Uploader<S> {
+    store: Arc<S>,
+    stats: Arc<Stats>,
+    prefix: String,
+    threshold: u64,
+    part_size: u64,
+    /// Files in flight.
+    files: Semaphore,
+    /// Requests (single PUTs and parts) in flight; also bounds multipart buffers in memory.
+    requests: Arc<Semaphore>,
+    /// The bandwidth limiter and its burst (one second's worth of bytes).
+    limiter: Option<(Limiter, u32)>,
+}
+
+/// What a single upload attempt ran into.
+enum Failure {
+    /// The file changed under the read (or S3 saw other bytes than we hashed).
+    Changed(String),
+    Vanished,
+    Unreadable(io::Error),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        // BadDigest: the bytes S3 received are not the ones we hashed — the file changed between
+        // the hash pass and the upload.
+        if e.code.as_deref() == Some("BadDigest") || e.code.as_deref() == Some("InvalidDigest") {
+            Failure::Changed(e.message)
+        } else {
+            Failure::Store(e)
+        }
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::NotFound {
+            Failure::Vanished
+        } else {
+            Failure::Unreadable(e)
+        }
+    }
+}
+
+/// The parts of a stat that change when content changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    ino: u64,
+}
+
+impl Fingerprint {
+    fn of(f: &File) -> io::Result<Fingerprint> {
+        let m = f.metadata()?;
+        Ok(Fingerprint {
+            size: m.len(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            ino: m.ino(),
+        })
+    }
+}
+
+impl<S: ObjectStore> Uploader<S> {
+    pub fn new(
+        store: Arc<S>,
+        stats: Arc<Stats>,
+        prefix: String,
+        transfer: &crate::config::Transfer,
+    ) -> Self {
+        let n = transfer.concurrency.0;
+        let limiter =
+            NonZeroU32::new(transfer.bandwidth_limit.0.min(u32::MAX as u64) as u32).map(|rate| {
+                let limiter = governor::RateLimiter::direct(governor::Quota::per_second(rate));
+                (limiter, rate.get())
+            });
+        Uploader {
+            store,
+            stats,
+            prefix,
+            threshold: transfer.multipart_threshold.0,
+            part_size: transfer.part_size.0,
+            files: Semaphore::new(n),
+            requests: Arc::new(Semaphore::new(n)),
+            limiter,
+        }
+    }
+
+    /// Uploads `entry`. Returns the manifest record to keep for its key (the new one on success,
+    /// `previous` otherwise), or a fatal store error that must end the run.
+    pub async fn upload(
+        &self,
+        entry: LocalEntry,
+        reason: Reason,
+        previous: Option<ManifestEntry>,
+    ) -> Result<Option<ManifestEntry>, StoreError> {
+        let _file_slot = self.files.acquire().await.expect("never closed");
+        let mut last_change = String::new();
+        for _attempt in 0..2 {
+            match self.attempt(&entry).await {
+                Ok(record) => {
+                    self.stats
+                        .transferred(&entry.path, &entry.key, record.size, &reason);
+                    return Ok(Some(record));
+                }
+                Err(Failure::Changed(why)) => {
+                    tracing::debug!(path = %entry.path.display(), "changed while reading, retrying: {why}");
+                    last_change = why;
+                }
+                Err(Failure::Vanished) => {
+                    self.stats.vanished(&entry.path);
+                    return Ok(previous);
+                }
+                Err(Failure::Unreadable(e)) => {
+                    self.stats
+                        .file_error(&entry.path, FileErrorKind::Unreadable, &e);
+                    return Ok(previous);
+                }
+                Err(Failure::Store(e)) if e.is_fatal() => return Err(e),
+                Err(Failure::Store(e)) => {
+                    self.stats
+                        .file_error(&entry.path, FileErrorKind::Upload, &e);
+                    return Ok(previous);
+                }
+            }
+        }
+        self.stats.file_error(
+            &entry.path,
+            FileErrorKind::Changed,
+            &format_args!("kept changing while it was read ({last_change}); left for the next run"),
+        );
+        Ok(previous)
+    }
+
+    async fn attempt(&self, entry: &LocalEntry) -> Result<ManifestEntry, Failure> {
+        let path = entry.path.clone();
+        let (file, before) = blocking(move || {
+            let f = File::open(&path)?;
+            let fp = Fingerprint::of(&f)?;
+            Ok((f, fp))
+        })
+        .await?;
+        let meta = ObjectMeta {
+            mtime_ns: before.mtime_ns,
+            mode: entry.mode,
+            uid: entry.uid,
+            gid: entry.gid,
+            raw_path: entry.raw_path.clone(),
+        };
+        let key = format!("{}{}", self.prefix, entry.key);
+        let sha256 = if before.size > self.threshold {
+            self.multipart(&key, file, before, &meta).await?
+        } else {
+            self.single(&key, &entry.path, file, before, meta).await?
+        };
+        Ok(ManifestEntry {
+            key: entry.key.clone(),
+            size: before.size,
+            mtime_ns: before.mtime_ns,
+            sha256: Some(sha256),
+        })
+    }
+
+    async fn single(
+        &self,
+        key: &str,
+        path: &Path,
+        mut file: File,
+        before: Fingerprint,
+        meta: ObjectMeta,
+    ) -> Result<[u8; 32], Failure> {
+        let small = before.size <= SMALL_BODY;
+        let (body_bytes, sha256, after) = blocking(move || {
+            let mut hasher = Sha256::new();
+            let mut kept = Vec::new();
+            let mut buf = vec![0; READ_BUF];
+            loop {
+                let n = read_retrying(&mut file, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                if small {
+                    kept.extend_from_slice(&buf[..n]);
+                }
+            }
+            Ok((kept, hasher.finalize().into(), Fingerprint::of(&file)?))
+        })
+        .await?;
+        if after != before {
+            return Err(Failure::Changed(format!(
+                "stat {before:?} became {after:?}"
+            )));
+        }
+        let body = if small {
+            Body::Bytes(Bytes::from(body_bytes))
+        } else {
+            Body::File {
+                path: path.to_owned(),
+                len: before.size,
+            }
+        };
+        let _slot = self.requests.acquire().await.expect("never closed");
+        self.throttle(before.size).await;
+        self.store
+            .put(PutRequest {
+                key: key.to_owned(),
+                body,
+                sha256,
+                meta,
+            })
+            .await?;
+        Ok(sha256)
+    }
+
+    async fn multipart(
+        &self,
+        key: &str,
+        file: File,
+        before: Fingerprint,
+        meta: &ObjectMeta,
+    ) -> Result<[u8; 32], Failure> {
+        let upload_id = self.store.create_multipart(key, meta).await?;
+        let result = self.parts(key, &upload_id, file, before).await;
+        if result.is_err() {
+            if let Err(e) = self.store.abort_multipart(key, &upload_id).await {
+                tracing::warn!(key, "could not abort multipart upload {upload_id}: {e}");
+            }
+        }
+        result
+    }
+
+    async fn parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        file: File,
+        before: Fingerprint,
+    ) -> Result<[u8; 32], Failure> {
+        let part_size = part_size_for(before.size, self.part_size);
+        let mut file = Some(file);
+        let mut whole = Some(Sha256::new());
+        let mut in_flight: JoinSet<Result<CompletedPart, StoreError>> = JoinSet::new();
+        let mut done = Vec::new();
+        let mut offset = 0u64;
+        let mut number = 0i32;
+        while offset < before.size {
+            // The slot is taken before the part is read, so buffers in memory stay bounded.
+            let slot = self
+                .requests
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("never closed");
+            let want = part_size.min(before.size - offset) as usize;
+            let (f, h) = (file.take().expect("file"), whole.take().expect("hasher"));
+            let (f, h, data, part_sha) = blocking(move || {
+                let mut f = f;
+                let mut h = h;
+                let mut buf = BytesMut::zeroed(want);
+                let mut filled = 0;
+                while filled < want {
+                    let n = read_retrying(&mut f, &mut buf[filled..])?;
+                    if n == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the file became shorter while it was read",
+                        ));
+                    }
+                    filled += n;
+                }
+                h.update(&buf);
+                let part_sha: [u8; 32] = Sha256::digest(&buf).into();
+                Ok((f, h, buf.freeze(), part_sha))
+            })
+            .await
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => Failure::Changed(e.to_string()),
+                _ => Failure::from(e),
+            })?;
+            file = Some(f);
+            whole = Some(h);
+            number += 1;
+            offset += want as u64;
+            self.throttle(want as u64).await;
+            let store = self.store.clone();
+            let (key, upload_id) = (key.to_owned(), upload_id.to_owned());
+            in_flight.spawn(async move {
+                let _slot = slot;
+                store
+                    .upload_part(&key, &upload_id, number, data, part_sha)
+                    .await
+            });
+            // Reap finished parts as we go, so an early failure stops reading.
+            while let Some(r) = in_flight.try_join_next() {
+                done.push(r.expect("part task panicked")?);
+            }
+        }
+        while let Some(r) = in_flight.join_next().await {
+            done.push(r.expect("part task panicked")?);
+        }
+        let after = Fingerprint::of(file.as_ref().expect("file")).map_err(Failure::from)?;
+        if after != before {
+            return Err(Failure::Changed(format!(
+                "stat {before:?} became {after:?}"
+            )));
+        }
+        done.sort_by_key(|p| p.number);
+        self.store.complete_multipart(key, upload_id, done).await?;
+        Ok(whole.expect("hasher").finalize().into())
+    }
+
+    /// Waits until `bytes` may be sent under the bandwidth limit (an average over about a second).
+    async fn throttle(&self, bytes: u64) {
+        let Some((limiter, burst)) = &self.limiter else {
+            return;
+        };
+        let burst = u64::from(*burst);
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(burst);
+            let cells = NonZeroU32::new(n as u32).expect("n > 0");
+            // InsufficientCapacity cannot happen: n <= burst.
+            let _ = limiter.until_n_ready(cells).await;
+            left -= n;
+        }
+    }
+}
+
+/// The part size for a file: the configured one, grown (to whole MiB) so no file needs more than
+/// S3's 10,000 parts.
+pub fn part_size_for(file_size: u64, configured: u64) -> u64 {
+    let min = file_size.div_ceil(MAX_PARTS);
+    let mib = 1024 * 1024;
+    configured.max(min.div_ceil(mib) * mib)
+}
+
+fn read_retrying(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match f.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(format!("read task failed: {e}"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_size_grows_for_huge_files() {
+        let mib = 1024 * 1024;
+        assert_eq!(part_size_for(100 * mib, 16 * mib), 16 * mib);
+        // 5 TiB at 16 MiB would be 327,680 parts
+        let tib5 = 5 * 1024 * 1024 * mib;
+        let p = part_size_for(tib5, 16 * mib);
+        assert!(tib5.div_ceil(p) <= MAX_PARTS, "{p}");
+        assert_eq!(p % mib, 0);
+    }
+}
