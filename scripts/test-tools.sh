@@ -23,15 +23,13 @@ if [ ! -x "$s3s_dir/bin/s3s-fs" ]; then
 fi
 
 venv="$CACHE/venv-$VENV_VERSION"
-if [ ! -x "$venv/bin/moto_server" ]; then
+# A venv is not relocatable, so it is built in place; the marker file says it finished.
+if [ ! -f "$venv/.complete" ]; then
   echo "creating Python venv $venv (moto for CloudWatch)" >&2
-  rm -rf "$venv.tmp"
-  python3 -m venv "$venv.tmp"
-  "$venv.tmp/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5' cbor2 >&2
-  # a venv is not relocatable: build it in place under its final name
-  rm -rf "$venv.tmp"
+  rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5' cbor2 >&2
+  touch "$venv/.complete"
 fi
 
 if [ "${1:-}" = "--bench" ]; then

@@ -184,7 +184,7 @@ impl<S: ObjectStore> Uploader<S> {
         .await?;
         let meta = ObjectMeta {
             mtime_ns: before.mtime_ns,
-            mode: entry.mode,
+            mode: entry.mode & 0o7777,
             uid: entry.uid,
             gid: entry.gid,
             raw_path: entry.raw_path.clone(),

@@ -1,0 +1,29 @@
+# nightcopy — the entry points a newcomer needs (README.md):
+#   make demo   back up a generated sample tree into a local S3-compatible server, end to end
+#   make test   every test, against real local servers (installed on first use)
+.PHONY: build test demo lint fmt tools clean
+
+# Paths of the local servers, installed into ~/.cache on first use (scripts/test-tools.sh).
+TOOLS_ENV = eval "$$(scripts/test-tools.sh | sed 's/^/export /')"
+
+build:
+	cargo build --locked
+
+test:
+	@$(TOOLS_ENV); cargo test --locked --all-targets
+
+demo: build
+	@$(TOOLS_ENV); scripts/demo.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --locked --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+tools:
+	scripts/test-tools.sh
+
+clean:
+	cargo clean
