@@ -10,3 +10,9 @@ pub const FILE_ERRORS: u8 = 2;
 pub const USAGE: u8 = 64;
 /// The config file is invalid (sysexits EX_CONFIG).
 pub const CONFIG: u8 = 78;
+/// The backup succeeded, but its metrics could not be published (CloudWatch or the textfile);
+/// the log says so. Without this the LastSuccess alarm would fire on a good backup unexplained.
+pub const METRICS_NOT_PUBLISHED: u8 = 3;
+/// The run was skipped: another run holds the lock, or the last success is more recent than
+/// guard.min-interval (sysexits EX_TEMPFAIL). Not a failure: the unit has SuccessExitStatus=75.
+pub const SKIPPED: u8 = 75;

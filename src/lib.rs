@@ -1,34 +1,37 @@
 //! nightcopy: an additive-only nightly backup of a mounted filesystem to S3.
 //!
 //! The run is a pipeline whose stages are the modules, in order:
-//! `config` → `guard` → `scan` ∥ `list` → `plan` → `upload` → `report`.
+//! `config` → `guard` → `scan` ∥ `list` → `plan` → `upload` → `report` → `metrics`/`notify`.
 //! The scan and the bucket listing run side by side; the planner merges them with the last
-//! manifest in key order, so memory stays flat however many files there are.
+//! manifest in key order, so memory stays flat however many files there are. `agent` wraps the
+//! copy (this file's `copy`) with what makes it a nightly job: lock, interval, systemd, metrics,
+//! run record and heartbeat.
 
+pub mod agent;
 pub mod config;
 pub mod exit;
 pub mod guard;
 pub mod keys;
 pub mod list;
 pub mod manifest;
+pub mod metrics;
+pub mod notify;
 pub mod plan;
 pub mod report;
 pub mod scan;
+pub mod state;
 pub mod store;
 pub mod upload;
 
 use std::io::Write;
 use std::sync::Arc;
-use std::time::Instant;
 
-use aws_credential_types::provider::ProvideCredentials;
 use futures::StreamExt;
 
 use crate::config::Config;
 use crate::manifest::ManifestEntry;
 use crate::plan::{Planner, Step};
-use crate::report::{FileErrorKind, RunReport, Stats};
-use crate::store::s3::S3Store;
+use crate::report::{FileErrorKind, Stats};
 use crate::store::{ObjectStore, StoreError};
 use crate::upload::Uploader;
 
@@ -39,8 +42,11 @@ const ORDER_WINDOW: usize = 4096;
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Print each planned upload with its reason; send nothing but the listing.
+    /// Print each planned upload with its reason; send nothing but the listing; change no state.
     pub dry_run: bool,
+    /// Run even when the last success is more recent than guard.min-interval (never overrides
+    /// the lock).
+    pub force: bool,
 }
 
 /// Errors that end a run. Each says what to do next.
@@ -50,6 +56,8 @@ pub enum Fatal {
     Config(String),
     #[error(transparent)]
     Guard(#[from] guard::GuardError),
+    #[error(transparent)]
+    Lock(#[from] state::LockError),
     #[error("{0}")]
     Credentials(String),
     #[error("{0}")]
@@ -60,50 +68,14 @@ pub enum Fatal {
     Manifest(std::io::Error),
 }
 
-/// Loads the AWS SDK configuration through the default chain (environment, profile, the EC2
-/// instance role over IMDSv2) and proves that credentials can be had, before anything else.
-pub async fn connect(config: &Config) -> Result<aws_config::SdkConfig, Fatal> {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if let Some(region) = &config.destination.region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
-    }
-    let sdk = loader.load().await;
-    if sdk.region().is_none() {
-        return Err(Fatal::Region(
-            "no AWS region: set destination.region in the config (or AWS_REGION)".into(),
-        ));
-    }
-    let provider = sdk.credentials_provider().ok_or_else(|| {
-        Fatal::Credentials("no AWS credentials provider could be configured".into())
-    })?;
-    provider.provide_credentials().await.map_err(|e| {
-        Fatal::Credentials(format!(
-            "no AWS credentials: on EC2 attach an instance role to the instance (and allow IMDSv2 \
-             from this host); elsewhere set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE ({})",
-            aws_sdk_s3::error::DisplayErrorContext(&e)
-        ))
-    })?;
-    Ok(sdk)
-}
-
-/// One backup run with the real S3 client.
-pub async fn run(config: &Config, opts: &RunOptions) -> Result<RunReport, Fatal> {
-    let started = Instant::now();
-    guard::check_source(&config.source.path.0, config.source.require_mountpoint)?;
-    guard::prepare_state_dir(&config.state_dir.0)?;
-    let sdk = connect(config).await?;
-    let store = Arc::new(S3Store::new(&sdk, &config.destination));
-    run_with(config, opts, store, started).await
-}
-
-/// The pipeline over any store (tests wrap the real one to count or fail requests).
-pub async fn run_with<S: ObjectStore>(
+/// The copy itself over any store (tests wrap the real one to count or fail requests). Figures go
+/// to `stats` as they happen, so they are there even when a fatal error ends the copy.
+pub async fn copy<S: ObjectStore>(
     config: &Config,
     opts: &RunOptions,
     store: Arc<S>,
-    started: Instant,
-) -> Result<RunReport, Fatal> {
-    let stats = Arc::new(Stats::default());
+    stats: Arc<Stats>,
+) -> Result<(), Fatal> {
     let prefix = config.destination.prefix.as_str().to_owned();
     let destination = config.destination_id();
 
@@ -125,7 +97,7 @@ pub async fn run_with<S: ObjectStore>(
 
     // The first listing page is awaited here so that a missing bucket or denied access is a clear
     // fatal error before a single file is read.
-    let remote = list::start(store.clone(), prefix.clone()).await?;
+    let remote = list::start(store.clone(), prefix.clone(), stats.clone()).await?;
 
     let excludes = config.excludes().map_err(Fatal::Config)?;
     let scan_opts = scan::ScanOptions {
@@ -197,10 +169,7 @@ pub async fn run_with<S: ObjectStore>(
     if let Some(w) = writer {
         w.commit().map_err(Fatal::Manifest)?;
     }
-    Ok(RunReport::new(
-        stats.snapshot(started.elapsed()),
-        opts.dry_run,
-    ))
+    Ok(())
 }
 
 /// One planned step: upload it (on its own task, so signing and I/O of many small files run in

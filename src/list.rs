@@ -36,8 +36,13 @@ impl Iterator for Listing {
     }
 }
 
-pub async fn start<S: ObjectStore>(store: Arc<S>, prefix: String) -> Result<Listing, StoreError> {
+pub async fn start<S: ObjectStore>(
+    store: Arc<S>,
+    prefix: String,
+    stats: Arc<crate::report::Stats>,
+) -> Result<Listing, StoreError> {
     let first = store.list_page(&prefix, None).await?;
+    stats.listed(first.objects.len() as u64);
     let (tx, rx) = mpsc::channel(PAGES_AHEAD);
     let mut next = first.next;
     tokio::spawn(async move {
@@ -45,6 +50,7 @@ pub async fn start<S: ObjectStore>(store: Arc<S>, prefix: String) -> Result<List
             match store.list_page(&prefix, Some(token)).await {
                 Ok(page) => {
                     next = page.next;
+                    stats.listed(page.objects.len() as u64);
                     if tx.send(Ok(page.objects)).await.is_err() {
                         return;
                     }

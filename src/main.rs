@@ -1,20 +1,25 @@
-//! The `nightcopy` command: parses the command line, sets up logging, calls the library and maps
-//! the result to the documented exit code. Nothing else lives here.
+//! The `nightcopy` command: parses the command line, sets up logging (journald under systemd,
+//! readable lines plus a progress line on a terminal), calls the library and returns its exit code.
+//! Nothing else lives here.
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::OnceLock;
 
 use clap::{Parser, Subcommand};
-use nightcopy::config::{Config, ConfigError, DEFAULT_PATH};
-use nightcopy::report::Outcome;
-use nightcopy::{exit, RunOptions};
+use nightcopy::config::{Config, DEFAULT_PATH};
+use nightcopy::{exit, state, RunOptions};
+use tracing_subscriber::prelude::*;
 
 const EXIT_CODES: &str = "\
-Exit codes:
+Exit codes (docs/exit-codes.md):
   0   success (check-config: the file is valid)
-  1   fatal error: the message says what to do; nothing more was backed up
-  2   the run completed, but some files could not be backed up (named in the log)
+  1   fatal error: the message says what to do; LastSuccess=0 was published
+  2   the run completed, but more files than success-max-errors could not be backed up
+  3   the backup succeeded, but its metrics could not be published
   64  usage error on the command line
+  75  skipped: another run holds the lock, or the last success is within guard.min-interval
   78  invalid config file";
 
 #[derive(Parser)]
@@ -36,14 +41,26 @@ enum Command {
     Run {
         #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
         config: PathBuf,
-        /// Print each planned upload with its reason; upload nothing, change no state.
+        /// Print each planned upload with its reason; upload nothing, change no state, publish
+        /// no metrics.
         #[arg(long)]
         dry_run: bool,
+        /// Run even if the last success is within guard.min-interval (the lock still applies).
+        #[arg(long)]
+        force: bool,
     },
     /// Validate a config file and print the effective config (defaults filled in).
     CheckConfig {
         #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
         config: PathBuf,
+    },
+    /// Show the last run: when, outcome, figures, last success.
+    Status {
+        #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -59,14 +76,52 @@ fn main() -> ExitCode {
             });
         }
     };
-    init_logging(&cli);
+    let show_bar = matches!(cli.command, Command::Run { .. }) && !cli.quiet;
+    let bar = init_logging(&cli, show_bar);
     ExitCode::from(match cli.command {
         Command::CheckConfig { config } => check_config(&config),
-        Command::Run { config, dry_run } => run(&config, dry_run),
+        Command::Status { config, json } => status(&config, json),
+        Command::Run {
+            config,
+            dry_run,
+            force,
+        } => run(&config, RunOptions { dry_run, force }, bar),
     })
 }
 
-fn init_logging(cli: &Cli) {
+/// Under systemd, stderr is the journal stream: log there natively, with structured fields.
+/// systemd documents the check: JOURNAL_STREAM holds the device and inode of stderr.
+fn under_journald() -> bool {
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    let Ok(meta) = nix::sys::stat::fstat(std::io::stderr()) else {
+        return false;
+    };
+    dev.parse() == Ok(meta.st_dev) && ino.parse() == Ok(meta.st_ino)
+}
+
+static BAR: OnceLock<indicatif::ProgressBar> = OnceLock::new();
+
+/// Log lines on a terminal go around the progress line, not through it.
+struct BarWriter;
+
+impl std::io::Write for BarWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match BAR.get() {
+            Some(bar) if !bar.is_finished() => bar.suspend(|| std::io::stderr().write(buf)),
+            _ => std::io::stderr().write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+fn init_logging(cli: &Cli, want_bar: bool) -> Option<indicatif::ProgressBar> {
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => "warn",
         (false, 0) => "info",
@@ -74,25 +129,51 @@ fn init_logging(cli: &Cli) {
         _ => "trace",
     };
     // Our own crate at the chosen level; the SDK's internals only when asked for with RUST_LOG.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,nightcopy={level}")));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("warn,nightcopy={level}"))
+        })
+    };
+    if under_journald() {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let layer = layer
+                    .with_field_prefix(None)
+                    .with_syslog_identifier("nightcopy".into());
+                tracing_subscriber::registry()
+                    .with(layer.with_filter(filter()))
+                    .init();
+                return None;
+            }
+            Err(e) => eprintln!("journald not reachable ({e}); logging to stderr"),
+        }
+    }
+    let bar = (want_bar && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        let _ = BAR.set(bar.clone());
+        bar
+    });
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(|| BarWriter)
+                .with_target(false)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter(filter()),
+        )
         .init();
+    bar
 }
 
-fn load(path: &std::path::Path) -> Result<Config, u8> {
+fn load(path: &Path) -> Result<Config, u8> {
     Config::load(path).map_err(|e| {
         tracing::error!("{e}");
-        match e {
-            ConfigError::Read { .. } | ConfigError::Invalid { .. } => exit::CONFIG,
-        }
+        exit::CONFIG
     })
 }
 
-fn check_config(path: &std::path::Path) -> u8 {
+fn check_config(path: &Path) -> u8 {
     match load(path) {
         Ok(c) => {
             print!("{c}");
@@ -102,7 +183,30 @@ fn check_config(path: &std::path::Path) -> u8 {
     }
 }
 
-fn run(path: &std::path::Path, dry_run: bool) -> u8 {
+fn status(path: &Path, json: bool) -> u8 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(record) = state::read_record(&config.state_dir.0) else {
+        eprintln!("no run recorded in {} yet", config.state_dir.0.display());
+        return exit::FATAL;
+    };
+    if json {
+        let now = state::unix_now();
+        let mut v = serde_json::to_value(&record).unwrap_or_default();
+        v["seconds_since_start"] = serde_json::json!(now.saturating_sub(record.started));
+        if let Some(t) = record.last_success_started {
+            v["seconds_since_last_success"] = serde_json::json!(now.saturating_sub(t));
+        }
+        println!("{v:#}");
+    } else {
+        print!("{}", state::describe(&record, state::unix_now()));
+    }
+    exit::SUCCESS
+}
+
+fn run(path: &Path, opts: RunOptions, bar: Option<indicatif::ProgressBar>) -> u8 {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -117,25 +221,5 @@ fn run(path: &std::path::Path, dry_run: bool) -> u8 {
             return exit::FATAL;
         }
     };
-    let opts = RunOptions { dry_run };
-    match runtime.block_on(nightcopy::run(&config, &opts)) {
-        Ok(report) => match report.outcome {
-            Outcome::Success => {
-                tracing::info!("{report}");
-                exit::SUCCESS
-            }
-            Outcome::FileErrors => {
-                tracing::warn!("{report}");
-                exit::FILE_ERRORS
-            }
-        },
-        Err(nightcopy::Fatal::Config(m)) => {
-            tracing::error!("config {}: {m}", path.display());
-            exit::CONFIG
-        }
-        Err(e) => {
-            tracing::error!("backup failed: {e}");
-            exit::FATAL
-        }
-    }
+    runtime.block_on(nightcopy::agent::run(&config, &opts, bar))
 }

@@ -21,6 +21,9 @@ pub struct Stats {
     skipped_symlinks: AtomicU64,
     remote_only: AtomicU64,
     vanished: AtomicU64,
+    /// Bytes of completed requests (single PUTs and parts): progress inside large files.
+    bytes_sent: AtomicU64,
+    listed: AtomicU64,
 }
 
 /// Why a single file was not backed up. The run goes on; the file is named in the journal and
@@ -102,6 +105,51 @@ impl Stats {
         tracing::debug!(path = %path.display(), key, bytes, reason = %reason, "uploaded");
     }
 
+    pub fn sent(&self, bytes: u64) {
+        self.bytes_sent.fetch_add(bytes, Relaxed);
+    }
+
+    pub fn listed(&self, objects: u64) {
+        self.listed.fetch_add(objects, Relaxed);
+    }
+
+    /// A number that grows whenever any stage makes progress: what the watchdog is fed on.
+    pub fn activity(&self) -> u64 {
+        [
+            &self.scanned,
+            &self.checks,
+            &self.files_transferred,
+            &self.transfer_errors,
+            &self.vanished,
+            &self.bytes_sent,
+            &self.listed,
+            &self.excluded,
+            &self.remote_only,
+        ]
+        .iter()
+        .map(|a| a.load(Relaxed))
+        .sum()
+    }
+
+    /// The live one-line status for `systemctl status` and the terminal.
+    pub fn status_line(&self, elapsed: Duration) -> String {
+        let secs = elapsed.as_secs_f64().max(0.001);
+        let sent = self.bytes_sent.load(Relaxed);
+        format!(
+            "{} scanned, {} uploaded ({}), {} unchanged, {} errors, {}/s",
+            self.scanned.load(Relaxed),
+            self.files_transferred.load(Relaxed),
+            bytesize::ByteSize(self.bytes_transferred.load(Relaxed))
+                .display()
+                .iec(),
+            self.checks.load(Relaxed),
+            self.transfer_errors.load(Relaxed),
+            bytesize::ByteSize((sent as f64 / secs) as u64)
+                .display()
+                .iec(),
+        )
+    }
+
     pub fn snapshot(&self, elapsed: Duration) -> Figures {
         Figures {
             files_transferred: self.files_transferred.load(Relaxed),
@@ -120,7 +168,7 @@ impl Stats {
 }
 
 /// The figures of a run: the first five (and elapsed) are the ones published as metrics.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Figures {
     pub files_transferred: u64,
     pub bytes_transferred: u64,
@@ -135,34 +183,70 @@ pub struct Figures {
     pub vanished: u64,
 }
 
-/// How a run ended, decided once; everything an operator reads derives from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// How a run ended, decided once; the exit code, LastSuccess, the summary line, `status` and the
+/// heartbeat all derive from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
-    /// Completed and every file was handled.
+    /// Completed, with at most `success-max-errors` transfer errors.
     Success,
-    /// Completed, but some files could not be backed up (named in the journal).
+    /// Completed, but more files than tolerated could not be backed up (named in the journal).
     FileErrors,
+    /// Stopped by a fatal error.
+    Failed,
+}
+
+impl Outcome {
+    pub fn decide(figures: &Figures, fatal: bool, max_errors: u64) -> Outcome {
+        if fatal {
+            Outcome::Failed
+        } else if figures.transfer_errors > max_errors {
+            Outcome::FileErrors
+        } else {
+            Outcome::Success
+        }
+    }
+
+    pub fn is_success(self) -> bool {
+        self == Outcome::Success
+    }
+
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Success => crate::exit::SUCCESS,
+            Outcome::FileErrors => crate::exit::FILE_ERRORS,
+            Outcome::Failed => crate::exit::FATAL,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::FileErrors => "file-errors",
+            Outcome::Failed => "failed",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
     pub outcome: Outcome,
     pub dry_run: bool,
+    /// The fatal error, when there was one.
+    pub error: Option<String>,
+    /// `success-max-errors` in force.
+    pub tolerated: u64,
     #[serde(flatten)]
     pub figures: Figures,
 }
 
 impl RunReport {
-    pub fn new(figures: Figures, dry_run: bool) -> Self {
-        let outcome = if figures.transfer_errors == 0 {
-            Outcome::Success
-        } else {
-            Outcome::FileErrors
-        };
+    pub fn new(figures: Figures, error: Option<String>, tolerated: u64, dry_run: bool) -> Self {
         RunReport {
-            outcome,
+            outcome: Outcome::decide(&figures, error.is_some(), tolerated),
             dry_run,
+            error,
+            tolerated,
             figures,
         }
     }
@@ -172,11 +256,21 @@ impl RunReport {
 impl fmt::Display for RunReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let g = &self.figures;
-        let verdict = match (self.outcome, self.dry_run) {
-            (_, true) => "dry run finished (nothing uploaded)",
-            (Outcome::Success, false) => "backup succeeded",
-            (Outcome::FileErrors, false) => "backup completed with errors",
-        };
+        match (self.outcome, self.dry_run) {
+            (_, true) => write!(f, "dry run finished (nothing uploaded)")?,
+            (Outcome::Success, false) if g.transfer_errors > 0 => write!(
+                f,
+                "backup succeeded ({} transfer errors tolerated by success-max-errors: {})",
+                g.transfer_errors, self.tolerated
+            )?,
+            (Outcome::Success, false) => write!(f, "backup succeeded")?,
+            (Outcome::FileErrors, false) => write!(f, "backup completed with errors")?,
+            (Outcome::Failed, false) => write!(
+                f,
+                "backup FAILED: {}",
+                self.error.as_deref().unwrap_or("fatal error")
+            )?,
+        }
         let transferred = if self.dry_run {
             "would transfer"
         } else {
@@ -184,7 +278,7 @@ impl fmt::Display for RunReport {
         };
         write!(
             f,
-            "{verdict}: {} files {transferred} ({}), {} checks, {} transfer errors, {:.1}s; \
+            ": {} files {transferred} ({}), {} checks, {} transfer errors, {:.1}s; \
              {} scanned, {} excluded, {} special files skipped, {} symlinks skipped, \
              {} vanished, {} only in the bucket",
             g.files_transferred,

@@ -252,6 +252,7 @@ impl<S: ObjectStore> Uploader<S> {
                 meta,
             })
             .await?;
+        self.stats.sent(before.size);
         Ok(sha256)
     }
 

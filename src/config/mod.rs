@@ -33,6 +33,78 @@ pub struct Config {
     pub transfer: Transfer,
     #[serde(default = "default_state_dir")]
     pub state_dir: AbsPath,
+    #[serde(default)]
+    pub metrics: Metrics,
+    #[serde(default)]
+    pub guard: Guard,
+    /// A run with at most this many transfer errors still counts as a success (exit 0,
+    /// LastSuccess=1): lets a permanently locked file be tolerated explicitly.
+    #[serde(default)]
+    pub success_max_errors: u64,
+    /// Dead-man's-switch URL pinged after each run: as is on success, with `/fail` appended
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_url: Option<EndpointUrl>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Metrics {
+    /// Publish the six figures to CloudWatch at the end of every run.
+    #[serde(default = "yes")]
+    pub cloudwatch: bool,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Extra dimensions, e.g. {Environment: prod}. InstanceId is always added.
+    #[serde(default)]
+    pub dimensions: std::collections::BTreeMap<String, String>,
+    /// The InstanceId dimension's value; default: from instance metadata, else the hostname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// Also write the figures as a Prometheus textfile (node_exporter's textfile collector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub textfile: Option<AbsPath>,
+    /// The CloudWatch endpoint, for tests and CloudWatch-compatible services; omitted on AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<EndpointUrl>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            cloudwatch: true,
+            namespace: default_namespace(),
+            dimensions: Default::default(),
+            instance_id: None,
+            textfile: None,
+            endpoint_url: None,
+        }
+    }
+}
+
+fn default_namespace() -> String {
+    "Nightcopy".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Guard {
+    /// A run is skipped (exit 75) when the last successful run started less than this ago, so the
+    /// timer's catch-up after a reboot does not run the backup twice. `--force` overrides.
+    #[serde(default = "default_min_interval")]
+    pub min_interval: HumanDuration,
+}
+
+impl Default for Guard {
+    fn default() -> Self {
+        Guard {
+            min_interval: default_min_interval(),
+        }
+    }
+}
+
+fn default_min_interval() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(20 * 3600))
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -201,6 +273,26 @@ impl Config {
         {
             // Not fatal for correctness, but the manifest would be backed up while it is rewritten.
             tracing::debug!("state-dir lies inside the source tree");
+        }
+        let m = &self.metrics;
+        if m.namespace.is_empty() || m.namespace.len() > 255 || m.namespace.starts_with(':') {
+            return Err(format!(
+                "metrics.namespace: {:?} is not a CloudWatch namespace (1 to 255 characters, not starting with ':')",
+                m.namespace
+            ));
+        }
+        if m.dimensions.len() > 29 {
+            return Err(
+                "metrics.dimensions: at most 29 (CloudWatch allows 30, InstanceId is one)".into(),
+            );
+        }
+        for (k, v) in &m.dimensions {
+            if k == "InstanceId" {
+                return Err("metrics.dimensions: InstanceId is added automatically; set metrics.instance-id to override its value".into());
+            }
+            if k.is_empty() || v.is_empty() || k.len() > 255 || v.len() > 1024 {
+                return Err(format!("metrics.dimensions: {k:?}: {v:?} — names and values must be non-empty (name ≤ 255, value ≤ 1024 characters)"));
+            }
         }
         self.excludes()?;
         Ok(())

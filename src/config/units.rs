@@ -40,7 +40,7 @@ impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
         for (unit, n) in [("GiB", Self::GIB), ("MiB", Self::MIB), ("KiB", Self::KIB)] {
-            if b >= n && b % n == 0 {
+            if b >= n && b.is_multiple_of(n) {
                 return write!(f, "{}{unit}", b / n);
             }
         }
