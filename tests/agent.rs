@@ -1,0 +1,444 @@
+//! The nightly run as operators see it: instance-role credentials through IMDSv2, one
+//! PutMetricData read back from a real CloudWatch API, the run guard, the run record, the
+//! systemd notify protocol, the heartbeat — each through the real binary.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::cloudwatch::{cloudwatch, unique_namespace};
+use common::imds::start_imds;
+use common::proxy::Op;
+use common::run::{unprivileged, Case};
+use common::s3::s3;
+
+const SIX: [&str; 6] = [
+    "LastSuccess",
+    "FilesTransferred",
+    "BytesTransferred",
+    "Checks",
+    "TransferErrors",
+    "ElapsedSeconds",
+];
+
+/// Points the case's metrics at the local CloudWatch endpoint under a namespace of its own.
+fn with_cloudwatch(c: &mut Case, test: &str) -> String {
+    let ns = unique_namespace(test);
+    c.metrics = format!(
+        "metrics:\n  cloudwatch: true\n  namespace: {ns}\n  endpoint-url: {}\n  \
+         instance-id: i-{test}\n  dimensions:\n    Environment: test\n",
+        cloudwatch().endpoint
+    );
+    ns
+}
+
+fn point(ns: &str, metric: &str, instance: &str) -> Vec<f64> {
+    cloudwatch().datapoints(
+        ns,
+        metric,
+        &[("InstanceId", instance), ("Environment", "test")],
+    )
+}
+
+#[test]
+fn one_put_metric_data_with_six_figures_that_read_back() {
+    let mut c = Case::new("cw-six");
+    let ns = with_cloudwatch(&mut c, "six");
+    c.write("a.txt", b"12345");
+    c.write("b.txt", b"123");
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let puts = cloudwatch().put_requests(&ns);
+    assert_eq!(puts.len(), 1, "exactly one PutMetricData: {puts:?}");
+    assert_eq!(puts[0].metric_data, 6);
+    let inst = "i-six";
+    assert_eq!(point(&ns, "LastSuccess", inst), [1.0]);
+    assert_eq!(point(&ns, "FilesTransferred", inst), [2.0]);
+    assert_eq!(point(&ns, "BytesTransferred", inst), [8.0]);
+    assert_eq!(point(&ns, "Checks", inst), [0.0]);
+    assert_eq!(point(&ns, "TransferErrors", inst), [0.0]);
+    let elapsed = point(&ns, "ElapsedSeconds", inst);
+    assert!(elapsed.len() == 1 && elapsed[0] > 0.0, "{elapsed:?}");
+    let names: Vec<String> = cloudwatch().metrics(&ns).into_iter().map(|m| m.0).collect();
+    for m in SIX {
+        assert!(names.contains(&m.to_string()), "{m} missing from {names:?}");
+    }
+}
+
+#[test]
+fn a_failed_run_publishes_last_success_zero_and_copies_nothing() {
+    let mut c = Case::new("not-mounted");
+    let ns = with_cloudwatch(&mut c, "notmounted");
+    c.write("a.txt", b"a");
+    // The temp dir is not a mount point: an empty mount point must never look like a success.
+    c.require_mountpoint = true;
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("is the filesystem mounted?"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(c.count(Op::PutObject), 0);
+    assert_eq!(cloudwatch().put_requests(&ns).len(), 1);
+    assert_eq!(point(&ns, "LastSuccess", "i-notmounted"), [0.0]);
+    // The record says so too.
+    let status = c.run(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["outcome"], "failed");
+    assert_eq!(v["exit_code"], 1);
+}
+
+#[test]
+fn tolerated_errors_still_count_as_success_everywhere() {
+    let mut c = Case::new("tolerated");
+    let ns = with_cloudwatch(&mut c, "tolerated");
+    c.top_extra.push_str("success-max-errors: 1\n");
+    c.write("ok.txt", b"ok");
+    let locked = c.write("locked.txt", b"no");
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
+    let out = c.run_with(&["run"], unprivileged());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("tolerated by success-max-errors"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(point(&ns, "LastSuccess", "i-tolerated"), [1.0]);
+    assert_eq!(point(&ns, "TransferErrors", "i-tolerated"), [1.0]);
+}
+
+#[test]
+fn unpublished_metrics_are_said_and_change_the_exit_code() {
+    let mut c = Case::new("cw-down");
+    // A port nobody listens on.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    c.metrics = format!(
+        "metrics:\n  cloudwatch: true\n  instance-id: i-down\n  endpoint-url: http://127.0.0.1:{port}\n"
+    );
+    c.write("a.txt", b"a");
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("metrics were NOT published"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("completed successfully"),
+        "{}",
+        out.stderr
+    );
+    // The backup itself happened.
+    assert_eq!(s3().list_keys(&c.dest), [c.key("a.txt")]);
+}
+
+#[test]
+fn textfile_carries_the_same_figures() {
+    let mut c = Case::new("textfile");
+    let prom = c.root.join("nightcopy.prom");
+    c.metrics = format!(
+        "metrics:\n  cloudwatch: false\n  textfile: {}\n",
+        prom.display()
+    );
+    c.write("a.txt", b"abc");
+    assert_eq!(c.run(&["run"]).code, 0);
+    let text = fs::read_to_string(&prom).unwrap();
+    for line in [
+        "nightcopy_last_success 1\n",
+        "nightcopy_files_transferred 1\n",
+        "nightcopy_bytes_transferred 3\n",
+        "nightcopy_transfer_errors 0\n",
+    ] {
+        assert!(text.contains(line), "{line:?} not in\n{text}");
+    }
+}
+
+#[test]
+fn instance_role_credentials_come_from_imdsv2_and_never_show() {
+    let mut c = Case::new("imds");
+    let env: std::collections::HashMap<_, _> = s3().env().into_iter().collect();
+    let (key, secret) = (&env["AWS_ACCESS_KEY_ID"], &env["AWS_SECRET_ACCESS_KEY"]);
+    let token = "FwoGZXIvYXdzEJr-session-token-for-tests";
+    let imds = start_imds(
+        "nightcopy-role",
+        key,
+        secret,
+        token,
+        "i-0123456789abcdef0",
+        "us-east-1",
+    );
+    let ns = with_cloudwatch(&mut c, "imds");
+    // The InstanceId dimension must come from IMDS: no override.
+    c.metrics = c.metrics.replace("  instance-id: i-imds\n", "");
+    c.region = None; // from IMDS as well
+    c.env_remove = [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+        "AWS_EC2_METADATA_DISABLED",
+    ]
+    .map(String::from)
+    .to_vec();
+    c.write("a.txt", b"role");
+    let mut cmd = c.command(&["-vv", "run"], None);
+    imds.configure(&mut cmd);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stderr}\nIMDS: {}",
+        imds.server_output()
+    );
+
+    // The S3 server saw requests signed with the role's key and its session token.
+    let reqs = s3().requests(&c.dest);
+    assert!(!reqs.is_empty());
+    let token_sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(token.as_bytes()))
+    };
+    for r in &reqs {
+        assert_eq!(
+            r.access_key_id.as_deref(),
+            Some(key.as_str()),
+            "{} {}",
+            r.method,
+            r.path
+        );
+        assert_eq!(r.session_token_sha256.as_deref(), Some(token_sha.as_str()));
+    }
+    // Token first, then the role; every GET carried a valid token.
+    let log = imds.requests();
+    let put = log
+        .iter()
+        .position(|r| r.method == "PUT" && r.path.ends_with("/api/token"));
+    let creds = log
+        .iter()
+        .position(|r| r.path.contains("security-credentials/nightcopy-role"));
+    assert!(put.is_some() && creds.is_some() && put < creds, "{log:?}");
+    assert!(
+        log.iter()
+            .filter(|r| r.method == "GET")
+            .all(|r| r.token == "valid"),
+        "{log:?}"
+    );
+    // Region and InstanceId came from IMDS too.
+    assert_eq!(
+        cloudwatch().datapoints(
+            &ns,
+            "LastSuccess",
+            &[
+                ("InstanceId", "i-0123456789abcdef0"),
+                ("Environment", "test")
+            ]
+        ),
+        [1.0]
+    );
+
+    // No credential in anything nightcopy printed or wrote, even at -vv.
+    let mut everything = String::from_utf8_lossy(&out.stdout).into_owned() + &stderr;
+    for entry in fs::read_dir(c.state_dir()).unwrap() {
+        everything += &String::from_utf8_lossy(&fs::read(entry.unwrap().path()).unwrap());
+    }
+    everything += &c.run(&["check-config"]).stdout;
+    everything += &c.run(&["status", "--json"]).stdout;
+    for secret_value in [secret.as_str(), token] {
+        assert!(!everything.contains(secret_value), "a credential leaked");
+    }
+}
+
+#[test]
+fn a_second_concurrent_run_exits_75_naming_the_holder() {
+    let mut c = Case::new("lock");
+    // Slow enough (a bandwidth limit) that the second run starts while the first holds the lock.
+    c.transfer_extra = "  bandwidth-limit: 128KiB\n".into();
+    c.write("slow.bin", &vec![7u8; 400 * 1024]);
+    let cfg = c.config_path();
+    let bin = env!("CARGO_BIN_EXE_nightcopy");
+    let spawn = || {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(["run", "--config"]).arg(&cfg).env_clear();
+        for (k, v) in s3().env() {
+            cmd.env(k, v);
+        }
+        cmd.stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let mut first = spawn().spawn().unwrap();
+    // Wait until the first run holds the lock (it writes its PID there).
+    let lock = c.state_dir().join("lock");
+    for _ in 0..100 {
+        if fs::read_to_string(&lock).is_ok_and(|p| p.trim() == first.id().to_string()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = spawn().output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(75), "{err}");
+    assert!(err.contains(&format!("PID {}", first.id())), "{err}");
+    let status = first.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn min_interval_skips_a_catch_up_run_without_metrics_and_force_overrides() {
+    let mut c = Case::new("interval");
+    let ns = with_cloudwatch(&mut c, "interval");
+    c.top_extra = "guard:\n  min-interval: 20h\n".into();
+    c.write("a.txt", b"a");
+    assert_eq!(c.run(&["run"]).code, 0);
+    let skipped = c.run(&["run"]);
+    assert_eq!(skipped.code, 75, "{}", skipped.stderr);
+    assert!(
+        skipped.stderr.contains("last successful run started"),
+        "{}",
+        skipped.stderr
+    );
+    assert_eq!(
+        cloudwatch().put_requests(&ns).len(),
+        1,
+        "a skipped run publishes nothing"
+    );
+    let forced = c.run(&["run", "--force"]);
+    assert_eq!(forced.code, 0, "{}", forced.stderr);
+    assert_eq!(cloudwatch().put_requests(&ns).len(), 2);
+}
+
+#[test]
+fn status_shows_the_last_run() {
+    let c = Case::new("status");
+    c.write("a.txt", b"a");
+    let none = c.run(&["status"]);
+    assert_eq!(none.code, 1);
+    assert!(none.stderr.contains("no run recorded"), "{}", none.stderr);
+    assert_eq!(c.run(&["run"]).code, 0);
+    let human = c.run(&["status"]);
+    assert_eq!(human.code, 0);
+    assert!(
+        human.stdout.contains("outcome:      success (exit code 0)"),
+        "{}",
+        human.stdout
+    );
+    assert!(human.stdout.contains("last success:"), "{}", human.stdout);
+    let v: serde_json::Value = serde_json::from_str(&c.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(v["figures"]["files_transferred"], 1);
+    assert_eq!(v["outcome"], "success");
+    assert!(v["seconds_since_last_success"].as_u64().unwrap() < 60);
+}
+
+#[test]
+fn systemd_hears_ready_status_watchdog_and_stopping() {
+    let mut c = Case::new("notify");
+    let sock_path = c.root.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    c.env = vec![
+        ("NOTIFY_SOCKET".into(), sock_path.display().to_string()),
+        ("WATCHDOG_USEC".into(), "400000".into()),
+    ];
+    c.write("slow.bin", &vec![1u8; 600 * 1024]);
+    // Slow the run down (bandwidth limit) so progress ticks happen while it works.
+    c.transfer_extra = "  bandwidth-limit: 200KiB\n".into();
+    let mut cmd = c.command(&["run"], None);
+    // Read while the run goes: a datagram socket queues only a few messages, and systemd reads
+    // them as they come.
+    let messages = Arc::new(Mutex::new(Vec::<String>::new()));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (messages, done) = (messages.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match sock.recv(&mut buf) {
+                    Ok(n) => messages
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                    Err(_) if done.load(std::sync::atomic::Ordering::SeqCst) => break,
+                    Err(_) => {}
+                }
+            }
+        })
+    };
+    let out = cmd.output().unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    reader.join().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = messages.lock().unwrap();
+    let first_ready = m
+        .iter()
+        .position(|s| s.contains("READY=1"))
+        .expect("READY=1");
+    let stopping = m
+        .iter()
+        .position(|s| s.contains("STOPPING=1"))
+        .expect("STOPPING=1");
+    assert!(first_ready < stopping);
+    assert!(m.iter().any(|s| s.contains("WATCHDOG=1")), "{m:?}");
+    assert!(
+        m.iter()
+            .any(|s| s.contains("STATUS=") && s.contains("scanned")),
+        "live progress in STATUS=: {m:?}"
+    );
+    assert!(
+        m[stopping].contains("backup succeeded"),
+        "{:?}",
+        m[stopping]
+    );
+    assert_eq!(m.iter().filter(|s| s.contains("READY=1")).count(), 1);
+}
+
+/// A one-thread HTTP server that records request paths: the dead-man's switch.
+fn heartbeat_server() -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/ping/abc-123", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+            s.lock().unwrap().push(path);
+            let mut w = stream;
+            let _ =
+                w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nOK");
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn the_heartbeat_is_pinged_on_success_and_its_fail_form_on_failure() {
+    let mut c = Case::new("heartbeat");
+    let (url, seen) = heartbeat_server();
+    c.top_extra.push_str(&format!("heartbeat-url: {url}\n"));
+    c.write("a.txt", b"a");
+    assert_eq!(c.run(&["run"]).code, 0);
+    c.require_mountpoint = true;
+    assert_eq!(c.run(&["run"]).code, 1);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["/ping/abc-123", "/ping/abc-123/fail"]
+    );
+}

@@ -1,0 +1,12 @@
+//! Support code shared by the integration tests: real servers on 127.0.0.1 that tests start on
+//! first use (an S3 API server behind a counting proxy, CloudWatch, an IMDSv2 stand-in), and
+//! running the real binary against them.
+
+// Each test binary compiles the whole of `common` and uses only a part of it.
+#![allow(dead_code)]
+
+pub mod cloudwatch;
+pub mod imds;
+pub mod proxy;
+pub mod run;
+pub mod s3;

@@ -1,0 +1,223 @@
+//! Running the real `nightcopy` binary in a test: a source tree, a state directory and a config
+//! file in one temp dir, pointed at the shared S3 server (and, when a test asks, the CloudWatch
+//! endpoint), with a clean environment so nothing of the developer's AWS setup leaks in.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+
+use super::proxy::Op;
+use super::s3::{s3, Dest};
+
+pub struct Case {
+    _tmp: tempfile::TempDir,
+    pub root: PathBuf,
+    pub src: PathBuf,
+    pub dest: Dest,
+    /// `source.require-mountpoint`: off by default, temp dirs are not mount points.
+    pub require_mountpoint: bool,
+    /// Extra lines inside `source:` (indented two spaces).
+    pub source_extra: String,
+    /// The `metrics:` section; CloudWatch is off unless a test points it at the local endpoint.
+    pub metrics: String,
+    /// Extra lines inside `transfer:` (indented two spaces).
+    pub transfer_extra: String,
+    /// Extra top-level YAML.
+    pub top_extra: String,
+    /// Extra environment for the child.
+    pub env: Vec<(String, String)>,
+    /// Environment variables to remove from the child after the S3 harness's are set.
+    pub env_remove: Vec<String>,
+    /// `destination.region`; None leaves it to the SDK's chain.
+    pub region: Option<String>,
+}
+
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// A figure from the summary line, e.g. `figure("files transferred")`.
+    pub fn figure(&self, name: &str) -> u64 {
+        let line = self
+            .stderr
+            .lines()
+            .rev()
+            .find(|l| l.contains(" transfer errors"))
+            .unwrap_or_else(|| panic!("no summary line in:\n{}", self.stderr));
+        let at = line
+            .find(&format!(" {name}"))
+            .unwrap_or_else(|| panic!("no {name:?} in {line}"));
+        let digits: String = line[..at]
+            .chars()
+            .rev()
+            .take_while(char::is_ascii_digit)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("bad figure {name:?} in {line}"))
+    }
+}
+
+impl Case {
+    pub fn new(hint: &str) -> Case {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_owned();
+        let src = root.join("src");
+        fs::create_dir_all(&src).unwrap();
+        Case {
+            dest: s3().dest(hint),
+            _tmp: tmp,
+            root,
+            src,
+            require_mountpoint: false,
+            source_extra: String::new(),
+            transfer_extra: String::new(),
+            metrics: "metrics:\n  cloudwatch: false\n".into(),
+            top_extra: "guard:\n  min-interval: 0s\n".into(),
+            env: Vec::new(),
+            env_remove: Vec::new(),
+            region: Some(s3().region.clone()),
+        }
+    }
+
+    pub fn write(&self, rel: &str, content: &[u8]) -> PathBuf {
+        let p = self.src.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, content).unwrap();
+        p
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        let server = s3();
+        let text = format!(
+            "source:\n  path: {src}\n  require-mountpoint: {mount}\n{extra}\
+             destination:\n  bucket: {bucket}\n  prefix: \"{prefix}\"\n{region}  \
+             endpoint-url: {endpoint}\n  force-path-style: true\n\
+             transfer:\n  multipart-threshold: 6MiB\n  part-size: 5MiB\n{transfer}\
+             state-dir: {state}\n{metrics}{top}",
+            src = self.src.display(),
+            mount = self.require_mountpoint,
+            extra = self.source_extra,
+            bucket = self.dest.bucket,
+            prefix = self.dest.prefix,
+            region = self
+                .region
+                .as_ref()
+                .map(|r| format!("  region: {r}\n"))
+                .unwrap_or_default(),
+            endpoint = server.endpoint,
+            state = self.state_dir().display(),
+            transfer = self.transfer_extra,
+            metrics = self.metrics,
+            top = self.top_extra,
+        );
+        let p = self.root.join("config.yaml");
+        fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// The command, ready to run: config written, environment set.
+    pub fn command(&self, args: &[&str], wrapper: Option<&[&str]>) -> Command {
+        let config = self.config_path();
+        let bin = env!("CARGO_BIN_EXE_nightcopy");
+        let mut cmd = match wrapper {
+            Some(w) => {
+                let mut c = Command::new(w[0]);
+                c.args(&w[1..]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        cmd.args(args).arg("--config").arg(&config);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in s3().env() {
+            cmd.env(k, v);
+        }
+        for k in &self.env_remove {
+            cmd.env_remove(k);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    pub fn run_with(&self, args: &[&str], wrapper: Option<&[&str]>) -> Output {
+        let out = self.command(args, wrapper).output().unwrap();
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.run_with(args, None)
+    }
+
+    pub fn key(&self, rel: &str) -> String {
+        format!("{}{}", self.dest.prefix, rel)
+    }
+
+    pub fn ops(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for r in s3().requests(&self.dest) {
+            *m.entry(format!("{:?}", r.op)).or_default() += 1;
+        }
+        m
+    }
+
+    pub fn count(&self, op: Op) -> usize {
+        s3().requests(&self.dest)
+            .iter()
+            .filter(|r| r.op == op)
+            .count()
+    }
+
+    pub fn assert_no_delete(&self) {
+        let deletes: Vec<_> = s3()
+            .requests(&self.dest)
+            .into_iter()
+            .filter(|r| matches!(r.op, Op::DeleteObject | Op::DeleteObjects))
+            .map(|r| format!("{} {}?{}", r.method, r.path, r.query))
+            .collect();
+        assert!(deletes.is_empty(), "a delete was sent: {deletes:?}");
+    }
+}
+
+/// Root reads everything; to test an unreadable file the binary runs without the DAC capabilities.
+pub fn unprivileged() -> Option<&'static [&'static str]> {
+    if nix::unistd::geteuid().is_root() {
+        Some(&[
+            "setpriv",
+            "--bounding-set=-dac_override,-dac_read_search",
+            "--inh-caps=-dac_override,-dac_read_search",
+        ])
+    } else {
+        None
+    }
+}
+
+pub fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
+    let mut x = u32::from(seed) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
