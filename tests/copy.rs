@@ -335,3 +335,30 @@ fn no_run_ever_sends_a_delete() {
     // Everything ever uploaded is still there: 20 small + big.bin + the 6 renamed copies.
     assert_eq!(s3().list_keys(&c.dest).len(), 20 + 1 + 6);
 }
+
+#[test]
+fn missing_or_rejected_credentials_are_fatal_and_say_what_to_do() {
+    let mut c = Case::new("creds");
+    c.write("a.txt", b"a");
+    // No keys anywhere, metadata service off: the default chain finds nothing.
+    c.env_remove = vec!["AWS_ACCESS_KEY_ID".into(), "AWS_SECRET_ACCESS_KEY".into()];
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("no AWS credentials"), "{}", out.stderr);
+    assert!(out.stderr.contains("instance role"), "{}", out.stderr);
+
+    c.env_remove.clear();
+    c.env = vec![("AWS_SECRET_ACCESS_KEY".into(), "not-the-secret".into())];
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("credentials were rejected"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("not-the-secret"),
+        "a credential was printed"
+    );
+    assert!(s3().list_keys(&c.dest).is_empty());
+}
