@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# make demo: a whole nightcopy run against a local S3-compatible server (s3s-fs on 127.0.0.1),
-# over a generated sample tree; then a second run that finds nothing to do, and a listing of the
-# bucket. Everything lives in a temp dir that is removed at the end.
+# make demo: a whole nightcopy run against a local S3-compatible server (s3s-fs) and a local
+# CloudWatch endpoint (moto behind the CBOR translator the tests use), all on 127.0.0.1, over a
+# generated sample tree: the first run, a catch-up run the guard skips, a forced rerun that finds
+# nothing to do, a local delete that is not propagated; then the bucket listing, the six metrics
+# read back from CloudWatch, and `nightcopy status`. Everything lives in a temp dir removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${NIGHTCOPY_S3S_FS:?run through 'make demo' (it installs the local server first)}"
 : "${NIGHTCOPY_PYTHON:?run through 'make demo'}"
+: "${NIGHTCOPY_MOTO:?run through 'make demo'}"
 BIN=${NIGHTCOPY_BIN:-target/debug/nightcopy}
 
 work=$(mktemp -d /tmp/nightcopy-demo.XXXXXX)
-cleanup() { [ -n "${server:-}" ] && kill "$server" 2>/dev/null; rm -rf "$work"; }
+cleanup() {
+  for p in ${server:-} ${moto:-} ${cwproxy:-}; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 port=$("$NIGHTCOPY_PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -19,7 +25,20 @@ mkdir -p "$work/s3/demo-bucket" "$work/state"
 "$NIGHTCOPY_S3S_FS" --host 127.0.0.1 --port "$port" --access-key "$key" --secret-key "$secret" "$work/s3" \
   >"$work/server.log" 2>&1 &
 server=$!
-for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; exit 1; }
+wait_port "$port"
+
+# CloudWatch: moto stores the metrics; the translator speaks the SDK's RPCv2-CBOR to it.
+moto_port=$("$NIGHTCOPY_PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$NIGHTCOPY_MOTO" -H 127.0.0.1 -p "$moto_port" >"$work/moto.log" 2>&1 &
+moto=$!
+wait_port "$moto_port"
+"$NIGHTCOPY_PYTHON" tests/servers/cloudwatch_cbor_proxy.py --listen 127.0.0.1:0 --moto "http://127.0.0.1:$moto_port" \
+  >"$work/cwproxy.out" 2>"$work/cwproxy.log" &
+cwproxy=$!
+for _ in $(seq 100); do [ -s "$work/cwproxy.out" ] && break; sleep 0.1; done
+cw_port=$(head -n1 "$work/cwproxy.out" | tr -dc '0-9')
+wait_port "$cw_port"
 
 echo "== sample tree"
 src="$work/tree"
@@ -50,6 +69,14 @@ transfer:
   multipart-threshold: 8MiB
   part-size: 5MiB
 state-dir: $work/state
+metrics:
+  cloudwatch: true
+  namespace: NightcopyDemo
+  endpoint-url: http://127.0.0.1:$cw_port
+  dimensions:
+    Environment: demo
+guard:
+  min-interval: 20h
 YAML
 
 export AWS_ACCESS_KEY_ID=$key AWS_SECRET_ACCESS_KEY=$secret AWS_REGION=us-east-1
@@ -59,11 +86,15 @@ echo; echo "== nightcopy check-config"
 "$BIN" check-config --config "$work/config.yaml" | head -12; echo "  ..."
 echo; echo "== first run"
 "$BIN" run --config "$work/config.yaml"; echo "exit code $?"
-echo; echo "== second run (nothing changed)"
-"$BIN" run --config "$work/config.yaml"; echo "exit code $?"
+echo; echo "== the timer fires again after a reboot: the guard skips it (exit 75 is not a failure)"
+"$BIN" run --config "$work/config.yaml" || echo "exit code $?"
+echo; echo "== forced rerun (nothing changed: 0 PUTs)"
+"$BIN" run --force --config "$work/config.yaml"; echo "exit code $?"
 echo; echo "== a local delete is never propagated"
 rm "$src/docs/reports/r1.txt"
-"$BIN" run --config "$work/config.yaml"; echo "exit code $?"
+"$BIN" run --force --config "$work/config.yaml"; echo "exit code $?"
+echo; echo "== nightcopy status"
+"$BIN" status --config "$work/config.yaml"
 
 echo; echo "== bucket s3://demo-bucket/host1/ (listed with boto3)"
 "$NIGHTCOPY_PYTHON" - "$port" <<'PY'
@@ -77,4 +108,23 @@ s3.meta.events.unregister("after-call.s3.ListObjectsV2", handlers.decode_list_ob
 for page in s3.get_paginator("list_objects_v2").paginate(Bucket="demo-bucket", Prefix="host1/"):
     for o in page.get("Contents", []):
         print(f"  {o['Size']:>10}  {o['Key']}")
+PY
+
+echo; echo "== CloudWatch namespace NightcopyDemo, read back with GetMetricData (one point per run)"
+"$NIGHTCOPY_PYTHON" - "$moto_port" <<'PY'
+import sys, datetime, boto3
+cw = boto3.client("cloudwatch", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}", region_name="us-east-1")
+names = ["LastSuccess", "FilesTransferred", "BytesTransferred", "Checks", "TransferErrors", "ElapsedSeconds"]
+dims = {m["MetricName"]: m["Dimensions"] for m in cw.list_metrics(Namespace="NightcopyDemo")["Metrics"]}
+now = datetime.datetime.now(datetime.timezone.utc)
+def query(i, n, stat):
+    return {"Id": f"{stat.lower()}{i}", "ReturnData": True, "MetricStat": {"Period": 60, "Stat": stat,
+            "Metric": {"Namespace": "NightcopyDemo", "MetricName": n, "Dimensions": dims[n]}}}
+queries = [query(i, n, stat) for i, n in enumerate(names) for stat in ("SampleCount", "Sum")]
+res = cw.get_metric_data(MetricDataQueries=queries, StartTime=now - datetime.timedelta(minutes=10),
+                         EndTime=now + datetime.timedelta(minutes=1))["MetricDataResults"]
+print("  dimensions:", ", ".join(f"{d['Name']}={d['Value']}" for d in dims["LastSuccess"]))
+for i, n in enumerate(names):
+    count, total = (sum(r["Values"]) for r in res[2 * i: 2 * i + 2])
+    print(f"  {n:<17} {count:g} points (one per published run), sum {total:g}")
 PY

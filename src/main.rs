@@ -158,6 +158,17 @@ fn init_logging(cli: &Cli, want_bar: bool) -> Option<indicatif::ProgressBar> {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(|| BarWriter)
+                // The structured fields are for journald; on a terminal each message already says
+                // everything (path, reason), and the fields would only repeat it.
+                .fmt_fields(tracing_subscriber::fmt::format::debug_fn(
+                    |w, field, value| {
+                        if field.name() == "message" {
+                            write!(w, "{value:?}")
+                        } else {
+                            Ok(())
+                        }
+                    },
+                ))
                 .with_target(false)
                 .with_ansi(std::io::stderr().is_terminal())
                 .with_filter(filter()),

@@ -71,28 +71,28 @@ impl Stats {
 
     pub fn excluded(&self, path: &Path) {
         self.excluded.fetch_add(1, Relaxed);
-        tracing::debug!(path = %path.display(), "excluded");
+        tracing::debug!(path = %path.display(), "excluded: {}", path.display());
     }
 
     pub fn skipped_special(&self, path: &Path) {
         self.skipped_special.fetch_add(1, Relaxed);
-        tracing::debug!(path = %path.display(), "skipped: not a regular file");
+        tracing::debug!(path = %path.display(), "skipped {}: not a regular file", path.display());
     }
 
     pub fn skipped_symlink(&self, path: &Path) {
         self.skipped_symlinks.fetch_add(1, Relaxed);
-        tracing::debug!(path = %path.display(), "skipped: symlink (source.symlinks is skip)");
+        tracing::debug!(path = %path.display(), "skipped {}: a symlink (source.symlinks is skip)", path.display());
     }
 
     /// A file that was in the scan but gone when it was opened: not an error, the tree moved.
     pub fn vanished(&self, path: &Path) {
         self.vanished.fetch_add(1, Relaxed);
-        tracing::info!(path = %path.display(), "vanished before upload");
+        tracing::info!(path = %path.display(), "{}: vanished before it could be read", path.display());
     }
 
     pub fn remote_only(&self, key: &str) {
         self.remote_only.fetch_add(1, Relaxed);
-        tracing::trace!(key, "only in the bucket: left alone");
+        tracing::trace!(key, "{key}: only in the bucket, left alone");
     }
 
     pub fn checked(&self) {
@@ -102,7 +102,14 @@ impl Stats {
     pub fn transferred(&self, path: &Path, key: &str, bytes: u64, reason: &dyn fmt::Display) {
         self.files_transferred.fetch_add(1, Relaxed);
         self.bytes_transferred.fetch_add(bytes, Relaxed);
-        tracing::debug!(path = %path.display(), key, bytes, reason = %reason, "uploaded");
+        tracing::debug!(
+            path = %path.display(),
+            key,
+            bytes,
+            reason = %reason,
+            "uploaded {} as {key} ({bytes} bytes, {reason})",
+            path.display()
+        );
     }
 
     pub fn sent(&self, bytes: u64) {

@@ -519,9 +519,18 @@ impl<'de> Deserialize<'de> for Concurrency {
     }
 }
 
+/// The effective config as YAML, for `check-config`. The heartbeat URL's path is replaced: for
+/// dead-man's-switch services it is the secret that lets anyone ping (or fail) the check.
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match serde_saphyr::to_string(self) {
+        let mut shown = self.clone();
+        if let Some(url) = &mut shown.heartbeat_url {
+            if let Some((scheme, rest)) = url.0.split_once("://") {
+                let host = rest.split('/').next().unwrap_or_default();
+                url.0 = format!("{scheme}://{host}/<redacted>");
+            }
+        }
+        match serde_saphyr::to_string(&shown) {
             Ok(s) => f.write_str(&s),
             Err(e) => write!(f, "# cannot render config: {e}"),
         }
@@ -645,6 +654,17 @@ mod tests {
         ] {
             assert_eq!(Prefix::new(p).is_ok(), ok, "{p:?}");
         }
+    }
+
+    #[test]
+    fn effective_config_hides_the_heartbeat_token() {
+        let c = parse(&format!(
+            "{MINIMAL}heartbeat-url: https://hc.example/ping/5e3a-secret\n"
+        ))
+        .unwrap();
+        let shown = c.to_string();
+        assert!(!shown.contains("5e3a-secret"), "{shown}");
+        assert!(shown.contains("https://hc.example/<redacted>"), "{shown}");
     }
 
     #[test]
