@@ -362,3 +362,151 @@ fn missing_or_rejected_credentials_are_fatal_and_say_what_to_do() {
     );
     assert!(s3().list_keys(&c.dest).is_empty());
 }
+
+#[test]
+fn one_file_system_does_not_enter_another_mount() {
+    use std::os::unix::process::CommandExt;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test mounts a tmpfs inside the source in a private mount namespace: run as root (CI does)"
+    );
+    for (one_fs, want) in [(true, vec!["top.txt"]), (false, vec!["other/inside.txt", "top.txt"])] {
+        let mut c = Case::new(if one_fs { "onefs-on" } else { "onefs-off" });
+        c.write("top.txt", b"top");
+        let other = c.src.join("other");
+        fs::create_dir(&other).unwrap();
+        c.source_extra = format!("  one-file-system: {one_fs}\n");
+        let mut cmd = c.command(&["run"], None);
+        let target = std::ffi::CString::new(other.as_os_str().as_encoded_bytes()).unwrap();
+        let file = std::ffi::CString::new(other.join("inside.txt").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: only system calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                use nix::mount::{mount, MsFlags};
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+                mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)?;
+                mount(Some("tmpfs"), target.as_c_str(), Some("tmpfs"), MsFlags::empty(), None::<&str>)?;
+                let fd = nix::fcntl::open(
+                    file.as_c_str(),
+                    nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY,
+                    nix::sys::stat::Mode::from_bits_truncate(0o644),
+                )?;
+                nix::unistd::write(&fd, b"on another filesystem")?;
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let want: Vec<String> = want.iter().map(|k| c.key(k)).collect();
+        assert_eq!(s3().list_keys(&c.dest), want, "one-file-system: {one_fs}");
+    }
+}
+
+#[test]
+fn symlinks_are_followed_when_configured() {
+    let mut c = Case::new("follow");
+    c.write("real/a.txt", b"target");
+    std::os::unix::fs::symlink("real/a.txt", c.src.join("link.txt")).unwrap();
+    std::os::unix::fs::symlink("real", c.src.join("linkdir")).unwrap();
+    std::os::unix::fs::symlink("nowhere", c.src.join("dangling")).unwrap();
+    c.source_extra = "  symlinks: follow\n".into();
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        s3().list_keys(&c.dest),
+        [c.key("link.txt"), c.key("linkdir/a.txt"), c.key("real/a.txt")]
+    );
+    assert_eq!(s3().get(&c.dest, &c.key("link.txt")).body, b"target");
+}
+
+#[test]
+fn a_key_over_1024_bytes_is_a_counted_error_naming_the_path() {
+    let c = Case::new("longkey");
+    let seg = "d".repeat(250);
+    let rel = format!("{seg}/{seg}/{seg}/{seg}/long.txt"); // 1,013 bytes, over 1,024 with any prefix
+    let long = c.write(&rel, b"x");
+    // (s3s-fs names its metadata file after the base64 of the key: keep this one short.)
+    let rel_ok = "ok.txt".to_owned();
+    c.write(&rel_ok, b"ok");
+    let mut prefixed = c;
+    prefixed.dest.prefix = format!("{}{}/", prefixed.dest.prefix, "p".repeat(20));
+    let out = prefixed.run(&["run"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert_eq!(out.figure("transfer errors"), 1);
+    assert!(out.stderr.contains(&long.display().to_string()), "{}", out.stderr);
+    assert!(out.stderr.contains("1024"), "{}", out.stderr);
+    assert_eq!(s3().list_keys(&prefixed.dest), [prefixed.key(&rel_ok)]);
+}
+
+#[test]
+fn without_a_manifest_an_existing_backup_is_trusted_by_size_and_upload_time() {
+    // A new host (or a lost state directory) against a bucket that already holds the tree.
+    let c = Case::new("no-manifest");
+    c.write("a.txt", b"aaa");
+    c.write("b/c.txt", b"ccc");
+    assert_eq!(c.run(&["run"]).code, 0);
+    fs::remove_dir_all(c.state_dir()).unwrap();
+    let puts = c.count(Op::PutObject);
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.figure("files transferred"), 0);
+    assert_eq!(out.figure("checks"), 2);
+    assert_eq!(c.count(Op::PutObject), puts);
+    // ...and the manifest is written again, with the entries adopted from the listing.
+    let manifest = fs::read_to_string(c.state_dir().join("manifest")).unwrap();
+    assert!(manifest.contains("a.txt\t3\t"), "{manifest}");
+}
+
+/// Runs with extra `destination:` keys (the Case writes the rest of the config).
+fn run_with_destination(c: &Case, extra: &str) -> common::run::Output {
+    let cfg = c.config_path();
+    let yaml = fs::read_to_string(&cfg).unwrap();
+    let text = yaml.replace("force-path-style: true\n", &format!("force-path-style: true\n{extra}"));
+    assert_ne!(text, yaml);
+    fs::write(&cfg, &text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nightcopy"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env_clear()
+        .envs(s3().env())
+        .output()
+        .unwrap();
+    common::run::Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn storage_class_and_encryption_are_sent_on_every_upload() {
+    let c = Case::new("sse");
+    c.write("small.txt", b"small");
+    c.write("big.bin", &pseudo_random(7 * 1024 * 1024, 5));
+    let out = run_with_destination(&c, "  storage-class: STANDARD\n  sse: AES256\n");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let uploads: Vec<_> = s3()
+        .requests(&c.dest)
+        .into_iter()
+        .filter(|r| matches!(r.op, Op::PutObject | Op::CreateMultipartUpload))
+        .collect();
+    assert_eq!(uploads.len(), 2);
+    for r in uploads {
+        assert_eq!(r.header("x-amz-storage-class"), Some("STANDARD"), "{:?}", r.op);
+        assert_eq!(r.header("x-amz-server-side-encryption"), Some("AES256"), "{:?}", r.op);
+    }
+}
+
+#[test]
+fn a_storage_class_the_endpoint_refuses_is_fatal_not_one_error_per_file() {
+    // s3s-fs accepts only STANDARD: the situation of a config that asks for a class the service
+    // does not offer. Every file would fail the same way, so the run stops and says why.
+    let c = Case::new("bad-class");
+    for i in 0..5 {
+        c.write(&format!("f{i}.txt"), b"x");
+    }
+    let out = run_with_destination(&c, "  storage-class: STANDARD_IA\n");
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("destination.storage-class"), "{}", out.stderr);
+    assert!(!out.stderr.contains("extensions"), "no raw SDK dump: {}", out.stderr);
+}

@@ -10,6 +10,7 @@
 //! - Error codes that mean "nothing else can work either" (credentials, access, bucket, region,
 //!   clock) are classed fatal, with a message that says what to do.
 
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
@@ -68,10 +69,9 @@ impl S3Store {
         &self.client
     }
 
-    fn error<E, R>(&self, op: &str, key: &str, err: SdkError<E, R>) -> StoreError
+    fn error<E>(&self, op: &str, key: &str, err: SdkError<E, HttpResponse>) -> StoreError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-        R: std::fmt::Debug,
     {
         let code = err.code().map(str::to_owned);
         let what = if key.is_empty() {
@@ -106,13 +106,30 @@ impl S3Store {
                 ErrorClass::Fatal,
                 "this host's clock is more than 15 minutes off: fix time sync (chrony/NTP) and rerun",
             ),
+            (_, Some("InvalidStorageClass")) => (
+                ErrorClass::Fatal,
+                "the endpoint does not accept this storage class: change destination.storage-class",
+            ),
+            (_, Some(c)) if c.starts_with("KMS.") => (
+                ErrorClass::Fatal,
+                "the KMS key cannot be used: check destination.sse-kms-key-id and the role's kms:GenerateDataKey permission",
+            ),
             (_, Some("AuthorizationHeaderMalformed" | "PermanentRedirect" | "IllegalLocationConstraintException")) => (
                 ErrorClass::Fatal,
                 "the bucket is in another region: set destination.region to the bucket's region",
             ),
             _ => (ErrorClass::PerObject, ""),
         };
-        let detail = DisplayErrorContext(&err);
+        // A service error is its code, message and status; the SDK's full context (with the raw
+        // response) only helps for connection-level errors.
+        let detail = match (&err, code.as_deref()) {
+            (SdkError::ServiceError(se), Some(code)) => format!(
+                "{code}{}, HTTP {}",
+                err.message().map(|m| format!(": {m}")).unwrap_or_default(),
+                se.raw().status().as_u16()
+            ),
+            _ => DisplayErrorContext(&err).to_string(),
+        };
         let message = if advice.is_empty() {
             format!("{op} {what} failed: {detail}")
         } else {
