@@ -57,36 +57,19 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
     let started_unix = state::unix_now();
     let state_dir = &config.state_dir.0;
 
-    // Guard, part 1: a run that is skipped leaves no trace but one log line and exit 75.
+    // Guard, part 1: a run that is skipped leaves no trace but one log line and exit 75. A state
+    // directory that cannot be used is a failure like any other (published, LastSuccess=0).
+    let fail_early = |e: Fatal| {
+        let stats = Arc::new(Stats::default());
+        finish(config, opts, None, stats, started, started_unix, Some(e), None)
+    };
     if let Err(e) = guard::prepare_state_dir(state_dir) {
-        return finish(
-            config,
-            opts,
-            None,
-            Stats::default().into(),
-            started,
-            started_unix,
-            Some(e.into()),
-            None,
-        )
-        .await;
+        return fail_early(e.into()).await;
     }
     let _lock = match state::lock(state_dir) {
         Ok(l) => l,
         Err(e @ state::LockError::Held { .. }) => return skip(&e.to_string()),
-        Err(e) => {
-            return finish(
-                config,
-                opts,
-                None,
-                Stats::default().into(),
-                started,
-                started_unix,
-                Some(e.into()),
-                None,
-            )
-            .await
-        }
+        Err(e) => return fail_early(e.into()).await,
     };
     let previous = state::read_record(state_dir);
     if !opts.force && !opts.dry_run {
