@@ -110,7 +110,14 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
         config.destination.prefix.as_str()
     ));
     let progress = notify::Progress::start(stats.clone(), started, bar);
-    let result = crate::copy(config, opts, store, stats.clone()).await;
+    let stop = match crate::stop::Stop::on_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGTERM/SIGINT ({e}); a stop will kill the run");
+            crate::stop::Stop::never()
+        }
+    };
+    let result = crate::copy(config, opts, store, stats.clone(), stop).await;
     drop(progress);
     finish(
         config,
@@ -150,7 +157,10 @@ async fn finish(
         config.success_max_errors,
         opts.dry_run,
     );
-    let mut code = report.outcome.exit_code();
+    let mut code = match &fatal {
+        Some(Fatal::Stopped(sig)) => crate::stop::Stop::exit_code(*sig),
+        _ => report.outcome.exit_code(),
+    };
     if opts.dry_run {
         log_summary(&report, code);
         notify::stopping(&report.to_string());

@@ -20,6 +20,7 @@ pub mod plan;
 pub mod report;
 pub mod scan;
 pub mod state;
+pub mod stop;
 pub mod store;
 pub mod upload;
 
@@ -66,6 +67,9 @@ pub enum Fatal {
     Store(#[from] StoreError),
     #[error("state directory: cannot write the manifest: {0} (is the disk full or read-only?)")]
     Manifest(std::io::Error),
+    #[error("stopped by {} before the copy completed; what was uploaded is kept and the next run goes on from there",
+            if *.0 == nix::libc::SIGINT { "SIGINT" } else { "SIGTERM" })]
+    Stopped(i32),
 }
 
 /// The copy itself over any store (tests wrap the real one to count or fail requests). Figures go
@@ -75,6 +79,7 @@ pub async fn copy<S: ObjectStore>(
     opts: &RunOptions,
     store: Arc<S>,
     stats: Arc<Stats>,
+    stop: stop::Stop,
 ) -> Result<(), Fatal> {
     let prefix = config.destination.prefix.as_str().to_owned();
     let destination = config.destination_id();
@@ -133,10 +138,14 @@ pub async fn copy<S: ObjectStore>(
         stats.clone(),
         prefix.clone(),
         &config.transfer,
+        stop.clone(),
     ));
     let dry_run = opts.dry_run;
     let handle_stats = stats.clone();
+    // On a stop request no new step enters; the steps in flight resolve quickly (uploads not yet
+    // started are skipped, multipart uploads abort) and their records are still written.
     let mut outcomes = tokio_stream_from(step_rx)
+        .take_until(Box::pin(stop.clone().wait()))
         .map(move |step| {
             let uploader = uploader.clone();
             let stats = handle_stats.clone();
@@ -165,6 +174,20 @@ pub async fn copy<S: ObjectStore>(
     if let Some(e) = fatal {
         // The old manifest stays: what this run uploaded is found by the listing next time.
         return Err(Fatal::Store(e));
+    }
+    if let Some(sig) = stop.requested() {
+        // Keep the progress: what completed is written; for every key after it, the old record
+        // still describes what the bucket holds.
+        if let Some(mut w) = writer {
+            if let Ok(Some(old)) = manifest::open(&config.state_dir.0, &destination) {
+                let last = w.last_key().map(str::to_owned);
+                for entry in old.filter(|e| last.as_ref().is_none_or(|l| e.key > *l)) {
+                    w.push(&entry).map_err(Fatal::Manifest)?;
+                }
+            }
+            w.commit().map_err(Fatal::Manifest)?;
+        }
+        return Err(Fatal::Stopped(sig));
     }
     if let Some(w) = writer {
         w.commit().map_err(Fatal::Manifest)?;

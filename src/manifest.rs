@@ -195,6 +195,11 @@ impl Writer {
         Ok(())
     }
 
+    /// The last key written, if any.
+    pub fn last_key(&self) -> Option<&str> {
+        self.last.as_deref()
+    }
+
     pub fn commit(mut self) -> io::Result<u64> {
         let trailer = format!(
             "end {} {}\n",

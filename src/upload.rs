@@ -49,6 +49,7 @@ pub struct Uploader<S> {
     requests: Arc<Semaphore>,
     /// The bandwidth limiter and its burst (one second's worth of bytes).
     limiter: Option<(Limiter, u32)>,
+    stop: crate::stop::Stop,
 }
 
 /// What a single upload attempt ran into.
@@ -58,6 +59,8 @@ enum Failure {
     Vanished,
     Unreadable(io::Error),
     Store(StoreError),
+    /// A stop was requested: the upload was not started, or its multipart upload was aborted.
+    Stopped,
 }
 
 impl From<StoreError> for Failure {
@@ -109,6 +112,7 @@ impl<S: ObjectStore> Uploader<S> {
         stats: Arc<Stats>,
         prefix: String,
         transfer: &crate::config::Transfer,
+        stop: crate::stop::Stop,
     ) -> Self {
         let n = transfer.concurrency.0;
         let limiter =
@@ -125,6 +129,7 @@ impl<S: ObjectStore> Uploader<S> {
             files: Semaphore::new(n),
             requests: Arc::new(Semaphore::new(n)),
             limiter,
+            stop,
         }
     }
 
@@ -139,6 +144,9 @@ impl<S: ObjectStore> Uploader<S> {
         let _file_slot = self.files.acquire().await.expect("never closed");
         let mut last_change = String::new();
         for _attempt in 0..2 {
+            if self.stop.requested().is_some() {
+                return Ok(previous);
+            }
             match self.attempt(&entry).await {
                 Ok(record) => {
                     self.stats
@@ -149,6 +157,7 @@ impl<S: ObjectStore> Uploader<S> {
                     tracing::debug!(path = %entry.path.display(), "changed while reading, retrying: {why}");
                     last_change = why;
                 }
+                Err(Failure::Stopped) => return Ok(previous),
                 Err(Failure::Vanished) => {
                     self.stats.vanished(&entry.path);
                     return Ok(previous);
@@ -295,6 +304,9 @@ impl<S: ObjectStore> Uploader<S> {
                 .acquire_owned()
                 .await
                 .expect("never closed");
+            if self.stop.requested().is_some() {
+                return Err(Failure::Stopped);
+            }
             let want = part_size.min(before.size - offset) as usize;
             let (f, h) = (file.take().expect("file"), whole.take().expect("hasher"));
             let (f, h, data, part_sha) = blocking(move || {

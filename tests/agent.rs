@@ -442,3 +442,48 @@ fn the_heartbeat_is_pinged_on_success_and_its_fail_form_on_failure() {
         ["/ping/abc-123", "/ping/abc-123/fail"]
     );
 }
+
+#[test]
+fn sigterm_aborts_multipart_keeps_progress_publishes_failure_and_exits_143() {
+    let mut c = Case::new("sigterm");
+    let ns = with_cloudwatch(&mut c, "sigterm");
+    // Small files first in key order, then a multipart file slowed down by the bandwidth limit.
+    for i in 0..5 {
+        c.write(&format!("a{i}.txt"), format!("{i}").as_bytes());
+    }
+    c.write("z-big.bin", &common::run::pseudo_random(12 * 1024 * 1024, 1));
+    c.transfer_extra = "  bandwidth-limit: 2MiB\n".into();
+    let mut child = c
+        .command(&["run"], None)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the multipart upload is under way.
+    let started = std::time::Instant::now();
+    while c.count(Op::UploadPart) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "no part upload began: {:?}", c.ops());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let signalled = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    assert!(signalled.elapsed() < Duration::from_secs(15), "stop took {:?}", signalled.elapsed());
+    assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
+    assert_eq!(c.count(Op::AbortMultipartUpload), 1, "{:?}", c.ops());
+    assert_eq!(c.count(Op::CompleteMultipartUpload), 0);
+    assert_eq!(point(&ns, "LastSuccess", "i-sigterm"), [0.0]);
+    // Progress kept: the next run (at full speed) uploads only the big file.
+    c.transfer_extra.clear();
+    let puts = c.count(Op::PutObject);
+    let again = c.run(&["run"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.figure("files transferred"), 1, "{}", again.stderr);
+    assert_eq!(c.count(Op::PutObject), puts);
+    c.assert_no_delete();
+}
