@@ -61,7 +61,16 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
     // directory that cannot be used is a failure like any other (published, LastSuccess=0).
     let fail_early = |e: Fatal| {
         let stats = Arc::new(Stats::default());
-        finish(config, opts, None, stats, started, started_unix, Some(e), None)
+        finish(
+            config,
+            opts,
+            None,
+            stats,
+            started,
+            started_unix,
+            Some(e),
+            None,
+        )
     };
     if let Err(e) = guard::prepare_state_dir(state_dir) {
         return fail_early(e.into()).await;

@@ -36,7 +36,11 @@ impl Stop {
             tracing::warn!(
                 "received {}: stopping — no new uploads, multipart uploads in flight aborted, \
                  progress so far kept",
-                if sig == nix::libc::SIGTERM { "SIGTERM" } else { "SIGINT" }
+                if sig == nix::libc::SIGTERM {
+                    "SIGTERM"
+                } else {
+                    "SIGINT"
+                }
             );
             let _ = tx.send(Some(sig));
             // Stay subscribed: a second signal must not fall back to the default (kill) while

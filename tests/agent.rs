@@ -451,9 +451,12 @@ fn sigterm_aborts_multipart_keeps_progress_publishes_failure_and_exits_143() {
     for i in 0..5 {
         c.write(&format!("a{i}.txt"), format!("{i}").as_bytes());
     }
-    c.write("z-big.bin", &common::run::pseudo_random(12 * 1024 * 1024, 1));
+    c.write(
+        "z-big.bin",
+        &common::run::pseudo_random(12 * 1024 * 1024, 1),
+    );
     c.transfer_extra = "  bandwidth-limit: 2MiB\n".into();
-    let mut child = c
+    let child = c
         .command(&["run"], None)
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -461,7 +464,11 @@ fn sigterm_aborts_multipart_keeps_progress_publishes_failure_and_exits_143() {
     // Wait until the multipart upload is under way.
     let started = std::time::Instant::now();
     while c.count(Op::UploadPart) == 0 {
-        assert!(started.elapsed() < Duration::from_secs(30), "no part upload began: {:?}", c.ops());
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no part upload began: {:?}",
+            c.ops()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let signalled = std::time::Instant::now();
@@ -473,7 +480,11 @@ fn sigterm_aborts_multipart_keeps_progress_publishes_failure_and_exits_143() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(143), "{stderr}");
-    assert!(signalled.elapsed() < Duration::from_secs(15), "stop took {:?}", signalled.elapsed());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(15),
+        "stop took {:?}",
+        signalled.elapsed()
+    );
     assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
     assert_eq!(c.count(Op::AbortMultipartUpload), 1, "{:?}", c.ops());
     assert_eq!(c.count(Op::CompleteMultipartUpload), 0);

@@ -370,7 +370,10 @@ fn one_file_system_does_not_enter_another_mount() {
         nix::unistd::geteuid().is_root(),
         "this test mounts a tmpfs inside the source in a private mount namespace: run as root (CI does)"
     );
-    for (one_fs, want) in [(true, vec!["top.txt"]), (false, vec!["other/inside.txt", "top.txt"])] {
+    for (one_fs, want) in [
+        (true, vec!["top.txt"]),
+        (false, vec!["other/inside.txt", "top.txt"]),
+    ] {
         let mut c = Case::new(if one_fs { "onefs-on" } else { "onefs-off" });
         c.write("top.txt", b"top");
         let other = c.src.join("other");
@@ -378,14 +381,27 @@ fn one_file_system_does_not_enter_another_mount() {
         c.source_extra = format!("  one-file-system: {one_fs}\n");
         let mut cmd = c.command(&["run"], None);
         let target = std::ffi::CString::new(other.as_os_str().as_encoded_bytes()).unwrap();
-        let file = std::ffi::CString::new(other.join("inside.txt").as_os_str().as_encoded_bytes()).unwrap();
+        let file = std::ffi::CString::new(other.join("inside.txt").as_os_str().as_encoded_bytes())
+            .unwrap();
         // SAFETY: only system calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 use nix::mount::{mount, MsFlags};
                 nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
-                mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)?;
-                mount(Some("tmpfs"), target.as_c_str(), Some("tmpfs"), MsFlags::empty(), None::<&str>)?;
+                mount(
+                    None::<&str>,
+                    "/",
+                    None::<&str>,
+                    MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                    None::<&str>,
+                )?;
+                mount(
+                    Some("tmpfs"),
+                    target.as_c_str(),
+                    Some("tmpfs"),
+                    MsFlags::empty(),
+                    None::<&str>,
+                )?;
                 let fd = nix::fcntl::open(
                     file.as_c_str(),
                     nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY,
@@ -396,7 +412,12 @@ fn one_file_system_does_not_enter_another_mount() {
             });
         }
         let out = cmd.output().unwrap();
-        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let want: Vec<String> = want.iter().map(|k| c.key(k)).collect();
         assert_eq!(s3().list_keys(&c.dest), want, "one-file-system: {one_fs}");
     }
@@ -414,7 +435,11 @@ fn symlinks_are_followed_when_configured() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(
         s3().list_keys(&c.dest),
-        [c.key("link.txt"), c.key("linkdir/a.txt"), c.key("real/a.txt")]
+        [
+            c.key("link.txt"),
+            c.key("linkdir/a.txt"),
+            c.key("real/a.txt")
+        ]
     );
     assert_eq!(s3().get(&c.dest, &c.key("link.txt")).body, b"target");
 }
@@ -433,7 +458,11 @@ fn a_key_over_1024_bytes_is_a_counted_error_naming_the_path() {
     let out = prefixed.run(&["run"]);
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert_eq!(out.figure("transfer errors"), 1);
-    assert!(out.stderr.contains(&long.display().to_string()), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&long.display().to_string()),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("1024"), "{}", out.stderr);
     assert_eq!(s3().list_keys(&prefixed.dest), [prefixed.key(&rel_ok)]);
 }
@@ -461,7 +490,10 @@ fn without_a_manifest_an_existing_backup_is_trusted_by_size_and_upload_time() {
 fn run_with_destination(c: &Case, extra: &str) -> common::run::Output {
     let cfg = c.config_path();
     let yaml = fs::read_to_string(&cfg).unwrap();
-    let text = yaml.replace("force-path-style: true\n", &format!("force-path-style: true\n{extra}"));
+    let text = yaml.replace(
+        "force-path-style: true\n",
+        &format!("force-path-style: true\n{extra}"),
+    );
     assert_ne!(text, yaml);
     fs::write(&cfg, &text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_nightcopy"))
@@ -492,8 +524,18 @@ fn storage_class_and_encryption_are_sent_on_every_upload() {
         .collect();
     assert_eq!(uploads.len(), 2);
     for r in uploads {
-        assert_eq!(r.header("x-amz-storage-class"), Some("STANDARD"), "{:?}", r.op);
-        assert_eq!(r.header("x-amz-server-side-encryption"), Some("AES256"), "{:?}", r.op);
+        assert_eq!(
+            r.header("x-amz-storage-class"),
+            Some("STANDARD"),
+            "{:?}",
+            r.op
+        );
+        assert_eq!(
+            r.header("x-amz-server-side-encryption"),
+            Some("AES256"),
+            "{:?}",
+            r.op
+        );
     }
 }
 
@@ -507,6 +549,14 @@ fn a_storage_class_the_endpoint_refuses_is_fatal_not_one_error_per_file() {
     }
     let out = run_with_destination(&c, "  storage-class: STANDARD_IA\n");
     assert_eq!(out.code, 1, "{}", out.stderr);
-    assert!(out.stderr.contains("destination.storage-class"), "{}", out.stderr);
-    assert!(!out.stderr.contains("extensions"), "no raw SDK dump: {}", out.stderr);
+    assert!(
+        out.stderr.contains("destination.storage-class"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("extensions"),
+        "no raw SDK dump: {}",
+        out.stderr
+    );
 }
