@@ -153,6 +153,28 @@ mod tests {
         assert_eq!(relative_key(&p), ("d/x%FFy".into(), true));
     }
 
+    proptest::proptest! {
+        // Any byte string (a name holds anything but '/' and NUL) escapes to a key component
+        // without control characters or '/', and decodes back exactly when it was escaped.
+        #[test]
+        fn escaping_is_reversible_for_any_name(raw in proptest::collection::vec(1u8..=255, 1..64)) {
+            let raw: Vec<u8> = raw.into_iter().filter(|&b| b != b'/').collect();
+            proptest::prop_assume!(!raw.is_empty());
+            let os = OsString::from_vec(raw.clone());
+            let key = component(&os);
+            proptest::prop_assert!(!key.chars().any(char::is_control), "{key:?}");
+            proptest::prop_assert!(!key.contains('/'));
+            if let Cow::Owned(escaped) = &key {
+                let back: Vec<u8> = percent_encoding::percent_decode_str(escaped).collect();
+                proptest::prop_assert_eq!(back, raw.clone());
+            } else {
+                proptest::prop_assert_eq!(key.as_bytes(), &raw[..]);
+            }
+            let p = std::path::PathBuf::from(os);
+            proptest::prop_assert_eq!(decode_raw_path(&encode_raw_path(&p)), raw);
+        }
+    }
+
     #[test]
     fn directories_sort_as_name_slash() {
         use std::cmp::Ordering::*;

@@ -263,6 +263,21 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        // Any pattern text compiles or is refused with its origin named; never a panic. A
+        // compiled set answers for any path.
+        #[test]
+        fn exclude_parser_never_panics(pattern in "\\PC{0,60}", path in "[a-z./ ]{0,30}") {
+            match Excludes::new(&[(pattern, "fuzz line 1".into())]) {
+                Ok(set) => {
+                    let _ = set.is_excluded(Path::new(&path), true);
+                    let _ = set.is_excluded(Path::new(&path), false);
+                }
+                Err(e) => proptest::prop_assert!(e.contains("fuzz line 1"), "{}", e),
+            }
+        }
+    }
+
     #[test]
     fn invalid_glob_names_its_origin() {
         let err = Excludes::new(&[("a[".into(), "exclude.txt line 3".into())]).unwrap_err();

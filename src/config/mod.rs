@@ -148,6 +148,10 @@ pub struct Destination {
     pub endpoint_url: Option<EndpointUrl>,
     #[serde(default)]
     pub force_path_style: bool,
+    /// Allow a plain-http endpoint-url that is not a loopback address. Off: a backup must never
+    /// cross a network unencrypted by accident.
+    #[serde(default)]
+    pub allow_insecure_endpoint: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class: Option<StorageClass>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -248,6 +252,20 @@ impl Config {
                 "transfer.multipart-threshold: {} is above S3's 5GiB single-upload limit",
                 t.multipart_threshold
             ));
+        }
+        for (key, url) in [
+            ("destination.endpoint-url", &self.destination.endpoint_url),
+            ("metrics.endpoint-url", &self.metrics.endpoint_url),
+        ] {
+            if let Some(url) = url {
+                if !url.is_encrypted_or_loopback() && !self.destination.allow_insecure_endpoint {
+                    return Err(format!(
+                        "{key}: {:?} is plain http to a host that is not loopback: use https://, or set \
+                         destination.allow-insecure-endpoint: true if this network is trusted",
+                        url.0
+                    ));
+                }
+            }
         }
         match (&self.destination.sse, &self.destination.sse_kms_key_id) {
             (Some(Sse::Kms), _) | (_, None) => {}
@@ -443,6 +461,24 @@ impl<'de> Deserialize<'de> for Prefix {
 #[serde(transparent)]
 pub struct EndpointUrl(pub String);
 
+impl EndpointUrl {
+    /// https, or http to 127.0.0.0/8, ::1 or localhost.
+    pub fn is_encrypted_or_loopback(&self) -> bool {
+        let Some(rest) = self.0.strip_prefix("http://") else {
+            return true;
+        };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+        };
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
 impl<'de> Deserialize<'de> for EndpointUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -618,6 +654,51 @@ mod tests {
         }
         let kms = format!("{MINIMAL}  sse: AES256\n  sse-kms-key-id: k\n");
         assert!(parse(&kms).unwrap_err().contains("sse-kms-key-id"));
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback_unless_allowed() {
+        let with = |url: &str, allow: bool| {
+            format!("{MINIMAL}  endpoint-url: {url}\n  allow-insecure-endpoint: {allow}\n")
+        };
+        for (url, ok) in [
+            ("https://s3.example.com", true),
+            ("http://127.0.0.1:9000", true),
+            ("http://127.8.9.10", true),
+            ("http://localhost:9000/", true),
+            ("http://[::1]:9000", true),
+            ("http://10.0.0.5:9000", false),
+            ("http://s3.internal", false),
+            ("http://127.0.0.1.evil.example", false),
+        ] {
+            assert_eq!(parse(&with(url, false)).is_ok(), ok, "{url}");
+            assert!(
+                parse(&with(url, true)).is_ok(),
+                "{url} with allow-insecure-endpoint"
+            );
+        }
+        let err = parse(&with("http://10.0.0.5", false)).unwrap_err();
+        assert!(
+            err.contains("destination.endpoint-url") && err.contains("allow-insecure-endpoint"),
+            "{err}"
+        );
+    }
+
+    proptest::proptest! {
+        // The loader never panics, whatever the bytes: every input is a config or an error.
+        #[test]
+        fn loader_never_panics(text in "\\PC{0,400}") {
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn loader_never_panics_on_near_valid_yaml(
+            key in "[a-z-]{1,20}",
+            value in "\\PC{0,40}",
+        ) {
+            let _ = parse(&format!("{MINIMAL}transfer:\n  {key}: {value}\n"));
+            let _ = parse(&format!("source:\n  path: /x\n  {key}: {value}\ndestination:\n  bucket: b-1\n"));
+        }
     }
 
     #[test]
