@@ -121,6 +121,15 @@ pub fn write_record(state_dir: &Path, record: &RunRecord) -> io::Result<()> {
 /// `Some(message)` when the last success is too recent for another run.
 pub fn too_soon(record: Option<&RunRecord>, min_interval: Duration, now: u64) -> Option<String> {
     let last = record?.last_success_started?;
+    // A last success in the future means the clock was stepped back since: skipping would hold
+    // off every backup until the clock catches up, so run, and say why.
+    if last > now + 300 {
+        tracing::warn!(
+            "the last success is recorded at {}, in the future: the clock was changed; not skipping",
+            format_time(last)
+        );
+        return None;
+    }
     let ago = now.saturating_sub(last);
     (ago < min_interval.as_secs()).then(|| {
         format!(
@@ -226,5 +235,7 @@ mod tests {
         assert!(too_soon(Some(&rec(None)), twenty, 100 * h).is_none());
         assert!(too_soon(Some(&rec(Some(90 * h))), twenty, 100 * h).is_some());
         assert!(too_soon(Some(&rec(Some(80 * h))), twenty, 100 * h).is_none());
+        // the clock went back a day after the last success: run anyway
+        assert!(too_soon(Some(&rec(Some(124 * h))), twenty, 100 * h).is_none());
     }
 }
