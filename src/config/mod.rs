@@ -343,6 +343,16 @@ impl Config {
                 ));
             }
         }
+        // The state directory, when inside the source, is never backed up: its manifest is being
+        // rewritten during the run.
+        if let Ok(rel) = self.state_dir.0.strip_prefix(&self.source.path.0) {
+            if let Some(rel) = rel.to_str().filter(|r| !r.is_empty()) {
+                patterns.push((
+                    format!("/{}/**", globset::escape(rel)),
+                    "state-dir (inside the source)".into(),
+                ));
+            }
+        }
         Excludes::new(&patterns)
     }
 
@@ -654,6 +664,18 @@ mod tests {
         }
         let kms = format!("{MINIMAL}  sse: AES256\n  sse-kms-key-id: k\n");
         assert!(parse(&kms).unwrap_err().contains("sse-kms-key-id"));
+    }
+
+    #[test]
+    fn a_state_dir_inside_the_source_is_excluded() {
+        let c = parse(
+            "source:\n  path: /srv\ndestination:\n  bucket: b-1\nstate-dir: /srv/.state [x]\n",
+        )
+        .unwrap();
+        let ex = c.excludes().unwrap();
+        assert!(ex.is_excluded(Path::new(".state [x]"), true));
+        assert!(!ex.is_excluded(Path::new(".state x"), true));
+        assert!(!ex.is_excluded(Path::new("other"), true));
     }
 
     #[test]
