@@ -111,7 +111,7 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
         .await;
     }
 
-    let store = Arc::new(S3Store::new(&sdk, &config.destination));
+    let store = Arc::new(S3Store::for_config(&sdk, config));
     notify::ready(&format!(
         "backing up {} to s3://{}/{}",
         config.source.path.0.display(),

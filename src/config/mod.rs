@@ -172,6 +172,16 @@ pub struct Transfer {
     /// Bytes per second for uploaded data; 0 means unlimited.
     #[serde(default = "zero_size")]
     pub bandwidth_limit: Size,
+    /// The longest one attempt of one request may take (a multipart part included) before it is
+    /// abandoned and retried: what stops a stalled connection from hanging the run.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: HumanDuration,
+}
+
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn default_request_timeout() -> HumanDuration {
+    HumanDuration(DEFAULT_REQUEST_TIMEOUT)
 }
 
 impl Default for Transfer {
@@ -181,6 +191,7 @@ impl Default for Transfer {
             multipart_threshold: default_threshold(),
             part_size: default_part_size(),
             bandwidth_limit: zero_size(),
+            request_timeout: default_request_timeout(),
         }
     }
 }
@@ -245,6 +256,12 @@ impl Config {
             return Err(format!(
                 "transfer.part-size: {} is outside S3's limits: use 5MiB to 5GiB",
                 t.part_size
+            ));
+        }
+        if t.request_timeout.0 < std::time::Duration::from_secs(1) {
+            return Err(format!(
+                "transfer.request-timeout: {} is too short: at least 1s (default 5min)",
+                humantime::format_duration(t.request_timeout.0)
             ));
         }
         if t.multipart_threshold.0 > MAX_SINGLE_PUT {

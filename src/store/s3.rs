@@ -27,6 +27,10 @@ use super::{
 use crate::config::Destination;
 use crate::plan::RemoteObject;
 
+/// Attempts per request (the first and five retries): with 5% of requests failing, the chance
+/// that one request fails them all is 0.05^6 ≈ 1.6e-8.
+pub const MAX_ATTEMPTS: u32 = 6;
+
 #[derive(Clone)]
 pub struct S3Store {
     client: Client,
@@ -39,8 +43,34 @@ pub struct S3Store {
 }
 
 impl S3Store {
+    /// The store for a whole config: destination plus the transfer section's timeouts.
+    pub fn for_config(sdk: &aws_config::SdkConfig, config: &crate::config::Config) -> S3Store {
+        Self::with_timeout(sdk, &config.destination, config.transfer.request_timeout.0)
+    }
+
     pub fn new(sdk: &aws_config::SdkConfig, dest: &Destination) -> S3Store {
+        Self::with_timeout(sdk, dest, crate::config::DEFAULT_REQUEST_TIMEOUT)
+    }
+
+    /// Retries and timeouts are where a stalled or failing endpoint is absorbed: each attempt is
+    /// bounded by `request_timeout` (a stalled request is abandoned and retried, the run never
+    /// hangs on one), and up to `MAX_ATTEMPTS` attempts are made with exponential back-off and
+    /// jitter — throttling answers (503 SlowDown) are backed off, not hammered.
+    fn with_timeout(
+        sdk: &aws_config::SdkConfig,
+        dest: &Destination,
+        request_timeout: std::time::Duration,
+    ) -> S3Store {
+        let retry = aws_config::retry::RetryConfig::standard()
+            .with_max_attempts(MAX_ATTEMPTS)
+            .with_max_backoff(std::time::Duration::from_secs(8));
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .operation_attempt_timeout(request_timeout)
+            .build();
         let mut b = aws_sdk_s3::config::Builder::from(sdk)
+            .retry_config(retry)
+            .timeout_config(timeouts)
             .force_path_style(dest.force_path_style)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenSupported);

@@ -6,10 +6,11 @@
 //! including `Host`, which SigV4 signs, so the proxy must not rewrite it to the upstream's address.
 //! Bodies are streamed both ways (multipart parts of many MiB pass through), never buffered.
 //!
-//! Every request goes through `handle`, which records it and then calls `forward`. Fault
-//! injection belongs between those two calls: a hook that looks at the recorded `Request` and
-//! either forwards it or answers itself (a stall, a reset, or a made-up 503 SlowDown: the response
-//! body is already the boxed `Body`, so a synthetic one fits). Nothing of that exists yet.
+//! Every request goes through `handle`, which records it and then either forwards it or, when a
+//! fault plan for its bucket says so, answers itself: a 503 SlowDown, a 500 InternalError, a
+//! response cut off mid-body (the connection dies), or a stall. Plans are per bucket so tests
+//! sharing the proxy do not disturb each other; the choice is deterministic per plan (a seeded
+//! generator), so a failing run can be replayed.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -30,7 +31,8 @@ use percent_encoding::percent_decode_str;
 
 /// What the proxy answers with. Boxed so a forwarded upstream body and a body the proxy makes up
 /// itself have one type.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BoxError>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The S3 operation a request is, as far as the proxy can tell from method, path and query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -74,6 +76,10 @@ pub struct Request {
     /// SHA-256 (hex) of the session token, so a test can check which token was used without the
     /// token itself ever being stored.
     pub session_token_sha256: Option<String>,
+    /// When the proxy received it.
+    pub at: std::time::Instant,
+    /// The fault the proxy answered with instead of forwarding, if any.
+    pub fault: Option<FaultKind>,
     /// The status the proxy answered with; `None` while the request is in flight, or if the
     /// client went away before an answer.
     pub status: Option<u16>,
@@ -143,6 +149,8 @@ impl Request {
             headers,
             access_key_id,
             session_token_sha256,
+            at: std::time::Instant::now(),
+            fault: None,
             status: None,
         };
         request.op = classify(&request);
@@ -240,6 +248,71 @@ struct State {
     upstream: String,
     client: Client<HttpConnector, Incoming>,
     log: Mutex<Vec<Request>>,
+    faults: Mutex<BTreeMap<String, FaultPlan>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// 503 with S3's SlowDown error: the client must back off.
+    SlowDown,
+    /// 500 InternalError.
+    Internal,
+    /// The upstream answer is cut after its headers: the connection dies mid-body.
+    Reset,
+    /// No answer for a long time: the client's timeout must fire.
+    Stall,
+}
+
+/// Which requests of a bucket to fault: a share of them (0.0–1.0, deterministic from `seed`),
+/// drawn from `kinds` in turn, optionally only for some operations.
+#[derive(Debug, Clone)]
+pub struct FaultPlan {
+    pub share: f64,
+    pub kinds: Vec<FaultKind>,
+    pub only: Option<Vec<Op>>,
+    pub seed: u64,
+    /// How long a stall lasts (the request is then forwarded).
+    pub stall: std::time::Duration,
+    drawn: u64,
+}
+
+impl FaultPlan {
+    pub fn new(share: f64, kinds: &[FaultKind], seed: u64) -> FaultPlan {
+        FaultPlan {
+            share,
+            kinds: kinds.to_vec(),
+            only: None,
+            seed,
+            stall: std::time::Duration::from_secs(60),
+            drawn: 0,
+        }
+    }
+
+    pub fn only(mut self, ops: &[Op]) -> FaultPlan {
+        self.only = Some(ops.to_vec());
+        self
+    }
+
+    pub fn stall_for(mut self, d: std::time::Duration) -> FaultPlan {
+        self.stall = d;
+        self
+    }
+
+    fn draw(&mut self, op: Op) -> Option<FaultKind> {
+        if self.only.as_ref().is_some_and(|ops| !ops.contains(&op)) || self.kinds.is_empty() {
+            return None;
+        }
+        // splitmix64: a fixed sequence per seed.
+        self.drawn += 1;
+        let mut z = self
+            .seed
+            .wrapping_add(self.drawn.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let unit = (z >> 11) as f64 / (1u64 << 53) as f64;
+        (unit < self.share).then(|| self.kinds[(z % self.kinds.len() as u64) as usize])
+    }
 }
 
 impl Proxy {
@@ -261,6 +334,7 @@ impl Proxy {
             upstream: upstream.trim_end_matches('/').to_owned(),
             client,
             log: Mutex::new(Vec::new()),
+            faults: Mutex::new(BTreeMap::new()),
         });
         let listener = {
             let _guard = runtime.enter();
@@ -272,6 +346,15 @@ impl Proxy {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Fault the requests to `bucket` from now on as `plan` says; `None` stops faulting.
+    pub fn set_faults(&self, bucket: &str, plan: Option<FaultPlan>) {
+        let mut faults = self.state.faults.lock().unwrap();
+        match plan {
+            Some(p) => faults.insert(bucket.to_owned(), p),
+            None => faults.remove(bucket),
+        };
     }
 
     /// Every request seen so far, in arrival order. Each attempt counts: a request the client
@@ -310,14 +393,69 @@ async fn handle(
     state: Arc<State>,
     req: hyper::Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let mut request = Request::new(&req);
+    request.fault = state
+        .faults
+        .lock()
+        .unwrap()
+        .get_mut(&request.bucket)
+        .and_then(|plan| plan.draw(request.op));
+    let stall = state
+        .faults
+        .lock()
+        .unwrap()
+        .get(&request.bucket)
+        .map(|p| p.stall);
+    let fault = request.fault;
     let index = {
         let mut log = state.log.lock().unwrap();
-        log.push(Request::new(&req));
+        log.push(request);
         log.len() - 1
     };
-    let response = forward(&state, req).await;
+    let response = match fault {
+        None => forward(&state, req).await,
+        Some(FaultKind::SlowDown) => s3_error(503, "SlowDown", "Please reduce your request rate."),
+        Some(FaultKind::Internal) => s3_error(
+            500,
+            "InternalError",
+            "We encountered an internal error. Please try again.",
+        ),
+        Some(FaultKind::Stall) => {
+            tokio::time::sleep(stall.unwrap_or_default()).await;
+            forward(&state, req).await
+        }
+        Some(FaultKind::Reset) => {
+            // The request reaches the server; its answer is cut off after the headers.
+            let (parts, _) = forward(&state, req).await.into_parts();
+            let cut = http_body_util::StreamBody::new(futures::stream::once(async {
+                Err::<hyper::body::Frame<Bytes>, BoxError>(
+                    "connection cut by the fault plan".into(),
+                )
+            }));
+            let mut parts = parts;
+            parts.headers.remove(hyper::header::CONTENT_LENGTH);
+            Response::from_parts(parts, BodyExt::boxed(cut))
+        }
+    };
     state.log.lock().unwrap()[index].status = Some(response.status().as_u16());
     Ok(response)
+}
+
+fn s3_error(status: u16, code: &str, message: &str) -> Response<Body> {
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message>\
+         <RequestId>fault-injected</RequestId></Error>"
+    );
+    let body = Full::new(Bytes::from(xml))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut response = Response::new(body);
+    *response.status_mut() = StatusCode::from_u16(status).expect("valid status");
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        "application/xml".parse().unwrap(),
+    );
+    response
 }
 
 async fn forward(state: &State, mut req: hyper::Request<Incoming>) -> Response<Body> {
@@ -332,7 +470,7 @@ async fn forward(state: &State, mut req: hyper::Request<Incoming>) -> Response<B
     // body is first read; the upstream's own 100 is skipped by the client side.
     *req.uri_mut() = uri;
     match state.client.request(req).await {
-        Ok(response) => response.map(BodyExt::boxed),
+        Ok(response) => response.map(|b| b.map_err(BoxError::from).boxed()),
         Err(e) => bad_gateway(format!("upstream request failed: {e:?}")),
     }
 }

@@ -258,6 +258,12 @@ impl S3Server {
         }
     }
 
+    /// Fault requests to `dest`'s bucket as `plan` says (`None`: stop). External mode shares one
+    /// bucket between tests, so faults are only for the local server.
+    pub fn set_faults(&self, dest: &Dest, plan: Option<proxy::FaultPlan>) {
+        self.proxy.set_faults(&dest.bucket, plan);
+    }
+
     /// What the proxy saw for `dest`, in arrival order, one entry per attempt (an SDK retry shows
     /// up twice): requests for its bucket, and in external mode only those whose key or list
     /// prefix lies under its prefix (bucket-level requests such as HeadBucket cannot be told
