@@ -16,3 +16,6 @@ pub const METRICS_NOT_PUBLISHED: u8 = 3;
 /// The run was skipped: another run holds the lock, or the last success is more recent than
 /// guard.min-interval (sysexits EX_TEMPFAIL). Not a failure: the unit has SuccessExitStatus=75.
 pub const SKIPPED: u8 = 75;
+/// `verify` completed and found files the bucket does not hold as they are: missing, a different
+/// size, a different SHA-256, or a corrupt object. Each is one line on stdout.
+pub const VERIFY_PROBLEMS: u8 = 4;

@@ -18,11 +18,13 @@ pub mod metrics;
 pub mod notify;
 pub mod plan;
 pub mod report;
+pub mod restore;
 pub mod scan;
 pub mod state;
 pub mod stop;
 pub mod store;
 pub mod upload;
+pub mod verify;
 
 use std::io::Write;
 use std::sync::Arc;

@@ -9,6 +9,8 @@ use std::sync::OnceLock;
 
 use clap::{Parser, Subcommand};
 use nightcopy::config::{Config, DEFAULT_PATH};
+use nightcopy::restore::RestoreOptions;
+use nightcopy::verify::VerifyOptions;
 use nightcopy::{exit, state, RunOptions};
 use tracing_subscriber::prelude::*;
 
@@ -16,8 +18,10 @@ const EXIT_CODES: &str = "\
 Exit codes (docs/exit-codes.md):
   0   success (check-config: the file is valid)
   1   fatal error: the message says what to do; LastSuccess=0 was published
-  2   the run completed, but more files than success-max-errors could not be backed up
+  2   the run completed, but more files than success-max-errors could not be backed up;
+      restore: some files could not be restored; verify: some files could not be checked
   3   the backup succeeded, but its metrics could not be published
+  4   verify found problems: files missing, of another size or content, or corrupt
   64  usage error on the command line
   75  skipped: another run holds the lock, or the last success is within guard.min-interval
   78  invalid config file";
@@ -54,6 +58,42 @@ enum Command {
         #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Compare the source with the bucket, read-only: files missing, of another size or
+    /// content, corrupt objects. One line per problem on stdout.
+    Verify {
+        #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// Re-read and hash every local file; compare with the recorded SHA-256.
+        #[arg(long)]
+        full: bool,
+        /// Download and hash N files picked at random, end to end.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        sample: usize,
+        /// JSON Lines on stdout: one object per problem, then a summary object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore files from the bucket into a directory (docs/restore.md).
+    Restore {
+        #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// The directory to restore into; paths below source.path are recreated below it.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Only this file or directory: relative to source.path, or absolute below it.
+        #[arg(long, value_name = "SUBPATH")]
+        path: Option<PathBuf>,
+        /// Restore each file as it was at TIME (needs a versioned bucket):
+        /// 2026-11-20T23:00:00Z, 2026-11-20T23:00:00+01:00, @UNIX-SECONDS or "36h ago".
+        #[arg(long, value_name = "TIME")]
+        as_of: Option<String>,
+        /// Replace files that already exist under DIR (by default they are kept).
+        #[arg(long)]
+        overwrite: bool,
+        /// Print what would be restored; download and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Show the last run: when, outcome, figures, last success.
     Status {
         #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
@@ -76,11 +116,26 @@ fn main() -> ExitCode {
             });
         }
     };
-    let show_bar = matches!(cli.command, Command::Run { .. }) && !cli.quiet;
+    let show_bar =
+        matches!(cli.command, Command::Run { .. } | Command::Restore { .. }) && !cli.quiet;
     let bar = init_logging(&cli, show_bar);
     ExitCode::from(match cli.command {
         Command::CheckConfig { config } => check_config(&config),
         Command::Status { config, json } => status(&config, json),
+        Command::Verify {
+            config,
+            full,
+            sample,
+            json,
+        } => verify(&config, VerifyOptions { full, sample, json }),
+        Command::Restore {
+            config,
+            to,
+            path,
+            as_of,
+            overwrite,
+            dry_run,
+        } => restore(&config, to, path, as_of, overwrite, dry_run, bar),
         Command::Run {
             config,
             dry_run,
@@ -131,7 +186,11 @@ fn init_logging(cli: &Cli, want_bar: bool) -> Option<indicatif::ProgressBar> {
     // Our own crate at the chosen level; the SDK's internals only when asked for with RUST_LOG.
     let filter = || {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(format!("warn,nightcopy={level}"))
+            // The SDK warns on every GET of a multipart object that it cannot check its
+            // composite checksum; restore and verify check those themselves.
+            tracing_subscriber::EnvFilter::new(format!(
+                "warn,aws_sdk_s3::http_response_checksum=error,nightcopy={level}"
+            ))
         })
     };
     if under_journald() {
@@ -233,4 +292,63 @@ fn run(path: &Path, opts: RunOptions, bar: Option<indicatif::ProgressBar>) -> u8
         }
     };
     runtime.block_on(nightcopy::agent::run(&config, &opts, bar))
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .inspect_err(|e| tracing::error!("cannot start the async runtime: {e}"))
+        .ok()
+}
+
+fn verify(path: &Path, opts: VerifyOptions) -> u8 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match runtime() {
+        Some(rt) => rt.block_on(nightcopy::verify::run(&config, &opts)),
+        None => exit::FATAL,
+    }
+}
+
+fn restore(
+    path: &Path,
+    to: PathBuf,
+    subpath: Option<PathBuf>,
+    as_of: Option<String>,
+    overwrite: bool,
+    dry_run: bool,
+    bar: Option<indicatif::ProgressBar>,
+) -> u8 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let as_of_ns = match as_of
+        .map(|t| nightcopy::restore::select::parse_as_of(&t, std::time::SystemTime::now()))
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("{e}");
+            return exit::USAGE;
+        }
+    };
+    let opts = RestoreOptions {
+        to,
+        path: subpath,
+        as_of_ns,
+        overwrite,
+        dry_run,
+    };
+    let code = match runtime() {
+        Some(rt) => rt.block_on(nightcopy::restore::run(&config, &opts, bar.clone())),
+        None => exit::FATAL,
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    code
 }

@@ -360,6 +360,11 @@ impl Config {
                 ));
             }
         }
+        // Half-written files of a restore into the source tree are never backed up.
+        patterns.push((
+            ".nightcopy-restore-*.part".into(),
+            "built-in (restore temp files)".into(),
+        ));
         // The state directory, when inside the source, is never backed up: its manifest is being
         // rewritten during the run.
         if let Ok(rel) = self.state_dir.0.strip_prefix(&self.source.path.0) {
@@ -693,6 +698,7 @@ mod tests {
         assert!(ex.is_excluded(Path::new(".state [x]"), true));
         assert!(!ex.is_excluded(Path::new(".state x"), true));
         assert!(!ex.is_excluded(Path::new("other"), true));
+        assert!(ex.is_excluded(Path::new("d/.nightcopy-restore-12-3.part"), false));
     }
 
     #[test]

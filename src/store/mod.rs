@@ -1,7 +1,7 @@
-//! The object store as nightcopy needs it: list, put, multipart, head, get — and deliberately no
-//! delete of any kind, so no code path, flag or future change can send one without first changing
-//! this trait. (AbortMultipartUpload discards the parts of an upload this run started; it cannot
-//! touch a stored object.)
+//! The object store as nightcopy needs it: list, put, multipart, head, get (and the version
+//! listing restore uses for `--as-of`) — and deliberately no delete of any kind, so no code path,
+//! flag or future change can send one without first changing this trait. (AbortMultipartUpload
+//! discards the parts of an upload this run started; it cannot touch a stored object.)
 //!
 //! One trait so that tests can wrap the real client to count calls or inject failures.
 
@@ -10,8 +10,10 @@ pub mod s3;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 
 use bytes::Bytes;
+use futures::Stream;
 
 use crate::plan::RemoteObject;
 
@@ -117,6 +119,52 @@ pub struct HeadInfo {
     pub checksum_sha256: Option<String>,
 }
 
+/// The body of a download, chunk by chunk as it arrives: nothing holds a whole object.
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, StoreError>> + Send>>;
+
+/// An object being downloaded: what S3 said about it, then its bytes.
+pub struct Download {
+    pub size: u64,
+    pub meta: HashMap<String, String>,
+    /// As S3 reports it (base64); `…-N` is a multipart object's composite checksum, not the
+    /// SHA-256 of the body.
+    pub checksum_sha256: Option<String>,
+    pub body: BodyStream,
+}
+
+/// One entry of ListObjectVersions: a version of an object, or a delete marker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectVersion {
+    /// Relative to the listed prefix, like [`ListPage`]'s keys.
+    pub key: String,
+    pub version_id: String,
+    pub size: u64,
+    pub last_modified_ns: i64,
+    /// A delete marker: the key did not exist from this time on (until a later version).
+    pub delete_marker: bool,
+}
+
+/// Where ListObjectVersions goes on (its KeyMarker and VersionIdMarker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionMarker {
+    pub key: String,
+    pub version_id: String,
+}
+
+pub struct VersionPage {
+    /// In key order; the entries of one key newest first, versions and delete markers together.
+    pub versions: Vec<ObjectVersion>,
+    pub next: Option<VersionMarker>,
+}
+
+/// How a multipart object was cut: enough to recompute its composite checksum from the bytes
+/// when every part but the last has the first part's size (as nightcopy uploads them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartLayout {
+    pub parts: u32,
+    pub first_part_size: u64,
+}
+
 pub trait ObjectStore: Send + Sync + 'static {
     /// One page of ListObjectsV2 under `prefix`, keys returned relative to it, in key order.
     fn list_page(
@@ -158,4 +206,27 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Size, metadata and stored checksum of one object; `Ok(None)` when it does not exist.
     fn head(&self, key: &str) -> impl Future<Output = Result<Option<HeadInfo>, StoreError>> + Send;
+
+    /// Starts downloading one object (a given version, or the current one); `Ok(None)` when it
+    /// (or that version) does not exist. The body is read as a stream.
+    fn get(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> impl Future<Output = Result<Option<Download>, StoreError>> + Send;
+
+    /// One page of ListObjectVersions under `prefix`, keys returned relative to it.
+    fn list_versions_page(
+        &self,
+        prefix: &str,
+        marker: Option<VersionMarker>,
+    ) -> impl Future<Output = Result<VersionPage, StoreError>> + Send;
+
+    /// Part count and first part size of a multipart object (HEAD with partNumber=1);
+    /// `Ok(None)` when the object is not multipart or the server does not say.
+    fn part_layout(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> impl Future<Output = Result<Option<PartLayout>, StoreError>> + Send;
 }

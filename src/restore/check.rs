@@ -1,0 +1,420 @@
+//! What the bytes of a backed-up file are checked against, and the hashing that checks them as they
+//! stream by — shared by restore (downloads) and verify (downloads and local re-reads).
+//!
+//! Three references can exist for one object, and each is used only when it really describes the
+//! bytes at hand:
+//! - the **manifest's SHA-256**, recorded from the bytes nightcopy read at upload: used when the
+//!   manifest entry describes this very object (same size, and the object's `nightcopy-mtime-ns`
+//!   equals the entry's mtime — an object uploaded after the manifest was written, by a run that
+//!   then failed, has another mtime and is not judged against a stale hash);
+//! - the object's **full-object `x-amz-checksum-sha256`** (single PUT): S3 verified it against the
+//!   body at upload, so it is the SHA-256 of the object's bytes;
+//! - a multipart object's **composite checksum** `base64(SHA-256(SHA-256(part 1) ‖ …))-N`:
+//!   recomputed here from the bytes when the part boundaries are known (every part but the last of
+//!   the first part's size, as nightcopy uploads them). If the parts were cut otherwise, it cannot
+//!   be recomputed and is not used.
+//!
+//! A file none of them covers is *unverified*: counted and named, never called corrupt.
+
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+
+use crate::manifest::ManifestEntry;
+use crate::store::{ObjectMeta, PartLayout};
+
+/// The checksum an object carries, as S3 reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    None,
+    /// The SHA-256 of the whole object (a single PUT).
+    Full([u8; 32]),
+    /// A multipart object's checksum of its part checksums, and the part count.
+    Composite {
+        digest: [u8; 32],
+        parts: u32,
+    },
+}
+
+impl Stored {
+    /// Parses S3's `x-amz-checksum-sha256` value: base64, with `-N` for a composite.
+    pub fn parse(value: Option<&str>) -> Stored {
+        let Some(value) = value else {
+            return Stored::None;
+        };
+        let decode = |b: &str| -> Option<[u8; 32]> {
+            base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .ok()?
+                .try_into()
+                .ok()
+        };
+        match value.rsplit_once('-') {
+            Some((b, n)) => match (decode(b), n.parse()) {
+                (Some(digest), Ok(parts)) if parts > 0 => Stored::Composite { digest, parts },
+                _ => Stored::None,
+            },
+            None => decode(value).map_or(Stored::None, Stored::Full),
+        }
+    }
+
+    pub fn is_composite(&self) -> bool {
+        matches!(self, Stored::Composite { .. })
+    }
+}
+
+/// Everything one object's bytes can be judged against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reference {
+    pub manifest: Option<[u8; 32]>,
+    pub stored: Stored,
+}
+
+/// The manifest's SHA-256 for an object, when the entry describes that object (see the module
+/// comment). `meta` is the object's metadata; without nightcopy's metadata only the size can
+/// bind, which is not enough to trust a hash against it.
+pub fn manifest_sha(
+    entry: Option<&ManifestEntry>,
+    size: u64,
+    meta: Option<&ObjectMeta>,
+) -> Option<[u8; 32]> {
+    let entry = entry?;
+    let meta = meta?;
+    (entry.size == size && entry.mtime_ns == meta.mtime_ns)
+        .then_some(entry.sha256)
+        .flatten()
+}
+
+/// Hashes bytes as they go by: the whole SHA-256 always, and the composite when a part layout is
+/// given that describes an object of this size.
+pub struct StreamHasher {
+    whole: Sha256,
+    composite: Option<CompositeHasher>,
+    bytes: u64,
+}
+
+struct CompositeHasher {
+    part_size: u64,
+    filled: u64,
+    part: Sha256,
+    outer: Sha256,
+    parts: u32,
+}
+
+/// What the hashing found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Digests {
+    pub whole: [u8; 32],
+    /// The composite digest and the number of parts it covers.
+    pub composite: Option<([u8; 32], u32)>,
+    pub bytes: u64,
+}
+
+impl StreamHasher {
+    /// `layout` is only used when it can describe an object of `size` bytes cut in equal parts.
+    pub fn new(size: u64, layout: Option<PartLayout>) -> StreamHasher {
+        let composite = layout
+            .filter(|l| {
+                l.first_part_size > 0 && size.div_ceil(l.first_part_size) == u64::from(l.parts)
+            })
+            .map(|l| CompositeHasher {
+                part_size: l.first_part_size,
+                filled: 0,
+                part: Sha256::new(),
+                outer: Sha256::new(),
+                parts: 0,
+            });
+        StreamHasher {
+            whole: Sha256::new(),
+            composite,
+            bytes: 0,
+        }
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.whole.update(data);
+        self.bytes += data.len() as u64;
+        let Some(c) = self.composite.as_mut() else {
+            return;
+        };
+        while !data.is_empty() {
+            let room = (c.part_size - c.filled).min(data.len() as u64) as usize;
+            c.part.update(&data[..room]);
+            c.filled += room as u64;
+            data = &data[room..];
+            if c.filled == c.part_size {
+                c.outer.update(c.part.finalize_reset());
+                c.parts += 1;
+                c.filled = 0;
+            }
+        }
+    }
+
+    pub fn finish(self) -> Digests {
+        let composite = self.composite.map(|mut c| {
+            if c.filled > 0 {
+                c.outer.update(c.part.finalize());
+                c.parts += 1;
+            }
+            (c.outer.finalize().into(), c.parts)
+        });
+        Digests {
+            whole: self.whole.finalize().into(),
+            composite,
+            bytes: self.bytes,
+        }
+    }
+}
+
+/// The outcome of checking bytes against their references.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Equal to every reference there was; names them ("manifest", "object checksum", …).
+    Verified(Vec<&'static str>),
+    /// No reference covered these bytes.
+    Unverified,
+    /// Different from `against`: the bytes are not what was backed up.
+    Mismatch {
+        against: &'static str,
+        expected: String,
+        actual: String,
+    },
+}
+
+impl Verdict {
+    pub fn is_mismatch(&self) -> bool {
+        matches!(self, Verdict::Mismatch { .. })
+    }
+}
+
+pub const MANIFEST: &str = "the SHA-256 in the manifest";
+pub const OBJECT_CHECKSUM: &str = "the object's SHA-256 checksum";
+pub const COMPOSITE_CHECKSUM: &str = "the object's composite (multipart) SHA-256 checksum";
+
+pub fn judge(reference: &Reference, digests: &Digests) -> Verdict {
+    let mut against = Vec::new();
+    let hex = hex::encode;
+    if let Some(want) = reference.manifest {
+        if want != digests.whole {
+            return Verdict::Mismatch {
+                against: MANIFEST,
+                expected: hex(want),
+                actual: hex(digests.whole),
+            };
+        }
+        against.push(MANIFEST);
+    }
+    match reference.stored {
+        Stored::Full(want) if want != digests.whole => {
+            return Verdict::Mismatch {
+                against: OBJECT_CHECKSUM,
+                expected: hex(want),
+                actual: hex(digests.whole),
+            }
+        }
+        Stored::Full(_) => against.push(OBJECT_CHECKSUM),
+        Stored::Composite { digest, parts } => match digests.composite {
+            // A different part count means the layout guess did not fit: no judgement.
+            Some((got, n)) if n == parts => {
+                if got != digest {
+                    return Verdict::Mismatch {
+                        against: COMPOSITE_CHECKSUM,
+                        expected: format!("{}-{parts}", hex(digest)),
+                        actual: format!("{}-{n}", hex(got)),
+                    };
+                }
+                against.push(COMPOSITE_CHECKSUM);
+            }
+            _ => {}
+        },
+        Stored::None => {}
+    }
+    if against.is_empty() {
+        Verdict::Unverified
+    } else {
+        Verdict::Verified(against)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(b: &[u8]) -> [u8; 32] {
+        Sha256::digest(b).into()
+    }
+
+    fn b64(b: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(b)
+    }
+
+    #[test]
+    fn stored_checksums_parse() {
+        let d = sha(b"x");
+        let cases: Vec<(Option<String>, Stored)> = vec![
+            (None, Stored::None),
+            (Some(b64(&d)), Stored::Full(d)),
+            (
+                Some(format!("{}-3", b64(&d))),
+                Stored::Composite {
+                    digest: d,
+                    parts: 3,
+                },
+            ),
+            (Some("not base64!".into()), Stored::None),
+            (Some(format!("{}-x", b64(&d))), Stored::None),
+            (Some(format!("{}-0", b64(&d))), Stored::None),
+            (Some(b64(b"short")), Stored::None),
+        ];
+        for (value, want) in cases {
+            assert_eq!(Stored::parse(value.as_deref()), want, "{value:?}");
+        }
+    }
+
+    /// The composite S3 computes: SHA-256 over the concatenated part SHA-256s.
+    fn composite(data: &[u8], part: usize) -> [u8; 32] {
+        let mut outer = Sha256::new();
+        for chunk in data.chunks(part) {
+            outer.update(sha(chunk));
+        }
+        outer.finalize().into()
+    }
+
+    #[test]
+    fn composite_is_recomputed_whatever_the_chunking() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let layout = PartLayout {
+            parts: 4,
+            first_part_size: 300,
+        };
+        for chunk in [1, 7, 299, 300, 301, 1000] {
+            let mut h = StreamHasher::new(1000, Some(layout));
+            for c in data.chunks(chunk) {
+                h.update(c);
+            }
+            let d = h.finish();
+            assert_eq!(d.whole, sha(&data));
+            assert_eq!(
+                d.composite,
+                Some((composite(&data, 300), 4)),
+                "chunk {chunk}"
+            );
+            assert_eq!(d.bytes, 1000);
+        }
+        // Exact multiple of the part size: no empty last part.
+        let mut h = StreamHasher::new(
+            900,
+            Some(PartLayout {
+                parts: 3,
+                first_part_size: 300,
+            }),
+        );
+        h.update(&data[..900]);
+        assert_eq!(
+            h.finish().composite,
+            Some((composite(&data[..900], 300), 3))
+        );
+    }
+
+    #[test]
+    fn a_layout_that_does_not_fit_the_size_is_not_used() {
+        let h = StreamHasher::new(
+            1000,
+            Some(PartLayout {
+                parts: 2,
+                first_part_size: 300,
+            }),
+        );
+        assert_eq!(h.finish().composite, None);
+    }
+
+    #[test]
+    fn verdicts() {
+        let good = sha(b"good");
+        let bad = sha(b"bad");
+        let digests = Digests {
+            whole: good,
+            composite: Some((good, 2)),
+            bytes: 4,
+        };
+        let r = |manifest, stored| Reference { manifest, stored };
+        let cases: Vec<(Reference, &str)> = vec![
+            (r(None, Stored::None), "unverified"),
+            (r(Some(good), Stored::None), "verified 1"),
+            (r(Some(good), Stored::Full(good)), "verified 2"),
+            (r(Some(bad), Stored::Full(good)), "mismatch manifest"),
+            (r(None, Stored::Full(bad)), "mismatch object"),
+            (
+                r(
+                    None,
+                    Stored::Composite {
+                        digest: good,
+                        parts: 2,
+                    },
+                ),
+                "verified 1",
+            ),
+            (
+                r(
+                    None,
+                    Stored::Composite {
+                        digest: bad,
+                        parts: 2,
+                    },
+                ),
+                "mismatch composite",
+            ),
+            // A part count that differs from what was hashed: cannot judge.
+            (
+                r(
+                    None,
+                    Stored::Composite {
+                        digest: bad,
+                        parts: 3,
+                    },
+                ),
+                "unverified",
+            ),
+        ];
+        for (reference, want) in cases {
+            let got = match judge(&reference, &digests) {
+                Verdict::Unverified => "unverified".to_owned(),
+                Verdict::Verified(v) => format!("verified {}", v.len()),
+                Verdict::Mismatch { against, .. } if against == MANIFEST => {
+                    "mismatch manifest".into()
+                }
+                Verdict::Mismatch { against, .. } if against == OBJECT_CHECKSUM => {
+                    "mismatch object".into()
+                }
+                Verdict::Mismatch { .. } => "mismatch composite".into(),
+            };
+            assert_eq!(got, want, "{reference:?}");
+        }
+    }
+
+    #[test]
+    fn the_manifest_binds_only_to_the_object_it_describes() {
+        let entry = ManifestEntry {
+            key: "k".into(),
+            size: 4,
+            mtime_ns: 77,
+            sha256: Some([9; 32]),
+        };
+        let meta = |mtime_ns| ObjectMeta {
+            mtime_ns,
+            ..Default::default()
+        };
+        assert_eq!(
+            manifest_sha(Some(&entry), 4, Some(&meta(77))),
+            Some([9; 32])
+        );
+        assert_eq!(manifest_sha(Some(&entry), 5, Some(&meta(77))), None);
+        assert_eq!(manifest_sha(Some(&entry), 4, Some(&meta(78))), None);
+        assert_eq!(manifest_sha(Some(&entry), 4, None), None);
+        assert_eq!(manifest_sha(None, 4, Some(&meta(77))), None);
+        let adopted = ManifestEntry {
+            sha256: None,
+            ..entry
+        };
+        assert_eq!(manifest_sha(Some(&adopted), 4, Some(&meta(77))), None);
+    }
+}

@@ -1,0 +1,1028 @@
+//! `nightcopy restore`: gets the files back. A backup is only as good as this command at 3 AM, so
+//! its rules are the backup's rules turned around:
+//!
+//! - every object under the prefix (or `--path`) is downloaded into `--to`, each as a stream into
+//!   a temp file beside its final name, hashed on the way, checked (see `check`), given its mtime,
+//!   mode and — as root — owner, flushed to disk, and only then renamed into place: a crash or a
+//!   corrupt object never leaves a half or wrong file under a real name;
+//! - an existing file is never replaced without `--overwrite` (the rename itself refuses, so a file
+//!   appearing meanwhile is safe too); this also makes an interrupted restore resumable — rerun
+//!   the same command and it downloads only what is not there yet;
+//! - `--as-of` picks, per key, the version that was current at that time (ListObjectVersions);
+//! - names come back byte-exact: an escaped key's object carries its raw path (docs/keys.md);
+//! - one bad object never stops the restore: it is counted, named, and the exit code says so.
+//!   Only the bucket, credentials, the listing and the target directory are fatal.
+//!
+//! Memory stays flat: the listing is read page by page, the manifest is merged in key order, and
+//! at most `transfer.concurrency` downloads are in flight, each with one write buffer.
+
+pub mod check;
+pub mod select;
+
+use std::fmt;
+use std::fs::{File, FileTimes, OpenOptions, Permissions};
+use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::manifest::{self, ManifestEntry};
+use crate::store::s3::S3Store;
+use crate::store::{
+    Download, ErrorClass, ObjectMeta, ObjectStore, StoreError, VersionMarker, META_RAW_PATH,
+};
+use crate::{agent, exit};
+use check::{Reference, Stored, StreamHasher, Verdict};
+use select::{AsOfPicker, Pick};
+
+/// Per download: bytes gathered before a write to the temp file.
+const WRITE_BUF: usize = 256 * 1024;
+/// Listed objects queued ahead of the downloads.
+const JOBS_AHEAD: usize = 1024;
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Where the tree is recreated (the path below the source root is kept below it).
+    pub to: PathBuf,
+    /// Only this file or directory, relative to `source.path` (or absolute below it).
+    pub path: Option<PathBuf>,
+    /// Restore each key as it was at this time (nanoseconds since the epoch).
+    pub as_of_ns: Option<i64>,
+    /// Replace existing files.
+    pub overwrite: bool,
+    /// List what would be restored; download and write nothing.
+    pub dry_run: bool,
+}
+
+/// Errors that end a restore. Each says what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// A bad `--path`: exit 64 like any command-line error.
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("target directory {path}: {why}")]
+    Target { path: String, why: String },
+    #[error(transparent)]
+    Setup(#[from] crate::Fatal),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "interrupted by {}: files already restored are complete and stay; rerun the same command \
+         to restore the rest (existing files are skipped)",
+        if *.0 == nix::libc::SIGINT { "SIGINT" } else { "SIGTERM" }
+    )]
+    Interrupted(i32),
+}
+
+/// Why one file was not restored. The restore goes on; the file is named and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileErrorKind {
+    /// The download failed (after the SDK's retries, and one more attempt of our own).
+    Download,
+    /// The bytes are not what was backed up: a checksum or the manifest's SHA-256 disagrees.
+    Corrupt,
+    /// Writing the file, its directory or its metadata failed locally.
+    Write,
+    /// The key cannot be a path below the target directory.
+    BadName,
+    /// Listed, but gone when downloaded.
+    Missing,
+}
+
+impl FileErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileErrorKind::Download => "download",
+            FileErrorKind::Corrupt => "corrupt",
+            FileErrorKind::Write => "write",
+            FileErrorKind::BadName => "bad-name",
+            FileErrorKind::Missing => "missing",
+        }
+    }
+}
+
+/// Live counters; each event logs its line and bumps its counter in one place.
+#[derive(Debug, Default)]
+pub struct RestoreStats {
+    listed: AtomicU64,
+    restored: AtomicU64,
+    bytes: AtomicU64,
+    existing: AtomicU64,
+    errors: AtomicU64,
+    unverified: AtomicU64,
+    absent: AtomicU64,
+    skipped: AtomicU64,
+}
+
+/// The figures of a restore.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RestoreFigures {
+    pub listed: u64,
+    /// Files restored (in a dry run: that would be).
+    pub restored: u64,
+    pub bytes: u64,
+    /// Files left alone because they exist (no `--overwrite`).
+    pub existing: u64,
+    pub errors: u64,
+    /// Restored, but no SHA-256 covered them (see `check`).
+    pub unverified: u64,
+    /// `--as-of`: keys that did not exist at that time.
+    pub absent: u64,
+    /// Keys that are not files (folder markers ending in `/`).
+    pub skipped: u64,
+    pub elapsed_seconds: f64,
+}
+
+impl RestoreStats {
+    fn listed(&self) {
+        self.listed.fetch_add(1, Relaxed);
+    }
+
+    pub fn file_error(
+        &self,
+        what: &dyn fmt::Display,
+        kind: FileErrorKind,
+        detail: &dyn fmt::Display,
+    ) {
+        self.errors.fetch_add(1, Relaxed);
+        tracing::warn!(
+            path = %what,
+            error_kind = kind.as_str(),
+            "{what}: not restored: {detail}"
+        );
+    }
+
+    fn restored(&self, target: &Path, key: &str, bytes: u64, verdict: &Verdict) {
+        self.restored.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+        match verdict {
+            Verdict::Verified(against) => tracing::debug!(
+                path = %target.display(),
+                key,
+                bytes,
+                "restored {} from {key} ({bytes} bytes, equal to {})",
+                target.display(),
+                against.join(" and ")
+            ),
+            _ => {
+                self.unverified.fetch_add(1, Relaxed);
+                tracing::info!(
+                    path = %target.display(),
+                    key,
+                    bytes,
+                    "restored {} from {key} ({bytes} bytes), but no SHA-256 covers it: a \
+                     multipart object without a manifest entry or checksum to check it against",
+                    target.display()
+                );
+            }
+        }
+    }
+
+    fn planned(&self, target: &Path, key: &str, bytes: u64) {
+        self.restored.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+        println!("restore\t{bytes}\t{key}\t{}", target.display());
+    }
+
+    fn existing(&self, target: &Path, key: &str, bytes: u64, dry_run: bool) {
+        self.existing.fetch_add(1, Relaxed);
+        if dry_run {
+            println!("exists\t{bytes}\t{key}\t{}", target.display());
+        }
+        tracing::debug!(
+            path = %target.display(),
+            "{} exists: kept (--overwrite replaces it)",
+            target.display()
+        );
+    }
+
+    fn absent(&self, key: &str) {
+        self.absent.fetch_add(1, Relaxed);
+        tracing::debug!(key, "{key}: did not exist at the --as-of time");
+    }
+
+    fn skipped(&self, key: &str) {
+        self.skipped.fetch_add(1, Relaxed);
+        tracing::debug!(key, "{key}: a folder marker, not a file: skipped");
+    }
+
+    pub fn status_line(&self) -> String {
+        format!(
+            "{} of {} listed restored ({}), {} already there, {} errors",
+            self.restored.load(Relaxed),
+            self.listed.load(Relaxed),
+            bytesize::ByteSize(self.bytes.load(Relaxed)).display().iec(),
+            self.existing.load(Relaxed),
+            self.errors.load(Relaxed),
+        )
+    }
+
+    pub fn snapshot(&self, elapsed: Duration) -> RestoreFigures {
+        RestoreFigures {
+            listed: self.listed.load(Relaxed),
+            restored: self.restored.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+            existing: self.existing.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            unverified: self.unverified.load(Relaxed),
+            absent: self.absent.load(Relaxed),
+            skipped: self.skipped.load(Relaxed),
+            elapsed_seconds: elapsed.as_secs_f64(),
+        }
+    }
+}
+
+/// The one summary line of a restore, and its exit code.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub figures: RestoreFigures,
+    pub to: PathBuf,
+    pub dry_run: bool,
+    pub error: Option<String>,
+}
+
+impl RestoreReport {
+    pub fn exit_code(&self) -> u8 {
+        if self.error.is_some() {
+            exit::FATAL
+        } else if self.figures.errors > 0 {
+            exit::FILE_ERRORS
+        } else {
+            exit::SUCCESS
+        }
+    }
+}
+
+impl fmt::Display for RestoreReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let g = &self.figures;
+        match (&self.error, self.dry_run, g.errors) {
+            (Some(e), _, _) => write!(f, "restore FAILED: {e}")?,
+            (None, true, _) => write!(f, "restore dry run finished (nothing written)")?,
+            (None, false, 0) => write!(f, "restore finished")?,
+            (None, false, _) => write!(f, "restore completed with errors")?,
+        }
+        let restored = if self.dry_run {
+            "would be restored"
+        } else {
+            "restored"
+        };
+        write!(
+            f,
+            ": {} files {restored} ({}) to {}, {} already there (kept; --overwrite replaces \
+             them), {} errors, {} not verifiable by SHA-256, {:.1}s; {} listed",
+            g.restored,
+            bytesize::ByteSize(g.bytes).display().iec(),
+            self.to.display(),
+            g.existing,
+            g.errors,
+            g.unverified,
+            g.elapsed_seconds,
+            g.listed,
+        )?;
+        if g.absent > 0 {
+            write!(f, ", {} did not exist at the --as-of time", g.absent)?;
+        }
+        if g.skipped > 0 {
+            write!(f, ", {} folder markers skipped", g.skipped)?;
+        }
+        Ok(())
+    }
+}
+
+/// `nightcopy restore` as the command runs it: credentials, the restore, the summary line; returns
+/// the exit code.
+pub async fn run(
+    config: &Config,
+    opts: &RestoreOptions,
+    bar: Option<indicatif::ProgressBar>,
+) -> u8 {
+    let started = Instant::now();
+    let stats = Arc::new(RestoreStats::default());
+    let progress = bar.map(|bar| {
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            loop {
+                bar.set_message(stats.status_line());
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    });
+    let sdk = agent::load_sdk(config).await;
+    let result = async {
+        agent::check_credentials(&sdk).await?;
+        let store = Arc::new(S3Store::for_config(&sdk, config));
+        restore(config, opts, store, stats.clone()).await
+    }
+    .await;
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let special = match result {
+        Err(RestoreError::Usage(_)) => Some(exit::USAGE),
+        Err(RestoreError::Interrupted(sig)) => Some(crate::stop::Stop::exit_code(sig)),
+        _ => None,
+    };
+    let report = RestoreReport {
+        figures: stats.snapshot(started.elapsed()),
+        to: opts.to.clone(),
+        dry_run: opts.dry_run,
+        error: result.err().map(|e| e.to_string()),
+    };
+    let code = special.unwrap_or_else(|| report.exit_code());
+    let g = &report.figures;
+    macro_rules! summary {
+        ($level:ident) => {
+            tracing::$level!(
+                outcome = if report.error.is_some() {
+                    "failed"
+                } else if g.errors > 0 {
+                    "file-errors"
+                } else {
+                    "success"
+                },
+                files_restored = g.restored,
+                bytes_restored = g.bytes,
+                existing = g.existing,
+                errors = g.errors,
+                unverified = g.unverified,
+                exit_code = code,
+                dry_run = report.dry_run,
+                "{report}"
+            )
+        };
+    }
+    match code {
+        exit::SUCCESS => summary!(info),
+        exit::FILE_ERRORS => summary!(warn),
+        _ => summary!(error),
+    }
+    code
+}
+
+/// One object to restore.
+#[derive(Debug)]
+struct Job {
+    /// Relative to the destination prefix.
+    key: String,
+    size: u64,
+    version_id: Option<String>,
+    /// The manifest's entry for this key, if any.
+    record: Option<ManifestEntry>,
+}
+
+/// The restore over any store. Figures go to `stats` as they happen.
+pub async fn restore<S: ObjectStore>(
+    config: &Config,
+    opts: &RestoreOptions,
+    store: Arc<S>,
+    stats: Arc<RestoreStats>,
+) -> Result<(), RestoreError> {
+    let prefix = config.destination.prefix.as_str().to_owned();
+    let sub = match &opts.path {
+        Some(p) => select::subpath_key(p, &config.source.path.0).map_err(RestoreError::Usage)?,
+        None => String::new(),
+    };
+    check_target(&opts.to)?;
+
+    // The manifest's SHA-256s are the strongest check there is (they cover multipart objects
+    // too); on another host there is none and the objects' own checksums have to do.
+    let manifest = match manifest::open(&config.state_dir.0, &config.destination_id()) {
+        Ok(m) => m,
+        Err(why) => {
+            tracing::warn!(
+                "the manifest in {} is not used: {why}; downloads are checked against the \
+                 objects' own checksums only",
+                config.state_dir.0.display()
+            );
+            None
+        }
+    };
+    if manifest.is_none() {
+        tracing::info!(
+            "no manifest for this destination on this host: downloads are checked against the \
+             objects' own checksums only"
+        );
+    }
+
+    // The first page is awaited here, so a missing bucket, denied access or a server without
+    // versioning ends the restore before anything is written.
+    let mut pager = Pager::new(store.clone(), format!("{prefix}{sub}"), opts.as_of_ns);
+    let first = pager
+        .next_page()
+        .await
+        .map_err(|e| listing_error(e, opts.as_of_ns.is_some()))?;
+    if !opts.dry_run {
+        std::fs::create_dir_all(&opts.to).map_err(|e| RestoreError::Target {
+            path: opts.to.display().to_string(),
+            why: format!("cannot create it: {e}"),
+        })?;
+    }
+
+    let (tx, mut rx) = mpsc::channel::<Result<Job, StoreError>>(JOBS_AHEAD);
+    let producer = tokio::spawn(produce(pager, first, sub, manifest, stats.clone(), tx));
+
+    let ctx = Arc::new(Ctx {
+        store,
+        stats: stats.clone(),
+        prefix,
+        to: opts.to.clone(),
+        overwrite: opts.overwrite,
+        dry_run: opts.dry_run,
+        as_root: nix::unistd::geteuid().is_root(),
+        next_tmp: AtomicU64::new(0),
+    });
+    let concurrency = config.transfer.concurrency.0.max(1);
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    let mut running: JoinSet<Result<(), StoreError>> = JoinSet::new();
+    let mut listing_done = false;
+    let mut fatal: Option<RestoreError> = None;
+    // `stop` never ends by itself, so the loop ends explicitly when the work is done.
+    while !(listing_done && running.is_empty()) {
+        tokio::select! {
+            biased;
+            signal = &mut stop => {
+                fatal = Some(RestoreError::Interrupted(signal));
+                break;
+            }
+            done = running.join_next(), if !running.is_empty() => {
+                if let Some(Err(e)) = done.map(|r| r.expect("restore task panicked")) {
+                    fatal = Some(e.into());
+                    break;
+                }
+            }
+            job = rx.recv(), if !listing_done && running.len() < concurrency => match job {
+                Some(Ok(job)) => {
+                    running.spawn(ctx.clone().restore_one(job));
+                }
+                Some(Err(e)) => {
+                    fatal = Some(listing_error(e, opts.as_of_ns.is_some()));
+                    break;
+                }
+                None => listing_done = true,
+            },
+        }
+    }
+    // On a fatal error or a signal the downloads in flight are cancelled; each one's temp file
+    // is removed as its task is dropped.
+    running.shutdown().await;
+    producer.abort();
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// A listing error mid-way is fatal like the first page's: the rest cannot be known.
+fn listing_error(e: StoreError, as_of: bool) -> RestoreError {
+    if as_of && e.code.as_deref() == Some("NotImplemented") {
+        return RestoreError::Unsupported(format!(
+            "--as-of needs ListObjectVersions, which this server does not implement ({e})"
+        ));
+    }
+    RestoreError::Store(StoreError {
+        class: ErrorClass::Fatal,
+        ..e
+    })
+}
+
+fn check_target(to: &Path) -> Result<(), RestoreError> {
+    match std::fs::metadata(to) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(RestoreError::Target {
+            path: to.display().to_string(),
+            why: "exists and is not a directory: give --to a directory".into(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(RestoreError::Target {
+            path: to.display().to_string(),
+            why: e.to_string(),
+        }),
+    }
+}
+
+/// Resolves with the signal number on SIGINT or SIGTERM. Once tokio handles a signal it does so
+/// for the life of the process, so a second Ctrl-C during the clean-up does not kill it half way.
+async fn stop_signal() -> i32 {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    tokio::select! {
+        Some(()) = async { term.as_mut()?.recv().await } => nix::libc::SIGTERM,
+        Some(()) = async { int.as_mut()?.recv().await } => nix::libc::SIGINT,
+        else => std::future::pending().await,
+    }
+}
+
+/// The listing, page by page: current objects, or with `--as-of` each key's version then.
+struct Pager<S> {
+    store: Arc<S>,
+    list_prefix: String,
+    mode: Mode,
+    done: bool,
+}
+
+enum Mode {
+    Latest(Option<String>),
+    AsOf {
+        marker: Option<VersionMarker>,
+        picker: AsOfPicker,
+    },
+}
+
+/// One page, reduced to what to restore; keys relative to the listed prefix.
+type Page = Vec<Candidate>;
+
+enum Candidate {
+    Object {
+        key: String,
+        size: u64,
+        version_id: Option<String>,
+    },
+    Absent(String),
+}
+
+impl<S: ObjectStore> Pager<S> {
+    fn new(store: Arc<S>, list_prefix: String, as_of_ns: Option<i64>) -> Self {
+        let mode = match as_of_ns {
+            None => Mode::Latest(None),
+            Some(t) => Mode::AsOf {
+                marker: None,
+                picker: AsOfPicker::new(t),
+            },
+        };
+        Pager {
+            store,
+            list_prefix,
+            mode,
+            done: false,
+        }
+    }
+
+    /// `Ok(None)` after the last page.
+    async fn next_page(&mut self) -> Result<Option<Page>, StoreError> {
+        if self.done {
+            return Ok(None);
+        }
+        match &mut self.mode {
+            Mode::Latest(token) => {
+                let page = self
+                    .store
+                    .list_page(&self.list_prefix, token.take())
+                    .await?;
+                *token = page.next;
+                self.done = token.is_none();
+                Ok(Some(
+                    page.objects
+                        .into_iter()
+                        .map(|o| Candidate::Object {
+                            key: o.key,
+                            size: o.size,
+                            version_id: None,
+                        })
+                        .collect(),
+                ))
+            }
+            Mode::AsOf { marker, picker } => {
+                let page = self
+                    .store
+                    .list_versions_page(&self.list_prefix, marker.take())
+                    .await?;
+                *marker = page.next;
+                self.done = marker.is_none();
+                let mut picks: Vec<Pick> = page
+                    .versions
+                    .into_iter()
+                    .flat_map(|v| picker.offer(v))
+                    .collect();
+                if self.done {
+                    picks.extend(picker.finish());
+                }
+                Ok(Some(
+                    picks
+                        .into_iter()
+                        .map(|p| match p {
+                            Pick::Version(v) => Candidate::Object {
+                                key: v.key,
+                                size: v.size,
+                                version_id: Some(v.version_id),
+                            },
+                            Pick::Absent(key) => Candidate::Absent(key),
+                        })
+                        .collect(),
+                ))
+            }
+        }
+    }
+}
+
+/// Turns the listing into jobs, each with its manifest entry (both are in key order, so the
+/// manifest is merged in one pass). Reading a manifest line is a buffered local read: cheap
+/// enough not to need a blocking thread.
+async fn produce<S: ObjectStore>(
+    mut pager: Pager<S>,
+    first: Option<Page>,
+    sub: String,
+    manifest: Option<manifest::Reader>,
+    stats: Arc<RestoreStats>,
+    tx: mpsc::Sender<Result<Job, StoreError>>,
+) {
+    let mut manifest = manifest.into_iter().flatten().peekable();
+    let mut page = first;
+    while let Some(candidates) = page {
+        for c in candidates {
+            match c {
+                Candidate::Absent(key) => {
+                    let key = format!("{sub}{key}");
+                    if select::in_subpath(&key, &sub) {
+                        stats.absent(&key);
+                    }
+                }
+                Candidate::Object {
+                    key,
+                    size,
+                    version_id,
+                } => {
+                    let key = format!("{sub}{key}");
+                    // The listing prefix "home/alice" also lists "home/alice2/…".
+                    if !select::in_subpath(&key, &sub) {
+                        continue;
+                    }
+                    stats.listed();
+                    while manifest.next_if(|m| m.key < key).is_some() {}
+                    let record = manifest.next_if(|m| m.key == key);
+                    let job = Job {
+                        key,
+                        size,
+                        version_id,
+                        record,
+                    };
+                    if tx.send(Ok(job)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        page = match pager.next_page().await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+    }
+}
+
+struct Ctx<S> {
+    store: Arc<S>,
+    stats: Arc<RestoreStats>,
+    prefix: String,
+    to: PathBuf,
+    overwrite: bool,
+    dry_run: bool,
+    as_root: bool,
+    next_tmp: AtomicU64,
+}
+
+/// What one attempt at a file ran into.
+enum Failure {
+    Download(StoreError),
+    Corrupt(String),
+    Local(String),
+    /// Already counted and logged (a missing object, a bad name, an existing target).
+    Counted,
+    Fatal(StoreError),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        if e.is_fatal() {
+            Failure::Fatal(e)
+        } else if e.code.as_deref() == Some("ChecksumMismatch") {
+            Failure::Corrupt(e.message)
+        } else {
+            Failure::Download(e)
+        }
+    }
+}
+
+impl<S: ObjectStore> Ctx<S> {
+    /// Restores one object. `Err` only for a fatal store error; everything else is counted.
+    async fn restore_one(self: Arc<Self>, job: Job) -> Result<(), StoreError> {
+        let full_key = format!("{}{}", self.prefix, job.key);
+        if job.key.is_empty() || job.key.ends_with('/') {
+            self.stats.skipped(&full_key);
+            return Ok(());
+        }
+        // A key without '%' was not escaped, so its path is known without a request: an existing
+        // file costs nothing, which is what makes a rerun after an interruption quick.
+        let may_be_escaped = job.key.contains('%');
+        if !may_be_escaped || self.dry_run {
+            let raw = if may_be_escaped {
+                match self.store.head(&full_key).await {
+                    Ok(h) => h.and_then(|h| h.meta.get(META_RAW_PATH).cloned()),
+                    Err(e) if e.is_fatal() => return Err(e),
+                    Err(_) => None,
+                }
+            } else {
+                None
+            };
+            let Some(target) = self.target(&job.key, &full_key, raw.as_deref()) else {
+                return Ok(());
+            };
+            if !self.overwrite && exists(&target) {
+                self.stats
+                    .existing(&target, &full_key, job.size, self.dry_run);
+                return Ok(());
+            }
+            if self.dry_run {
+                self.stats.planned(&target, &full_key, job.size);
+                return Ok(());
+            }
+        }
+
+        let mut last = None;
+        for _attempt in 0..2 {
+            match self.attempt(&job, &full_key, may_be_escaped).await {
+                Ok(()) => return Ok(()),
+                Err(Failure::Fatal(e)) => return Err(e),
+                // A download that broke off is tried once more; anything else is final.
+                Err(Failure::Download(e)) => {
+                    tracing::debug!(key = full_key, "download failed, retrying: {e}");
+                    last = Some(e);
+                }
+                Err(Failure::Corrupt(why)) => {
+                    self.stats
+                        .file_error(&full_key, FileErrorKind::Corrupt, &why);
+                    return Ok(());
+                }
+                Err(Failure::Local(why)) => {
+                    self.stats.file_error(&full_key, FileErrorKind::Write, &why);
+                    return Ok(());
+                }
+                Err(Failure::Counted) => return Ok(()),
+            }
+        }
+        if let Some(e) = last {
+            self.stats
+                .file_error(&full_key, FileErrorKind::Download, &e);
+        }
+        Ok(())
+    }
+
+    /// The target path, or `None` after counting a key that cannot be one.
+    fn target(&self, key: &str, full_key: &str, raw: Option<&str>) -> Option<PathBuf> {
+        match select::target_rel(key, raw) {
+            Ok(rel) => Some(self.to.join(rel)),
+            Err(why) => {
+                self.stats
+                    .file_error(&full_key, FileErrorKind::BadName, &why);
+                None
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        job: &Job,
+        full_key: &str,
+        may_be_escaped: bool,
+    ) -> Result<(), Failure> {
+        let version = job.version_id.as_deref();
+        let Some(download) = self.store.get(full_key, version).await? else {
+            self.stats.file_error(
+                &full_key,
+                FileErrorKind::Missing,
+                &"listed, but gone when it was downloaded",
+            );
+            return Err(Failure::Counted);
+        };
+        let raw = download.meta.get(META_RAW_PATH).cloned();
+        let Some(target) = self.target(&job.key, full_key, raw.as_deref()) else {
+            return Err(Failure::Counted);
+        };
+        if may_be_escaped && !self.overwrite && exists(&target) {
+            self.stats.existing(&target, full_key, job.size, false);
+            return Err(Failure::Counted);
+        }
+        let meta = ObjectMeta::from_map(&download.meta);
+        let reference = Reference {
+            manifest: check::manifest_sha(job.record.as_ref(), download.size, meta.as_ref()),
+            stored: Stored::parse(download.checksum_sha256.as_deref()),
+        };
+        // The composite checksum needs the part boundaries: one HEAD, only when nothing better
+        // covers the object.
+        let layout = if reference.manifest.is_none() && reference.stored.is_composite() {
+            match self.store.part_layout(full_key, version).await {
+                Ok(l) => l,
+                Err(e) if e.is_fatal() => return Err(Failure::Fatal(e)),
+                Err(e) => {
+                    tracing::debug!(key = full_key, "no part layout: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if meta.is_none() {
+            tracing::debug!(
+                key = full_key,
+                "{full_key} has no nightcopy metadata: restored with mode 644 and the current time"
+            );
+        }
+        let (verdict, bytes) = self
+            .write(&target, full_key, download, reference, layout, meta)
+            .await?;
+        self.stats.restored(&target, full_key, bytes, &verdict);
+        Ok(())
+    }
+
+    async fn write(
+        &self,
+        target: &Path,
+        full_key: &str,
+        download: Download,
+        reference: Reference,
+        layout: Option<crate::store::PartLayout>,
+        meta: Option<ObjectMeta>,
+    ) -> Result<(Verdict, u64), Failure> {
+        let local = |what: &str, e: io::Error| Failure::Local(format!("{what}: {e}"));
+        let dir = target
+            .parent()
+            .expect("a target is always below --to")
+            .to_owned();
+        let tmp = TempFile {
+            path: dir.join(select::temp_name(self.next_tmp.fetch_add(1, Relaxed))),
+            armed: true,
+        };
+        let tmp_path = tmp.path.clone();
+        let file = blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            // 0600 until it is complete and checked: nobody reads a half file.
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp_path)
+        })
+        .await
+        .map_err(|e| local("cannot create the file", e))?;
+
+        let mut out =
+            tokio::io::BufWriter::with_capacity(WRITE_BUF, tokio::fs::File::from_std(file));
+        let mut hasher = StreamHasher::new(download.size, layout);
+        let mut body = download.body;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| local("cannot write", e))?;
+        }
+        out.flush().await.map_err(|e| local("cannot write", e))?;
+        let file = out.into_inner().into_std().await;
+        let digests = hasher.finish();
+        if digests.bytes != download.size {
+            return Err(Failure::Download(StoreError {
+                class: ErrorClass::PerObject,
+                code: None,
+                message: format!(
+                    "the download ended after {} of {} bytes",
+                    digests.bytes, download.size
+                ),
+            }));
+        }
+        let verdict = check::judge(&reference, &digests);
+        if let Verdict::Mismatch {
+            against,
+            expected,
+            actual,
+        } = &verdict
+        {
+            return Err(Failure::Corrupt(format!(
+                "its content is not what was backed up: SHA-256 {actual} differs from {against} \
+                 ({expected}); the file was not written. On a versioned bucket, --as-of an \
+                 earlier time may find an intact version"
+            )));
+        }
+
+        let (as_root, overwrite) = (self.as_root, self.overwrite);
+        let (from, to) = (tmp.path.clone(), target.to_owned());
+        let placed = blocking(move || {
+            apply_meta(&file, meta.as_ref(), as_root)?;
+            // On disk before it gets its real name: after a power cut the name never points
+            // at a file whose data was not written yet.
+            file.sync_data()?;
+            drop(file);
+            place(&from, &to, overwrite)
+        })
+        .await;
+        match placed {
+            Ok(()) => {
+                tmp.disarm();
+                Ok((verdict, digests.bytes))
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                self.stats.existing(target, full_key, digests.bytes, false);
+                Err(Failure::Counted)
+            }
+            Err(e) => Err(local("cannot finish the file", e)),
+        }
+    }
+}
+
+fn exists(path: &Path) -> bool {
+    // A dangling symlink is something too: never replaced without --overwrite.
+    std::fs::symlink_metadata(path).is_ok()
+}
+
+/// Owner (as root; first, because chown clears set-id bits), mode, then mtime.
+fn apply_meta(file: &File, meta: Option<&ObjectMeta>, as_root: bool) -> io::Result<()> {
+    let Some(m) = meta else {
+        return file.set_permissions(Permissions::from_mode(0o644));
+    };
+    if as_root {
+        nix::unistd::fchown(
+            file,
+            Some(nix::unistd::Uid::from_raw(m.uid)),
+            Some(nix::unistd::Gid::from_raw(m.gid)),
+        )?;
+    }
+    file.set_permissions(Permissions::from_mode(m.mode & 0o7777))?;
+    file.set_times(FileTimes::new().set_modified(system_time(m.mtime_ns)))
+}
+
+fn system_time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+/// Gives the finished temp file its real name; without `overwrite` the rename itself refuses an
+/// existing name, so a file created meanwhile is never replaced.
+fn place(tmp: &Path, target: &Path, overwrite: bool) -> io::Result<()> {
+    if overwrite {
+        return std::fs::rename(tmp, target);
+    }
+    use nix::errno::Errno;
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    match renameat2(
+        AT_FDCWD,
+        tmp,
+        AT_FDCWD,
+        target,
+        RenameFlags::RENAME_NOREPLACE,
+    ) {
+        Ok(()) => Ok(()),
+        // Filesystems without RENAME_NOREPLACE: a hard link refuses an existing name just as
+        // atomically.
+        Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+            std::fs::hard_link(tmp, target)?;
+            std::fs::remove_file(tmp)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A temp file that removes itself unless it was renamed into place: a failed, corrupt or
+/// cancelled download leaves nothing behind.
+struct TempFile {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl TempFile {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(format!("file task failed: {e}"))))
+}
