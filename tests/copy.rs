@@ -386,22 +386,8 @@ fn one_file_system_does_not_enter_another_mount() {
         // SAFETY: only system calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                use nix::mount::{mount, MsFlags};
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
-                mount(
-                    None::<&str>,
-                    "/",
-                    None::<&str>,
-                    MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                    None::<&str>,
-                )?;
-                mount(
-                    Some("tmpfs"),
-                    target.as_c_str(),
-                    Some("tmpfs"),
-                    MsFlags::empty(),
-                    None::<&str>,
-                )?;
+                common::run::private_mount_namespace()?;
+                common::run::mount_tmpfs(target.as_c_str())?;
                 let fd = nix::fcntl::open(
                     file.as_c_str(),
                     nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY,

@@ -70,21 +70,8 @@ fn under_systemd_the_journal_gets_structured_fields() {
     unsafe {
         cmd.pre_exec(move || {
             use nix::mount::{mount, MsFlags};
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )?;
-            mount(
-                Some("tmpfs"),
-                "/run",
-                Some("tmpfs"),
-                MsFlags::empty(),
-                None::<&str>,
-            )?;
+            common::run::private_mount_namespace()?;
+            common::run::mount_tmpfs(c"/run")?;
             nix::unistd::mkdir(
                 "/run/systemd",
                 nix::sys::stat::Mode::from_bits_truncate(0o755),

@@ -74,26 +74,11 @@ fn raw_name(bytes: &[u8]) -> PathBuf {
 
 /// A figure from restore's summary line, e.g. `figure(&out, "already there")`.
 fn figure(out: &Output, name: &str) -> u64 {
-    let line = out
-        .stderr
-        .lines()
-        .rev()
-        .find(|l| l.contains("restore ") && l.contains(" listed"))
-        .unwrap_or_else(|| panic!("no restore summary in:\n{}", out.stderr));
-    // The first occurrence preceded by a number ("completed with errors: … 2 errors").
-    line.match_indices(&format!(" {name}"))
-        .find_map(|(at, _)| {
-            let digits: String = line[..at]
-                .chars()
-                .rev()
-                .take_while(char::is_ascii_digit)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            digits.parse().ok()
-        })
-        .unwrap_or_else(|| panic!("no figure {name:?} in {line}"))
+    common::run::summary_figure(
+        &out.stderr,
+        |l| l.contains("restore ") && l.contains(" listed"),
+        name,
+    )
 }
 
 /// Leftover temp files of a restore below `root` (there must never be any).

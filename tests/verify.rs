@@ -16,25 +16,11 @@ use sha2::{Digest, Sha256};
 
 /// A figure from verify's summary line, e.g. `figure(&out, "files compared")`.
 fn figure(out: &Output, name: &str) -> u64 {
-    let line = out
-        .stderr
-        .lines()
-        .rev()
-        .find(|l| l.contains("verify ") && l.contains(" files compared"))
-        .unwrap_or_else(|| panic!("no verify summary in:\n{}", out.stderr));
-    line.match_indices(&format!(" {name}"))
-        .find_map(|(at, _)| {
-            let digits: String = line[..at]
-                .chars()
-                .rev()
-                .take_while(char::is_ascii_digit)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            digits.parse().ok()
-        })
-        .unwrap_or_else(|| panic!("no figure {name:?} in {line}"))
+    common::run::summary_figure(
+        &out.stderr,
+        |l| l.contains("verify ") && l.contains(" files compared"),
+        name,
+    )
 }
 
 /// The problem lines on stdout as (kind, path) pairs, sorted.

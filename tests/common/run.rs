@@ -40,29 +40,33 @@ pub struct Output {
 }
 
 impl Output {
-    /// A figure from the summary line, e.g. `figure("files transferred")`.
+    /// A figure from the backup's summary line, e.g. `figure("files transferred")`.
     pub fn figure(&self, name: &str) -> u64 {
-        let line = self
-            .stderr
-            .lines()
-            .rev()
-            .find(|l| l.contains(" transfer errors"))
-            .unwrap_or_else(|| panic!("no summary line in:\n{}", self.stderr));
-        let at = line
-            .find(&format!(" {name}"))
-            .unwrap_or_else(|| panic!("no {name:?} in {line}"));
-        let digits: String = line[..at]
-            .chars()
-            .rev()
-            .take_while(char::is_ascii_digit)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        digits
-            .parse()
-            .unwrap_or_else(|_| panic!("bad figure {name:?} in {line}"))
+        summary_figure(&self.stderr, |l| l.contains(" transfer errors"), name)
     }
+}
+
+/// The number just before ` {name}` on the last line of `stderr` that `is_summary` accepts (the
+/// first such number on the line).
+pub fn summary_figure(stderr: &str, is_summary: impl Fn(&str) -> bool, name: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| is_summary(l))
+        .unwrap_or_else(|| panic!("no summary line in:\n{stderr}"));
+    line.match_indices(&format!(" {name}"))
+        .find_map(|(at, _)| {
+            let digits: String = line[..at]
+                .chars()
+                .rev()
+                .take_while(char::is_ascii_digit)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            digits.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no figure {name:?} in {line}"))
 }
 
 impl Case {
@@ -208,6 +212,32 @@ pub fn unprivileged() -> Option<&'static [&'static str]> {
     } else {
         None
     }
+}
+
+/// For a child's `pre_exec`: a mount namespace of its own whose mounts do not propagate back, so
+/// a test can mount over paths the child sees without touching the host. Needs root. Only system
+/// calls: safe between fork and exec.
+pub fn private_mount_namespace() -> nix::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+}
+
+/// Mounts a tmpfs at `target` (in the caller's mount namespace).
+pub fn mount_tmpfs(target: &std::ffi::CStr) -> nix::Result<()> {
+    nix::mount::mount(
+        Some("tmpfs"),
+        target,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
 }
 
 pub fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
