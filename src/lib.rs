@@ -86,7 +86,7 @@ pub async fn copy<S: ObjectStore>(
     let prefix = config.destination.prefix.as_str().to_owned();
     let destination = config.destination_id();
 
-    let manifest = match manifest::open(&config.state_dir.0, &destination) {
+    let mut manifest = match manifest::open(&config.state_dir.0, &destination) {
         Ok(m) => m,
         Err(why) => {
             tracing::warn!(
@@ -104,7 +104,8 @@ pub async fn copy<S: ObjectStore>(
 
     // The first listing page is awaited here so that a missing bucket or denied access is a clear
     // fatal error before a single file is read.
-    let remote = list::start(store.clone(), prefix.clone(), stats.clone()).await?;
+    let cuts = manifest.as_mut().map(|m| m.take_cuts()).unwrap_or_default();
+    let remote = list::start(store.clone(), prefix.clone(), stats.clone(), cuts).await?;
 
     let excludes = config.excludes().map_err(Fatal::Config)?;
     let scan_opts = scan::ScanOptions {

@@ -1,23 +1,45 @@
-//! The bucket listing as a stream in key order, fetched page by page ahead of the planner.
+//! The bucket listing as a stream in key order, fetched ahead of the planner — in several key
+//! ranges at once when the last manifest says where to cut them.
 //!
-//! Only the first page is awaited before the run goes on, so that a missing bucket or denied access
-//! fails the run before any file is read; the rest is fetched by a task that stays at most a few
-//! pages ahead (a bounded channel), so memory does not grow with the bucket.
+//! A flat ListObjectsV2 is one request per 1,000 keys, each waiting for the one before (the next
+//! page needs the previous page's token): at tens of milliseconds per request on real S3, that
+//! round trip, not the walk, bounds a run where nothing changed. So the key space is cut into
+//! ranges at keys the manifest recorded (about every `PARTITION_KEYS` keys), each range is listed
+//! from its own `StartAfter` by its own task, and the ranges are handed to the planner in order.
+//! Without a manifest there are no cuts and the listing is one sequential range.
+//!
+//! Memory stays bounded whatever the size of the bucket: at most `RANGES_AHEAD` ranges are being
+//! listed, each at most `PAGES_AHEAD` pages ahead of its consumer (a bounded channel); a range that
+//! holds far more keys than the manifest knew of just waits for the planner.
+//!
+//! The first page is awaited before the run goes on, so that a missing bucket or denied access
+//! fails the run before any file is read.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 use crate::plan::RemoteObject;
+use crate::report::Stats;
 use crate::store::{ObjectStore, StoreError};
 
-/// Pages buffered ahead of the planner (1,000 keys each on S3).
-const PAGES_AHEAD: usize = 4;
+/// Keys between two cuts: four pages on S3. A range's end costs no extra request when its cut key
+/// is still in the bucket (the usual case), else at most one page of overshoot.
+pub const PARTITION_KEYS: usize = 4_000;
+/// Ranges listed at once (each one request in flight).
+const RANGES_AHEAD: usize = 8;
+/// Pages buffered per range (1,000 keys each on S3): a whole range, so that a range ahead of the
+/// planner finishes instead of waiting for it — and no more, so memory stays bounded by
+/// `RANGES_AHEAD` × this, however large the bucket.
+const PAGES_AHEAD: usize = PARTITION_KEYS / 1000 + 1;
+
+type Page = Result<Vec<RemoteObject>, StoreError>;
 
 /// A blocking iterator over the listing, for the planner's thread.
 pub struct Listing {
     current: std::vec::IntoIter<RemoteObject>,
-    rx: mpsc::Receiver<Result<Vec<RemoteObject>, StoreError>>,
+    rx: mpsc::Receiver<Page>,
 }
 
 impl Iterator for Listing {
@@ -36,34 +58,312 @@ impl Iterator for Listing {
     }
 }
 
+/// Keys `> after` and `<= upto` (relative to the prefix); `None` is open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Range {
+    after: Option<String>,
+    upto: Option<String>,
+}
+
+/// The ranges that `cuts` (sorted, distinct) divide the key space into.
+fn ranges(cuts: Vec<String>) -> Vec<Range> {
+    let mut out = Vec::with_capacity(cuts.len() + 1);
+    let mut after = None;
+    for cut in cuts {
+        out.push(Range {
+            after: after.take(),
+            upto: Some(cut.clone()),
+        });
+        after = Some(cut);
+    }
+    out.push(Range { after, upto: None });
+    out
+}
+
+/// Starts listing `prefix`, cut at `cuts` (keys relative to the prefix, sorted; empty for one
+/// sequential listing), and returns once the first page has arrived.
 pub async fn start<S: ObjectStore>(
     store: Arc<S>,
     prefix: String,
-    stats: Arc<crate::report::Stats>,
+    stats: Arc<Stats>,
+    cuts: Vec<String>,
 ) -> Result<Listing, StoreError> {
-    let first = store.list_page(&prefix, None).await?;
-    stats.listed(first.objects.len() as u64);
-    let (tx, rx) = mpsc::channel(PAGES_AHEAD);
-    let mut next = first.next;
-    tokio::spawn(async move {
-        while let Some(token) = next.take() {
-            match store.list_page(&prefix, Some(token)).await {
-                Ok(page) => {
-                    next = page.next;
-                    stats.listed(page.objects.len() as u64);
-                    if tx.send(Ok(page.objects)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            }
-        }
-    });
+    let (tx, mut rx) = mpsc::channel(PAGES_AHEAD);
+    tokio::spawn(relay(store, prefix, stats, ranges(cuts), tx));
+    let current = match rx.recv().await {
+        Some(Ok(page)) => page,
+        Some(Err(e)) => return Err(e),
+        None => Vec::new(),
+    };
     Ok(Listing {
-        current: first.objects.into_iter(),
+        current: current.into_iter(),
         rx,
     })
+}
+
+/// Keeps up to `RANGES_AHEAD` ranges listing and passes their pages on, range after range.
+async fn relay<S: ObjectStore>(
+    store: Arc<S>,
+    prefix: String,
+    stats: Arc<Stats>,
+    ranges: Vec<Range>,
+    tx: mpsc::Sender<Page>,
+) {
+    let mut ranges = ranges.into_iter();
+    let mut running: VecDeque<mpsc::Receiver<Page>> = VecDeque::new();
+    loop {
+        while running.len() < RANGES_AHEAD {
+            let Some(range) = ranges.next() else { break };
+            let (range_tx, range_rx) = mpsc::channel(PAGES_AHEAD);
+            tokio::spawn(list_range(
+                store.clone(),
+                prefix.clone(),
+                stats.clone(),
+                range,
+                range_tx,
+            ));
+            running.push_back(range_rx);
+        }
+        let Some(mut rx) = running.pop_front() else {
+            return;
+        };
+        while let Some(page) = rx.recv().await {
+            let failed = page.is_err();
+            // A closed receiver (the run ended) or an error ends everything; dropping the other
+            // ranges' receivers stops their tasks at their next send.
+            if tx.send(page).await.is_err() || failed {
+                return;
+            }
+        }
+    }
+}
+
+async fn list_range<S: ObjectStore>(
+    store: Arc<S>,
+    prefix: String,
+    stats: Arc<Stats>,
+    range: Range,
+    tx: mpsc::Sender<Page>,
+) {
+    let mut token = None;
+    loop {
+        let page = match store
+            .list_page(&prefix, range.after.as_deref(), token.take())
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        let mut objects = page.objects;
+        let mut done = page.next.is_none();
+        if let Some(upto) = &range.upto {
+            let end = objects.partition_point(|o| o.key <= *upto);
+            // Reaching the cut key itself also ends the range: no page is fetched just to find
+            // the next key beyond it.
+            done |= end < objects.len() || objects.last().is_some_and(|o| o.key == *upto);
+            objects.truncate(end);
+        }
+        stats.listed(objects.len() as u64);
+        if tx.send(Ok(objects)).await.is_err() || done {
+            return;
+        }
+        token = page.next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::store::*;
+
+    /// A bucket that only lists (`page` keys a page, like S3's 1,000) and counts its requests.
+    struct Bucket {
+        keys: BTreeSet<String>,
+        page: usize,
+        requests: AtomicUsize,
+    }
+
+    fn refused<T>() -> Result<T, StoreError> {
+        Err(StoreError {
+            class: ErrorClass::Fatal,
+            code: None,
+            message: "listing only".into(),
+        })
+    }
+
+    impl ObjectStore for Bucket {
+        async fn list_page(
+            &self,
+            prefix: &str,
+            start_after: Option<&str>,
+            continuation: Option<String>,
+        ) -> Result<ListPage, StoreError> {
+            self.requests.fetch_add(1, Relaxed);
+            // The continuation token is simply the last key returned.
+            let from = continuation.or(start_after.map(str::to_owned));
+            let mut keys = self
+                .keys
+                .iter()
+                .filter_map(|k| k.strip_prefix(prefix))
+                .filter(|k| from.as_deref().is_none_or(|f| *k > f));
+            let objects: Vec<RemoteObject> = keys
+                .by_ref()
+                .take(self.page)
+                .map(|k| RemoteObject {
+                    key: k.to_owned(),
+                    size: 0,
+                    last_modified_ns: 0,
+                })
+                .collect();
+            let next = if keys.next().is_some() {
+                objects.last().map(|o| o.key.clone())
+            } else {
+                None
+            };
+            Ok(ListPage { objects, next })
+        }
+        async fn put(&self, _: PutRequest) -> Result<(), StoreError> {
+            refused()
+        }
+        async fn create_multipart(&self, _: &str, _: &ObjectMeta) -> Result<String, StoreError> {
+            refused()
+        }
+        async fn upload_part(
+            &self,
+            _: &str,
+            _: &str,
+            _: i32,
+            _: Bytes,
+            _: [u8; 32],
+        ) -> Result<CompletedPart, StoreError> {
+            refused()
+        }
+        async fn complete_multipart(
+            &self,
+            _: &str,
+            _: &str,
+            _: Vec<CompletedPart>,
+        ) -> Result<(), StoreError> {
+            refused()
+        }
+        async fn abort_multipart(&self, _: &str, _: &str) -> Result<(), StoreError> {
+            refused()
+        }
+        async fn head(&self, _: &str) -> Result<Option<HeadInfo>, StoreError> {
+            refused()
+        }
+        async fn get(&self, _: &str, _: Option<&str>) -> Result<Option<Download>, StoreError> {
+            refused()
+        }
+        async fn list_versions_page(
+            &self,
+            _: &str,
+            _: Option<VersionMarker>,
+        ) -> Result<VersionPage, StoreError> {
+            refused()
+        }
+        async fn part_layout(
+            &self,
+            _: &str,
+            _: Option<&str>,
+        ) -> Result<Option<PartLayout>, StoreError> {
+            refused()
+        }
+    }
+
+    /// Lists `bucket` under `p/` cut at `cuts`; returns the keys and the number of requests.
+    fn list_all(bucket: Bucket, cuts: Vec<String>) -> (Vec<String>, usize) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let bucket = Arc::new(bucket);
+        let stats = Arc::new(Stats::default());
+        let listing = rt
+            .block_on(start(bucket.clone(), "p/".into(), stats, cuts))
+            .unwrap();
+        let keys = std::thread::spawn(move || listing.map(|o| o.unwrap().key).collect())
+            .join()
+            .unwrap();
+        (keys, bucket.requests.load(Relaxed))
+    }
+
+    proptest! {
+        /// Whatever the cuts — keys of the bucket, keys it no longer has, keys beyond its end —
+        /// the listing yields exactly the bucket's keys under the prefix, once each, in order.
+        #[test]
+        fn cut_listing_is_the_whole_listing(
+            keys in proptest::collection::btree_set("[a-c/.-]{1,6}", 0..300),
+            other in proptest::collection::btree_set("[a-c/.-]{1,6}", 0..20),
+            stride in 1usize..50,
+            extra in proptest::collection::btree_set("[a-d]{1,6}", 0..5),
+            page in 1usize..20,
+        ) {
+            let mut cuts: BTreeSet<String> = keys.iter().step_by(stride).cloned().collect();
+            cuts.extend(extra);
+            let mut all: BTreeSet<String> = keys.iter().map(|k| format!("p/{k}")).collect();
+            all.extend(other.iter().map(|k| format!("q/{k}"))); // outside the prefix
+            let bucket = Bucket { keys: all, page, requests: AtomicUsize::new(0) };
+            let (listed, _) = list_all(bucket, cuts.into_iter().collect());
+            prop_assert_eq!(listed, keys.into_iter().collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn cuts_at_existing_keys_cost_no_extra_request() {
+        let keys: BTreeSet<String> = (0..10_000).map(|i| format!("p/k{i:05}")).collect();
+        let cuts: Vec<String> = (1..10).map(|i| format!("k{:05}", i * 1000 - 1)).collect();
+        let bucket = || Bucket {
+            keys: keys.clone(),
+            page: 100,
+            requests: AtomicUsize::new(0),
+        };
+        let (one, sequential) = list_all(bucket(), vec![]);
+        let (cut, partitioned) = list_all(bucket(), cuts);
+        assert_eq!(one, cut);
+        assert_eq!(one.len(), 10_000);
+        assert_eq!(sequential, 100);
+        assert_eq!(partitioned, 100);
+    }
+
+    fn s(k: &str) -> String {
+        k.to_owned()
+    }
+
+    #[test]
+    fn cuts_make_adjacent_ranges_that_cover_everything() {
+        assert_eq!(
+            ranges(vec![]),
+            vec![Range {
+                after: None,
+                upto: None
+            }]
+        );
+        assert_eq!(
+            ranges(vec![s("b"), s("d")]),
+            vec![
+                Range {
+                    after: None,
+                    upto: Some(s("b"))
+                },
+                Range {
+                    after: Some(s("b")),
+                    upto: Some(s("d"))
+                },
+                Range {
+                    after: Some(s("d")),
+                    upto: None
+                },
+            ]
+        );
+    }
 }

@@ -73,15 +73,53 @@ pub fn open(state_dir: &Path, destination: &str) -> Result<Option<Reader>, Rejec
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    verify(BufReader::new(file), destination)?;
+    let cuts = verify(BufReader::new(file), destination)?;
     let mut lines = BufReader::new(File::open(&path)?).lines();
     lines.next(); // header, verified above
-    Ok(Some(Reader { lines }))
+    Ok(Some(Reader { lines, cuts }))
+}
+
+/// The most cuts kept: past this, every other one is dropped and the spacing doubles, so a
+/// manifest of any size yields a bounded list.
+const MAX_CUTS: usize = 2048;
+
+/// Every `spacing`-th key, at most `max` of them: when full, every other one is dropped and the
+/// spacing doubles.
+struct Cuts {
+    spacing: u64,
+    max: usize,
+    keys: Vec<String>,
+}
+
+impl Cuts {
+    fn new(spacing: u64, max: usize) -> Cuts {
+        Cuts {
+            spacing,
+            max,
+            keys: Vec::new(),
+        }
+    }
+
+    /// `key` is the `count`-th entry (from 1).
+    fn offer(&mut self, count: u64, key: &str) {
+        if count.is_multiple_of(self.spacing) {
+            self.keys.push(key.to_owned());
+            if self.keys.len() == self.max {
+                self.keys = std::mem::take(&mut self.keys)
+                    .into_iter()
+                    .skip(1)
+                    .step_by(2)
+                    .collect();
+                self.spacing *= 2;
+            }
+        }
+    }
 }
 
 /// One pass over the whole file: header, order, syntax and trailer. Cheap next to a walk of the same
-/// tree, and it means the merge never acts on half a manifest.
-fn verify(mut r: impl BufRead, destination: &str) -> Result<(), Rejected> {
+/// tree, and it means the merge never acts on half a manifest. Returns keys about
+/// `list::PARTITION_KEYS` apart, where the listing may be cut into ranges fetched side by side.
+fn verify(mut r: impl BufRead, destination: &str) -> Result<Vec<String>, Rejected> {
     let damaged = |m: &str| Rejected::Damaged(m.to_owned());
     let mut hash = Sha256::new();
     let mut line = String::new();
@@ -99,6 +137,7 @@ fn verify(mut r: impl BufRead, destination: &str) -> Result<(), Rejected> {
     hash.update(line.as_bytes());
     let mut count = 0u64;
     let mut last: Option<String> = None;
+    let mut cuts = Cuts::new(crate::list::PARTITION_KEYS as u64, MAX_CUTS);
     loop {
         line.clear();
         if r.read_line(&mut line)? == 0 {
@@ -112,7 +151,7 @@ fn verify(mut r: impl BufRead, destination: &str) -> Result<(), Rejected> {
             if r.read_line(&mut line)? != 0 {
                 return Err(damaged("data after the trailer"));
             }
-            return Ok(());
+            return Ok(cuts.keys);
         }
         let entry = line
             .strip_suffix('\n')
@@ -122,14 +161,24 @@ fn verify(mut r: impl BufRead, destination: &str) -> Result<(), Rejected> {
             return Err(damaged(&format!("entry {} is out of order", count + 1)));
         }
         hash.update(line.as_bytes());
-        last = Some(entry.key);
         count += 1;
+        cuts.offer(count, &entry.key);
+        last = Some(entry.key);
     }
 }
 
 /// Entries of a verified manifest, in key order.
 pub struct Reader {
     lines: io::Lines<BufReader<File>>,
+    cuts: Vec<String>,
+}
+
+impl Reader {
+    /// Keys about `list::PARTITION_KEYS` entries apart, in order: where the bucket listing can be
+    /// cut into ranges.
+    pub fn take_cuts(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.cuts)
+    }
 }
 
 impl Iterator for Reader {
@@ -246,6 +295,38 @@ mod tests {
             open(d.path(), "other"),
             Err(Rejected::OtherDestination(_))
         ));
+    }
+
+    #[test]
+    fn cuts_are_spaced_and_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let write = |n: usize| {
+            let mut w = Writer::create(d.path(), "x").unwrap();
+            for i in 0..n {
+                w.push(&e(&format!("k{i:09}"), true)).unwrap();
+            }
+            w.commit().unwrap();
+            open(d.path(), "x").unwrap().unwrap().take_cuts()
+        };
+        let step = crate::list::PARTITION_KEYS;
+        assert!(write(step - 1).is_empty());
+        let cuts = write(3 * step + 5);
+        let want: Vec<String> = (1..=3).map(|i| format!("k{:09}", i * step - 1)).collect();
+        assert_eq!(cuts, want);
+
+        // Past its maximum the spacing doubles: the list stays bounded and evenly spaced.
+        for n in [0u64, 3, 4, 8, 9, 17, 100, 1000] {
+            let mut cuts = Cuts::new(2, 4);
+            for count in 1..=n {
+                cuts.offer(count, &count.to_string());
+            }
+            assert!(cuts.keys.len() < 4, "{n}: {:?}", cuts.keys);
+            let want: Vec<String> = (1..=n)
+                .filter(|c| c.is_multiple_of(cuts.spacing))
+                .map(|c| c.to_string())
+                .collect();
+            assert_eq!(cuts.keys, want, "{n}");
+        }
     }
 
     #[test]

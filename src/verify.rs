@@ -357,7 +357,7 @@ pub async fn verify<S: ObjectStore>(
     stats: Arc<VerifyStats>,
 ) -> Result<(), Fatal> {
     let prefix = config.destination.prefix.as_str().to_owned();
-    let manifest = match manifest::open(&config.state_dir.0, &config.destination_id()) {
+    let mut manifest = match manifest::open(&config.state_dir.0, &config.destination_id()) {
         Ok(m) => m,
         Err(why) => {
             tracing::warn!(
@@ -376,7 +376,8 @@ pub async fn verify<S: ObjectStore>(
 
     let scan_stats = Arc::new(Stats::default());
     // The first page is awaited inside: a missing bucket or denied access is fatal at once.
-    let remote = list::start(store.clone(), prefix.clone(), scan_stats.clone()).await?;
+    let cuts = manifest.as_mut().map(|m| m.take_cuts()).unwrap_or_default();
+    let remote = list::start(store.clone(), prefix.clone(), scan_stats.clone(), cuts).await?;
     let scan_opts = scan::ScanOptions {
         root: config.source.path.0.clone(),
         excludes: config.excludes().map_err(Fatal::Config)?,

@@ -806,6 +806,7 @@ mod fake {
         async fn list_page(
             &self,
             prefix: &str,
+            _start_after: Option<&str>,
             _continuation: Option<String>,
         ) -> Result<ListPage, StoreError> {
             let objects = self

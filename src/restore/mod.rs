@@ -580,7 +580,7 @@ impl<S: ObjectStore> Pager<S> {
             Mode::Latest(token) => {
                 let page = self
                     .store
-                    .list_page(&self.list_prefix, token.take())
+                    .list_page(&self.list_prefix, None, token.take())
                     .await?;
                 *token = page.next;
                 self.done = token.is_none();

@@ -167,9 +167,12 @@ pub struct PartLayout {
 
 pub trait ObjectStore: Send + Sync + 'static {
     /// One page of ListObjectsV2 under `prefix`, keys returned relative to it, in key order.
+    /// `start_after` (relative to `prefix`, first page only) begins the listing after that key,
+    /// so that key ranges of one listing can be fetched side by side.
     fn list_page(
         &self,
         prefix: &str,
+        start_after: Option<&str>,
         continuation: Option<String>,
     ) -> impl Future<Output = Result<ListPage, StoreError>> + Send;
 

@@ -194,13 +194,19 @@ impl ObjectStore for S3Store {
     async fn list_page(
         &self,
         prefix: &str,
+        start_after: Option<&str>,
         continuation: Option<String>,
     ) -> Result<ListPage, StoreError> {
+        let start_after = match (&continuation, start_after) {
+            (None, Some(after)) => Some(format!("{prefix}{after}")),
+            _ => None,
+        };
         let out = self
             .client
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(prefix)
+            .set_start_after(start_after)
             .set_continuation_token(continuation)
             .send()
             .await
