@@ -143,6 +143,10 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
 
 fn skip(why: &str) -> u8 {
     tracing::info!(outcome = "skipped", exit_code = exit::SKIPPED, "{why}");
+    // READY=1 first: systemd fails a Type=notify unit whose process exits cleanly without it
+    // (Result=protocol), and SuccessExitStatus=75 would not apply. A skip is a start that is
+    // complete at once.
+    notify::ready(why);
     notify::stopping(why);
     exit::SKIPPED
 }
