@@ -1,0 +1,285 @@
+#!/usr/bin/env bash
+# The Ansible role converged against this machine into scratch roots (nightcopy_destdir, with
+# service management off), the artifact served by `python3 -m http.server` on 127.0.0.1 and the
+# alarm created in moto on 127.0.0.1. Checks every file the role writes, idempotence, that a
+# wrong checksum or version leaves the installed binary alone, that preflight and `validate:`
+# refuse bad values, and that beta and prod differ only in their variables.
+#
+# The role creates its system user for real; here it is `nightcopy-pkgtest` (not `nightcopy`),
+# removed again at the end if this script created it.
+set -uo pipefail
+source "$(dirname "$0")/lib.sh"
+
+echo "== role: converged into scratch roots on this machine"
+
+dir="$WORK/role"
+mkdir -p "$dir"
+user=nightcopy-pkgtest
+created_user=0
+id "$user" >/dev/null 2>&1 || created_user=1
+
+cleanup_role() {
+  stop_pid "${HTTP_PID:-}"
+  stop_pid "${MOTO_PID:-}"
+  if [ "$created_user" = 1 ]; then
+    userdel "$user" >/dev/null 2>&1 || true
+    groupdel "$user" >/dev/null 2>&1 || true
+  fi
+}
+trap cleanup_role EXIT
+
+# --- the artifacts: the real binary under its version, and two bad ones -------------------------
+version="$("$NIGHTCOPY_BIN" --version | awk '{print $2}')"
+art="$dir/artifacts"
+mkdir -p "$art"
+cp "$NIGHTCOPY_BIN" "$art/nightcopy-$version-x86_64-linux"
+sha="$(sha256sum "$art/nightcopy-$version-x86_64-linux" | cut -d' ' -f1)"
+# A mirror that serves a modified file under a new version: the pinned checksum is the real one.
+cp "$NIGHTCOPY_BIN" "$art/nightcopy-9.9.9-x86_64-linux"
+printf 'tampered' >>"$art/nightcopy-9.9.9-x86_64-linux"
+bad_sha="$(sha256sum "$art/nightcopy-9.9.9-x86_64-linux" | cut -d' ' -f1)"
+# The right checksum, but for a binary that is not the version pinned.
+cp "$NIGHTCOPY_BIN" "$art/nightcopy-9.9.8-x86_64-linux"
+serve_dir "$art" || { fail "start the artifact server"; exit 0; }
+url_base="http://127.0.0.1:$HTTP_PORT"
+
+start_moto "$dir/moto.log" || { fail "start moto"; exit 0; }
+# Fake credentials for the alarm task (boto3's chain reads the environment); never printed.
+AWS_ACCESS_KEY_ID="AKIA$(random_hex 8)"
+AWS_SECRET_ACCESS_KEY="$(random_hex 20)"
+export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+export AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null
+unset AWS_PROFILE AWS_SESSION_TOKEN
+
+# host NAME ROOT: an inventory that puts NAME (this machine, local connection) into the
+# `nightcopy` group, installing below ROOT.
+host() {
+  cat >"$dir/$1.yml" <<EOF
+nightcopy:
+  hosts:
+    $1:
+      ansible_connection: local
+      ansible_python_interpreter: $NIGHTCOPY_PKG_VENV/bin/python
+      nightcopy_destdir: $2
+      nightcopy_manage_service: false
+      nightcopy_system_user: $user
+      nightcopy_system_group: $user
+      nightcopy_version: "$version"
+      nightcopy_artifact_url: "$url_base/nightcopy-{{ nightcopy_version }}-x86_64-linux"
+      nightcopy_artifact_sha256: "$sha"
+      nightcopy_alarm_region: us-east-1
+      nightcopy_alarm_endpoint_url: "http://127.0.0.1:$MOTO_PORT"
+      nightcopy_alarm_instance_id: i-0pkgtest$1
+EOF
+}
+
+# converge ENV NAME LOG [ansible-playbook args...]: site.yml with inventories/ENV plus host NAME.
+converge() {
+  local env="$1" name="$2" log="$3"
+  shift 3
+  (cd "$REPO/packaging/ansible" &&
+    ansible_env ansible-playbook -i "inventories/$env" -i "$dir/$name.yml" --limit "$name" \
+      site.yml "$@") >"$log" 2>&1
+}
+
+prod="$dir/prod-root"
+host scratch-prod "$prod"
+if converge prod scratch-prod "$dir/converge-1.log"; then
+  pass "converge inventories/prod into a scratch root"
+else
+  fail "converge inventories/prod into a scratch root" "$(tail -30 "$dir/converge-1.log")"
+fi
+
+# --- every file the role wrote ----------------------------------------------------------------
+expected_files="$(cat <<EOF
+d 755 root root /etc
+d 750 root $user /etc/nightcopy
+f 640 root $user /etc/nightcopy/config.yaml
+d 755 root root /etc/systemd
+d 755 root root /etc/systemd/system
+f 644 root root /etc/systemd/system/nightcopy.service
+f 644 root root /etc/systemd/system/nightcopy.timer
+d 755 root root /usr
+d 755 root root /usr/local
+d 755 root root /usr/local/bin
+l 777 root root /usr/local/bin/nightcopy
+d 755 root root /usr/local/lib
+d 755 root root /usr/local/lib/nightcopy
+f 755 root root /usr/local/lib/nightcopy/nightcopy-$version
+d 755 root root /var
+d 755 root root /var/lib
+d 700 $user $user /var/lib/nightcopy
+EOF
+)"
+tree() { (cd "$1" && find . -mindepth 1 -printf '%y %m %u %g /%P\n' | sed 's# /\./# /#' | sort -k5); }
+expect "exactly these files, with these modes and owners" "$(tree "$prod")" "$expected_files"
+
+expect "binary: the artifact, byte for byte" \
+  "$(sha256sum "$prod/usr/local/lib/nightcopy/nightcopy-$version" | cut -d' ' -f1)" "$sha"
+expect "binary path: a relative link to the pinned version" \
+  "$(readlink "$prod/usr/local/bin/nightcopy")" "../lib/nightcopy/nightcopy-$version"
+
+check "user: a system user with no login shell, in its own group" bash -c "
+  uid=\$(id -u $user) && [ \"\$uid\" -lt 1000 ] &&
+  [ \"\$(id -gn $user)\" = $user ] &&
+  [ \"\$(getent passwd $user | cut -d: -f7)\" = /usr/sbin/nologin ] &&
+  [ \"\$(getent passwd $user | cut -d: -f6)\" = /var/lib/nightcopy ]"
+
+for f in etc/nightcopy/config.yaml etc/systemd/system/nightcopy.service etc/systemd/system/nightcopy.timer; do
+  expect "$f begins with the ansible_managed comment" "$(head -3 "$prod/$f" | tr '\n' '|')" "#|# Ansible managed|#|"
+done
+
+check "config: nightcopy check-config accepts it" "$NIGHTCOPY_BIN" check-config --config "$prod/etc/nightcopy/config.yaml"
+# The effective config (defaults filled in by the binary) has prod's values.
+effective() {
+  "$NIGHTCOPY_BIN" check-config --config "$1" | "$NIGHTCOPY_PKG_VENV/bin/python" -c '
+import json, sys, yaml
+c = yaml.safe_load(sys.stdin)
+print(json.dumps({
+  "source": c["source"]["path"], "exclude": c["source"]["exclude"],
+  "bucket": c["destination"]["bucket"], "prefix": c["destination"]["prefix"],
+  "region": c["destination"]["region"], "class": c["destination"]["storage-class"],
+  "concurrency": c["transfer"]["concurrency"], "part": c["transfer"]["part-size"],
+  "threshold": c["transfer"]["multipart-threshold"], "bw": str(c["transfer"]["bandwidth-limit"]),
+  "state": c["state-dir"], "dims": c["metrics"]["dimensions"], "min": c["guard"]["min-interval"],
+}, sort_keys=True))'
+}
+expect "config: prod's values, as nightcopy reads them" "$(effective "$prod/etc/nightcopy/config.yaml")" \
+  '{"bucket": "example-backups-prod", "bw": "0", "class": "STANDARD_IA", "concurrency": 32, "dims": {"Environment": "prod"}, "exclude": ["**/.snapshot/**", "*.tmp", "*.swp"], "min": "20h", "part": "32MiB", "prefix": "scratch-prod/", "region": "eu-west-1", "source": "/srv/data", "state": "/var/lib/nightcopy", "threshold": "128MiB"}'
+
+# Unit lines that carry the variables (the rest is compared with packaging/systemd/ by static.sh).
+unit_lines() {
+  grep -E '^(Description|RequiresMountsFor|ExecStart|User|Group|AmbientCapabilities|StateDirectory|ProtectHome|WatchdogSec|RuntimeMaxSec|TimeoutStartSec|TimeoutStopSec|SuccessExitStatus|Type|MemoryHigh|MemoryMax|CPUQuota|Nice|IOSchedulingClass|TasksMax|OnCalendar|RandomizedDelaySec|FixedRandomDelay|Persistent|AccuracySec|WantedBy)=' "$@"
+}
+expect "service unit: prod's values" "$(unit_lines "$prod/etc/systemd/system/nightcopy.service" | tr '\n' '|')" \
+  "Description=nightcopy: additive-only backup of /srv/data to S3|RequiresMountsFor=/srv/data|Type=notify|ExecStart=/usr/local/bin/nightcopy run --config /etc/nightcopy/config.yaml|SuccessExitStatus=75|TimeoutStartSec=5min|WatchdogSec=40min|RuntimeMaxSec=22h|TimeoutStopSec=2min|User=$user|Group=$user|AmbientCapabilities=CAP_DAC_READ_SEARCH|StateDirectory=nightcopy|ProtectHome=yes|Nice=5|IOSchedulingClass=idle|MemoryHigh=1280M|MemoryMax=1536M|CPUQuota=200%|TasksMax=256|"
+expect "timer unit: 02:00, fixed random delay of up to 1h, persistent" "$(unit_lines "$prod/etc/systemd/system/nightcopy.timer" | tr '\n' '|')" \
+  "Description=nightcopy: nightly backup to S3|OnCalendar=*-*-* 02:00:00|RandomizedDelaySec=1h|FixedRandomDelay=true|Persistent=true|AccuracySec=1min|WantedBy=timers.target|"
+
+units="$dir/units-prod"
+mkdir -p "$units"
+cp "$prod/etc/systemd/system/nightcopy.service" "$prod/etc/systemd/system/nightcopy.timer" "$units/"
+sed -i "s#^ExecStart=[^ ]*#ExecStart=$NIGHTCOPY_BIN#" "$units/nightcopy.service"
+check "rendered units pass systemd-analyze verify" bash -c "
+  cd '$units' && out=\$(systemd-analyze verify ./nightcopy.service ./nightcopy.timer 2>&1) && [ -z \"\$out\" ] || { echo \"\$out\"; exit 1; }"
+check "rendered service: exposure <= 2.0" systemd-analyze security --offline=true --threshold=20 --no-pager "$units/nightcopy.service"
+
+# --- the alarm, as moto stored it ---------------------------------------------------------------
+alarm() {
+  AWS_DEFAULT_REGION=us-east-1 "$NIGHTCOPY_PKG_VENV/bin/python" - "http://127.0.0.1:$MOTO_PORT" "$1" <<'EOF'
+import json, sys, boto3
+cw = boto3.client("cloudwatch", endpoint_url=sys.argv[1], region_name="us-east-1")
+alarms = cw.describe_alarms(AlarmNames=[sys.argv[2]])["MetricAlarms"]
+if len(alarms) != 1:
+    sys.exit(f"{len(alarms)} alarms named {sys.argv[2]}")
+a = alarms[0]
+print(json.dumps({k: a.get(k) for k in ("Namespace", "MetricName", "Statistic", "Period",
+    "EvaluationPeriods", "DatapointsToAlarm", "Threshold", "ComparisonOperator",
+    "TreatMissingData", "AlarmActions", "OKActions")} | {"Dimensions": sorted((d["Name"], d["Value"]) for d in a["Dimensions"])}, sort_keys=True))
+EOF
+}
+expect "alarm: created in CloudWatch (moto) as docs/metrics.md says" "$(alarm nightcopy-last-success-scratch-prod 2>&1)" \
+  '{"AlarmActions": ["arn:aws:sns:eu-west-1:111122223333:nightcopy-pages"], "ComparisonOperator": "LessThanThreshold", "DatapointsToAlarm": 25, "Dimensions": [["Environment", "prod"], ["InstanceId", "i-0pkgtestscratch-prod"]], "EvaluationPeriods": 25, "MetricName": "LastSuccess", "Namespace": "Nightcopy", "OKActions": ["arn:aws:sns:eu-west-1:111122223333:nightcopy-pages"], "Period": 3600, "Statistic": "Maximum", "Threshold": 1.0, "TreatMissingData": "breaching"}'
+
+# packaging/aws/alarm-last-success.json is accepted by the same API call, field for field.
+json_alarm() {
+  AWS_DEFAULT_REGION=us-east-1 "$NIGHTCOPY_PKG_VENV/bin/python" - "http://127.0.0.1:$MOTO_PORT" "$REPO/packaging/aws/alarm-last-success.json" <<'EOF'
+import json, sys, boto3
+cw = boto3.client("cloudwatch", endpoint_url=sys.argv[1], region_name="us-east-1")
+cw.put_metric_alarm(**json.load(open(sys.argv[2])))
+EOF
+}
+check "alarm JSON: accepted by PutMetricAlarm" json_alarm
+expect "alarm JSON: same settings as the role's alarm" \
+  "$(alarm nightcopy-last-success-fileserver-1 2>&1 | "$NIGHTCOPY_PKG_VENV/bin/python" -c 'import json,sys; a=json.load(sys.stdin); [a.pop(k) for k in ("AlarmActions","OKActions","Dimensions")]; print(json.dumps(a, sort_keys=True))')" \
+  "$(alarm nightcopy-last-success-scratch-prod 2>&1 | "$NIGHTCOPY_PKG_VENV/bin/python" -c 'import json,sys; a=json.load(sys.stdin); [a.pop(k) for k in ("AlarmActions","OKActions","Dimensions")]; print(json.dumps(a, sort_keys=True))')"
+
+# --- idempotence ---------------------------------------------------------------------------------
+if converge prod scratch-prod "$dir/converge-2.log"; then
+  expect "second converge: changed=0" "$(recap_changed "$dir/converge-2.log")" 0
+else
+  fail "second converge" "$(tail -30 "$dir/converge-2.log")"
+fi
+
+# --- a bad artifact never replaces the installed binary ----------------------------------------
+snapshot() { printf '%s %s\n' "$(readlink "$prod/usr/local/bin/nightcopy")" \
+  "$(sha256sum "$prod/usr/local/lib/nightcopy/nightcopy-$version" | cut -d' ' -f1)"; }
+before="$(snapshot)"
+
+if converge prod scratch-prod "$dir/tampered.log" -e nightcopy_version=9.9.9; then
+  fail "new version, tampered artifact: the play fails"
+else
+  check "new version, tampered artifact: the play fails, saying so" \
+    grep -q "nightcopy 9.9.9 was NOT installed.*checksum" "$dir/tampered.log"
+fi
+expect "new version, tampered artifact: installed binary untouched" "$(snapshot)" "$before"
+check "new version, tampered artifact: nothing left in the install directory" \
+  test ! -e "$prod/usr/local/lib/nightcopy/nightcopy-9.9.9"
+
+if converge prod scratch-prod "$dir/wrong-sha.log" -e "nightcopy_artifact_sha256=$bad_sha"; then
+  fail "same version, wrong pinned checksum: the play fails"
+else
+  check "same version, wrong pinned checksum: the play fails, saying so" \
+    grep -q "nightcopy $version was NOT installed.*checksum" "$dir/wrong-sha.log"
+fi
+expect "same version, wrong pinned checksum: installed binary untouched" "$(snapshot)" "$before"
+
+if converge prod scratch-prod "$dir/wrong-version.log" -e nightcopy_version=9.9.8; then
+  fail "checksum right but another version inside: the play fails"
+else
+  check "checksum right but another version inside: the play fails, saying so" \
+    grep -q "not nightcopy 9.9.8" "$dir/wrong-version.log"
+fi
+expect "checksum right but another version inside: link not moved" "$(snapshot)" "$before"
+
+# --- refusals before anything changes -----------------------------------------------------------
+before_tree="$(tree "$prod")"
+before_config="$(sha256sum "$prod/etc/nightcopy/config.yaml")"
+if converge prod scratch-prod "$dir/preflight.log" -e nightcopy_source_path=srv/data; then
+  fail "preflight: a relative source path is refused"
+else
+  check "preflight: a relative source path is refused, naming the variable" \
+    grep -q "nightcopy_source_path.*must be absolute" "$dir/preflight.log"
+fi
+if converge prod scratch-prod "$dir/watchdog.log" -e nightcopy_watchdog_sec=10min; then
+  fail "preflight: a watchdog shorter than nightcopy's own retries is refused"
+else
+  check "preflight: a watchdog shorter than nightcopy's own retries is refused" \
+    grep -q "nightcopy_watchdog_sec (10min) must be" "$dir/watchdog.log"
+fi
+if converge prod scratch-prod "$dir/argspec.log" -e nightcopy_run_as=sudo; then
+  fail "argument spec: an unknown nightcopy_run_as is refused"
+else
+  check "argument spec: an unknown nightcopy_run_as is refused" grep -q "nightcopy_run_as" "$dir/argspec.log"
+fi
+# 0 passes every Ansible type check; only nightcopy's own validation knows concurrency is 1-256.
+if converge prod scratch-prod "$dir/validate.log" -e nightcopy_concurrency=0; then
+  fail "validate: a config nightcopy rejects is not installed"
+else
+  check "validate: check-config's verdict stops the play" grep -q "failed to validate" "$dir/validate.log"
+fi
+expect "refused runs changed no file" "$(tree "$prod")" "$before_tree"
+expect "refused runs left the config as it was" "$(sha256sum "$prod/etc/nightcopy/config.yaml")" "$before_config"
+
+# --- beta: same role and templates, other values ------------------------------------------------
+beta="$dir/beta-root"
+host scratch-beta "$beta"
+if converge beta scratch-beta "$dir/beta.log"; then
+  pass "converge inventories/beta into a scratch root"
+  expect "beta config: few uploads, small parts, a bandwidth cap" \
+    "$(effective "$beta/etc/nightcopy/config.yaml" | "$NIGHTCOPY_PKG_VENV/bin/python" -c 'import json,sys; c=json.load(sys.stdin); print(c["concurrency"], c["part"], c["threshold"], c["bw"], c["dims"]["Environment"])')" \
+    "4 8MiB 32MiB 16MiB beta"
+  # Between prod and beta, the service unit differs in exactly the tuned lines.
+  changed_keys="$(diff <(sed "s/scratch-prod/HOST/" "$prod/etc/systemd/system/nightcopy.service") \
+    <(sed "s/scratch-beta/HOST/" "$beta/etc/systemd/system/nightcopy.service") |
+    sed -n 's/^> \([A-Za-z]*\)=.*/\1/p' | sort | tr '\n' ' ')"
+  expect "beta vs prod service unit: only the resource lines differ" "$changed_keys" \
+    "CPUQuota MemoryHigh MemoryMax Nice "
+  expect "beta service unit: small memory limit, half a core, lowest priority" \
+    "$(grep -E '^(MemoryMax|CPUQuota|Nice)=' "$beta/etc/systemd/system/nightcopy.service" | tr '\n' ' ')" \
+    "Nice=19 MemoryMax=256M CPUQuota=50% "
+  no_alarm() { ! alarm "$1" >/dev/null 2>&1; }
+  check "beta: no alarm created (alarm off in beta)" no_alarm nightcopy-last-success-scratch-beta
+else
+  fail "converge inventories/beta into a scratch root" "$(tail -30 "$dir/beta.log")"
+fi

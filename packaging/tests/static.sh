@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Checks that need no running systemd: the units (systemd-analyze verify, security exposure,
+# calendar), the role's templates against packaging/systemd/, the AWS documents, ansible-lint and
+# a lint of these scripts (shellcheck).
+# Run by run.sh, which sets up the environment (NIGHTCOPY_BIN, the venv, WORK).
+set -uo pipefail
+source "$(dirname "$0")/lib.sh"
+
+echo "== static: units, templates, AWS documents, lint"
+
+units="$WORK/static"
+mkdir -p "$units"
+
+# render VARIANT [-e k=v ...]: the role's templates with its defaults plus the overrides.
+render() {
+  local out="$units/$1"
+  shift
+  mkdir -p "$out"
+  ansible_env ansible-playbook -i localhost, "$PKG_TESTS_DIR/render-units.yml" \
+    -e "ansible_python_interpreter=$NIGHTCOPY_PKG_VENV/bin/python" -e "out_dir=$out" "$@" \
+    >"$out.log" 2>&1 || { echo "rendering $out failed:"; tail -20 "$out.log"; return 1; }
+}
+
+# The binary must exist for verify (it checks ExecStart=), so point the units at the built one.
+point_at_binary() {
+  sed -i "s#^ExecStart=[^ ]*#ExecStart=$NIGHTCOPY_BIN#" "$1/nightcopy.service"
+}
+
+# verify_units DIR: `systemd-analyze verify` must pass and say nothing (unknown or misspelled
+# keys are only warnings, exit 0).
+verify_units() {
+  local out
+  if ! out="$(cd "$1" && systemd-analyze verify ./nightcopy.service ./nightcopy.timer 2>&1)" ||
+    [ -n "$out" ]; then
+    echo "$out"
+    return 1
+  fi
+}
+
+# exposure DIR: systemd-analyze's overall exposure level of the service, e.g. 1.5.
+exposure() {
+  systemd-analyze security --offline=true --no-pager "$1/nightcopy.service" 2>&1 |
+    sed -n 's/.*Overall exposure level for .*: \([0-9.]*\).*/\1/p'
+}
+
+mkdir -p "$units/shipped"
+cp "$REPO/packaging/systemd/nightcopy.service" "$REPO/packaging/systemd/nightcopy.timer" "$units/shipped/"
+point_at_binary "$units/shipped"
+check "systemd-analyze verify: packaging/systemd units" verify_units "$units/shipped"
+
+level="$(exposure "$units/shipped")"
+echo "       exposure of packaging/systemd/nightcopy.service: ${level:-unknown}"
+echo "exposure capability $level" >>"$WORK/measurements"
+# --threshold is on systemd's 0-100 scale: 20 means 2.0. It exits non-zero above it.
+check "systemd-analyze security: exposure $level <= 2.0" \
+  systemd-analyze security --offline=true --threshold=20 --no-pager "$units/shipped/nightcopy.service"
+
+check "systemd-analyze calendar: the default schedule is valid" \
+  systemd-analyze calendar --iterations=2 '*-*-* 02:00:00'
+next="$(systemd-analyze calendar '*-*-* 02:00:00' 2>/dev/null | sed -n 's/.*Next elapse: [A-Za-z]* [0-9-]* \([0-9:]*\).*/\1/p')"
+expect "systemd-analyze calendar: the default schedule elapses at 02:00:00" "$next" "02:00:00"
+
+# The shipped units are the role's templates rendered with its defaults (from [Unit] on; the
+# header comments differ: one says Ansible manages the file).
+body() { sed -n '/^\[Unit\]/,$p' "$1"; }
+if render defaults; then
+  for u in nightcopy.service nightcopy.timer; do
+    check "template equals packaging/systemd/$u with the role's defaults" \
+      diff -u <(body "$REPO/packaging/systemd/$u") <(body "$units/defaults/$u")
+  done
+else
+  fail "render the role's templates with its defaults"
+fi
+
+# Variants the role can render: each must still verify, and the sandbox must follow the source.
+if render root -e nightcopy_run_as=root; then
+  point_at_binary "$units/root"
+  check "systemd-analyze verify: run as root" verify_units "$units/root"
+  check "run as root: no User=nightcopy, no ambient capability, bounding set kept" bash -c "
+    ! grep -q '^User=nightcopy' '$units/root/nightcopy.service' &&
+    ! grep -q '^AmbientCapabilities=' '$units/root/nightcopy.service' &&
+    grep -qx 'User=root' '$units/root/nightcopy.service' &&
+    grep -qx 'CapabilityBoundingSet=CAP_DAC_READ_SEARCH' '$units/root/nightcopy.service'"
+  root_level="$(exposure "$units/root")"
+  echo "       exposure when run as root: ${root_level:-unknown}"
+  echo "exposure root $root_level" >>"$WORK/measurements"
+else
+  fail "render the templates with nightcopy_run_as=root"
+fi
+
+if render home -e nightcopy_source_path=/home -e nightcopy_metrics_textfile=/var/lib/node_exporter/textfile/nightcopy.prom \
+  -e '{"nightcopy_environment": {"HTTPS_PROXY": "http://proxy.example.internal:3128/%40x"}}' \
+  -e nightcopy_io_scheduling_class=best-effort -e nightcopy_environment_file=/etc/nightcopy/credentials.env; then
+  point_at_binary "$units/home"
+  check "systemd-analyze verify: source /home, textfile, environment, best-effort I/O" verify_units "$units/home"
+  check "source /home: ProtectHome=read-only, RequiresMountsFor=/home" bash -c "
+    grep -qx 'ProtectHome=read-only' '$units/home/nightcopy.service' &&
+    grep -qx 'RequiresMountsFor=/home' '$units/home/nightcopy.service'"
+  check "textfile: its directory is ReadWritePaths=" \
+    grep -qx 'ReadWritePaths=/var/lib/node_exporter/textfile' "$units/home/nightcopy.service"
+  # systemd itself reads the value back: % must have become %% in the file.
+  check "environment: % escaped, value intact for systemd" bash -c "
+    cd '$units/home' && grep -qx 'Environment=\"HTTPS_PROXY=http://proxy.example.internal:3128/%%40x\"' nightcopy.service"
+  check "best-effort I/O: IOSchedulingPriority written" \
+    grep -qx 'IOSchedulingPriority=7' "$units/home/nightcopy.service"
+else
+  fail "render the templates with a source below /home"
+fi
+if render root-fs -e nightcopy_source_path=/; then
+  check "source /: ProtectHome=read-only (never hide /home from a backup of /)" \
+    grep -qx 'ProtectHome=read-only' "$units/root-fs/nightcopy.service"
+else
+  fail "render the templates with source /"
+fi
+
+# The AWS documents.
+aws_check() { python3 "$PKG_TESTS_DIR/check_aws.py" "$1"; }
+check "aws: every JSON document parses" aws_check parse
+check "aws: no policy allows s3:Delete*, s3:* or *" aws_check no-delete
+check "aws: instance policy is least privilege and names the prefix" aws_check instance-policy
+check "aws: bucket policy requires TLS, only the role writes, levels split" aws_check bucket-policy
+check "aws: lifecycle aborts incomplete multipart uploads after 7 days" aws_check lifecycle
+check "aws: alarm JSON is docs/metrics.md's alarm, within CloudWatch limits" aws_check alarm
+
+check "shellcheck: packaging/tests/*.sh" bash -c "cd '$PKG_TESTS_DIR' && shellcheck -x -s bash ./*.sh"
+
+# Ansible: lint (production profile, from packaging/ansible/.ansible-lint) and syntax per inventory.
+lint() { (cd "$REPO/packaging/ansible" && ansible_env ansible-lint --nocolor -q); }
+check "ansible-lint: production profile clean" lint
+syntax() { (cd "$REPO/packaging/ansible" && ansible_env ansible-playbook -i "inventories/$1" site.yml --syntax-check); }
+for inv in beta prod; do
+  check "ansible-playbook --syntax-check with inventories/$inv" syntax "$inv"
+done
