@@ -12,6 +12,12 @@ build:
 test:
 	@$(TOOLS_ENV); cargo test --locked --all-targets
 
+# The systemd units, the Ansible role and the AWS documents, and the whole install under a real
+# systemd (docs/packaging.md). Needs root; installs its tools into ~/.cache on first use.
+.PHONY: test-packaging
+test-packaging:
+	packaging/tests/run.sh
+
 demo: build
 	@$(TOOLS_ENV); scripts/demo.sh
 
