@@ -339,23 +339,24 @@ fn status_shows_the_last_run() {
     assert!(v["seconds_since_last_success"].as_u64().unwrap() < 60);
 }
 
-#[test]
-fn systemd_hears_ready_status_watchdog_and_stopping() {
-    let mut c = Case::new("notify");
+/// Runs the case with `NOTIFY_SOCKET` pointing at a datagram socket in its temp dir (plus `extra_env`) and
+/// returns its output with every datagram it sent, in order. Reads while the run goes: a datagram
+/// socket queues only a few messages, and systemd reads them as they come.
+fn run_hearing_systemd(
+    c: &Case,
+    args: &[&str],
+    extra_env: &[(&str, &str)],
+) -> (std::process::Output, Vec<String>) {
     let sock_path = c.root.join("notify.sock");
+    let _ = fs::remove_file(&sock_path);
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    c.env = vec![
-        ("NOTIFY_SOCKET".into(), sock_path.display().to_string()),
-        ("WATCHDOG_USEC".into(), "400000".into()),
-    ];
-    c.write("slow.bin", &vec![1u8; 600 * 1024]);
-    // Slow the run down (bandwidth limit) so progress ticks happen while it works.
-    c.transfer_extra = "  bandwidth-limit: 200KiB\n".into();
-    let mut cmd = c.command(&["run"], None);
-    // Read while the run goes: a datagram socket queues only a few messages, and systemd reads
-    // them as they come.
+    let mut cmd = c.command(args, None);
+    cmd.env("NOTIFY_SOCKET", &sock_path);
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
     let messages = Arc::new(Mutex::new(Vec::<String>::new()));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
@@ -377,13 +378,23 @@ fn systemd_hears_ready_status_watchdog_and_stopping() {
     let out = cmd.output().unwrap();
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     reader.join().unwrap();
+    let m = messages.lock().unwrap().clone();
+    (out, m)
+}
+
+#[test]
+fn systemd_hears_ready_status_watchdog_and_stopping() {
+    let mut c = Case::new("notify");
+    c.write("slow.bin", &vec![1u8; 600 * 1024]);
+    // Slow the run down (bandwidth limit) so progress ticks happen while it works.
+    c.transfer_extra = "  bandwidth-limit: 200KiB\n".into();
+    let (out, m) = run_hearing_systemd(&c, &["run"], &[("WATCHDOG_USEC", "400000")]);
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let m = messages.lock().unwrap();
     let first_ready = m
         .iter()
         .position(|s| s.contains("READY=1"))
@@ -405,6 +416,60 @@ fn systemd_hears_ready_status_watchdog_and_stopping() {
         m[stopping]
     );
     assert_eq!(m.iter().filter(|s| s.contains("READY=1")).count(), 1);
+}
+
+/// Regression: a skipped run (exit 75) sent STOPPING=1 without READY=1, and systemd fails a
+/// Type=notify unit whose process exits before READY=1 (Result=protocol) whatever
+/// SuccessExitStatus= says — so every catch-up skip after a reboot, and every run that met a
+/// running one, showed as a failed unit.
+#[test]
+fn skipped_run_without_ready_failed_the_notify_unit() {
+    let mut c = Case::new("skip-notify");
+    c.top_extra = "guard:\n  min-interval: 20h\n".into();
+    c.write("a.txt", b"a");
+    assert_eq!(c.run(&["run"]).code, 0);
+
+    let assert_ready_then_stopping = |out: &std::process::Output, m: &[String], why: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(75), "{stderr}");
+        assert!(stderr.contains(why), "{stderr}");
+        let ready = m.iter().position(|s| s.contains("READY=1"));
+        let stopping = m.iter().position(|s| s.contains("STOPPING=1"));
+        assert!(
+            matches!((ready, stopping), (Some(r), Some(s)) if r < s),
+            "READY=1 must come before STOPPING=1: {m:?}"
+        );
+        assert_eq!(
+            m.iter().filter(|s| s.contains("READY=1")).count(),
+            1,
+            "{m:?}"
+        );
+        assert!(
+            m[stopping.unwrap()].contains(why),
+            "STATUS= says why: {m:?}"
+        );
+    };
+
+    // The minimum interval has not elapsed since that success.
+    let (out, m) = run_hearing_systemd(&c, &["run"], &[]);
+    assert_ready_then_stopping(&out, &m, "last successful run started");
+
+    // Another run holds the lock (held here, as a running nightcopy would; --force does not
+    // override the lock).
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(c.state_dir().join("lock"))
+        .unwrap();
+    let mut held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    held.set_len(0).unwrap();
+    writeln!(held, "{}", std::process::id()).unwrap();
+    let (out, m) = run_hearing_systemd(&c, &["run", "--force"], &[]);
+    assert_ready_then_stopping(&out, &m, "holds the lock");
+    drop(held);
+    assert_eq!(c.count(Op::PutObject), 1, "skipped runs upload nothing");
 }
 
 /// A one-thread HTTP server that records request paths: the dead-man's switch.
