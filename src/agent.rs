@@ -21,13 +21,16 @@ pub const SUMMARY_MESSAGE_ID: &str = "6b3c2f0a9d7e4c1f8e5a2b4d6c8e0f13";
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Loads the AWS SDK configuration through the default chain: environment, profile, or the EC2
-/// instance role over IMDSv2; the region from the config, else the environment or IMDS.
-pub async fn load_sdk(config: &Config) -> aws_config::SdkConfig {
+/// instance role over IMDSv2; the region from the config, else the environment or IMDS. Fails
+/// first, with what to install, on a host without CA certificates (`guard::check_trust_store`):
+/// the SDK cannot make any request there, and building its client is where it would panic.
+pub async fn load_sdk(config: &Config) -> Result<aws_config::SdkConfig, Fatal> {
+    guard::check_trust_store()?;
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
     if let Some(region) = &config.destination.region {
         loader = loader.region(aws_config::Region::new(region.clone()));
     }
-    loader.load().await
+    Ok(loader.load().await)
 }
 
 /// Proves credentials and a region can be had before anything is read. Error texts name the fix
@@ -91,7 +94,22 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
 
     // Guard, part 2: failures from here on are real failures, published as LastSuccess=0.
     let stats = Arc::new(Stats::default());
-    let sdk = load_sdk(config).await;
+    let sdk = match load_sdk(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            return finish(
+                config,
+                opts,
+                None,
+                stats,
+                started,
+                started_unix,
+                Some(e),
+                previous,
+            )
+            .await
+        }
+    };
     let checked = async {
         guard::check_source(&config.source.path.0, config.source.require_mountpoint)?;
         check_credentials(&sdk).await
@@ -184,11 +202,17 @@ async fn finish(
     let mut published = true;
     if config.metrics.cloudwatch {
         let sdk = match sdk {
-            Some(s) => s.clone(),
-            None => load_sdk(config).await,
+            Some(s) => Ok(s.clone()),
+            None => load_sdk(config).await.map_err(|e| e.to_string()),
         };
-        let instance = metrics::instance_id(&config.metrics).await;
-        if let Err(e) = metrics::publish_cloudwatch(&sdk, &config.metrics, &instance, &data).await {
+        let sent = match sdk {
+            Ok(sdk) => {
+                let instance = metrics::instance_id(&config.metrics).await;
+                metrics::publish_cloudwatch(&sdk, &config.metrics, &instance, &data).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
             published = false;
             tracing::error!(
                 error_kind = "metrics",

@@ -1,5 +1,6 @@
-//! Checks that must pass before anything is read or sent: the source is there and mounted, and the
-//! state directory is usable. Each failure is fatal and says what to do.
+//! Checks that must pass before anything is read or sent: the source is there and mounted, the
+//! state directory is usable, and the host has CA certificates to check S3's TLS certificate with.
+//! Each failure is fatal and says what to do.
 
 use std::fs;
 use std::io;
@@ -21,6 +22,13 @@ pub enum GuardError {
     NotMounted(String),
     #[error("state directory {0}: {1} (it must be writable by the user nightcopy runs as)")]
     StateDir(String, io::Error),
+    #[error(
+        "no trusted CA certificates on this host{0}, so no TLS certificate (S3, CloudWatch, STS) \
+         can be checked: install the CA certificates (Debian/Ubuntu: apt-get install \
+         ca-certificates; Amazon Linux/RHEL: dnf install ca-certificates), or point SSL_CERT_FILE \
+         at a PEM bundle"
+    )]
+    NoTrustStore(String),
 }
 
 pub fn check_source(path: &Path, require_mountpoint: bool) -> Result<(), GuardError> {
@@ -93,6 +101,30 @@ pub fn prepare_state_dir(path: &Path) -> Result<(), GuardError> {
         ))));
     }
     Ok(())
+}
+
+/// The AWS SDK's HTTPS client trusts the platform's CA certificates, which it loads with
+/// rustls-native-certs (SSL_CERT_FILE / SSL_CERT_DIR when set, else the distribution's bundle).
+/// It has no error path for finding none: debug builds panic on an assertion when the first client
+/// is built (inside the default credential chain), release builds go on and every HTTPS request
+/// then fails as "cannot reach the endpoint". So the same loader is asked first, here. It reads
+/// a few hundred kilobytes once per run.
+pub fn check_trust_store() -> Result<(), GuardError> {
+    let found = rustls_native_certs::load_native_certs();
+    if !found.certs.is_empty() {
+        return Ok(());
+    }
+    let why = found
+        .errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(GuardError::NoTrustStore(if why.is_empty() {
+        String::new()
+    } else {
+        format!(" ({why})")
+    }))
 }
 
 #[cfg(test)]

@@ -303,8 +303,8 @@ impl fmt::Display for VerifyReport {
 pub async fn run(config: &Config, opts: &VerifyOptions) -> u8 {
     let started = Instant::now();
     let stats = Arc::new(VerifyStats::new(opts.json));
-    let sdk = agent::load_sdk(config).await;
     let result = async {
+        let sdk = agent::load_sdk(config).await?;
         agent::check_credentials(&sdk).await?;
         let store = Arc::new(S3Store::for_config(&sdk, config));
         verify(config, opts, store, stats.clone()).await

@@ -9,13 +9,14 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::cloudwatch::{cloudwatch, unique_namespace};
 use common::imds::start_imds;
 use common::proxy::Op;
-use common::run::{unprivileged, Case};
+use common::run::{unprivileged, Case, Output};
 use common::s3::s3;
 
 const SIX: [&str; 6] = [
@@ -562,4 +563,110 @@ fn sigterm_aborts_multipart_keeps_progress_publishes_failure_and_exits_143() {
     assert_eq!(again.figure("files transferred"), 1, "{}", again.stderr);
     assert_eq!(c.count(Op::PutObject), puts);
     c.assert_no_delete();
+}
+
+/// What a run, `verify` and `restore` must say on a host without CA certificates: exit 1 and what
+/// to install, never a panic, and nothing sent. `run` runs the binary as the test arranges.
+fn assert_no_ca_certificates_is_fatal_and_says_what_to_install(
+    c: &Case,
+    ns: &str,
+    run: impl Fn(&[&str]) -> Output,
+) {
+    let out = run(&["run"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    for says in [
+        "backup FAILED: no trusted CA certificates on this host",
+        "apt-get install ca-certificates",
+        "SSL_CERT_FILE",
+    ] {
+        assert!(out.stderr.contains(says), "{says:?} not in\n{}", out.stderr);
+    }
+    // The SDK's client is never built, so nothing at all reaches S3 or CloudWatch; the journal
+    // says the metrics did not go out (the LastSuccess alarm fires on the missing data).
+    assert!(c.ops().is_empty(), "{:?}", c.ops());
+    assert!(cloudwatch().put_requests(ns).is_empty());
+    assert!(
+        out.stderr.contains("metrics were NOT published"),
+        "{}",
+        out.stderr
+    );
+    let v: serde_json::Value = serde_json::from_str(&run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(v["outcome"], "failed");
+    assert_eq!(v["exit_code"], 1);
+    assert_eq!(v["metrics_published"], false);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("install ca-certificates"),
+        "{v}"
+    );
+
+    let to = c.root.join("restored");
+    fs::create_dir_all(&to).unwrap();
+    for args in [
+        vec!["verify"],
+        vec!["restore", "--to", to.to_str().unwrap()],
+    ] {
+        let out = run(&args);
+        assert_eq!(out.code, 1, "{args:?}: {}", out.stderr);
+        assert!(
+            !out.stderr.contains("panicked")
+                && out.stderr.contains("no trusted CA certificates")
+                && out.stderr.contains("install ca-certificates"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    assert!(c.ops().is_empty(), "{:?}", c.ops());
+}
+
+/// Regression: on a host without a CA trust store nightcopy panicked at start-up (exit 101,
+/// inside the AWS SDK's HTTPS client) instead of a fatal error saying what to install. Here the
+/// trust store is pointed at an empty file and an empty directory.
+#[test]
+fn no_ca_trust_store_panicked_at_start_up() {
+    let mut c = Case::new("no-ca-env");
+    let ns = with_cloudwatch(&mut c, "nocaenv");
+    c.write("a.txt", b"a");
+    let (file, dir) = (c.root.join("empty.pem"), c.root.join("empty-certs"));
+    fs::write(&file, b"").unwrap();
+    fs::create_dir(&dir).unwrap();
+    c.env = vec![
+        ("SSL_CERT_FILE".into(), file.display().to_string()),
+        ("SSL_CERT_DIR".into(), dir.display().to_string()),
+    ];
+    assert_no_ca_certificates_is_fatal_and_says_what_to_install(&c, &ns, |args| c.run(args));
+}
+
+/// The same as an operator meets it: the distribution's trust store (/etc/ssl/certs) is empty, as
+/// on a host without the ca-certificates package, and no SSL_CERT_* variable is set.
+#[test]
+fn no_ca_certificates_package_is_fatal_and_says_what_to_install() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root to hide /etc/ssl/certs in a private mount namespace (CI runs as root)"
+    );
+    let mut c = Case::new("no-ca-pkg");
+    let ns = with_cloudwatch(&mut c, "nocapkg");
+    c.write("a.txt", b"a");
+    let without_certs = |args: &[&str]| {
+        let mut cmd = c.command(args, None);
+        // SAFETY: only system calls run between fork and exec, no allocation or locking.
+        unsafe {
+            cmd.pre_exec(|| {
+                common::run::private_mount_namespace()?;
+                common::run::mount_tmpfs(c"/etc/ssl/certs")?;
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    assert_no_ca_certificates_is_fatal_and_says_what_to_install(&c, &ns, without_certs);
 }

@@ -319,8 +319,8 @@ pub async fn run(
             }
         })
     });
-    let sdk = agent::load_sdk(config).await;
     let result = async {
+        let sdk = agent::load_sdk(config).await?;
         agent::check_credentials(&sdk).await?;
         let store = Arc::new(S3Store::for_config(&sdk, config));
         restore(config, opts, store, stats.clone()).await
