@@ -546,3 +546,68 @@ fn a_storage_class_the_endpoint_refuses_is_fatal_not_one_error_per_file() {
         out.stderr
     );
 }
+
+#[test]
+fn the_command_line_keeps_its_contract() {
+    let bin = env!("CARGO_BIN_EXE_nightcopy");
+    let run = |args: &[&str], env: &[(&str, &std::path::Path)]| {
+        let out = Command::new(bin)
+            .args(args)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (code, stdout, _) = run(&["--version"], &[]);
+    assert_eq!(code, Some(0));
+    assert_eq!(stdout, format!("nightcopy {}\n", env!("CARGO_PKG_VERSION")));
+
+    // --help documents every exit code (docs/exit-codes.md has the long form).
+    let (code, help, _) = run(&["--help"], &[]);
+    assert_eq!(code, Some(0));
+    assert!(help.contains("docs/exit-codes.md"), "{help}");
+    for code in ["0 ", "1 ", "2 ", "3 ", "4 ", "64 ", "75 ", "78 "] {
+        assert!(
+            help.lines().any(|l| l.trim_start().starts_with(code)),
+            "exit code {code} missing from --help:\n{help}"
+        );
+    }
+
+    // Usage errors exit 64.
+    for args in [&["frobnicate"][..], &["run", "--no-such-flag"], &[]] {
+        let (code, _, stderr) = run(args, &[]);
+        assert_eq!(code, Some(64), "{args:?}: {stderr}");
+    }
+
+    // The config path: --config, else NIGHTCOPY_CONFIG, else /etc/nightcopy/config.yaml.
+    // check-config prints the effective config with the defaults filled in.
+    let c = Case::new("cli");
+    let cfg = c.config_path();
+    let (code, effective, stderr) = run(&["check-config"], &[("NIGHTCOPY_CONFIG", &cfg)]);
+    assert_eq!(code, Some(0), "{stderr}");
+    for line in [
+        format!("  path: {}\n", c.src.display()),
+        "  one-file-system: true\n".into(),
+        "  symlinks: skip\n".into(),
+        "  concurrency: 16\n".into(),
+        "  min-interval: 0s\n".into(),
+        "success-max-errors: 0\n".into(),
+    ] {
+        assert!(effective.contains(&line), "{line:?} not in\n{effective}");
+    }
+    // (Only where nightcopy is not installed: there the default file exists.)
+    if !std::path::Path::new("/etc/nightcopy/config.yaml").exists() {
+        let (code, _, stderr) = run(&["check-config"], &[]);
+        assert_eq!(code, Some(78), "{stderr}");
+        assert!(
+            stderr.contains("/etc/nightcopy/config.yaml") && stderr.contains("NIGHTCOPY_CONFIG"),
+            "{stderr}"
+        );
+    }
+}
