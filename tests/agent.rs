@@ -507,6 +507,23 @@ fn the_heartbeat_is_pinged_on_success_and_its_fail_form_on_failure() {
         *seen.lock().unwrap(),
         ["/ping/abc-123", "/ping/abc-123/fail"]
     );
+
+    // A dead-man's switch that cannot be reached is logged, never fatal, and never shows its
+    // secret path.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    c.require_mountpoint = false;
+    c.top_extra = c.top_extra.replace(
+        &url,
+        &format!("http://127.0.0.1:{port}/ping/secret-token-42"),
+    );
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("heartbeat to"), "{}", out.stderr);
+    assert!(!out.stderr.contains("secret-token-42"), "{}", out.stderr);
 }
 
 #[test]
