@@ -426,6 +426,7 @@ fn systemd_hears_ready_status_watchdog_and_stopping() {
 #[test]
 fn skipped_run_without_ready_failed_the_notify_unit() {
     let mut c = Case::new("skip-notify");
+    let ns = with_cloudwatch(&mut c, "skipnotify");
     c.top_extra = "guard:\n  min-interval: 20h\n".into();
     c.write("a.txt", b"a");
     assert_eq!(c.run(&["run"]).code, 0);
@@ -471,6 +472,11 @@ fn skipped_run_without_ready_failed_the_notify_unit() {
     assert_ready_then_stopping(&out, &m, "holds the lock");
     drop(held);
     assert_eq!(c.count(Op::PutObject), 1, "skipped runs upload nothing");
+    assert_eq!(
+        cloudwatch().put_requests(&ns).len(),
+        1,
+        "skipped runs publish nothing"
+    );
 }
 
 /// A one-thread HTTP server that records request paths: the dead-man's switch.
