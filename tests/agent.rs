@@ -693,3 +693,35 @@ fn no_ca_certificates_package_is_fatal_and_says_what_to_install() {
     };
     assert_no_ca_certificates_is_fatal_and_says_what_to_install(&c, &ns, without_certs);
 }
+
+/// The manifest lists every file name: the state directory and what is in it are the running
+/// user's alone, and a state directory others can write is refused.
+#[test]
+fn the_state_directory_and_its_files_are_private() {
+    use std::os::unix::fs::MetadataExt;
+    let c = Case::new("private-state");
+    c.write("a.txt", b"a");
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let me = nix::unistd::geteuid().as_raw();
+    let dir = fs::metadata(c.state_dir()).unwrap();
+    assert_eq!(dir.mode() & 0o777, 0o700);
+    assert_eq!(dir.uid(), me);
+    let mut names = Vec::new();
+    for entry in fs::read_dir(c.state_dir()).unwrap() {
+        let entry = entry.unwrap();
+        let m = entry.metadata().unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert_eq!(m.mode() & 0o777, 0o600, "{name}");
+        assert_eq!(m.uid(), me, "{name}");
+        names.push(name);
+    }
+    names.sort();
+    assert_eq!(names, ["last-run.json", "lock", "manifest"]);
+
+    fs::set_permissions(c.state_dir(), fs::Permissions::from_mode(0o777)).unwrap();
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("chmod go-w"), "{}", out.stderr);
+    assert_eq!(c.count(Op::PutObject), 1);
+}
