@@ -62,7 +62,8 @@ fn under_systemd_the_journal_gets_structured_fields() {
     let stderr = fs::File::create(&stderr_path).unwrap();
     let meta = stderr.metadata().unwrap();
 
-    let mut cmd = c.command(&["run"], unprivileged());
+    // -v: the per-upload lines (PATH=, KEY=, BYTES=) are at debug level.
+    let mut cmd = c.command(&["-v", "run"], unprivileged());
     cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
     cmd.stderr(stderr);
     let jdir_c = std::ffi::CString::new(jdir.as_os_str().as_encoded_bytes()).unwrap();
@@ -142,6 +143,14 @@ fn under_systemd_the_journal_gets_structured_fields() {
         .unwrap_or_else(|| panic!("no per-file error entry in {entries:?}"));
     assert_eq!(Path::new(&error["PATH"]), locked);
     assert_eq!(error["PRIORITY"], "4");
+
+    let upload = entries
+        .iter()
+        .find(|e| e.contains_key("KEY"))
+        .unwrap_or_else(|| panic!("no upload entry in {entries:?}"));
+    assert_eq!(upload["KEY"], c.key("ok.txt"));
+    assert_eq!(upload["BYTES"], "4");
+    assert_eq!(Path::new(&upload["PATH"]), c.src.join("ok.txt"));
 }
 
 #[test]
