@@ -11,11 +11,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::cloudwatch::{cloudwatch, unique_namespace};
 use common::imds::start_imds;
-use common::proxy::Op;
+use common::proxy::{FaultKind, FaultPlan, Op};
 use common::run::{unprivileged, Case, Output};
 use common::s3::s3;
 
@@ -340,14 +340,24 @@ fn status_shows_the_last_run() {
     assert!(v["seconds_since_last_success"].as_u64().unwrap() < 60);
 }
 
-/// Runs the case with `NOTIFY_SOCKET` pointing at a datagram socket in its temp dir (plus `extra_env`) and
-/// returns its output with every datagram it sent, in order. Reads while the run goes: a datagram
-/// socket queues only a few messages, and systemd reads them as they come.
+/// Runs the case with `NOTIFY_SOCKET` pointing at a datagram socket in its temp dir (plus
+/// `extra_env`) and returns its output with every datagram it sent, in order.
 fn run_hearing_systemd(
     c: &Case,
     args: &[&str],
     extra_env: &[(&str, &str)],
 ) -> (std::process::Output, Vec<String>) {
+    let (out, heard) = run_hearing_systemd_timed(c, args, extra_env);
+    (out, heard.into_iter().map(|(_, m)| m).collect())
+}
+
+/// The same, with the time each datagram arrived. Reads while the run goes: a datagram socket
+/// queues only a few messages, and systemd reads them as they come.
+fn run_hearing_systemd_timed(
+    c: &Case,
+    args: &[&str],
+    extra_env: &[(&str, &str)],
+) -> (std::process::Output, Vec<(Instant, String)>) {
     let sock_path = c.root.join("notify.sock");
     let _ = fs::remove_file(&sock_path);
     let sock = UnixDatagram::bind(&sock_path).unwrap();
@@ -358,7 +368,7 @@ fn run_hearing_systemd(
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let messages = Arc::new(Mutex::new(Vec::<String>::new()));
+    let messages = Arc::new(Mutex::new(Vec::new()));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let (messages, done) = (messages.clone(), done.clone());
@@ -366,10 +376,10 @@ fn run_hearing_systemd(
             let mut buf = vec![0u8; 4096];
             loop {
                 match sock.recv(&mut buf) {
-                    Ok(n) => messages
-                        .lock()
-                        .unwrap()
-                        .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                    Ok(n) => messages.lock().unwrap().push((
+                        Instant::now(),
+                        String::from_utf8_lossy(&buf[..n]).into_owned(),
+                    )),
                     Err(_) if done.load(std::sync::atomic::Ordering::SeqCst) => break,
                     Err(_) => {}
                 }
@@ -724,4 +734,66 @@ fn the_state_directory_and_its_files_are_private() {
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(out.stderr.contains("chmod go-w"), "{}", out.stderr);
     assert_eq!(c.count(Op::PutObject), 1);
+}
+
+/// The watchdog is fed on progress, not on time: while a request hangs, STATUS= ticks go on but
+/// WATCHDOG=1 stops, so `WatchdogSec=` ends a run that hangs for longer than that.
+#[test]
+fn a_run_that_makes_no_progress_stops_feeding_the_watchdog() {
+    let mut c = Case::new("watchdog-stall");
+    c.write("a.txt", b"stalled once");
+    c.transfer_extra = "  request-timeout: 4s\n".into();
+    // The first PutObject hangs until its 4 s attempt timeout; the retry goes through.
+    s3().set_faults(
+        &c.dest,
+        Some(
+            FaultPlan::new(1.0, &[FaultKind::Stall], 5)
+                .only(&[Op::PutObject])
+                .stall_for(Duration::from_secs(60)),
+        ),
+    );
+    let (out, heard) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let started = Instant::now();
+            while c.count(Op::PutObject) == 0 && started.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            s3().set_faults(&c.dest, None);
+        });
+        run_hearing_systemd_timed(&c, &["run"], &[("WATCHDOG_USEC", "400000")])
+    });
+    s3().set_faults(&c.dest, None);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stalled_at = s3()
+        .requests(&c.dest)
+        .iter()
+        .find(|r| r.op == Op::PutObject)
+        .map(|r| r.at)
+        .expect("a PutObject");
+    assert!(
+        heard.iter().any(|(_, m)| m.contains("WATCHDOG=1")),
+        "the watchdog was fed while the run progressed: {heard:?}"
+    );
+    let (from, to) = (
+        stalled_at + Duration::from_secs(1),
+        stalled_at + Duration::from_millis(3500),
+    );
+    let during: Vec<&String> = heard
+        .iter()
+        .filter(|(t, _)| *t > from && *t < to)
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        during.len() >= 4,
+        "STATUS= ticks went on during the hang: {during:?}"
+    );
+    assert!(
+        during.iter().all(|m| !m.contains("WATCHDOG=1")),
+        "the watchdog was fed while nothing moved: {during:?}"
+    );
 }
