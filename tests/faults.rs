@@ -54,6 +54,27 @@ fn five_percent_faults_still_copy_everything_correctly() {
         faulted >= 3,
         "the plan must actually have faulted requests ({faulted})"
     );
+    // Retries are in the log at debug level: each failed attempt with its reason, each retry
+    // with its request.
+    let log =
+        |what: &str| -> Vec<&str> { out.stderr.lines().filter(|l| l.contains(what)).collect() };
+    let (failed, retried) = (log("S3 attempt failed"), log("S3 retry: "));
+    assert!(
+        failed.len() >= 3 && retried.len() >= 3,
+        "{faulted} faulted requests; logged {failed:#?} {retried:#?}"
+    );
+    assert!(
+        failed.iter().any(|l| l.contains("HTTP 5")
+            || l.contains("connector error")
+            || l.contains("timeout")),
+        "{failed:#?}"
+    );
+    assert!(
+        retried
+            .iter()
+            .any(|l| l.contains(&format!("/{}/", c.dest.bucket)) && l.contains("attempt 2 of 6")),
+        "{retried:#?}"
+    );
     for (rel, body) in &files {
         let o = s3().get(&c.dest, &c.key(rel));
         assert_eq!(Sha256::digest(&o.body), Sha256::digest(body), "{rel}");

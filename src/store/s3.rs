@@ -13,9 +13,16 @@
 //!   full-object SHA-256 is then verified twice (by the SDK and by restore, which needs the hash
 //!   for the manifest anyway) — the price of not depending on either alone. A composite `…-N`
 //!   the SDK skips; restore recomputes it (`restore::check`).
+//! - The SDK retries failed attempts itself and says nothing of it below its own debug level;
+//!   `RetryLog` logs each failed attempt and each retry at debug (`-v`).
 
 use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::config::interceptors::{
+    BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef,
+};
+use aws_sdk_s3::config::{
+    ConfigBag, Intercept, RequestChecksumCalculation, ResponseChecksumValidation, RuntimeComponents,
+};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{
@@ -35,6 +42,60 @@ use crate::plan::RemoteObject;
 /// Attempts per request (the first and five retries): with 5% of requests failing, the chance
 /// that one request fails them all is 0.05^6 ≈ 1.6e-8.
 pub const MAX_ATTEMPTS: u32 = 6;
+
+/// Makes the SDK's retries visible at debug level (`-v`): each failed attempt with its reason (a
+/// 503 SlowDown, a 500, a cut connection, an attempt that timed out), and each retry with its
+/// request and attempt number, which the SDK puts in the `amz-sdk-request` header.
+#[derive(Debug)]
+struct RetryLog;
+
+impl Intercept for RetryLog {
+    fn name(&self) -> &'static str {
+        "RetryLog"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let r = context.request();
+        let attempt = r
+            .headers()
+            .get("amz-sdk-request")
+            .and_then(|v| v.split(';').next()?.trim().strip_prefix("attempt="));
+        if let Some(n) = attempt.filter(|n| *n != "1") {
+            let path = r.uri().split('?').next().unwrap_or_default();
+            tracing::debug!(
+                "S3 retry: {} {path}, attempt {n} of {MAX_ATTEMPTS}",
+                r.method()
+            );
+        }
+        Ok(())
+    }
+
+    fn read_after_attempt(
+        &self,
+        context: &FinalizerInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if let Some(Err(e)) = context.output_or_error() {
+            let status = context
+                .response()
+                .map_or_else(String::new, |r| format!("HTTP {}: ", r.status().as_u16()));
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            tracing::debug!("S3 attempt failed ({status}{why}); retried while attempts remain");
+        }
+        Ok(())
+    }
+}
 
 #[derive(Clone)]
 pub struct S3Store {
@@ -74,6 +135,7 @@ impl S3Store {
             .operation_attempt_timeout(request_timeout)
             .build();
         let mut b = aws_sdk_s3::config::Builder::from(sdk)
+            .interceptor(RetryLog)
             .retry_config(retry)
             .timeout_config(timeouts)
             .force_path_style(dest.force_path_style)
