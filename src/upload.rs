@@ -185,10 +185,21 @@ impl<S: ObjectStore> Uploader<S> {
 
     async fn attempt(&self, entry: &LocalEntry) -> Result<ManifestEntry, Failure> {
         let path = entry.path.clone();
-        let (file, before) = blocking(move || {
-            let f = File::open(&path)?;
-            let fp = Fingerprint::of(&f)?;
-            Ok((f, fp))
+        let small_limit = SMALL_BODY.min(self.threshold);
+        // One trip to the blocking pool per small file — open, stat, read, hash, stat again — since
+        // with many small files the hand-offs to that pool, not the reads, were what cost CPU.
+        let (file, before, small) = blocking(move || {
+            let mut f = File::open(&path)?;
+            let before = Fingerprint::of(&f)?;
+            if before.size > small_limit {
+                return Ok((Some(f), before, None));
+            }
+            // Sized from the stat; one byte more lets a file that grew show it, and `take` keeps
+            // a file growing without end from growing this buffer with it.
+            let mut data = Vec::with_capacity(before.size as usize + 1);
+            (&mut f).take(small_limit + 1).read_to_end(&mut data)?;
+            let sha256: [u8; 32] = Sha256::digest(&data).into();
+            Ok((None, before, Some((data, sha256, Fingerprint::of(&f)?))))
         })
         .await?;
         let meta = ObjectMeta {
@@ -199,10 +210,16 @@ impl<S: ObjectStore> Uploader<S> {
             raw_path: entry.raw_path.clone(),
         };
         let key = format!("{}{}", self.prefix, entry.key);
-        let sha256 = if before.size > self.threshold {
-            self.multipart(&key, file, before, &meta).await?
-        } else {
-            self.single(&key, &entry.path, file, before, meta).await?
+        let sha256 = match (small, file) {
+            (Some((data, sha256, after)), _) => {
+                let body = Body::Bytes(Bytes::from(data));
+                self.put(&key, body, sha256, before, after, meta).await?
+            }
+            (None, Some(file)) if before.size > self.threshold => {
+                self.multipart(&key, file, before, &meta).await?
+            }
+            (None, Some(file)) => self.streamed(&key, &entry.path, file, before, meta).await?,
+            (None, None) => unreachable!("a file is either read or handed back"),
         };
         Ok(ManifestEntry {
             key: entry.key.clone(),
@@ -212,7 +229,9 @@ impl<S: ObjectStore> Uploader<S> {
         })
     }
 
-    async fn single(
+    /// A file between `SMALL_BODY` and the multipart threshold: hashed in one pass here, then
+    /// streamed from disk by the SDK with that hash as its checksum.
+    async fn streamed(
         &self,
         key: &str,
         path: &Path,
@@ -220,10 +239,8 @@ impl<S: ObjectStore> Uploader<S> {
         before: Fingerprint,
         meta: ObjectMeta,
     ) -> Result<[u8; 32], Failure> {
-        let small = before.size <= SMALL_BODY;
-        let (body_bytes, sha256, after) = blocking(move || {
+        let (sha256, after) = blocking(move || {
             let mut hasher = Sha256::new();
-            let mut kept = Vec::new();
             let mut buf = vec![0; READ_BUF];
             loop {
                 let n = read_retrying(&mut file, &mut buf)?;
@@ -231,26 +248,32 @@ impl<S: ObjectStore> Uploader<S> {
                     break;
                 }
                 hasher.update(&buf[..n]);
-                if small {
-                    kept.extend_from_slice(&buf[..n]);
-                }
             }
-            Ok((kept, hasher.finalize().into(), Fingerprint::of(&file)?))
+            Ok((hasher.finalize().into(), Fingerprint::of(&file)?))
         })
         .await?;
+        let body = Body::File {
+            path: path.to_owned(),
+            len: before.size,
+        };
+        self.put(key, body, sha256, before, after, meta).await
+    }
+
+    /// One PUT of what was read, unless the file changed while it was read.
+    async fn put(
+        &self,
+        key: &str,
+        body: Body,
+        sha256: [u8; 32],
+        before: Fingerprint,
+        after: Fingerprint,
+        meta: ObjectMeta,
+    ) -> Result<[u8; 32], Failure> {
         if after != before {
             return Err(Failure::Changed(format!(
                 "stat {before:?} became {after:?}"
             )));
         }
-        let body = if small {
-            Body::Bytes(Bytes::from(body_bytes))
-        } else {
-            Body::File {
-                path: path.to_owned(),
-                len: before.size,
-            }
-        };
         let _slot = self.requests.acquire().await.expect("never closed");
         self.throttle(before.size).await;
         self.store
