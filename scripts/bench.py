@@ -1,0 +1,662 @@
+#!/usr/bin/env python3
+"""make bench: nightcopy side by side with rclone, s5cmd and `aws s3 sync` on the same local S3
+server (Garage, 127.0.0.1) and the same generated trees.
+
+Each tool copies into a bucket of its own. For every run the table gets wall seconds, CPU seconds
+(user + system of the tool's process and its children, from wait4), peak RSS, and the requests the
+server counted by type (Garage's own request counters, read from its admin /metrics endpoint before
+and after, so counting costs the tools nothing). Medians over --reps runs; ratios are peer ÷
+nightcopy. The incremental scenarios run a second time through a proxy that delays every request
+(--latency-ms), because loopback has no latency and real S3 has tens of milliseconds.
+
+Trees are generated here, deterministic from --seed:
+  small    20,000 files of 1-64 KiB in 300 directories         (full copy)
+  large    4 files of 256 MiB                                   (full copy, multipart)
+  incr     100,000 files of 0.25-4 KiB in 1,000 directories     (nothing changed; 1% changed)
+  million  1,000,000 files of 0-64 bytes in 10,000 directories (nightcopy's memory, vs incr)
+--quick divides the file counts by 10 and the large files by 4 and skips `million`.
+
+Writes a results block into docs/benchmarks.md (between the bench:begin/end markers) and the raw
+figures to target/bench/results.json. Everything listens on 127.0.0.1 only.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONCURRENCY = 16  # the same for every tool: the peers' usual "fast" setting
+ACCESS_KEY = "GK" + "b3e1c0ffee" * 2 + "0123"  # local test server only
+SECRET_KEY = "5e" * 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Trees
+
+
+def tree_spec(name, quick):
+    div = 10 if quick else 1
+    if name == "small":
+        return dict(files=20_000 // div, dirs=300 // div or 1, lo=1024, hi=64 * 1024)
+    if name == "large":
+        return dict(files=4 if not quick else 2, dirs=1,
+                    lo=(64 if quick else 256) << 20, hi=(64 if quick else 256) << 20)
+    if name == "incr":
+        return dict(files=100_000 // div, dirs=1_000 // div, lo=256, hi=4096)
+    if name == "million":
+        return dict(files=1_000_000, dirs=10_000, lo=0, hi=64)
+    raise ValueError(name)
+
+
+def rel_path(i, spec):
+    # Two directory levels, files spread evenly; names sort differently from their numbers
+    # (x10 before x9) the way real names do.
+    d = i % spec["dirs"]
+    return f"d{d // 20:03}/e{d % 20:02}/f{i}.dat"
+
+
+def generate(root, spec, seed):
+    """Writes the tree; a marker file makes a finished tree reusable."""
+    marker = root.parent / (root.name + ".complete")
+    if marker.exists():
+        return
+    if root.exists():
+        shutil.rmtree(root)
+    rng = random.Random(seed)
+    chunk = 8 << 20
+    for i in range(spec["files"]):
+        p = root / rel_path(i, spec)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        size = rng.randint(spec["lo"], spec["hi"])
+        with open(p, "wb") as f:
+            left = size
+            while left:
+                n = min(left, chunk)
+                f.write(rng.randbytes(n))
+                left -= n
+    marker.write_text(json.dumps(spec))
+
+
+def warm(root):
+    """Reads every file once so every tool starts from the same (warm) page cache."""
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            with open(os.path.join(dirpath, n), "rb") as f:
+                while f.read(8 << 20):
+                    pass
+
+
+def change_one_percent(root, spec, seed, rep):
+    """Rewrites about 1% of the files with new content and size; a different 1% each rep."""
+    rng = random.Random(f"{seed}-change-{rep}")
+    picked = rng.sample(range(spec["files"]), max(1, spec["files"] // 100))
+    for i in picked:
+        p = root / rel_path(i, spec)
+        p.write_bytes(rng.randbytes(rng.randint(spec["lo"], spec["hi"])))
+    return len(picked)
+
+
+def tree_bytes(root):
+    total = 0
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            total += os.lstat(os.path.join(dirpath, n)).st_size
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, what, proc=None, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            sys.exit(f"{what} exited with {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"{what} did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+class Garage:
+    """A single-node Garage on 127.0.0.1 with one key that owns every bucket."""
+
+    def __init__(self, binary, work):
+        self.binary = binary
+        self.dir = work / "garage"
+        self.dir.mkdir(parents=True)
+        self.s3_port, rpc, admin = free_port(), free_port(), free_port()
+        self.admin_port = admin
+        self.metrics_token = os.urandom(16).hex()
+        self.conf = self.dir / "garage.toml"
+        self.conf.write_text(f"""
+metadata_dir = "{self.dir}/meta"
+data_dir = "{self.dir}/data"
+db_engine = "lmdb"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:{rpc}"
+rpc_public_addr = "127.0.0.1:{rpc}"
+rpc_secret = "{os.urandom(32).hex()}"
+
+[s3_api]
+s3_region = "us-east-1"
+api_bind_addr = "127.0.0.1:{self.s3_port}"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:{admin}"
+admin_token = "{os.urandom(16).hex()}"
+metrics_token = "{self.metrics_token}"
+""")
+        self.log = open(self.dir / "garage.log", "wb")
+        self.proc = subprocess.Popen([binary, "-c", self.conf, "server"], stdout=self.log,
+                                     stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"})
+        wait_port(self.s3_port, "garage", self.proc)
+        wait_port(admin, "garage admin", self.proc)
+        node = self.cli("node", "id", "-q").split("@")[0].strip()
+        self.cli("layout", "assign", "-z", "dc1", "-c", "100G", node)
+        self.cli("layout", "apply", "--version", "1")
+        self.cli("key", "import", "--yes", "-n", "bench", ACCESS_KEY, SECRET_KEY)
+        self.endpoint = f"http://127.0.0.1:{self.s3_port}"
+
+    def cli(self, *args):
+        for attempt in range(50):
+            r = subprocess.run([self.binary, "-c", self.conf, *args], capture_output=True, text=True)
+            if r.returncode == 0:
+                return r.stdout
+            time.sleep(0.2)  # the layout takes a moment to settle after start
+        sys.exit(f"garage {' '.join(args)} failed: {r.stderr.strip()}")
+
+    def bucket(self, name):
+        self.cli("bucket", "create", name)
+        self.cli("bucket", "allow", "--read", "--write", "--owner", name, "--key", "bench")
+        return name
+
+    def requests(self):
+        """Garage's S3 request counters by endpoint (PutObject, ListObjectsV2, ...)."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}/metrics",
+                                     headers={"Authorization": f"Bearer {self.metrics_token}"})
+        text = urllib.request.urlopen(req, timeout=10).read().decode()
+        counts = {}
+        for line in text.splitlines():
+            m = re.match(r'api_s3_request_counter\{.*api_endpoint="([^"]+)".*\}\s+([0-9.e+]+)', line)
+            if m:
+                counts[m.group(1)] = counts.get(m.group(1), 0) + int(float(m.group(2)))
+        return counts
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def request_kinds(before, after):
+    kinds = {"LIST": 0, "HEAD": 0, "PUT": 0, "GET": 0, "other": 0}
+    for ep, n in after.items():
+        d = n - before.get(ep, 0)
+        if not d:
+            continue
+        if ep.startswith("List"):
+            kinds["LIST"] += d
+        elif ep == "HeadObject":
+            kinds["HEAD"] += d
+        elif ep in ("PutObject", "UploadPart", "CreateMultipartUpload", "CompleteMultipartUpload"):
+            kinds["PUT"] += d
+        elif ep == "GetObject":
+            kinds["GET"] += d
+        else:
+            kinds["other"] += d
+    return kinds
+
+
+class DelayProxy:
+    """A TCP proxy that holds each HTTP request for `ms` before passing it on: one round trip of
+    latency per request, as between an EC2 host and S3. A request starts when the client writes
+    after the server has answered (keep-alive, no pipelining: what every tool here does)."""
+
+    def __init__(self, upstream_port, ms):
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, __file__, "_proxy", str(self.port),
+                                      str(upstream_port), str(ms)])
+        wait_port(self.port, "delay proxy", self.proc)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def run_proxy(listen, upstream, ms):
+    delay = ms / 1000
+
+    async def handle(creader, cwriter):
+        try:
+            sreader, swriter = await asyncio.open_connection("127.0.0.1", upstream)
+        except OSError:
+            cwriter.close()
+            return
+        state = {"answered": True}
+
+        async def up():
+            while data := await creader.read(1 << 16):
+                if state["answered"]:
+                    state["answered"] = False
+                    await asyncio.sleep(delay)
+                swriter.write(data)
+                await swriter.drain()
+            swriter.close()
+
+        async def down():
+            while data := await sreader.read(1 << 16):
+                state["answered"] = True
+                cwriter.write(data)
+                await cwriter.drain()
+            cwriter.close()
+
+        try:
+            await asyncio.gather(up(), down())
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            cwriter.close()
+            swriter.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", listen, backlog=512)
+        async with server:
+            await server.serve_forever()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+
+
+class Tools:
+    def __init__(self, args, work):
+        self.work = work
+        self.nightcopy = args.nightcopy
+        self.bin = Path(args.peers_bin)
+        self.only = set(args.tools.split(",")) if args.tools else None
+        self.aws_config = work / "aws-config"
+        self.aws_config.write_text(
+            "[default]\nregion = us-east-1\ns3 =\n"
+            f"  max_concurrent_requests = {CONCURRENCY}\n  addressing_style = path\n")
+
+    def names(self, scenario):
+        # rclone's fast flags only change how it decides "unchanged": no use on an empty bucket.
+        if scenario.startswith("full"):
+            names = ["nightcopy", "rclone", "s5cmd", "aws"]
+        else:
+            names = ["nightcopy", "rclone", "rclone-fast", "s5cmd", "aws"]
+        if self.only:
+            names = [n for n in names if n in self.only]
+        return names
+
+    def command(self, tool, tree, bucket, endpoint):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
+        env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+                   AWS_REGION="us-east-1", AWS_CONFIG_FILE=str(self.aws_config),
+                   AWS_SHARED_CREDENTIALS_FILE="/dev/null", AWS_EC2_METADATA_DISABLED="true")
+        if tool == "nightcopy":
+            state = self.work / "nightcopy-state" / bucket
+            state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            cfg = state.parent / f"{bucket}-{endpoint.rsplit(':', 1)[1]}.yaml"
+            cfg.write_text(f"""source:
+  path: {tree}
+  require-mountpoint: false
+destination:
+  bucket: {bucket}
+  prefix: ""
+  region: us-east-1
+  endpoint-url: {endpoint}
+  force-path-style: true
+transfer:
+  concurrency: {CONCURRENCY}
+state-dir: {state}
+metrics:
+  cloudwatch: false
+""")
+            return [self.nightcopy, "run", "--config", str(cfg), "--force", "-q"], env
+        if tool.startswith("rclone"):
+            env.update(RCLONE_CONFIG_B_TYPE="s3", RCLONE_CONFIG_B_PROVIDER="Other",
+                       RCLONE_CONFIG_B_ENDPOINT=endpoint, RCLONE_CONFIG_B_ACCESS_KEY_ID=ACCESS_KEY,
+                       RCLONE_CONFIG_B_SECRET_ACCESS_KEY=SECRET_KEY,
+                       RCLONE_CONFIG_B_REGION="us-east-1", RCLONE_CONFIG_B_FORCE_PATH_STYLE="true",
+                       RCLONE_CONFIG="/dev/null")
+            argv = [str(self.bin / "rclone"), "copy", str(tree), f"B:{bucket}/",
+                    "--transfers", str(CONCURRENCY), "--checkers", str(CONCURRENCY)]
+            if tool == "rclone-fast":
+                argv += ["--fast-list", "--update", "--use-server-modtime"]
+            return argv, env
+        if tool == "s5cmd":
+            return [str(self.bin / "s5cmd"), "--endpoint-url", endpoint, "--numworkers",
+                    str(CONCURRENCY), "sync", f"{tree}/", f"s3://{bucket}/"], env
+        if tool == "aws":
+            return [str(self.bin / "aws"), "--endpoint-url", endpoint, "s3", "sync", str(tree),
+                    f"s3://{bucket}/", "--only-show-errors"], env
+        if tool == "find":
+            return ["find", str(tree), "-type", "f", "-printf", "%s %T@\n"], env
+        raise ValueError(tool)
+
+    def flags(self):
+        c = CONCURRENCY
+        return {
+            "nightcopy": f"`nightcopy run --force` (config: transfer.concurrency {c}, defaults otherwise)",
+            "rclone": f"`rclone copy --transfers {c} --checkers {c}`",
+            "rclone-fast": f"`rclone copy --transfers {c} --checkers {c} --fast-list --update --use-server-modtime`",
+            "s5cmd": f"`s5cmd --numworkers {c} sync`",
+            "aws": f"`aws s3 sync` with `s3.max_concurrent_requests = {c}`",
+            "find": "`find TREE -type f -printf '%s %T@\\n' >/dev/null`",
+        }
+
+
+def measure(argv, env, log, garage=None):
+    """Runs argv under GNU time: its peak RSS is the tool's own. (wait4 from here would count
+    this Python process too: a forked child's peak RSS includes what it had before exec.)"""
+    before = garage.requests() if garage else None
+    usage = Path(log).with_suffix(".time")
+    with open(log, "ab") as out:
+        out.write(f"\n$ {' '.join(argv)}\n".encode())
+        out.flush()
+        stdout = subprocess.DEVNULL if argv[0] == "find" else out
+        t0 = time.monotonic()
+        rc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", str(usage), *argv],
+                            env=env, stdout=stdout, stderr=out).returncode
+        wall = time.monotonic() - t0
+    user, system, rss_kib = usage.read_text().split("\n")[-2].split()
+    r = dict(wall=wall, cpu=float(user) + float(system), rss_mib=int(rss_kib) / 1024, rc=rc)
+    if garage:
+        r["requests"] = request_kinds(before, garage.requests())
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.work = Path(args.work) if args.work else Path(
+            subprocess.check_output(["mktemp", "-d", "/tmp/nightcopy-bench.XXXXXX"], text=True).strip())
+        self.cache = Path(args.trees)
+        self.garage = Garage(args.garage, self.work)
+        self.tools = Tools(args, self.work)
+        self.log = self.work / "tools.log"
+        self.results = {}  # scenario -> tool -> [runs]
+        self.notes = {}
+        self.proxy = None
+
+    def tree(self, name, fresh=False):
+        spec = tree_spec(name, self.args.quick)
+        tag = f"{name}-{spec['files']}-{spec['hi']}-{self.args.seed}"
+        root = (self.work / "trees" / tag) if fresh else (self.cache / tag)
+        t0 = time.monotonic()
+        generate(root, spec, self.args.seed)
+        say(f"tree {name}: {spec['files']} files ({time.monotonic() - t0:.0f}s to make or find)")
+        return root, spec
+
+    def run(self, scenario, tool, tree, bucket, endpoint=None):
+        argv, env = self.tools.command(tool, tree, bucket, endpoint or self.garage.endpoint)
+        r = measure(argv, env, self.log, None if tool == "find" else self.garage)
+        self.results.setdefault(scenario, {}).setdefault(tool, []).append(r)
+        reqs = r.get("requests", {})
+        say(f"  {scenario:<22} {tool:<12} {r['wall']:7.2f}s wall {r['cpu']:7.2f}s cpu "
+            f"{r['rss_mib']:7.1f} MiB  rc={r['rc']}  "
+            + " ".join(f"{k}={v}" for k, v in reqs.items() if v))
+        if r["rc"] != 0:
+            say(f"  ! {tool} exited {r['rc']}: see {self.log}")
+        return r
+
+    def full(self, name):
+        tree, spec = self.tree(name)
+        self.notes[f"full-{name}"] = dict(files=spec["files"], bytes=tree_bytes(tree))
+        warm(tree)
+        for rep in range(self.args.reps):
+            tools = rotate(self.tools.names("full"), rep)
+            for tool in tools:
+                bucket = self.garage.bucket(f"f{name}-{tool}-{rep}")
+                self.run(f"full-{name}", tool, tree, bucket)
+
+    def incremental(self):
+        tree, spec = self.tree("incr", fresh=True)
+        self.notes["incr"] = dict(files=spec["files"], bytes=tree_bytes(tree))
+        warm(tree)
+        tools = self.tools.names("incr")
+        buckets = {t: self.garage.bucket(f"incr-{t}") for t in tools}
+        for tool in tools:
+            self.run("first-copy-incr", tool, tree, buckets[tool])
+        for latency in [0, self.args.latency_ms]:
+            endpoint = None
+            sfx = ""
+            if latency:
+                self.proxy = DelayProxy(self.garage.s3_port, latency)
+                endpoint, sfx = self.proxy.endpoint, f"@{latency:g}ms"
+                # nightcopy's manifest names the endpoint it was written for, so through the
+                # proxy it first runs once, unmeasured, to write its own (last night's run).
+                if "nightcopy" in tools:
+                    argv, env = self.tools.command("nightcopy", tree, buckets["nightcopy"], endpoint)
+                    measure(argv, env, self.log)
+            for rep in range(self.args.reps):
+                for tool in rotate(tools + ["find"], rep):
+                    if tool == "find" and latency:
+                        continue
+                    self.run(f"incr-nothing{sfx}", tool, tree, buckets.get(tool), endpoint)
+            for rep in range(self.args.reps):
+                n = change_one_percent(tree, spec, self.args.seed, rep + 100 * latency)
+                self.notes["incr"]["changed"] = n
+                for tool in rotate(tools, rep):
+                    self.run(f"incr-1pct{sfx}", tool, tree, buckets[tool], endpoint)
+            if self.proxy:
+                self.proxy.stop()
+                self.proxy = None
+
+    def million(self):
+        tree, spec = self.tree("million")
+        self.notes["million"] = dict(files=spec["files"])
+        bucket = self.garage.bucket("million-nightcopy")
+        self.run("first-copy-million", "nightcopy", tree, bucket)
+        for _ in range(self.args.reps):
+            self.run("incr-nothing-million", "nightcopy", tree, bucket)
+
+    def close(self):
+        if self.proxy:
+            self.proxy.stop()
+        self.garage.stop()
+        if not self.args.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def rotate(items, k):
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+def say(msg):
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def med(runs, key):
+    vals = [r[key] for r in runs if r["rc"] == 0]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v, digits=2):
+    return "failed" if v is None else f"{v:.{digits}f}"
+
+
+def report(bench, command, started):
+    args = bench.args
+    lines = []
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = model
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = {}
+    for tool, argv in [("rclone", ["rclone", "version"]), ("s5cmd", ["s5cmd", "version"]),
+                       ("aws", ["aws", "--version"])]:
+        try:
+            out = subprocess.run([str(Path(args.peers_bin) / argv[0]), *argv[1:]], capture_output=True,
+                                 text=True, timeout=60)
+            versions[tool] = (out.stdout + out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            versions[tool] = "?"
+    nc = subprocess.run([bench.tools.nightcopy, "--version"], capture_output=True, text=True).stdout.strip()
+    garage = subprocess.run([args.garage, "--version"], capture_output=True, text=True).stdout.strip()
+    lines += [
+        f"Command: `{command}` — {time.strftime('%Y-%m-%d', time.gmtime(started))}, "
+        f"{(time.time() - started) / 60:.0f} min, {args.reps} runs per cell (medians), seed {args.seed}"
+        + (", **quick mode** (trees ÷ 10)" if args.quick else "") + ".",
+        f"Machine: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.system()} "
+        f"{platform.release()}; server and tools share the cores.",
+        f"Server: {garage.splitlines()[0] if garage else 'garage'} (single node, lmdb) on 127.0.0.1. "
+        f"Tools: {nc}; {versions['rclone']}; s5cmd {versions['s5cmd']}; {versions['aws']}.",
+        f"Every tool runs with {CONCURRENCY} concurrent transfers; flags:",
+        "",
+    ]
+    for tool, flag in bench.tools.flags().items():
+        lines.append(f"- {tool}: {flag}")
+    lines.append("")
+    for key, note in bench.notes.items():
+        desc = f"{note['files']:,} files"
+        if "bytes" in note:
+            desc += f", {note['bytes'] / 2**20:,.0f} MiB"
+        if "changed" in note:
+            desc += f"; 1% changed = {note['changed']:,} files rewritten (new content and size) before each run"
+        lines.append(f"- tree `{key}`: {desc}")
+    lines.append("")
+    for scenario, by_tool in bench.results.items():
+        base = by_tool.get("nightcopy", [])
+        base_wall = med(base, "wall")
+        lines.append(f"#### {scenario}")
+        lines.append("")
+        lines.append("| tool | wall s | ÷ nightcopy | CPU s | peak RSS MiB | LIST | HEAD | PUT | GET | other |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for tool, runs in by_tool.items():
+            wall = med(runs, "wall")
+            ratio = "" if tool == "nightcopy" or wall is None or not base_wall else f"{wall / base_wall:.2f}×"
+            reqs = [r.get("requests") for r in runs if r["rc"] == 0 and r.get("requests")]
+            cells = []
+            for k in ["LIST", "HEAD", "PUT", "GET", "other"]:
+                vals = [q[k] for q in reqs]
+                cells.append(str(int(statistics.median(vals))) if vals else "")
+            extra = ""
+            if scenario.startswith("full-large") and wall and "bytes" in bench.notes.get("full-large", {}):
+                extra = f" ({bench.notes['full-large']['bytes'] / 2**20 / wall:,.0f} MiB/s)"
+            failed = sum(1 for r in runs if r["rc"] != 0)
+            name = tool + (f" ({failed} failed)" if failed else "")
+            lines.append(f"| {name} | {fmt(wall)}{extra} | {ratio} | {fmt(med(runs, 'cpu'))} | "
+                         f"{fmt(med(runs, 'rss_mib'), 1)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_doc(path, block, quick):
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    tag = "quick" if quick else "full"
+    begin, end = f"<!-- bench:{tag}:begin -->", f"<!-- bench:{tag}:end -->"
+    new = f"{begin}\n{block}\n{end}"
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: new, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + new + "\n"
+    path.write_text(text)
+
+
+def main():
+    global CONCURRENCY
+    if len(sys.argv) > 1 and sys.argv[1] == "_proxy":
+        run_proxy(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="trees ÷ 10, no million-file run")
+    ap.add_argument("--reps", type=int, default=None, help="runs per cell (default 3, quick 1)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--latency-ms", type=float, default=20)
+    ap.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                    help="transfers in flight, the same for every tool")
+    ap.add_argument("--tools", help="comma-separated subset of the tools to run")
+    ap.add_argument("--only", default="small,large,incr,million",
+                    help="comma-separated scenarios: small,large,incr,million")
+    ap.add_argument("--garage", default=os.environ.get("NIGHTCOPY_GARAGE"))
+    ap.add_argument("--peers-bin", default=os.environ.get("NIGHTCOPY_PEERS_BIN"))
+    ap.add_argument("--nightcopy", default=str(REPO / "target/release/nightcopy"),
+                    help="the binary to measure (e.g. an older build, to compare a change)")
+    ap.add_argument("--trees", default=os.path.expanduser("~/.cache/nightcopy-bench"))
+    ap.add_argument("--work", help="work directory (default: a new one in /tmp, removed at the end)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
+    ap.add_argument("--no-doc", action="store_true", help="print the table, do not touch docs/")
+    args = ap.parse_args()
+    if not args.garage or not args.peers_bin:
+        sys.exit("run through `make bench` (it installs Garage and the peers first)")
+    CONCURRENCY = args.concurrency
+    if args.reps is None:
+        args.reps = 1 if args.quick else 3
+    only = set(args.only.split(","))
+    if args.quick:
+        only.discard("million")
+    command = "make bench" + (" BENCH_ARGS='" + " ".join(sys.argv[1:]) + "'" if sys.argv[1:] else "")
+    started = time.time()
+    bench = Bench(args)
+    say(f"work directory {bench.work}; Garage on 127.0.0.1:{bench.garage.s3_port}; log {bench.log}")
+    try:
+        if "small" in only:
+            bench.full("small")
+        if "large" in only:
+            bench.full("large")
+        if "incr" in only:
+            bench.incremental()
+        if "million" in only:
+            bench.million()
+    finally:
+        block = report(bench, command, started)
+        json_path = REPO / "target/bench/results.json"
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(dict(results=bench.results, notes=bench.notes), indent=1))
+        bench.close()
+    print()
+    print(block)
+    if not args.no_doc:
+        write_doc(Path(args.out), block, args.quick)
+        say(f"\nwritten to {args.out} and {json_path}")
+
+
+if __name__ == "__main__":
+    main()
