@@ -70,6 +70,49 @@ fn fresh_copy_of_a_mixed_tree_then_a_rerun_sends_no_put() {
 }
 
 #[test]
+fn a_rerun_lists_the_bucket_in_ranges_cut_at_manifest_keys_one_request_per_page() {
+    // 9,000 keys: the manifest's cuts every 4,000 keys make three ranges of 4, 4 and 1 pages.
+    let c = Case::new("ranges");
+    let n = 9_000;
+    for i in 0..n {
+        c.write(&format!("d{:02}/f{i:05}", i % 30), b"x");
+    }
+    let first = c.run(&["run"]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert_eq!(first.figure("files transferred"), n);
+    // A change in the last range and one in the first must both be seen.
+    c.write("d00/f00000", b"changed");
+    c.write("d29/f08999", b"changed too");
+
+    let seen = s3().requests(&c.dest).len();
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.figure("files transferred"), 2);
+    assert_eq!(out.figure("checks"), n - 2);
+    let rerun: Vec<_> = s3().requests(&c.dest).into_iter().skip(seen).collect();
+    let lists: Vec<_> = rerun.iter().filter(|r| r.op == Op::ListObjectsV2).collect();
+    assert_eq!(lists.len(), 9, "one request per page of 1,000 keys");
+    let mut starts: Vec<_> = lists
+        .iter()
+        .filter_map(|r| r.query_param("start-after"))
+        .collect();
+    starts.sort();
+    // The two cuts: the 4,000th and 8,000th keys of the manifest, in key order.
+    let mut keys: Vec<String> = (0..n)
+        .map(|i| c.key(&format!("d{:02}/f{i:05}", i % 30)))
+        .collect();
+    keys.sort();
+    assert_eq!(starts, [keys[3_999].clone(), keys[7_999].clone()]);
+    assert_eq!(
+        rerun.iter().filter(|r| r.op == Op::PutObject).count(),
+        2,
+        "{:?}",
+        c.ops()
+    );
+    c.assert_no_delete();
+}
+
+#[test]
 fn a_changed_file_with_the_same_size_and_an_older_mtime_is_uploaded_again() {
     let c = Case::new("mtime-back");
     let p = c.write("doc.txt", b"version 1");
