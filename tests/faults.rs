@@ -186,3 +186,74 @@ fn a_dead_endpoint_ends_the_run_in_bounded_time_naming_it() {
     assert!(out.stderr.contains("InternalError"), "{}", out.stderr);
     assert_eq!(c.count(Op::PutObject), 0);
 }
+
+/// Answers the local servers never give: a bucket policy that denies the listing or the upload,
+/// a bucket in another region, a clock off by more than 15 minutes. Each ends the run at once
+/// (every file would fail the same way) with the fix in the message, exit 1, and the previous
+/// manifest kept.
+#[test]
+fn refusals_that_every_file_would_meet_are_fatal_and_say_what_to_fix() {
+    let deny = |code| FaultKind::Refuse { status: 403, code };
+    let cases = [
+        (
+            deny("AccessDenied"),
+            Op::ListObjectsV2,
+            "access denied: the instance role needs s3:ListBucket",
+        ),
+        (
+            deny("AccessDenied"),
+            Op::PutObject,
+            "s3:PutObject on the prefix",
+        ),
+        (
+            FaultKind::Refuse {
+                status: 400,
+                code: "AuthorizationHeaderMalformed",
+            },
+            Op::ListObjectsV2,
+            "set destination.region to the bucket's region",
+        ),
+        (
+            deny("RequestTimeTooSkewed"),
+            Op::ListObjectsV2,
+            "fix time sync",
+        ),
+        (deny("RequestTimeTooSkewed"), Op::PutObject, "fix time sync"),
+    ];
+    for (i, (kind, op, says)) in cases.into_iter().enumerate() {
+        let c = Case::new(&format!("refused-{i}"));
+        c.write("kept.txt", b"backed up before");
+        assert_eq!(c.run(&["run"]).code, 0);
+        let manifest = std::fs::read(c.state_dir().join("manifest")).unwrap();
+        for n in 0..5 {
+            c.write(&format!("new{n}.txt"), b"new");
+        }
+        s3().set_faults(&c.dest, Some(FaultPlan::new(1.0, &[kind], 1).only(&[op])));
+        let out = c.run(&["run"]);
+        s3().set_faults(&c.dest, None);
+        assert_eq!(out.code, 1, "{kind:?} on {op:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(says),
+            "{kind:?} on {op:?}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains("backup FAILED"), "{}", out.stderr);
+        // Not retried like a transient error, not counted file by file: the run stopped.
+        let refused = s3()
+            .requests(&c.dest)
+            .iter()
+            .filter(|r| r.fault.is_some())
+            .count();
+        assert!(
+            refused <= 16,
+            "{refused} refused requests for {kind:?} on {op:?}"
+        );
+        assert_eq!(out.figure("transfer errors"), 0, "{}", out.stderr);
+        assert_eq!(
+            std::fs::read(c.state_dir().join("manifest")).unwrap(),
+            manifest,
+            "the previous manifest is kept"
+        );
+        assert_eq!(s3().list_keys(&c.dest), [c.key("kept.txt")]);
+    }
+}

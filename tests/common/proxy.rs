@@ -261,6 +261,9 @@ pub enum FaultKind {
     Reset,
     /// No answer for a long time: the client's timeout must fire.
     Stall,
+    /// An S3 error answer with this status and code, for what the local server does not enforce
+    /// (a policy that denies, a wrong region, a skewed clock).
+    Refuse { status: u16, code: &'static str },
 }
 
 /// Which requests of a bucket to fault: a share of them (0.0–1.0, deterministic from `seed`),
@@ -420,6 +423,9 @@ async fn handle(
             "InternalError",
             "We encountered an internal error. Please try again.",
         ),
+        Some(FaultKind::Refuse { status, code }) => {
+            s3_error(status, code, "Refused by the test's fault plan.")
+        }
         Some(FaultKind::Stall) => {
             tokio::time::sleep(stall.unwrap_or_default()).await;
             forward(&state, req).await
