@@ -25,7 +25,10 @@ pub struct RunLock {
 pub enum LockError {
     #[error("another nightcopy run holds the lock in {dir} (PID {pid}): this run is skipped")]
     Held { dir: String, pid: String },
-    #[error("cannot open the lock file in {0}: {1}")]
+    #[error(
+        "cannot open the lock file in {0}: {1} (the state directory must be writable by the user \
+         nightcopy runs as: check its owner and mode, and that its filesystem is not read-only)"
+    )]
     Io(String, io::Error),
 }
 

@@ -797,3 +797,44 @@ fn a_run_that_makes_no_progress_stops_feeding_the_watchdog() {
         "the watchdog was fed while nothing moved: {during:?}"
     );
 }
+
+/// A state directory nightcopy cannot write ends the run before anything is read or sent, with
+/// what to check; the lock file is the first write, the manifest the next.
+#[test]
+fn a_read_only_state_directory_is_fatal_and_says_what_to_check() {
+    let c = Case::new("ro-state");
+    c.write("a.txt", b"a");
+    fs::create_dir(c.state_dir()).unwrap();
+    fs::set_permissions(c.state_dir(), fs::Permissions::from_mode(0o500)).unwrap();
+    let out = c.run_with(&["run"], unprivileged());
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("cannot open the lock file")
+            && out
+                .stderr
+                .contains("must be writable by the user nightcopy runs as"),
+        "{}",
+        out.stderr
+    );
+    assert!(c.ops().is_empty(), "{:?}", c.ops());
+
+    // After a first run the lock file exists and opens; the new manifest is the first write.
+    fs::set_permissions(c.state_dir(), fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(c.run(&["run"]).code, 0);
+    c.write("b.txt", b"b");
+    fs::set_permissions(c.state_dir(), fs::Permissions::from_mode(0o500)).unwrap();
+    let out = c.run_with(&["run"], unprivileged());
+    fs::set_permissions(c.state_dir(), fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("cannot write the manifest")
+            && out.stderr.contains("is the disk full or read-only?"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        c.count(Op::PutObject),
+        1,
+        "nothing uploaded that would not be recorded"
+    );
+}
