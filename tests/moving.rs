@@ -107,3 +107,97 @@ fn files_that_vanish_after_the_scan_are_counted_not_errors() {
     );
     assert_eq!(s3().list_keys(&c.dest).len() + vanished, 20, "{summary}");
 }
+
+/// The trees a real filesystem holds that a walk trips on: a directory nobody may read, a symlink
+/// loop (with `symlinks: follow`), a path deeper than PATH_MAX, a sparse file, an empty file.
+/// Each has its outcome (docs/failure-modes.md); the run goes on and copies everything else.
+#[test]
+fn awkward_trees_never_stop_the_run() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Case::new("awkward");
+    c.source_extra = "  symlinks: follow\n".into();
+    c.write("a-first.txt", b"first");
+    c.write("empty", b"");
+    c.write("locked/inner/secret.txt", b"never seen");
+    fs::set_permissions(c.src.join("locked"), fs::Permissions::from_mode(0o000)).unwrap();
+    fs::create_dir(c.src.join("loop")).unwrap();
+    std::os::unix::fs::symlink("..", c.src.join("loop/up")).unwrap();
+    // Sparse: 10 MiB of hole, then a few bytes (multipart at the test's 6 MiB threshold).
+    {
+        let mut f = fs::File::create(c.src.join("sparse.bin")).unwrap();
+        f.seek(SeekFrom::Start(10 * 1024 * 1024)).unwrap();
+        f.write_all(b"end").unwrap();
+    }
+    // Deeper than PATH_MAX (4,096 bytes): built one directory at a time, relative to the last.
+    let mut dir = nix::fcntl::open(
+        &c.src,
+        nix::fcntl::OFlag::O_DIRECTORY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap();
+    let name = "d".repeat(250);
+    nix::sys::stat::mkdirat(
+        &dir,
+        "deep",
+        nix::sys::stat::Mode::from_bits_truncate(0o755),
+    )
+    .unwrap();
+    dir = nix::fcntl::openat(
+        &dir,
+        "deep",
+        nix::fcntl::OFlag::O_DIRECTORY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap();
+    for _ in 0..20 {
+        nix::sys::stat::mkdirat(
+            &dir,
+            name.as_str(),
+            nix::sys::stat::Mode::from_bits_truncate(0o755),
+        )
+        .unwrap();
+        dir = nix::fcntl::openat(
+            &dir,
+            name.as_str(),
+            nix::fcntl::OFlag::O_DIRECTORY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+    }
+    let fd = nix::fcntl::openat(
+        &dir,
+        "deep.txt",
+        nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY,
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    nix::unistd::write(&fd, b"too deep").unwrap();
+    c.write("z-last.txt", b"last");
+
+    let out = c.run_with(&["run"], common::run::unprivileged());
+    fs::set_permissions(c.src.join("locked"), fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    // The unreadable directory, the loop and the deep path: one walk error each, named.
+    assert_eq!(out.figure("transfer errors"), 3, "{}", out.stderr);
+    for says in [
+        "src/locked: IO error",
+        "Permission denied",
+        "loop/up: symlink loop: not followed",
+        "File name too long",
+    ] {
+        assert!(out.stderr.contains(says), "{says:?} not in\n{}", out.stderr);
+    }
+    assert_eq!(
+        s3().list_keys(&c.dest),
+        [
+            c.key("a-first.txt"),
+            c.key("empty"),
+            c.key("sparse.bin"),
+            c.key("z-last.txt")
+        ]
+    );
+    let mut sparse = vec![0u8; 10 * 1024 * 1024];
+    sparse.extend_from_slice(b"end");
+    assert_eq!(s3().get(&c.dest, &c.key("sparse.bin")).body, sparse);
+    assert!(s3().get(&c.dest, &c.key("empty")).body.is_empty());
+}
