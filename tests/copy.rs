@@ -200,6 +200,8 @@ fn a_multipart_file_round_trips_content_and_checksums() {
     c.write("big.bin", &big);
     let medium = pseudo_random(3 * 1024 * 1024 + 5, 9); // streamed single PUT
     c.write("medium.bin", &medium);
+    let small = pseudo_random(1000, 11); // single PUT from memory
+    c.write("small.bin", &small);
     let out = c.run(&["run"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(c.count(Op::CreateMultipartUpload), 1, "{:?}", c.ops());
@@ -233,6 +235,26 @@ fn a_multipart_file_round_trips_content_and_checksums() {
     }
     let m = s3().get(&c.dest, &c.key("medium.bin"));
     assert_eq!(sha(&m.body), sha(&medium));
+    // Single PUTs, streamed or from memory, carry the SHA-256 of the whole file, for S3 to check.
+    let mut puts: Vec<_> = s3()
+        .requests(&c.dest)
+        .into_iter()
+        .filter(|r| r.op == Op::PutObject)
+        .map(|r| {
+            (
+                r.key.clone(),
+                r.header("x-amz-checksum-sha256").map(str::to_owned),
+            )
+        })
+        .collect();
+    puts.sort();
+    assert_eq!(
+        puts,
+        [
+            (c.key("medium.bin"), Some(b64(&medium))),
+            (c.key("small.bin"), Some(b64(&small)))
+        ]
+    );
     // The manifest records the whole-file SHA-256 of what was read.
     let manifest = fs::read_to_string(c.root.join("state/manifest")).unwrap();
     assert!(manifest.contains(&hex::encode(sha(&big))), "{manifest}");
