@@ -258,6 +258,10 @@ fn instance_role_credentials_come_from_imdsv2_and_never_show() {
     for secret_value in [secret.as_str(), token] {
         assert!(!everything.contains(secret_value), "a credential leaked");
     }
+    // Nor a request signature (the Authorization header's, or a presigned URL's).
+    for signed in ["Signature=", "X-Amz-Signature", "AWS4-HMAC-SHA256"] {
+        assert!(!everything.contains(signed), "a signature leaked: {signed}");
+    }
 }
 
 #[test]
