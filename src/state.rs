@@ -115,8 +115,10 @@ pub fn write_record(state_dir: &Path, record: &RunRecord) -> io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    serde_json::to_writer_pretty(&mut f, record)?;
-    f.write_all(b"\n")?;
+    // One write: serde_json writes token by token, a syscall each on an unbuffered file.
+    let mut text = serde_json::to_vec_pretty(record)?;
+    text.push(b'\n');
+    f.write_all(&text)?;
     f.sync_all()?;
     fs::rename(&tmp, state_dir.join(RECORD_FILE))
 }
