@@ -1,17 +1,27 @@
-//! The filesystem moving underneath a run: files rewritten while they are read, files that vanish
-//! between the scan and the upload. A file is recorded as backed up only when what S3 holds is
+//! The filesystem moving underneath a run: files rewritten, grown or shrunk while they are read,
+//! files that vanish between the scan and the upload. A file is recorded as backed up only when what S3 holds is
 //! what was read and the file did not change meanwhile.
 
 mod common;
 
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::fcntl::AT_FDCWD;
+use nix::sys::fanotify::{
+    EventFFlags, Fanotify, FanotifyEvent, FanotifyResponse, InitFlags, MarkFlags, MaskFlags,
+    Response,
+};
+
 use common::proxy::Op;
-use common::run::{pseudo_random, Case};
+use common::run::{pseudo_random, Case, Output};
 use common::s3::s3;
 
 #[test]
@@ -200,4 +210,217 @@ fn awkward_trees_never_stop_the_run() {
     sparse.extend_from_slice(b"end");
     assert_eq!(s3().get(&c.dest, &c.key("sparse.bin")).body, sparse);
     assert!(s3().get(&c.dest, &c.key("empty")).body.is_empty());
+}
+
+/// Holds each open (and, when asked, each read) of the files and directories it watches until the
+/// test answers it — fanotify permission events — so a test changes the tree at an exact point of
+/// a run: inside a read that takes microseconds, or after the scan has seen a directory and before
+/// its files are opened. A writer racing the read could not promise either. Needs root.
+struct Gate(Fanotify);
+
+/// One open or read, held until `Gate::allow`.
+struct Access {
+    event: FanotifyEvent,
+    path: PathBuf,
+    read: bool,
+}
+
+impl Gate {
+    fn new() -> Gate {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test holds nightcopy's reads with fanotify: run as root (CI does)"
+        );
+        Gate(
+            Fanotify::init(
+                InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
+                EventFFlags::O_RDONLY | EventFFlags::O_CLOEXEC | EventFFlags::O_LARGEFILE,
+            )
+            .unwrap(),
+        )
+    }
+
+    /// Holds every open of `path` (a file or a directory) and, with `reads`, every read of it.
+    fn watch(&self, path: &Path, reads: bool) {
+        let mut mask = MaskFlags::FAN_OPEN_PERM | MaskFlags::FAN_ONDIR;
+        if reads {
+            mask |= MaskFlags::FAN_ACCESS_PERM;
+        }
+        self.0
+            .mark(MarkFlags::FAN_MARK_ADD, mask, AT_FDCWD, Some(path))
+            .unwrap();
+    }
+
+    fn allow(&self, access: Access) {
+        let fd = access.event.fd().expect("a permission event has a file");
+        self.0
+            .write_response(FanotifyResponse::new(fd, Response::FAN_ALLOW))
+            .unwrap();
+    }
+
+    /// Runs nightcopy, handing each held access to `on_access`, which must allow it sooner or
+    /// later. Ends when nightcopy exits (or fails the test after a minute).
+    fn run(&self, c: &Case, args: &[&str], mut on_access: impl FnMut(&Gate, Access)) -> Output {
+        let stderr_path = c.root.join("stderr");
+        let mut child = c
+            .command(args, None)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let status = loop {
+            match self.0.read_events() {
+                Ok(events) => {
+                    for event in events {
+                        let Some(fd) = event.fd() else { continue };
+                        let path =
+                            fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+                        let read = event.mask().contains(MaskFlags::FAN_ACCESS_PERM);
+                        on_access(self, Access { event, path, read });
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN) => {
+                    if let Some(status) = child.try_wait().unwrap() {
+                        break status;
+                    }
+                    if started.elapsed() > Duration::from_secs(60) {
+                        child.kill().unwrap();
+                        child.wait().unwrap();
+                        panic!("the run did not end within a minute");
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("fanotify: {e}"),
+            }
+        };
+        Output {
+            code: status.code().unwrap_or(-1),
+            stdout: String::new(),
+            stderr: fs::read_to_string(&stderr_path).unwrap(),
+        }
+    }
+}
+
+/// A file that nightcopy will see change inside its read: `limit` times, once per open, at the
+/// first read after the open.
+struct Changing {
+    name: &'static str,
+    path: PathBuf,
+    writer: fs::File,
+    limit: usize,
+    changes: usize,
+    armed: bool,
+}
+
+/// Files of each size class (read into memory; hashed, then streamed by the SDK; multipart) that
+/// grow or shrink inside every read, and one small file that changes in its first read only.
+/// Each changing file must end up a transfer error naming it, with nothing in the bucket and
+/// nothing in the manifest for it; the one that changed once is retried and sent as it is after
+/// its change; and once the files are quiet, the next run backs them up as they are then.
+fn files_changing_while_they_are_read_are_never_recorded(hint: &str, grow: bool) {
+    let c = Case::new(hint);
+    c.write("calm.txt", b"calm");
+    // Read into memory (up to SMALL_BODY); hashed, then streamed (below the test's 6 MiB
+    // threshold); multipart (3 parts); and the one that changes once.
+    let sizes = [
+        ("hot-memory.bin", 64 * 1024),
+        ("hot-streamed.bin", 3 * 1024 * 1024),
+        ("hot-multipart.bin", 12 * 1024 * 1024),
+        ("once.bin", 64 * 1024),
+    ];
+    let gate = Gate::new();
+    let mut files: Vec<Changing> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &(name, size))| {
+            let path = c.write(name, &pseudo_random(size, i as u8 + 1));
+            // Opened before the watch: the gate would hold this open too.
+            let writer = fs::OpenOptions::new().write(true).open(&path).unwrap();
+            gate.watch(&path, true);
+            Changing {
+                name,
+                writer,
+                path,
+                limit: if name == "once.bin" { 1 } else { usize::MAX },
+                changes: 0,
+                armed: false,
+            }
+        })
+        .collect();
+    let out = gate.run(&c, &["run"], |gate, access| {
+        if let Some(f) = files.iter_mut().find(|f| f.path == access.path) {
+            if !access.read {
+                f.armed = true;
+            } else if f.armed {
+                f.armed = false;
+                if f.changes < f.limit {
+                    let len = f.writer.metadata().unwrap().len();
+                    if grow {
+                        let more = pseudo_random(4096, f.changes as u8 + 100);
+                        f.writer.write_all_at(&more, len).unwrap();
+                    } else {
+                        f.writer.set_len(len - 4096).unwrap();
+                    }
+                    f.changes += 1;
+                }
+            }
+        }
+        gate.allow(access);
+    });
+    drop(gate);
+
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert_eq!(out.figure("transfer errors"), 3, "{}", out.stderr);
+    for f in &files {
+        let says = format!("{}: kept changing while it was read", f.name);
+        if f.name == "once.bin" {
+            assert_eq!(f.changes, 1, "{}", f.name);
+            assert!(!out.stderr.contains(&says), "{}", out.stderr);
+        } else {
+            // Changed in the first read and again in the retry's: read twice, never more.
+            assert_eq!(f.changes, 2, "{}", f.name);
+            assert!(
+                out.stderr.contains(&says),
+                "{says:?} not in\n{}",
+                out.stderr
+            );
+        }
+    }
+    assert_eq!(c.count(Op::CompleteMultipartUpload), 0, "{:?}", c.ops());
+    assert_eq!(c.count(Op::AbortMultipartUpload), 2, "{:?}", c.ops());
+    // Nothing of the changing files reached the bucket; the one that changed once went up as it
+    // is after its change, a whole version of it.
+    assert_eq!(
+        s3().list_keys(&c.dest),
+        [c.key("calm.txt"), c.key("once.bin")]
+    );
+    assert_eq!(
+        s3().get(&c.dest, &c.key("once.bin")).body,
+        fs::read(c.src.join("once.bin")).unwrap()
+    );
+    let manifest = fs::read_to_string(c.state_dir().join("manifest")).unwrap();
+    assert!(
+        !manifest.contains("hot-") && manifest.contains("once.bin"),
+        "{manifest}"
+    );
+
+    // Quiet now: the next run backs them up with the content they have then.
+    let again = c.run(&["run"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.figure("files transferred"), 3, "{}", again.stderr);
+    for f in files.iter().filter(|f| f.name != "once.bin") {
+        let body = s3().get(&c.dest, &c.key(f.name)).body;
+        assert!(body == fs::read(&f.path).unwrap(), "{}", f.name);
+    }
+}
+
+#[test]
+fn a_file_that_grows_while_it_is_read_is_never_recorded_and_is_left_for_the_next_run() {
+    files_changing_while_they_are_read_are_never_recorded("grows", true);
+}
+
+#[test]
+fn a_file_that_shrinks_while_it_is_read_is_never_recorded_and_is_left_for_the_next_run() {
+    files_changing_while_they_are_read_are_never_recorded("shrinks", false);
 }
