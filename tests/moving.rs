@@ -1,5 +1,5 @@
 //! The filesystem moving underneath a run: files rewritten, grown or shrunk while they are read,
-//! files that vanish between the scan and the upload. A file is recorded as backed up only when what S3 holds is
+//! files and directories that vanish between the scan and the upload. A file is recorded as backed up only when what S3 holds is
 //! what was read and the file did not change meanwhile.
 
 mod common;
@@ -423,4 +423,79 @@ fn a_file_that_grows_while_it_is_read_is_never_recorded_and_is_left_for_the_next
 #[test]
 fn a_file_that_shrinks_while_it_is_read_is_never_recorded_and_is_left_for_the_next_run() {
     files_changing_while_they_are_read_are_never_recorded("shrinks", false);
+}
+
+/// The walk has listed `gone/` and stat'ed its files, the uploads have not reached them: the
+/// directory is removed then. Each of its files is counted as vanished — no error, exit 0 — and
+/// the rest of the tree is copied.
+#[test]
+fn a_directory_that_vanishes_between_the_scan_and_the_upload_is_counted_not_an_error() {
+    let mut c = Case::new("vanish-dir");
+    // One file at a time, so the first upload, held below, keeps every other file waiting.
+    c.transfer_extra = "  concurrency: 1\n".into();
+    let before: Vec<PathBuf> = (0..4)
+        .map(|i| c.write(&format!("a/f{i}.txt"), format!("a{i}").as_bytes()))
+        .collect();
+    let gone: Vec<PathBuf> = (0..5)
+        .map(|i| c.write(&format!("gone/f{i}.txt"), format!("gone{i}").as_bytes()))
+        .collect();
+    // Walked after `gone/`: when the walk opens it, every file of `gone/` has been stat'ed.
+    c.write("later/last.txt", b"last");
+    let (gone_dir, later_dir) = (c.src.join("gone"), c.src.join("later"));
+
+    let gate = Gate::new();
+    for p in &before {
+        gate.watch(p, false);
+    }
+    gate.watch(&gone_dir, false);
+    gate.watch(&later_dir, false);
+    // The first upload's open is held, and the walk may enter `gone/` only once it is; when the
+    // walk then enters `later/`, `gone/` is removed and the upload goes on.
+    let (mut held_upload, mut held_walk, mut removed) = (None, None, false);
+    let out = gate.run(&c, &["run"], |gate, access| {
+        if removed {
+            gate.allow(access);
+        } else if access.path == gone_dir {
+            match held_upload {
+                Some(_) => gate.allow(access),
+                None => held_walk = Some(access),
+            }
+        } else if access.path == later_dir {
+            gate.allow(access);
+            for p in &gone {
+                fs::remove_file(p).unwrap();
+            }
+            fs::remove_dir(&gone_dir).unwrap();
+            removed = true;
+            if let Some(upload) = held_upload.take() {
+                gate.allow(upload);
+            }
+        } else {
+            assert!(held_upload.is_none(), "a second upload at concurrency 1");
+            held_upload = Some(access);
+            if let Some(walk) = held_walk.take() {
+                gate.allow(walk);
+            }
+        }
+    });
+    drop(gate);
+
+    assert!(removed, "the walk never entered later/:\n{}", out.stderr);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.figure("transfer errors"), 0, "{}", out.stderr);
+    assert_eq!(out.figure("scanned"), 10, "{}", out.stderr);
+    assert_eq!(out.figure("vanished"), 5, "{}", out.stderr);
+    for i in 0..5 {
+        let says = format!("gone/f{i}.txt: vanished before it could be read");
+        assert!(
+            out.stderr.contains(&says),
+            "{says:?} not in\n{}",
+            out.stderr
+        );
+    }
+    let mut want: Vec<String> = (0..4).map(|i| c.key(&format!("a/f{i}.txt"))).collect();
+    want.push(c.key("later/last.txt"));
+    assert_eq!(s3().list_keys(&c.dest), want);
+    let manifest = fs::read_to_string(c.state_dir().join("manifest")).unwrap();
+    assert!(!manifest.contains("gone/"), "{manifest}");
 }
