@@ -67,8 +67,13 @@ pub enum Fatal {
     Region(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("state directory: cannot write the manifest: {0} (is the disk full or read-only?)")]
-    Manifest(std::io::Error),
+    #[error(
+        "cannot write the manifest in the state directory {0}: {1}: free space on its filesystem or \
+         make it writable (is the disk full or read-only?); nothing is lost: the last complete \
+         manifest is kept, and what this run uploaded stays in the bucket, where the next run \
+         finds it"
+    )]
+    Manifest(String, std::io::Error),
     #[error("stopped by {} before the copy completed; what was uploaded is kept and the next run goes on from there",
             if *.0 == nix::libc::SIGINT { "SIGINT" } else { "SIGTERM" })]
     Stopped(i32),
@@ -85,6 +90,7 @@ pub async fn copy<S: ObjectStore>(
 ) -> Result<(), Fatal> {
     let prefix = config.destination.prefix.as_str().to_owned();
     let destination = config.destination_id();
+    let manifest_error = |e| Fatal::Manifest(config.state_dir.0.display().to_string(), e);
 
     let mut manifest = match manifest::open(&config.state_dir.0, &destination) {
         Ok(m) => m,
@@ -134,7 +140,7 @@ pub async fn copy<S: ObjectStore>(
     let mut writer = if opts.dry_run {
         None
     } else {
-        Some(manifest::Writer::create(&config.state_dir.0, &destination).map_err(Fatal::Manifest)?)
+        Some(manifest::Writer::create(&config.state_dir.0, &destination).map_err(manifest_error)?)
     };
     let uploader = Arc::new(Uploader::new(
         store.clone(),
@@ -162,7 +168,7 @@ pub async fn copy<S: ObjectStore>(
         match outcome {
             Ok(Some(record)) => {
                 if let Some(w) = writer.as_mut() {
-                    w.push(&record).map_err(Fatal::Manifest)?;
+                    w.push(&record).map_err(manifest_error)?;
                 }
             }
             Ok(None) => {}
@@ -185,15 +191,15 @@ pub async fn copy<S: ObjectStore>(
             if let Ok(Some(old)) = manifest::open(&config.state_dir.0, &destination) {
                 let last = w.last_key().map(str::to_owned);
                 for entry in old.filter(|e| last.as_ref().is_none_or(|l| e.key > *l)) {
-                    w.push(&entry).map_err(Fatal::Manifest)?;
+                    w.push(&entry).map_err(manifest_error)?;
                 }
             }
-            w.commit().map_err(Fatal::Manifest)?;
+            w.commit().map_err(manifest_error)?;
         }
         return Err(Fatal::Stopped(sig));
     }
     if let Some(w) = writer {
-        w.commit().map_err(Fatal::Manifest)?;
+        w.commit().map_err(manifest_error)?;
     }
     Ok(())
 }

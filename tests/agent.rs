@@ -842,3 +842,135 @@ fn a_read_only_state_directory_is_fatal_and_says_what_to_check() {
         "nothing uploaded that would not be recorded"
     );
 }
+
+/// A small tmpfs at the case's state directory, in a mount namespace of its own that a `sleep`
+/// child holds for the test's length: nightcopy runs enter that namespace, the test reaches the
+/// files through `/proc/PID/root`. Nothing is mounted on the host. Needs root.
+struct SmallStateFs {
+    holder: std::process::Child,
+    ns: fs::File,
+}
+
+impl SmallStateFs {
+    fn mount(c: &Case, options: &'static std::ffi::CStr) -> SmallStateFs {
+        fs::create_dir(c.state_dir()).unwrap();
+        let target = std::ffi::CString::new(c.state_dir().as_os_str().as_encoded_bytes()).unwrap();
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("600");
+        // SAFETY: only system calls run between fork and exec, no allocation or locking.
+        unsafe {
+            cmd.pre_exec(move || {
+                common::run::private_mount_namespace()?;
+                common::run::mount_tmpfs_with(target.as_c_str(), options)?;
+                Ok(())
+            });
+        }
+        // spawn returns once the child has exec'd, so after the mount.
+        let holder = cmd.spawn().unwrap();
+        let ns = fs::File::open(format!("/proc/{}/ns/mnt", holder.id())).unwrap();
+        SmallStateFs { holder, ns }
+    }
+
+    /// The state directory as the test sees it.
+    fn dir(&self, c: &Case) -> std::path::PathBuf {
+        let state = c.state_dir();
+        std::path::Path::new(&format!("/proc/{}/root", self.holder.id()))
+            .join(state.strip_prefix("/").unwrap())
+    }
+
+    fn run(&self, c: &Case, args: &[&str]) -> Output {
+        let mut cmd = c.command(args, None);
+        let ns = self.ns.try_clone().unwrap();
+        // SAFETY: one system call between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || Ok(nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS)?));
+        }
+        let out = cmd.output().unwrap();
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl Drop for SmallStateFs {
+    fn drop(&mut self) {
+        // The namespace, and the tmpfs with it, go once its holder is gone and `ns` is closed.
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// The state directory's filesystem is full when the new manifest is written, at the end of a
+/// run that has uploaded files: the run fails (exit 1) with one message that names the directory,
+/// says what to do and that nothing is lost — and nothing is: the previous manifest is kept byte
+/// for byte, the objects stay, and once there is space the next run finds them in the listing
+/// and uploads nothing again.
+#[test]
+fn a_full_state_directory_is_fatal_says_what_to_do_and_loses_nothing() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test mounts a small tmpfs in a private mount namespace: run as root (CI does)"
+    );
+    let c = Case::new("full-state");
+    c.write("a.txt", b"a");
+    let small = SmallStateFs::mount(&c, c"size=64k,mode=0700");
+    let state = small.dir(&c);
+    let first = small.run(&c, &["run"]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let manifest = fs::read(state.join("manifest")).unwrap();
+
+    let mut filler = fs::File::create(state.join("filler")).unwrap();
+    loop {
+        match filler.write(&[0; 4096]) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // An open file would keep its space after the unlink below.
+    drop(filler);
+    // An hour old, so the objects uploaded below are newer than the files by any clock's grain.
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    for name in ["b.txt", "c.txt"] {
+        let p = c.write(name, name.as_bytes());
+        fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+    }
+
+    let out = small.run(&c, &["run"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let said: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("cannot write the manifest"))
+        .collect();
+    assert_eq!(said.len(), 1, "{}", out.stderr);
+    let dir = c.state_dir().display().to_string();
+    for says in [
+        dir.as_str(),
+        "No space left on device",
+        "free space",
+        "nothing is lost",
+    ] {
+        assert!(said[0].contains(says), "{says:?} not in {}", said[0]);
+    }
+    assert_eq!(fs::read(state.join("manifest")).unwrap(), manifest);
+    let keys = [c.key("a.txt"), c.key("b.txt"), c.key("c.txt")];
+    assert_eq!(s3().list_keys(&c.dest), keys);
+
+    fs::remove_file(state.join("filler")).unwrap();
+    let puts = c.count(Op::PutObject);
+    let again = small.run(&c, &["run"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.figure("files transferred"), 0, "{}", again.stderr);
+    assert_eq!(c.count(Op::PutObject), puts);
+    let manifest = fs::read_to_string(state.join("manifest")).unwrap();
+    assert!(manifest.contains("b.txt") && manifest.contains("c.txt"));
+    c.assert_no_delete();
+}

@@ -240,6 +240,17 @@ pub fn mount_tmpfs(target: &std::ffi::CStr) -> nix::Result<()> {
     )
 }
 
+/// Mounts a tmpfs at `target` with mount options, e.g. `c"size=64k,mode=0700"`.
+pub fn mount_tmpfs_with(target: &std::ffi::CStr, options: &std::ffi::CStr) -> nix::Result<()> {
+    nix::mount::mount(
+        Some("tmpfs"),
+        target,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some(options),
+    )
+}
+
 pub fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
     let mut x = u32::from(seed) | 1;
     (0..len)
