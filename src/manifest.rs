@@ -196,6 +196,9 @@ impl Iterator for Reader {
 pub struct Writer {
     out: BufWriter<File>,
     tmp: PathBuf,
+    /// Removes the unfinished file if the run ends without `commit` (a fatal error, a full disk):
+    /// a torn `manifest.new` would otherwise sit in the state directory until the next run.
+    _unfinished: Unfinished,
     path: PathBuf,
     hash: Sha256,
     count: u64,
@@ -215,6 +218,7 @@ impl Writer {
             .open(&tmp)?;
         let mut w = Writer {
             out: BufWriter::with_capacity(256 * 1024, file),
+            _unfinished: Unfinished(Some(tmp.clone())),
             tmp,
             path,
             hash: Sha256::new(),
@@ -259,10 +263,21 @@ impl Writer {
         let file = self.out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         fs::rename(&self.tmp, &self.path)?;
+        self._unfinished.0 = None;
         if let Some(dir) = self.path.parent() {
             File::open(dir)?.sync_all()?;
         }
         Ok(self.count)
+    }
+}
+
+struct Unfinished(Option<PathBuf>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = fs::remove_file(path);
+        }
     }
 }
 
@@ -327,6 +342,26 @@ mod tests {
                 .collect();
             assert_eq!(cuts.keys, want, "{n}");
         }
+    }
+
+    #[test]
+    fn an_abandoned_write_leaves_no_unfinished_file() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = Writer::create(d.path(), "x").unwrap();
+        w.push(&e("a", true)).unwrap();
+        assert!(d.path().join("manifest.new").exists());
+        drop(w);
+        assert!(!d.path().join("manifest.new").exists());
+        assert!(open(d.path(), "x").unwrap().is_none());
+
+        let mut w = Writer::create(d.path(), "x").unwrap();
+        w.push(&e("a", true)).unwrap();
+        w.commit().unwrap();
+        let names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [FILE_NAME]);
     }
 
     #[test]
