@@ -62,7 +62,7 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
 
     // Guard, part 1: a run that is skipped leaves no trace but one log line and exit 75. A state
     // directory that cannot be used is a failure like any other (published, LastSuccess=0).
-    let fail_early = |e: Fatal| {
+    let fail_early = |e: Fatal, previous| {
         let stats = Arc::new(Stats::default());
         finish(
             config,
@@ -72,16 +72,16 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
             started,
             started_unix,
             Some(e),
-            None,
+            previous,
         )
     };
     if let Err(e) = guard::prepare_state_dir(state_dir) {
-        return fail_early(e.into()).await;
+        return fail_early(e.into(), None).await;
     }
     let _lock = match state::lock(state_dir) {
         Ok(l) => l,
         Err(e @ state::LockError::Held { .. }) => return skip(&e.to_string()),
-        Err(e) => return fail_early(e.into()).await,
+        Err(e) => return fail_early(e.into(), None).await,
     };
     let previous = state::read_record(state_dir);
     if !opts.force && !opts.dry_run {
@@ -93,23 +93,11 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
     }
 
     // Guard, part 2: failures from here on are real failures, published as LastSuccess=0.
-    let stats = Arc::new(Stats::default());
     let sdk = match load_sdk(config).await {
         Ok(s) => s,
-        Err(e) => {
-            return finish(
-                config,
-                opts,
-                None,
-                stats,
-                started,
-                started_unix,
-                Some(e),
-                previous,
-            )
-            .await
-        }
+        Err(e) => return fail_early(e, previous).await,
     };
+    let stats = Arc::new(Stats::default());
     let checked = async {
         guard::check_source(&config.source.path.0, config.source.require_mountpoint)?;
         check_credentials(&sdk).await
