@@ -177,9 +177,18 @@ fn missing_objects_and_size_mismatches_are_reported_one_line_each() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let kinds: Vec<&str> = lines.iter().filter_map(|l| l["kind"].as_str()).collect();
-    assert_eq!(kinds, ["missing", "size-mismatch"]);
-    assert_eq!(lines[0]["key"], c.key("b.txt"));
+    // Problems are printed as the concurrent checks find them, so in no fixed order (as the
+    // text form, sorted by `problems`).
+    let mut found: Vec<(&str, &str)> = lines
+        .iter()
+        .filter_map(|l| Some((l["kind"].as_str()?, l["key"].as_str()?)))
+        .collect();
+    found.sort();
+    let (b, c_key) = (c.key("b.txt"), c.key("c.txt"));
+    assert_eq!(
+        found,
+        [("missing", b.as_str()), ("size-mismatch", c_key.as_str())]
+    );
     let summary = lines.last().unwrap();
     assert_eq!(summary["outcome"], "problems");
     assert_eq!(summary["missing"], 1);
