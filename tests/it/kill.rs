@@ -3,14 +3,12 @@
 //! different from its file; no file the manifest records as done is missing; the manifest is never
 //! trusted when damaged.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::time::{Duration, Instant};
 
-use common::run::{pseudo_random, Case};
-use common::s3::s3;
+use crate::common::run::{pseudo_random, Case};
+use crate::common::s3::s3;
 
 #[test]
 fn sigkill_at_random_moments_never_loses_or_corrupts_anything() {

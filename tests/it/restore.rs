@@ -5,8 +5,6 @@
 //! versions, which s3s-fs does not keep, so those tests run against moto (in memory, versioning,
 //! but it checks no checksums), started once for this test binary by [`moto`] below.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, FileTimes};
@@ -16,10 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::common::proxy::Op;
+use crate::common::run::{pseudo_random, Case, Output};
+use crate::common::s3::s3;
 use aws_sdk_s3::primitives::ByteStream;
-use common::proxy::Op;
-use common::run::{pseudo_random, Case, Output};
-use common::s3::s3;
 use sha2::{Digest, Sha256};
 
 /// One restored or original file, as compared: content hash, size, mtime (ns), permission bits,
@@ -74,7 +72,7 @@ fn raw_name(bytes: &[u8]) -> PathBuf {
 
 /// A figure from restore's summary line, e.g. `figure(&out, "already there")`.
 fn figure(out: &Output, name: &str) -> u64 {
-    common::run::summary_figure(
+    crate::common::run::summary_figure(
         &out.stderr,
         |l| l.contains("restore ") && l.contains(" listed"),
         name,

@@ -3,14 +3,12 @@
 //! be lost, nothing may hang, and a dead endpoint must end the run in bounded time with a message
 //! that names it.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::proxy::{FaultKind, FaultPlan, Op};
-use common::run::{pseudo_random, Case};
-use common::s3::s3;
+use crate::common::proxy::{FaultKind, FaultPlan, Op};
+use crate::common::run::{pseudo_random, Case};
+use crate::common::s3::s3;
 use sha2::{Digest, Sha256};
 
 #[test]

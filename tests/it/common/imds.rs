@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
-use super::cloudwatch::{python, server_script, spawn_with_port_line, Output};
+use super::process::{python, server_script, spawn_with_port_line, Output};
 
 /// Variables that would let the default chain find credentials (or a region, or an IMDS
 /// setting) somewhere other than the stand-in. A child process running the chain should have

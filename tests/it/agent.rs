@@ -2,8 +2,6 @@
 //! PutMetricData read back from a real CloudWatch API, the run guard, the run record, the
 //! systemd notify protocol, the heartbeat — each through the real binary.
 
-mod common;
-
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -13,11 +11,11 @@ use std::os::unix::process::CommandExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::cloudwatch::{cloudwatch, unique_namespace};
-use common::imds::start_imds;
-use common::proxy::{FaultKind, FaultPlan, Op};
-use common::run::{unprivileged, Case, Output};
-use common::s3::s3;
+use crate::common::cloudwatch::{cloudwatch, unique_namespace};
+use crate::common::imds::start_imds;
+use crate::common::proxy::{FaultKind, FaultPlan, Op};
+use crate::common::run::{unprivileged, Case, Output};
+use crate::common::s3::s3;
 
 const SIX: [&str; 6] = [
     "LastSuccess",
@@ -556,7 +554,7 @@ fn sigterm_aborts_multipart_keeps_progress_publishes_failure_and_exits_143() {
     }
     c.write(
         "z-big.bin",
-        &common::run::pseudo_random(12 * 1024 * 1024, 1),
+        &crate::common::run::pseudo_random(12 * 1024 * 1024, 1),
     );
     c.transfer_extra = "  bandwidth-limit: 2MiB\n".into();
     let child = c
@@ -693,8 +691,8 @@ fn no_ca_certificates_package_is_fatal_and_says_what_to_install() {
         // SAFETY: only system calls run between fork and exec, no allocation or locking.
         unsafe {
             cmd.pre_exec(|| {
-                common::run::private_mount_namespace()?;
-                common::run::mount_tmpfs(c"/etc/ssl/certs")?;
+                crate::common::run::private_mount_namespace()?;
+                crate::common::run::mount_tmpfs(c"/etc/ssl/certs")?;
                 Ok(())
             });
         }
@@ -860,8 +858,8 @@ impl SmallStateFs {
         // SAFETY: only system calls run between fork and exec, no allocation or locking.
         unsafe {
             cmd.pre_exec(move || {
-                common::run::private_mount_namespace()?;
-                common::run::mount_tmpfs_with(target.as_c_str(), options)?;
+                crate::common::run::private_mount_namespace()?;
+                crate::common::run::mount_tmpfs_with(target.as_c_str(), options)?;
                 Ok(())
             });
         }

@@ -2,8 +2,6 @@
 //! files and directories that vanish between the scan and the upload. A file is recorded as backed up only when what S3 holds is
 //! what was read and the file did not change meanwhile.
 
-mod common;
-
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
@@ -20,9 +18,9 @@ use nix::sys::fanotify::{
     Response,
 };
 
-use common::proxy::Op;
-use common::run::{pseudo_random, Case, Output};
-use common::s3::s3;
+use crate::common::proxy::Op;
+use crate::common::run::{pseudo_random, Case, Output};
+use crate::common::s3::s3;
 
 #[test]
 fn a_file_rewritten_while_it_is_read_is_never_recorded_and_is_left_for_the_next_run() {
@@ -184,7 +182,7 @@ fn awkward_trees_never_stop_the_run() {
     nix::unistd::write(&fd, b"too deep").unwrap();
     c.write("z-last.txt", b"last");
 
-    let out = c.run_with(&["run"], common::run::unprivileged());
+    let out = c.run_with(&["run"], crate::common::run::unprivileged());
     fs::set_permissions(c.src.join("locked"), fs::Permissions::from_mode(0o755)).unwrap();
     assert_eq!(out.code, 2, "{}", out.stderr);
     // The unreadable directory, the loop and the deep path: one walk error each, named.

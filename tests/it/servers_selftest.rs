@@ -2,15 +2,13 @@
 //! endpoint stores what aws-sdk-cloudwatch publishes and serves it back, and the IMDS stand-in
 //! drives aws-config's default credential chain through the IMDSv2 token flow.
 
-mod common;
-
 use aws_config::BehaviorVersion;
 use aws_sdk_cloudwatch::config::ProvideCredentials;
 use aws_sdk_cloudwatch::types::{Dimension, MetricDatum, StandardUnit};
 use aws_types::os_shim_internal::{Env, Fs};
 
-use common::cloudwatch::{block_on, cloudwatch, unique_namespace};
-use common::imds::start_imds;
+use crate::common::cloudwatch::{block_on, cloudwatch, unique_namespace};
+use crate::common::imds::start_imds;
 
 /// The six figures nightcopy publishes at the end of a run, with their units.
 const SIX: [(&str, StandardUnit, f64); 6] = [
@@ -175,8 +173,9 @@ fn default_chain_takes_the_role_credentials_from_imds_v2() {
 #[test]
 fn imds_refuses_requests_without_a_token() {
     let imds = start_imds("r", "AK", "SK", "TK", "i-1", "us-east-1");
-    let (status, _) = common::cloudwatch::http_get(&imds.endpoint, "/latest/meta-data/instance-id")
-        .expect("GET to the IMDS stand-in");
+    let (status, _) =
+        crate::common::process::http_get(&imds.endpoint, "/latest/meta-data/instance-id")
+            .expect("GET to the IMDS stand-in");
     assert_eq!(status, 401);
     let log = imds.requests();
     assert_eq!(log.len(), 1, "{log:?}");

@@ -2,21 +2,19 @@
 //! (s3s-fs behind the counting proxy), then the bucket is damaged behind its back and verify must
 //! say so — one line per problem, the documented exit code, and never a write to the bucket.
 
-mod common;
-
 use std::fs;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
+use crate::common::run::{pseudo_random, unprivileged, Case, Output};
+use crate::common::s3::s3;
 use aws_sdk_s3::primitives::ByteStream;
-use common::run::{pseudo_random, unprivileged, Case, Output};
-use common::s3::s3;
 use sha2::{Digest, Sha256};
 
 /// A figure from verify's summary line, e.g. `figure(&out, "files compared")`.
 fn figure(out: &Output, name: &str) -> u64 {
-    common::run::summary_figure(
+    crate::common::run::summary_figure(
         &out.stderr,
         |l| l.contains("verify ") && l.contains(" files compared"),
         name,

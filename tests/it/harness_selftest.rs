@@ -2,8 +2,6 @@
 //! server starts, rejects a wrong SHA-256, takes a multipart upload with per-part checksums, and
 //! the proxy passes everything through while recording exactly the requests that were made.
 
-mod common;
-
 use std::collections::BTreeMap;
 
 use aws_sdk_s3::primitives::ByteStream;
@@ -12,8 +10,8 @@ use base64::Engine;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use common::proxy::{Op, Request};
-use common::s3::s3;
+use crate::common::proxy::{Op, Request};
+use crate::common::s3::s3;
 
 const MIB: usize = 1024 * 1024;
 

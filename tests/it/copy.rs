@@ -2,17 +2,15 @@
 //! default; `NIGHTCOPY_TEST_S3_ENDPOINT` points the suite elsewhere), every request counted by a
 //! proxy in front of it.
 
-mod common;
-
 use std::fs;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
+use crate::common::proxy::Op;
+use crate::common::run::{pseudo_random, unprivileged, Case};
+use crate::common::s3::s3;
 use base64::Engine as _;
-use common::proxy::Op;
-use common::run::{pseudo_random, unprivileged, Case};
-use common::s3::s3;
 use sha2::{Digest, Sha256};
 
 fn sha(b: &[u8]) -> Vec<u8> {
@@ -451,8 +449,8 @@ fn one_file_system_does_not_enter_another_mount() {
         // SAFETY: only system calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                common::run::private_mount_namespace()?;
-                common::run::mount_tmpfs(target.as_c_str())?;
+                crate::common::run::private_mount_namespace()?;
+                crate::common::run::mount_tmpfs(target.as_c_str())?;
                 let fd = nix::fcntl::open(
                     file.as_c_str(),
                     nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY,
@@ -538,7 +536,7 @@ fn without_a_manifest_an_existing_backup_is_trusted_by_size_and_upload_time() {
 }
 
 /// Runs with extra `destination:` keys (the Case writes the rest of the config).
-fn run_with_destination(c: &Case, extra: &str) -> common::run::Output {
+fn run_with_destination(c: &Case, extra: &str) -> crate::common::run::Output {
     let cfg = c.config_path();
     let yaml = fs::read_to_string(&cfg).unwrap();
     let text = yaml.replace(
@@ -554,7 +552,7 @@ fn run_with_destination(c: &Case, extra: &str) -> common::run::Output {
         .envs(s3().env())
         .output()
         .unwrap();
-    common::run::Output {
+    crate::common::run::Output {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),

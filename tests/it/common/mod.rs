@@ -2,11 +2,12 @@
 //! first use (an S3 API server behind a counting proxy, CloudWatch, an IMDSv2 stand-in), and
 //! running the real binary against them.
 
-// Each test binary compiles the whole of `common` and uses only a part of it.
+// The suite uses only a part of `common` at a time.
 #![allow(dead_code)]
 
 pub mod cloudwatch;
 pub mod imds;
+pub mod process;
 pub mod proxy;
 pub mod run;
 pub mod s3;

@@ -6,8 +6,6 @@
 //! its stderr — exactly the two things systemd provides. It needs root (to unshare the mount
 //! namespace), which CI has.
 
-mod common;
-
 use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -16,7 +14,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::run::{unprivileged, Case};
+use crate::common::run::{unprivileged, Case};
 
 /// Parses one datagram of journald's native protocol: `KEY=value\n`, or for values with
 /// newlines `KEY\n` + 64-bit little-endian length + value + `\n`.
@@ -71,8 +69,8 @@ fn under_systemd_the_journal_gets_structured_fields() {
     unsafe {
         cmd.pre_exec(move || {
             use nix::mount::{mount, MsFlags};
-            common::run::private_mount_namespace()?;
-            common::run::mount_tmpfs(c"/run")?;
+            crate::common::run::private_mount_namespace()?;
+            crate::common::run::mount_tmpfs(c"/run")?;
             nix::unistd::mkdir(
                 "/run/systemd",
                 nix::sys::stat::Mode::from_bits_truncate(0o755),

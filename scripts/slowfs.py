@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""slowfs: a read-only passthrough FUSE filesystem that sleeps in every metadata operation.
+
+Why: nightcopy walks mounted filesystems, and on a network filesystem (NFS, SMB, sshfs, a cloud
+bucket mount) with cold caches every stat, lookup and directory listing is a round trip. Local
+disks hide that, so benchmarks and tests of the walker mount SOURCE through slowfs with a fixed
+delay per operation and count the operations the kernel actually sent (whatever the tool did).
+
+    slowfs.py SOURCE MOUNTPOINT [--delay-ms 1.0] [--read-delay-ms 0] [--stats FILE]
+              [--max-threads 10] [--foreground]
+
+Needs: PyPI `mfusepy` (tested with 3.1.1), libfuse3 (Debian `fuse3`/`libfuse3-3`), /dev/fuse, root
+(or `user_allow_other` in /etc/fuse.conf for allow_other).
+
+Behaviour
+- Delay (`--delay-ms`) before getattr, readdir, opendir, open, readlink, access, statfs. In the
+  high-level libfuse API a kernel LOOKUP is served by getattr, so lookups are delayed and counted
+  as getattr. `read` is not delayed unless `--read-delay-ms` is given (once per read call).
+- Mount options: ro, multithreaded, use_ino (st_ino is the source's inode), attr_timeout=0,
+  entry_timeout=0, negative_timeout=0, default_permissions (the kernel checks mode bits against
+  the caller; the daemon itself reads as root), allow_other, fsname=slowfs, subtype=slowfs.
+- lstat semantics: symlinks are symlinks, FIFOs/sockets/devices keep their type (the kernel serves
+  their I/O itself, never the daemon). Regular files: os.open(O_NOFOLLOW) + pread. Errors pass
+  through as the source's errno. Names are bytes-exact: mfusepy decodes paths as UTF-8 with
+  surrogateescape; this script converts back to bytes explicitly, whatever the locale.
+- Always runs in the foreground (`--foreground` is accepted and is the only mode): callers
+  background it. Stop it with `umount MOUNTPOINT` (or `fusermount3 -u`); SIGTERM/SIGINT also
+  unmount. After a SIGKILL the mount stays ("Transport endpoint is not connected"): `umount -l`.
+
+Readiness: once the kernel's FUSE_INIT reaches the daemon (the mount exists by then) the script
+prints exactly one line `ready` to stdout (flushed), and writes the stats file (generation 1) if
+--stats is given. Alternatively poll /proc/self/mountinfo for MOUNTPOINT with type fuse.slowfs.
+
+Stats protocol (--stats FILE): JSON {"generation": N, "pid", "delay_ms", "read_delay_ms",
+"source", "mountpoint", "time", "reason", "ops": {"getattr": n, "readdir": n, ...}}, written
+atomically (FILE.tmp + rename, so readers never see a partial file).
+- SIGUSR1: write the current counters (generation + 1).
+- SIGUSR2: reset all counters to zero, then write (generation + 1, all ops 0).
+- Clean unmount: a final write with reason "unmount".
+A caller reads the current generation G, sends the signal to the slowfs PID (not to a wrapper
+shell or sudo), and polls until the file's generation > G. Do not rely on mtime alone: file
+timestamps come from the kernel's coarse clock, so two writes within a few ms can share one mtime.
+"""
+
+import argparse
+import errno
+import json
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+from collections import Counter
+
+import mfusepy as fuse
+
+STAT_KEYS = ('st_mode', 'st_ino', 'st_dev', 'st_nlink', 'st_uid', 'st_gid', 'st_rdev', 'st_size',
+             'st_blksize', 'st_blocks')
+
+
+class SlowFS(fuse.Operations):
+    use_ns = True  # times as integer nanoseconds (mfusepy's float seconds lose precision)
+
+    def __init__(self, source, mountpoint, delay, read_delay, stats_path):
+        self.root = os.fsencode(os.path.abspath(source)).rstrip(b'/')
+        self.source, self.mountpoint = os.path.abspath(source), os.path.abspath(mountpoint)
+        self.delay, self.read_delay, self.stats_path = delay, read_delay, stats_path
+        self.ops = Counter()
+        self.lock = threading.Lock()
+        self.generation = 0
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _real(self, path):
+        # mfusepy hands us str decoded with utf-8/surrogateescape; undo that byte-exactly.
+        return self.root + path.encode('utf-8', 'surrogateescape')
+
+    def _op(self, name, delay=None):
+        with self.lock:
+            self.ops[name] += 1
+        delay = self.delay if delay is None else delay
+        if delay > 0:
+            time.sleep(delay)
+
+    def write_stats(self, reason, reset=False):
+        if not self.stats_path:
+            return
+        with self.lock:
+            if reset:
+                self.ops.clear()
+            self.generation += 1
+            doc = {'generation': self.generation, 'pid': os.getpid(), 'reason': reason,
+                   'delay_ms': self.delay * 1e3, 'read_delay_ms': self.read_delay * 1e3,
+                   'source': self.source, 'mountpoint': self.mountpoint, 'time': time.time(),
+                   'ops': dict(sorted(self.ops.items()))}
+            tmp = f'{self.stats_path}.tmp'
+            with open(tmp, 'w') as f:
+                json.dump(doc, f, indent=1)
+                f.write('\n')
+            os.replace(tmp, self.stats_path)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def init(self, path):
+        self.write_stats('mounted')
+        print('ready', flush=True)
+
+    # -- metadata (delayed) ---------------------------------------------------------------------
+    def getattr(self, path, fh=None):
+        self._op('getattr')
+        st = os.lstat(self._real(path))
+        attrs = {k: getattr(st, k) for k in STAT_KEYS}
+        attrs.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
+        return attrs
+
+    def readlink(self, path):
+        self._op('readlink')
+        return os.readlink(self._real(path)).decode('utf-8', 'surrogateescape')
+
+    def access(self, path, amode):
+        # Not sent by the kernel under default_permissions; kept for completeness. The daemon is
+        # root, so os.access would say yes to everything: only check that the name exists.
+        self._op('access')
+        os.lstat(self._real(path))
+        return 0
+
+    def statfs(self, path):
+        self._op('statfs')
+        sv = os.statvfs(self._real(path))
+        return {k: getattr(sv, k) for k in ('f_bsize', 'f_frsize', 'f_blocks', 'f_bfree',
+                                            'f_bavail', 'f_files', 'f_ffree', 'f_favail',
+                                            'f_flag', 'f_namemax')}
+
+    def opendir(self, path):
+        self._op('opendir')
+        return os.open(self._real(path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def readdir(self, path, fh):
+        self._op('readdir')
+        entries = ['.', '..']
+        # libfuse's high-level readdir passes on only the type bits and (with use_ino) st_ino.
+        with os.scandir(self._real(path)) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                name = e.name.decode('utf-8', 'surrogateescape')
+                entries.append((name, {'st_mode': stat.S_IFMT(st.st_mode), 'st_ino': st.st_ino}, 0))
+        return entries
+
+    def releasedir(self, path, fh):
+        self._op('releasedir', 0)
+        os.close(fh)
+        return 0
+
+    # -- data -------------------------------------------------------------------------------
+    def open(self, path, flags):
+        self._op('open')
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise fuse.FuseOSError(errno.EROFS)
+        return os.open(self._real(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def read(self, path, size, offset, fh):
+        self._op('read', self.read_delay)
+        return os.pread(fh, size, offset)
+
+    def release(self, path, fh):
+        self._op('release', 0)
+        os.close(fh)
+        return 0
+
+
+def stats_signal_thread(fs):
+    # libfuse's loop keeps the main thread inside C, where Python signal handlers never run, so
+    # SIGUSR1/2 are blocked in every thread (workers inherit the mask) and taken here instead.
+    while True:
+        sig = signal.sigwait({signal.SIGUSR1, signal.SIGUSR2})
+        try:
+            fs.write_stats('SIGUSR1' if sig == signal.SIGUSR1 else 'SIGUSR2',
+                           reset=sig == signal.SIGUSR2)
+        except OSError as e:
+            print(f'slowfs: cannot write stats: {e}', file=sys.stderr)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('source')
+    p.add_argument('mountpoint')
+    p.add_argument('--delay-ms', type=float, default=1.0, help='sleep per metadata op (1.0)')
+    p.add_argument('--read-delay-ms', type=float, default=0.0, help='sleep per read call (0)')
+    p.add_argument('--stats', help='JSON file for op counters (SIGUSR1: write, SIGUSR2: reset)')
+    p.add_argument('--max-threads', type=int, default=10,
+                   help="libfuse worker threads (10, libfuse's default): caps concurrent ops")
+    p.add_argument('--foreground', action='store_true', help='accepted; always foreground')
+    a = p.parse_args()
+    if not os.path.isdir(a.source):
+        p.error(f'{a.source} is not a directory')
+    stats = os.path.abspath(a.stats) if a.stats else None
+    fs = SlowFS(a.source, a.mountpoint, a.delay_ms / 1e3, a.read_delay_ms / 1e3, stats)
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+    threading.Thread(target=stats_signal_thread, args=(fs,), daemon=True).start()
+    fuse.FUSE(fs, a.mountpoint, foreground=True, nothreads=False, ro=True, use_ino=True,
+              attr_timeout=0, entry_timeout=0, negative_timeout=0, default_permissions=True,
+              allow_other=True, fsname='slowfs', subtype='slowfs', max_threads=a.max_threads)
+    fs.write_stats('unmount')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,16 @@
+//! The integration tests: the real `nightcopy` binary against real servers on 127.0.0.1 (an S3 API
+//! server behind a counting proxy, CloudWatch, an IMDSv2 stand-in), one module per area. One test
+//! binary, so the AWS SDK is linked once for the whole suite.
+
+mod common;
+
+mod agent;
+mod copy;
+mod faults;
+mod harness_selftest;
+mod journal;
+mod kill;
+mod moving;
+mod restore;
+mod servers_selftest;
+mod verify;
