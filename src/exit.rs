@@ -19,3 +19,22 @@ pub const SKIPPED: u8 = 75;
 /// `verify` completed and found files the bucket does not hold as they are: missing, a different
 /// size, a different SHA-256, or a corrupt object. Each is one line on stdout.
 pub const VERIFY_PROBLEMS: u8 = 4;
+
+/// How an exit code reads to an operator: the level of the summary line that goes with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// It did what was asked.
+    Fine,
+    /// It completed, with something to look at (file errors, problems, metrics, a skip).
+    Look,
+    /// It ended early or could not start.
+    Failed,
+}
+
+pub fn severity(code: u8) -> Severity {
+    match code {
+        SUCCESS => Severity::Fine,
+        FILE_ERRORS | METRICS_NOT_PUBLISHED | VERIFY_PROBLEMS | SKIPPED => Severity::Look,
+        _ => Severity::Failed,
+    }
+}

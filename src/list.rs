@@ -20,9 +20,8 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::plan::RemoteObject;
 use crate::report::Stats;
-use crate::store::{ObjectStore, StoreError};
+use crate::store::{ObjectStore, RemoteObject, StoreError};
 
 /// Keys between two cuts: four pages on S3. A range's end costs no extra request when its cut key
 /// is still in the bucket (the usual case), else at most one page of overshoot.
@@ -177,111 +176,22 @@ async fn list_range<S: ObjectStore>(
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
-    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-    use bytes::Bytes;
     use proptest::prelude::*;
 
     use super::*;
-    use crate::store::*;
+    use crate::store::memory::{MemoryStore, Object, Op};
 
-    /// A bucket that only lists (`page` keys a page, like S3's 1,000) and counts its requests.
-    struct Bucket {
-        keys: BTreeSet<String>,
-        page: usize,
-        requests: AtomicUsize,
-    }
-
-    fn refused<T>() -> Result<T, StoreError> {
-        Err(StoreError {
-            class: ErrorClass::Fatal,
-            code: None,
-            message: "listing only".into(),
-        })
-    }
-
-    impl ObjectStore for Bucket {
-        async fn list_page(
-            &self,
-            prefix: &str,
-            start_after: Option<&str>,
-            continuation: Option<String>,
-        ) -> Result<ListPage, StoreError> {
-            self.requests.fetch_add(1, Relaxed);
-            // The continuation token is simply the last key returned.
-            let from = continuation.or(start_after.map(str::to_owned));
-            let mut keys = self
-                .keys
-                .iter()
-                .filter_map(|k| k.strip_prefix(prefix))
-                .filter(|k| from.as_deref().is_none_or(|f| *k > f));
-            let objects: Vec<RemoteObject> = keys
-                .by_ref()
-                .take(self.page)
-                .map(|k| RemoteObject {
-                    key: k.to_owned(),
-                    size: 0,
-                    last_modified_ns: 0,
-                })
-                .collect();
-            let next = if keys.next().is_some() {
-                objects.last().map(|o| o.key.clone())
-            } else {
-                None
-            };
-            Ok(ListPage { objects, next })
+    fn bucket(keys: impl IntoIterator<Item = String>, page: usize) -> MemoryStore {
+        let store = MemoryStore::new(page);
+        for k in keys {
+            store.insert(&k, Object::default());
         }
-        async fn put(&self, _: PutRequest) -> Result<(), StoreError> {
-            refused()
-        }
-        async fn create_multipart(&self, _: &str, _: &ObjectMeta) -> Result<String, StoreError> {
-            refused()
-        }
-        async fn upload_part(
-            &self,
-            _: &str,
-            _: &str,
-            _: i32,
-            _: Bytes,
-            _: [u8; 32],
-        ) -> Result<CompletedPart, StoreError> {
-            refused()
-        }
-        async fn complete_multipart(
-            &self,
-            _: &str,
-            _: &str,
-            _: Vec<CompletedPart>,
-        ) -> Result<(), StoreError> {
-            refused()
-        }
-        async fn abort_multipart(&self, _: &str, _: &str) -> Result<(), StoreError> {
-            refused()
-        }
-        async fn head(&self, _: &str) -> Result<Option<HeadInfo>, StoreError> {
-            refused()
-        }
-        async fn get(&self, _: &str, _: Option<&str>) -> Result<Option<Download>, StoreError> {
-            refused()
-        }
-        async fn list_versions_page(
-            &self,
-            _: &str,
-            _: Option<VersionMarker>,
-        ) -> Result<VersionPage, StoreError> {
-            refused()
-        }
-        async fn part_layout(
-            &self,
-            _: &str,
-            _: Option<&str>,
-        ) -> Result<Option<PartLayout>, StoreError> {
-            refused()
-        }
+        store
     }
 
     /// Lists `bucket` under `p/` cut at `cuts`; returns the keys and the number of requests.
-    fn list_all(bucket: Bucket, cuts: Vec<String>) -> (Vec<String>, usize) {
+    fn list_all(bucket: MemoryStore, cuts: Vec<String>) -> (Vec<String>, usize) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .build()
@@ -294,7 +204,7 @@ mod tests {
         let keys = std::thread::spawn(move || listing.map(|o| o.unwrap().key).collect())
             .join()
             .unwrap();
-        (keys, bucket.requests.load(Relaxed))
+        (keys, bucket.count(Op::List))
     }
 
     proptest! {
@@ -312,7 +222,7 @@ mod tests {
             cuts.extend(extra);
             let mut all: BTreeSet<String> = keys.iter().map(|k| format!("p/{k}")).collect();
             all.extend(other.iter().map(|k| format!("q/{k}"))); // outside the prefix
-            let bucket = Bucket { keys: all, page, requests: AtomicUsize::new(0) };
+            let bucket = bucket(all, page);
             let (listed, _) = list_all(bucket, cuts.into_iter().collect());
             prop_assert_eq!(listed, keys.into_iter().collect::<Vec<_>>());
         }
@@ -322,11 +232,7 @@ mod tests {
     fn cuts_at_existing_keys_cost_no_extra_request() {
         let keys: BTreeSet<String> = (0..10_000).map(|i| format!("p/k{i:05}")).collect();
         let cuts: Vec<String> = (1..10).map(|i| format!("k{:05}", i * 1000 - 1)).collect();
-        let bucket = || Bucket {
-            keys: keys.clone(),
-            page: 100,
-            requests: AtomicUsize::new(0),
-        };
+        let bucket = || bucket(keys.clone(), 100);
         let (one, sequential) = list_all(bucket(), vec![]);
         let (cut, partitioned) = list_all(bucket(), cuts);
         assert_eq!(one, cut);

@@ -8,10 +8,12 @@ use std::process::ExitCode;
 use std::sync::OnceLock;
 
 use clap::{Parser, Subcommand};
+use nightcopy::commands;
+use nightcopy::commands::restore::{self, RestoreOptions};
+use nightcopy::commands::run::RunOptions;
+use nightcopy::commands::verify::VerifyOptions;
 use nightcopy::config::{Config, DEFAULT_PATH};
-use nightcopy::restore::RestoreOptions;
-use nightcopy::verify::VerifyOptions;
-use nightcopy::{exit, state, RunOptions};
+use nightcopy::exit;
 use tracing_subscriber::prelude::*;
 
 const EXIT_CODES: &str = "\
@@ -119,29 +121,88 @@ fn main() -> ExitCode {
     let show_bar =
         matches!(cli.command, Command::Run { .. } | Command::Restore { .. }) && !cli.quiet;
     let bar = init_logging(&cli, show_bar);
-    ExitCode::from(match cli.command {
-        Command::CheckConfig { config } => check_config(&config),
-        Command::Status { config, json } => status(&config, json),
-        Command::Verify {
-            config,
-            full,
-            sample,
-            json,
-        } => verify(&config, VerifyOptions { full, sample, json }),
-        Command::Restore {
-            config,
-            to,
-            path,
-            as_of,
-            overwrite,
-            dry_run,
-        } => restore(&config, to, path, as_of, overwrite, dry_run, bar),
-        Command::Run {
-            config,
-            dry_run,
-            force,
-        } => run(&config, RunOptions { dry_run, force }, bar),
+    let code = dispatch(cli.command, bar.clone());
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    ExitCode::from(code)
+}
+
+/// Loads the config once, builds the runtime once for the commands that talk to AWS, and runs
+/// the command.
+fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> u8 {
+    let config = match Config::load(command.config_path()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return exit::CONFIG;
+        }
+    };
+    let async_command = match command {
+        Command::CheckConfig { .. } => return commands::check_config::run(&config),
+        Command::Status { json, .. } => return commands::status::run(&config, json),
+        other => other,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return exit::FATAL;
+        }
+    };
+    runtime.block_on(async move {
+        match async_command {
+            Command::Run { dry_run, force, .. } => {
+                commands::run::run(&config, &RunOptions { dry_run, force }, bar).await
+            }
+            Command::Verify {
+                full, sample, json, ..
+            } => commands::verify::run(&config, &VerifyOptions { full, sample, json }).await,
+            Command::Restore {
+                to,
+                path,
+                as_of,
+                overwrite,
+                dry_run,
+                ..
+            } => {
+                let as_of_ns = match as_of
+                    .map(|t| restore::select::parse_as_of(&t, std::time::SystemTime::now()))
+                    .transpose()
+                {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        return exit::USAGE;
+                    }
+                };
+                let opts = RestoreOptions {
+                    to,
+                    path,
+                    as_of_ns,
+                    overwrite,
+                    dry_run,
+                };
+                restore::run(&config, &opts, bar).await
+            }
+            Command::CheckConfig { .. } | Command::Status { .. } => unreachable!("run above"),
+        }
     })
+}
+
+impl Command {
+    fn config_path(&self) -> &Path {
+        match self {
+            Command::Run { config, .. }
+            | Command::CheckConfig { config }
+            | Command::Verify { config, .. }
+            | Command::Restore { config, .. }
+            | Command::Status { config, .. } => config,
+        }
+    }
 }
 
 /// Under systemd, stderr is the journal stream: log there natively, with structured fields.
@@ -234,121 +295,4 @@ fn init_logging(cli: &Cli, want_bar: bool) -> Option<indicatif::ProgressBar> {
         )
         .init();
     bar
-}
-
-fn load(path: &Path) -> Result<Config, u8> {
-    Config::load(path).map_err(|e| {
-        tracing::error!("{e}");
-        exit::CONFIG
-    })
-}
-
-fn check_config(path: &Path) -> u8 {
-    match load(path) {
-        Ok(c) => {
-            print!("{c}");
-            exit::SUCCESS
-        }
-        Err(code) => code,
-    }
-}
-
-fn status(path: &Path, json: bool) -> u8 {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let Some(record) = state::read_record(&config.state_dir.0) else {
-        eprintln!("no run recorded in {} yet", config.state_dir.0.display());
-        return exit::FATAL;
-    };
-    if json {
-        let now = state::unix_now();
-        let mut v = serde_json::to_value(&record).unwrap_or_default();
-        v["seconds_since_start"] = serde_json::json!(now.saturating_sub(record.started));
-        if let Some(t) = record.last_success_started {
-            v["seconds_since_last_success"] = serde_json::json!(now.saturating_sub(t));
-        }
-        println!("{v:#}");
-    } else {
-        print!("{}", state::describe(&record, state::unix_now()));
-    }
-    exit::SUCCESS
-}
-
-fn run(path: &Path, opts: RunOptions, bar: Option<indicatif::ProgressBar>) -> u8 {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("cannot start the async runtime: {e}");
-            return exit::FATAL;
-        }
-    };
-    runtime.block_on(nightcopy::agent::run(&config, &opts, bar))
-}
-
-fn runtime() -> Option<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .inspect_err(|e| tracing::error!("cannot start the async runtime: {e}"))
-        .ok()
-}
-
-fn verify(path: &Path, opts: VerifyOptions) -> u8 {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    match runtime() {
-        Some(rt) => rt.block_on(nightcopy::verify::run(&config, &opts)),
-        None => exit::FATAL,
-    }
-}
-
-fn restore(
-    path: &Path,
-    to: PathBuf,
-    subpath: Option<PathBuf>,
-    as_of: Option<String>,
-    overwrite: bool,
-    dry_run: bool,
-    bar: Option<indicatif::ProgressBar>,
-) -> u8 {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let as_of_ns = match as_of
-        .map(|t| nightcopy::restore::select::parse_as_of(&t, std::time::SystemTime::now()))
-        .transpose()
-    {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!("{e}");
-            return exit::USAGE;
-        }
-    };
-    let opts = RestoreOptions {
-        to,
-        path: subpath,
-        as_of_ns,
-        overwrite,
-        dry_run,
-    };
-    let code = match runtime() {
-        Some(rt) => rt.block_on(nightcopy::restore::run(&config, &opts, bar.clone())),
-        None => exit::FATAL,
-    };
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    code
 }

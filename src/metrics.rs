@@ -3,8 +3,6 @@
 //! here; docs/metrics.md describes each.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -178,7 +176,8 @@ pub async fn publish_cloudwatch(
     ))
 }
 
-/// The Prometheus textfile, replaced atomically so the collector never reads half of it.
+/// The Prometheus textfile, replaced atomically so the collector never reads half of it (the
+/// temp file's name does not end in `.prom`, so the collector never reads it either).
 pub fn write_textfile(path: &Path, data: &[Datum], finished_unix: u64) -> std::io::Result<()> {
     let mut text = String::new();
     for d in data {
@@ -194,16 +193,7 @@ pub fn write_textfile(path: &Path, data: &[Datum], finished_unix: u64) -> std::i
          # TYPE nightcopy_last_run_timestamp_seconds gauge\n\
          nightcopy_last_run_timestamp_seconds {finished_unix}\n"
     );
-    let tmp = path.with_extension("prom.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::fsutil::replace(path, text.as_bytes(), 0o644)
 }
 
 #[cfg(test)]
@@ -244,6 +234,11 @@ mod tests {
         assert!(text.contains("nightcopy_last_success 1\n"), "{text}");
         assert!(text.contains("nightcopy_last_run_timestamp_seconds 1234\n"));
         assert_eq!(text.matches("# TYPE").count(), 7);
-        assert!(!t.path().join("nightcopy.prom.tmp").exists());
+        // Nothing else is left beside it (no temp file).
+        let names: Vec<_> = std::fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["nightcopy.prom"]);
     }
 }

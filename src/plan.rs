@@ -1,23 +1,16 @@
-//! Decides, file by file, what to upload and why — a pure merge of three streams sorted by key: the
-//! local scan, the bucket listing and the last run's manifest. No I/O here, so every rule is tested
-//! directly, including by property tests.
+//! Decides, file by file, what to upload and why, over the merge of three streams sorted by key
+//! (`merge`): the local scan, the bucket listing and the last run's manifest. No I/O here, so every
+//! rule is tested directly, including by property tests.
 //!
 //! There is no delete in this vocabulary: an object only in the bucket is reported and left alone,
 //! which is what makes an accidental local delete impossible to propagate.
 
 use std::fmt;
 
-use crate::manifest::ManifestEntry;
+use crate::merge::{Merge, Merged};
 use crate::scan::LocalEntry;
-
-/// One object of the bucket listing, its key relative to the destination prefix.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteObject {
-    pub key: String,
-    pub size: u64,
-    /// The upload time (S3's LastModified), not the file's mtime.
-    pub last_modified_ns: i64,
-}
+use crate::state::manifest::ManifestEntry;
+use crate::store::RemoteObject;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -59,19 +52,15 @@ pub enum Step {
     RemoteOnly { key: String },
 }
 
-/// The merge. `R` yields `Result` because a listing can fail half way; the planner then stops
-/// rather than treating the rest of the tree as missing from the bucket.
+/// The decisions over the merge of the walk, the listing and the manifest (`merge`). A listing
+/// that fails half way stops the plan rather than making the rest of the tree look new.
 pub struct Planner<L, R, M, E>
 where
     L: Iterator<Item = LocalEntry>,
     R: Iterator<Item = Result<RemoteObject, E>>,
     M: Iterator<Item = ManifestEntry>,
 {
-    local: std::iter::Peekable<L>,
-    remote: std::iter::Peekable<R>,
-    manifest: std::iter::Peekable<M>,
-    last_local: Option<String>,
-    failed: bool,
+    merge: Merge<L, R, M, E>,
 }
 
 impl<L, R, M, E> Planner<L, R, M, E>
@@ -82,50 +71,43 @@ where
 {
     pub fn new(local: L, remote: R, manifest: M) -> Self {
         Planner {
-            local: local.peekable(),
-            remote: remote.peekable(),
-            manifest: manifest.peekable(),
-            last_local: None,
-            failed: false,
+            merge: Merge::new(local, remote, manifest),
         }
     }
+}
 
-    fn manifest_entry(&mut self, key: &str) -> Option<ManifestEntry> {
-        // Entries for files no longer present locally are dropped: the object stays in the bucket
-        // and a returning file is judged against the listing.
-        while self.manifest.next_if(|m| m.key.as_str() < key).is_some() {}
-        self.manifest.next_if(|m| m.key == key)
-    }
-
-    fn decide(&mut self, entry: LocalEntry, remote: Option<RemoteObject>) -> Step {
-        let recorded = self.manifest_entry(&entry.key);
-        let reason = match (&remote, &recorded) {
-            (None, None) => Some(Reason::New),
-            (None, Some(_)) => Some(Reason::MissingRemotely),
-            (Some(r), _) if r.size != entry.size => Some(Reason::SizeChanged),
-            (Some(_), Some(m)) if m.size != entry.size => Some(Reason::SizeChanged),
-            (Some(_), Some(m)) if m.mtime_ns != entry.mtime_ns => Some(Reason::MtimeChanged),
-            (Some(_), Some(_)) => None,
-            // No record of our own (a new host, or a manifest lost): trust an object that is as
-            // large as the file and younger than its mtime.
-            (Some(r), None) if entry.mtime_ns > r.last_modified_ns => Some(Reason::MtimeChanged),
-            (Some(_), None) => None,
-        };
-        match reason {
-            Some(reason) => Step::Upload {
-                previous: recorded.filter(|_| remote.is_some()),
-                entry,
-                reason,
-            },
-            None => Step::Unchanged {
-                record: recorded.unwrap_or(ManifestEntry {
-                    key: entry.key,
-                    size: entry.size,
-                    mtime_ns: entry.mtime_ns,
-                    sha256: None,
-                }),
-            },
-        }
+/// The rules for one file, given what the bucket and the manifest hold for its key.
+fn decide(
+    entry: LocalEntry,
+    remote: Option<RemoteObject>,
+    recorded: Option<ManifestEntry>,
+) -> Step {
+    let reason = match (&remote, &recorded) {
+        (None, None) => Some(Reason::New),
+        (None, Some(_)) => Some(Reason::MissingRemotely),
+        (Some(r), _) if r.size != entry.size => Some(Reason::SizeChanged),
+        (Some(_), Some(m)) if m.size != entry.size => Some(Reason::SizeChanged),
+        (Some(_), Some(m)) if m.mtime_ns != entry.mtime_ns => Some(Reason::MtimeChanged),
+        (Some(_), Some(_)) => None,
+        // No record of our own (a new host, or a manifest lost): trust an object that is as
+        // large as the file and younger than its mtime.
+        (Some(r), None) if entry.mtime_ns > r.last_modified_ns => Some(Reason::MtimeChanged),
+        (Some(_), None) => None,
+    };
+    match reason {
+        Some(reason) => Step::Upload {
+            previous: recorded.filter(|_| remote.is_some()),
+            entry,
+            reason,
+        },
+        None => Step::Unchanged {
+            record: recorded.unwrap_or(ManifestEntry {
+                key: entry.key,
+                size: entry.size,
+                mtime_ns: entry.mtime_ns,
+                sha256: None,
+            }),
+        },
     }
 }
 
@@ -138,41 +120,15 @@ where
     type Item = Result<Step, E>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
-            return None;
-        }
-        if let Some(Err(_)) = self.remote.peek() {
-            self.failed = true;
-            return self.remote.next().map(|r| r.map(|_| unreachable!()));
-        }
-        let remote_key = self
-            .remote
-            .peek()
-            .map(|r| r.as_ref().ok().map(|o| o.key.as_str()));
-        let local_key = self.local.peek().map(|l| l.key.as_str());
-        match (local_key, remote_key.flatten()) {
-            (None, None) => None,
-            (Some(l), _) if self.last_local.as_deref() == Some(l) => {
-                let entry = self.local.next()?;
-                Some(Ok(Step::DuplicateKey { entry }))
-            }
-            (l, Some(r)) if l.is_none_or(|l| r < l) => {
-                let key = self.remote.next()?.ok()?.key;
-                Some(Ok(Step::RemoteOnly { key }))
-            }
-            (Some(l), r) => {
-                let matched = r == Some(l);
-                let entry = self.local.next()?;
-                self.last_local = Some(entry.key.clone());
-                let remote = if matched {
-                    self.remote.next()?.ok()
-                } else {
-                    None
-                };
-                Some(Ok(self.decide(entry, remote)))
-            }
-            (None, Some(_)) => unreachable!("handled by the remote-only arm"),
-        }
+        Some(self.merge.next()?.map(|m| match m {
+            Merged::File {
+                entry,
+                remote,
+                record,
+            } => decide(entry, remote, record),
+            Merged::DuplicateKey { entry } => Step::DuplicateKey { entry },
+            Merged::RemoteOnly { key } => Step::RemoteOnly { key },
+        }))
     }
 }
 
@@ -286,64 +242,35 @@ mod tests {
         }
     }
 
-    #[test]
-    fn remote_only_and_duplicates() {
-        let steps = plan(
-            vec![local("b", 1, 1), local("b", 1, 1)],
-            vec![remote("a", 1, 1), remote("c", 1, 1)],
-            vec![rec("0", 1, 1)],
-        );
-        assert_eq!(
-            steps
-                .iter()
-                .map(|s| match s {
-                    Step::RemoteOnly { key } => format!("remote-only {key}"),
-                    Step::Upload { entry, .. } => format!("upload {}", entry.key),
-                    Step::DuplicateKey { entry } => format!("duplicate {}", entry.key),
-                    Step::Unchanged { record } => format!("unchanged {}", record.key),
-                })
-                .collect::<Vec<_>>(),
-            ["remote-only a", "upload b", "duplicate b", "remote-only c"]
-        );
-    }
-
-    #[test]
-    fn a_listing_error_stops_the_plan() {
-        let r: Vec<Result<RemoteObject, &str>> = vec![
-            Ok(RemoteObject {
-                key: "a".into(),
-                size: 1,
-                last_modified_ns: 1,
-            }),
-            Err("boom"),
-        ];
-        let out: Vec<_> = Planner::new(
-            vec![local("a", 1, 0), local("b", 1, 0)].into_iter(),
-            r.into_iter(),
-            std::iter::empty(),
-        )
-        .collect();
-        assert_eq!(out.len(), 2);
-        assert!(
-            out[1].is_err(),
-            "b must not be planned as new after a failed listing"
-        );
-    }
-
     // A reference model of the rules over maps, for the property tests.
     type Tree = BTreeMap<String, (u64, i64)>;
 
-    fn key_strategy() -> impl Strategy<Value = String> {
-        // Few distinct names and separators below '/', so overlaps and ordering traps are common.
-        proptest::collection::vec(prop_oneof!["a", "b", "a-", "a/", "a.b", "é"], 1..4)
-            .prop_map(|v| v.concat())
-            .prop_filter("no empty or trailing-slash keys", |k| {
-                !k.ends_with('/') && !k.contains("//")
-            })
+    fn tree_strategy() -> impl Strategy<Value = Tree> {
+        proptest::collection::btree_map(crate::merge::tests::key(), (0u64..3, 0i64..4), 0..12)
     }
 
-    fn tree_strategy() -> impl Strategy<Value = Tree> {
-        proptest::collection::btree_map(key_strategy(), (0u64..3, 0i64..4), 0..12)
+    type Streams = (
+        Vec<LocalEntry>,
+        Vec<Result<RemoteObject, Infallible>>,
+        Vec<ManifestEntry>,
+    );
+
+    /// The three sorted streams of the trees (key → (size, mtime or upload time)).
+    fn streams(local_tree: &Tree, remote_tree: &Tree, manifest_tree: &Tree) -> Streams {
+        (
+            local_tree
+                .iter()
+                .map(|(k, &(s, m))| local(k, s, m))
+                .collect(),
+            remote_tree
+                .iter()
+                .map(|(k, &(s, m))| remote(k, s, m))
+                .collect(),
+            manifest_tree
+                .iter()
+                .map(|(k, &(s, t))| rec(k, s, t))
+                .collect(),
+        )
     }
 
     proptest! {
@@ -353,9 +280,7 @@ mod tests {
             remote_tree in tree_strategy(),
             manifest_tree in tree_strategy(),
         ) {
-            let l: Vec<_> = local_tree.iter().map(|(k, &(s, m))| local(k, s, m)).collect();
-            let r: Vec<_> = remote_tree.iter().map(|(k, &(s, m))| remote(k, s, m)).collect();
-            let m: Vec<_> = manifest_tree.iter().map(|(k, &(s, t))| rec(k, s, t)).collect();
+            let (l, r, m) = streams(&local_tree, &remote_tree, &manifest_tree);
             let steps = plan(l, r, m);
 
             let mut uploaded = BTreeMap::new();
@@ -391,9 +316,7 @@ mod tests {
             remote_tree in tree_strategy(),
             manifest_tree in tree_strategy(),
         ) {
-            let l: Vec<_> = local_tree.iter().map(|(k, &(s, m))| local(k, s, m)).collect();
-            let r: Vec<_> = remote_tree.iter().map(|(k, &(s, m))| remote(k, s, m)).collect();
-            let m: Vec<_> = manifest_tree.iter().map(|(k, &(s, t))| rec(k, s, t)).collect();
+            let (l, r, m) = streams(&local_tree, &remote_tree, &manifest_tree);
             // Apply the first run: uploads land in the bucket (uploaded "now", after every mtime)
             // and in the manifest; unchanged records carry over.
             let mut bucket = remote_tree.clone();

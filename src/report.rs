@@ -1,5 +1,12 @@
-//! What a run did, counted where it happens. Each event is one function that writes the log line
-//! and bumps the counter together, so the journal and the figures cannot disagree.
+//! What a command did, counted where it happens, and how it ended. Each event is one function that
+//! writes the log line and bumps the counter together, so the journal and the figures cannot
+//! disagree.
+//!
+//! The reporting core every command shares lives here: one [`Outcome`] (decided once, from which
+//! the exit code follows), one kind of per-file error ([`FileErrorKind`], with [`file_error`] as
+//! its one log line), and one [`summary!`](crate::summary) that logs a command's closing line at
+//! the level its exit code calls for. The figures differ per command (a backup's, a verify's, a
+//! restore's), so each command keeps its own counters.
 
 use std::fmt;
 use std::path::Path;
@@ -8,7 +15,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// Live counters, shared by the pipeline stages.
+/// MESSAGE_ID of a backup's summary line in the journal, fixed so `journalctl MESSAGE_ID=…` finds
+/// every run's summary (docs/operations.md).
+pub const SUMMARY_MESSAGE_ID: &str = "6b3c2f0a9d7e4c1f8e5a2b4d6c8e0f13";
+
+/// Live counters of a backup, shared by the pipeline stages.
 #[derive(Debug, Default)]
 pub struct Stats {
     files_transferred: AtomicU64,
@@ -26,8 +37,8 @@ pub struct Stats {
     listed: AtomicU64,
 }
 
-/// Why a single file was not backed up. The run goes on; the file is named in the journal and
-/// counted in TransferErrors.
+/// Why a single file could not be handled. The command goes on; the file is named in the journal
+/// and counted (TransferErrors for a backup).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileErrorKind {
     /// open/read/stat failed (permissions, I/O error).
@@ -36,10 +47,19 @@ pub enum FileErrorKind {
     Walk,
     /// The file changed while it was read, twice in a row: left for the next run.
     Changed,
-    /// The name cannot become a key (too long, or collides with another name's key).
+    /// The name cannot become a key (too long, or collides with another name's key), or a key
+    /// cannot become a path below the restore target.
     BadName,
     /// S3 refused or failed the upload after retries.
     Upload,
+    /// The download failed (after the SDK's retries, and one more attempt of our own).
+    Download,
+    /// The bytes are not what was backed up: a checksum or the manifest's SHA-256 disagrees.
+    Corrupt,
+    /// Writing a restored file, its directory or its metadata failed locally.
+    Write,
+    /// Listed, but gone when downloaded.
+    Missing,
 }
 
 impl FileErrorKind {
@@ -50,19 +70,43 @@ impl FileErrorKind {
             FileErrorKind::Changed => "changed-while-reading",
             FileErrorKind::BadName => "bad-name",
             FileErrorKind::Upload => "upload",
+            FileErrorKind::Download => "download",
+            FileErrorKind::Corrupt => "corrupt",
+            FileErrorKind::Write => "write",
+            FileErrorKind::Missing => "missing",
         }
     }
+}
+
+/// The one journal line of a per-file error: a warning naming the file (`PATH=`) and the kind
+/// (`ERROR_KIND=`). The caller counts it.
+pub fn file_error(what: &dyn fmt::Display, kind: FileErrorKind, detail: &dyn fmt::Display) {
+    tracing::warn!(
+        path = %what,
+        error_kind = kind.as_str(),
+        "{what}: {detail}"
+    );
+}
+
+/// Logs a command's closing summary line at the level its exit code calls for: info when it
+/// succeeded, a warning when it completed with something to look at (file errors, problems found,
+/// metrics not published, a skip), an error when it ended early. The arguments are `tracing`'s:
+/// fields, then the message.
+#[macro_export]
+macro_rules! summary {
+    ($exit_code:expr, $($arg:tt)+) => {
+        match $crate::exit::severity($exit_code) {
+            $crate::exit::Severity::Fine => tracing::info!($($arg)+),
+            $crate::exit::Severity::Look => tracing::warn!($($arg)+),
+            $crate::exit::Severity::Failed => tracing::error!($($arg)+),
+        }
+    };
 }
 
 impl Stats {
     pub fn file_error(&self, path: &Path, kind: FileErrorKind, detail: &dyn fmt::Display) {
         self.transfer_errors.fetch_add(1, Relaxed);
-        tracing::warn!(
-            path = %path.display(),
-            error_kind = kind.as_str(),
-            "{}: {detail}",
-            path.display()
-        );
+        file_error(&path.display(), kind, detail);
     }
 
     pub fn scanned(&self) {
@@ -190,15 +234,17 @@ pub struct Figures {
     pub vanished: u64,
 }
 
-/// How a run ended, decided once; the exit code, LastSuccess, the summary line, `status` and the
-/// heartbeat all derive from it.
+/// How a command ended, decided once; the exit code, LastSuccess, the summary line, `status` and
+/// the heartbeat all derive from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
     /// Completed, with at most `success-max-errors` transfer errors.
     Success,
-    /// Completed, but more files than tolerated could not be backed up (named in the journal).
+    /// Completed, but more files than tolerated could not be handled (named in the journal).
     FileErrors,
+    /// `verify` completed and found files the bucket does not hold as they are.
+    Problems,
     /// Stopped by a fatal error.
     Failed,
 }
@@ -222,6 +268,7 @@ impl Outcome {
         match self {
             Outcome::Success => crate::exit::SUCCESS,
             Outcome::FileErrors => crate::exit::FILE_ERRORS,
+            Outcome::Problems => crate::exit::VERIFY_PROBLEMS,
             Outcome::Failed => crate::exit::FATAL,
         }
     }
@@ -230,6 +277,7 @@ impl Outcome {
         match self {
             Outcome::Success => "success",
             Outcome::FileErrors => "file-errors",
+            Outcome::Problems => "problems",
             Outcome::Failed => "failed",
         }
     }
@@ -271,7 +319,9 @@ impl fmt::Display for RunReport {
                 g.transfer_errors, self.tolerated
             )?,
             (Outcome::Success, false) => write!(f, "backup succeeded")?,
-            (Outcome::FileErrors, false) => write!(f, "backup completed with errors")?,
+            (Outcome::FileErrors | Outcome::Problems, false) => {
+                write!(f, "backup completed with errors")?
+            }
             (Outcome::Failed, false) => write!(
                 f,
                 "backup FAILED: {}",

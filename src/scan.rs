@@ -9,10 +9,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use walkdir::{DirEntry, WalkDir};
 
-use crate::config::SymlinkPolicy;
+use crate::config::{Config, Excludes, SymlinkPolicy};
 use crate::keys;
 use crate::report::{FileErrorKind, Stats};
 
@@ -31,71 +30,6 @@ pub struct LocalEntry {
     pub gid: u32,
 }
 
-/// The exclude list, compiled.
-///
-/// Syntax (documented in `config/exclude.example`): one glob per line, relative to the source root.
-/// A pattern without '/' matches a name at any depth (`*.tmp`); a pattern with '/' matches the
-/// whole relative path (`cache/**`, a leading '/' only anchors); `*` stays within one name and `**`
-/// crosses directories; a trailing '/' matches directories only. A pattern ending in `/**` also
-/// matches the directory itself, so the directory is pruned rather than walked and emptied.
-#[derive(Debug, Clone)]
-pub struct Excludes {
-    any: GlobSet,
-    dirs_only: GlobSet,
-}
-
-impl Excludes {
-    /// `patterns` are (glob, where it came from) pairs; an error names the origin.
-    pub fn new(patterns: &[(String, String)]) -> Result<Excludes, String> {
-        let mut any = GlobSetBuilder::new();
-        let mut dirs_only = GlobSetBuilder::new();
-        for (pattern, origin) in patterns {
-            let mut p = pattern.trim().to_owned();
-            let dir_only = p.ends_with('/') && p.len() > 1;
-            if dir_only {
-                p.pop();
-            }
-            let anchored = p.contains('/');
-            let p = p.trim_start_matches('/');
-            if p.is_empty() {
-                return Err(format!("{origin}: {pattern:?} is empty after its slashes"));
-            }
-            let full = if anchored {
-                p.to_owned()
-            } else {
-                format!("**/{p}")
-            };
-            let glob = |g: &str| -> Result<Glob, String> {
-                GlobBuilder::new(g)
-                    .literal_separator(true)
-                    .backslash_escape(true)
-                    .build()
-                    .map_err(|e| format!("{origin}: {pattern:?} is not a valid glob: {e}"))
-            };
-            let target = if dir_only { &mut dirs_only } else { &mut any };
-            target.add(glob(&full)?);
-            if let Some(dir) = full.strip_suffix("/**") {
-                if !dir.is_empty() {
-                    dirs_only.add(glob(dir)?);
-                }
-            }
-        }
-        let build = |b: GlobSetBuilder| b.build().map_err(|e| format!("exclude list: {e}"));
-        Ok(Excludes {
-            any: build(any)?,
-            dirs_only: build(dirs_only)?,
-        })
-    }
-
-    pub fn empty() -> Excludes {
-        Excludes::new(&[]).expect("an empty set compiles")
-    }
-
-    pub fn is_excluded(&self, rel: &Path, is_dir: bool) -> bool {
-        self.any.is_match(rel) || (is_dir && self.dirs_only.is_match(rel))
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct ScanOptions {
     pub root: PathBuf,
@@ -104,6 +38,20 @@ pub struct ScanOptions {
     pub symlinks: SymlinkPolicy,
     /// Bytes available for the key after the destination prefix.
     pub max_key_bytes: usize,
+}
+
+impl ScanOptions {
+    /// The walk `config` describes: its source, excludes and policies, and the key length left
+    /// after its prefix.
+    pub fn for_config(config: &Config) -> Result<ScanOptions, String> {
+        Ok(ScanOptions {
+            root: config.source.path.0.clone(),
+            excludes: config.excludes()?,
+            one_file_system: config.source.one_file_system,
+            symlinks: config.source.symlinks,
+            max_key_bytes: keys::MAX_KEY_BYTES - config.destination.prefix.as_str().len(),
+        })
+    }
 }
 
 /// The walk as an iterator of files in key order. Problems are reported to `stats` as they happen.
@@ -215,7 +163,7 @@ fn entry(
         raw_path: escaped.then(|| keys::encode_raw_path(rel)),
         path: e.into_path(),
         size: meta.len(),
-        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        mtime_ns: crate::fsutil::ns(meta.mtime(), meta.mtime_nsec()),
         mode: meta.mode(),
         uid: meta.uid(),
         gid: meta.gid(),
@@ -226,63 +174,6 @@ fn entry(
 mod tests {
     use super::*;
     use std::fs;
-
-    fn ex(patterns: &[&str]) -> Excludes {
-        let p: Vec<_> = patterns
-            .iter()
-            .map(|p| (p.to_string(), "test".to_string()))
-            .collect();
-        Excludes::new(&p).unwrap()
-    }
-
-    #[test]
-    fn exclude_syntax() {
-        let cases: &[(&[&str], &str, bool, bool)] = &[
-            (&["*.tmp"], "a.tmp", false, true),
-            (&["*.tmp"], "d/e/a.tmp", false, true),
-            (&["*.tmp"], "a.tmpx", false, false),
-            (&["cache/**"], "cache/x/y", false, true),
-            (&["cache/**"], "cache", true, true),
-            (&["cache/**"], "d/cache/x", false, false),
-            (&["/top.txt"], "top.txt", false, true),
-            (&["/top.txt"], "d/top.txt", false, false),
-            (&["**/.snapshot/**"], "a/b/.snapshot", true, true),
-            (&["**/.snapshot/**"], ".snapshot", true, true),
-            (&["build/"], "build", true, true),
-            (&["build/"], "build", false, false),
-            (&["d/*.log"], "d/x.log", false, true),
-            (&["d/*.log"], "d/e/x.log", false, false),
-            (&["nothing"], "something", false, false),
-        ];
-        for (pats, path, is_dir, want) in cases {
-            assert_eq!(
-                ex(pats).is_excluded(Path::new(path), *is_dir),
-                *want,
-                "{pats:?} on {path} (dir: {is_dir})"
-            );
-        }
-    }
-
-    proptest::proptest! {
-        // Any pattern text compiles or is refused with its origin named; never a panic. A
-        // compiled set answers for any path.
-        #[test]
-        fn exclude_parser_never_panics(pattern in "\\PC{0,60}", path in "[a-z./ ]{0,30}") {
-            match Excludes::new(&[(pattern, "fuzz line 1".into())]) {
-                Ok(set) => {
-                    let _ = set.is_excluded(Path::new(&path), true);
-                    let _ = set.is_excluded(Path::new(&path), false);
-                }
-                Err(e) => proptest::prop_assert!(e.contains("fuzz line 1"), "{}", e),
-            }
-        }
-    }
-
-    #[test]
-    fn invalid_glob_names_its_origin() {
-        let err = Excludes::new(&[("a[".into(), "exclude.txt line 3".into())]).unwrap_err();
-        assert!(err.contains("exclude.txt line 3"), "{err}");
-    }
 
     #[test]
     fn walk_comes_out_in_key_order_and_prunes() {
@@ -299,7 +190,7 @@ mod tests {
         let stats = Arc::new(Stats::default());
         let opts = ScanOptions {
             root: r.to_owned(),
-            excludes: ex(&["skip/**"]),
+            excludes: Excludes::new(&[("skip/**".into(), "test".into())]).unwrap(),
             one_file_system: true,
             symlinks: SymlinkPolicy::Skip,
             max_key_bytes: 1024,

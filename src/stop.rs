@@ -1,6 +1,7 @@
 //! A stop request (SIGTERM from `systemctl stop` or shutdown, SIGINT from a terminal), shared by
-//! every stage: no new upload starts, multipart uploads in flight are aborted, what completed is
-//! kept in the manifest, and the run ends as a failure that says it was stopped.
+//! every stage of a command: in a backup no new upload starts, multipart uploads in flight are
+//! aborted, what completed is kept in the manifest, and the run ends as a failure that says it was
+//! stopped; a restore cancels its downloads and keeps the files it finished.
 
 use tokio::sync::watch;
 
@@ -23,7 +24,8 @@ impl Stop {
     }
 
     /// Stops on the first SIGTERM or SIGINT; the signal number is kept for the exit code.
-    pub fn on_signals() -> std::io::Result<Stop> {
+    /// `consequence` says, in the warning logged then, what the command does about it.
+    pub fn on_signals(consequence: &'static str) -> std::io::Result<Stop> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -33,15 +35,7 @@ impl Stop {
                 _ = term.recv() => nix::libc::SIGTERM,
                 _ = int.recv() => nix::libc::SIGINT,
             };
-            tracing::warn!(
-                "received {}: stopping — no new uploads, multipart uploads in flight aborted, \
-                 progress so far kept",
-                if sig == nix::libc::SIGTERM {
-                    "SIGTERM"
-                } else {
-                    "SIGINT"
-                }
-            );
+            tracing::warn!("received {}: stopping — {consequence}", signal_name(sig));
             let _ = tx.send(Some(sig));
             // Stay subscribed: a second signal must not fall back to the default (kill) while
             // the run is winding down within the unit's stop timeout.
@@ -68,8 +62,24 @@ impl Stop {
         }
     }
 
+    /// Resolves with the signal once a stop is requested (never, for `Stop::never`).
+    pub async fn signalled(self) -> i32 {
+        let requested = self.clone();
+        self.wait().await;
+        requested.requested().unwrap_or_default()
+    }
+
     /// The conventional exit code of a process ended by `sig`: 128 + the signal number.
     pub fn exit_code(sig: i32) -> u8 {
         (128 + sig).clamp(0, 255) as u8
+    }
+}
+
+/// The name of a stop signal, for messages.
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        nix::libc::SIGINT => "SIGINT",
+        nix::libc::SIGTERM => "SIGTERM",
+        _ => "a signal",
     }
 }

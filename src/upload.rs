@@ -23,11 +23,14 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::manifest::ManifestEntry;
+use crate::fsutil::{self, blocking};
 use crate::plan::Reason;
 use crate::report::{FileErrorKind, Stats};
 use crate::scan::LocalEntry;
-use crate::store::{Body, CompletedPart, ObjectMeta, ObjectStore, PutRequest, StoreError};
+use crate::state::manifest::ManifestEntry;
+use crate::store::{
+    Body, CompletedPart, ErrorKind, ObjectMeta, ObjectStore, PutRequest, StoreError,
+};
 
 /// Files up to this size are read into memory once. Bounded by concurrency × this.
 pub const SMALL_BODY: u64 = 1024 * 1024;
@@ -65,9 +68,9 @@ enum Failure {
 
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
-        // BadDigest: the bytes S3 received are not the ones we hashed — the file changed between
-        // the hash pass and the upload.
-        if e.code.as_deref() == Some("BadDigest") || e.code.as_deref() == Some("InvalidDigest") {
+        // The bytes S3 received are not the ones we hashed: the file changed between the hash
+        // pass and the upload.
+        if e.kind == ErrorKind::DigestMismatch {
             Failure::Changed(e.message)
         } else {
             Failure::Store(e)
@@ -99,8 +102,8 @@ impl Fingerprint {
         let m = f.metadata()?;
         Ok(Fingerprint {
             size: m.len(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            mtime_ns: fsutil::ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: fsutil::ns(m.ctime(), m.ctime_nsec()),
             ino: m.ino(),
         })
     }
@@ -131,6 +134,11 @@ impl<S: ObjectStore> Uploader<S> {
             limiter,
             stop,
         }
+    }
+
+    /// The destination prefix keys are uploaded under.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// Uploads `entry`. Returns the manifest record to keep for its key (the new one on success,
@@ -420,14 +428,6 @@ fn read_retrying(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
             r => return r,
         }
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(format!("read task failed: {e}"))))
 }
 
 #[cfg(test)]

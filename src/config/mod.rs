@@ -5,6 +5,7 @@
 //! carry a position too. Credentials are deliberately not configurable here: they come from the
 //! SDK's default chain (the instance role on EC2).
 
+mod excludes;
 mod units;
 
 use std::fmt;
@@ -12,9 +13,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{de, Deserialize, Deserializer, Serialize};
 
+pub use excludes::Excludes;
 pub use units::{HumanDuration, Size};
-
-use crate::scan::Excludes;
 
 pub const DEFAULT_PATH: &str = "/etc/nightcopy/config.yaml";
 

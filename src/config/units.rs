@@ -16,10 +16,6 @@ impl Size {
     pub const KIB: u64 = 1024;
     pub const MIB: u64 = 1024 * 1024;
     pub const GIB: u64 = 1024 * 1024 * 1024;
-
-    pub fn bytes(self) -> u64 {
-        self.0
-    }
 }
 
 impl FromStr for Size {
@@ -118,7 +114,7 @@ mod tests {
             ("lots", None),
             ("", None),
         ] {
-            assert_eq!(text.parse::<Size>().ok().map(Size::bytes), want, "{text:?}");
+            assert_eq!(text.parse::<Size>().ok().map(|s| s.0), want, "{text:?}");
         }
     }
 

@@ -3,9 +3,13 @@
 //! flag or future change can send one without first changing this trait. (AbortMultipartUpload
 //! discards the parts of an upload this run started; it cannot touch a stored object.)
 //!
-//! One trait so that tests can wrap the real client to count calls or inject failures.
+//! One trait so that tests can wrap the real client to count calls or inject failures; `memory`
+//! is an in-memory implementation with operation counters for tests, `sdk` loads the AWS SDK's
+//! configuration and proves credentials before anything is read.
 
+pub mod memory;
 pub mod s3;
+pub mod sdk;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,7 +19,14 @@ use std::pin::Pin;
 use bytes::Bytes;
 use futures::Stream;
 
-use crate::plan::RemoteObject;
+/// One object of the bucket listing, its key relative to the destination prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteObject {
+    pub key: String,
+    pub size: u64,
+    /// The upload time (S3's LastModified), not the file's mtime.
+    pub last_modified_ns: i64,
+}
 
 /// What the S3 error means for the run. Per-file errors are counted; the rest end the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,18 +38,138 @@ pub enum ErrorClass {
     Fatal,
 }
 
+/// What an error means, for the code that acts on it: S3's string codes are read once, in the
+/// store, and everything above matches on this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// S3 received other bytes than the SHA-256 we sent says (BadDigest, InvalidDigest): the
+    /// file changed between our read and the upload's.
+    DigestMismatch,
+    /// A download's bytes do not match the checksum S3 stored with the object.
+    ChecksumMismatch,
+    /// The server does not implement the operation (e.g. ListObjectVersions).
+    NotImplemented,
+    /// No credentials could be loaded: the request was never built.
+    NoCredentials,
+    /// The credentials were rejected (unknown key, bad signature, expired token).
+    BadCredentials,
+    AccessDenied,
+    NoSuchBucket,
+    /// The bucket lives in another region than the one signed for.
+    WrongRegion,
+    /// The host's clock is too far off for S3 to accept a signature.
+    ClockSkew,
+    /// The endpoint refuses the configured storage class.
+    StorageClass,
+    /// The KMS key cannot be used.
+    Kms,
+    /// No connection to the endpoint (DNS, refused, TLS, timeout before an answer).
+    Unreachable,
+    Other,
+}
+
+impl ErrorKind {
+    /// The kind of an S3 error code.
+    pub fn of_code(code: &str) -> ErrorKind {
+        match code {
+            "BadDigest" | "InvalidDigest" => ErrorKind::DigestMismatch,
+            "NotImplemented" => ErrorKind::NotImplemented,
+            "NoSuchBucket" => ErrorKind::NoSuchBucket,
+            "AccessDenied" | "AllAccessDisabled" | "AccountProblem" => ErrorKind::AccessDenied,
+            "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "InvalidToken" => {
+                ErrorKind::BadCredentials
+            }
+            "RequestTimeTooSkewed" => ErrorKind::ClockSkew,
+            "InvalidStorageClass" => ErrorKind::StorageClass,
+            "AuthorizationHeaderMalformed"
+            | "PermanentRedirect"
+            | "IllegalLocationConstraintException" => ErrorKind::WrongRegion,
+            c if c.starts_with("KMS.") => ErrorKind::Kms,
+            _ => ErrorKind::Other,
+        }
+    }
+
+    /// Whether nothing else can work either once this happened (every request would meet it).
+    pub fn ends_the_run(self) -> bool {
+        !matches!(
+            self,
+            ErrorKind::DigestMismatch
+                | ErrorKind::ChecksumMismatch
+                | ErrorKind::NotImplemented
+                | ErrorKind::Other
+        )
+    }
+
+    /// What to do about it, for the one-line message; empty where the error says it all.
+    pub fn advice(self) -> &'static str {
+        match self {
+            ErrorKind::NoCredentials => {
+                "could not build the request — usually no AWS credentials: on EC2 attach an \
+                 instance role (IMDSv2 reachable); elsewhere set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+            }
+            ErrorKind::Unreachable => {
+                "cannot reach the endpoint: check destination.endpoint-url / region and the network"
+            }
+            ErrorKind::NoSuchBucket => {
+                "the bucket does not exist: create it or correct destination.bucket"
+            }
+            ErrorKind::AccessDenied => {
+                "access denied: the instance role needs s3:ListBucket on the bucket and \
+                 s3:PutObject on the prefix to back up, s3:GetObject to verify or restore \
+                 (plus s3:ListBucketVersions and s3:GetObjectVersion for --as-of) \
+                 (docs/operations.md)"
+            }
+            ErrorKind::BadCredentials => {
+                "the credentials were rejected: check the instance role or the keys in the environment"
+            }
+            ErrorKind::ClockSkew => {
+                "this host's clock is more than 15 minutes off: fix time sync (chrony/NTP) and rerun"
+            }
+            ErrorKind::StorageClass => {
+                "the endpoint does not accept this storage class: change destination.storage-class"
+            }
+            ErrorKind::Kms => {
+                "the KMS key cannot be used: check destination.sse-kms-key-id and the role's kms:GenerateDataKey permission"
+            }
+            ErrorKind::WrongRegion => {
+                "the bucket is in another region: set destination.region to the bucket's region"
+            }
+            ErrorKind::DigestMismatch
+            | ErrorKind::ChecksumMismatch
+            | ErrorKind::NotImplemented
+            | ErrorKind::Other => "",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct StoreError {
     pub class: ErrorClass,
-    /// S3's error code when there is one (e.g. `NoSuchBucket`, `BadDigest`).
-    pub code: Option<String>,
+    pub kind: ErrorKind,
     pub message: String,
 }
 
 impl StoreError {
+    /// A per-object error of kind `Other`: a local problem or a reply that makes no sense.
+    pub fn per_object(message: String) -> StoreError {
+        StoreError {
+            class: ErrorClass::PerObject,
+            kind: ErrorKind::Other,
+            message,
+        }
+    }
+
     pub fn is_fatal(&self) -> bool {
         self.class == ErrorClass::Fatal
+    }
+
+    /// The same error, made fatal: a listing that fails half way leaves the rest unknown.
+    pub fn into_fatal(self) -> StoreError {
+        StoreError {
+            class: ErrorClass::Fatal,
+            ..self
+        }
     }
 }
 

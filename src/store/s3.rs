@@ -33,11 +33,10 @@ use base64::Engine as _;
 use bytes::Bytes;
 
 use super::{
-    CompletedPart, Download, ErrorClass, HeadInfo, ListPage, ObjectMeta, ObjectStore,
-    ObjectVersion, PartLayout, PutRequest, StoreError, VersionMarker, VersionPage,
+    CompletedPart, Download, ErrorClass, ErrorKind, HeadInfo, ListPage, ObjectMeta, ObjectStore,
+    ObjectVersion, PartLayout, PutRequest, RemoteObject, StoreError, VersionMarker, VersionPage,
 };
 use crate::config::Destination;
-use crate::plan::RemoteObject;
 
 /// Attempts per request (the first and five retries): with 5% of requests failing, the chance
 /// that one request fails them all is 0.05^6 ≈ 1.6e-8.
@@ -114,10 +113,6 @@ impl S3Store {
         Self::with_timeout(sdk, &config.destination, config.transfer.request_timeout.0)
     }
 
-    pub fn new(sdk: &aws_config::SdkConfig, dest: &Destination) -> S3Store {
-        Self::with_timeout(sdk, dest, crate::config::DEFAULT_REQUEST_TIMEOUT)
-    }
-
     /// Retries and timeouts are where a stalled or failing endpoint is absorbed: each attempt is
     /// bounded by `request_timeout` (a stalled request is abandoned and retried, the run never
     /// hangs on one), and up to `MAX_ATTEMPTS` attempts are made with exponential back-off and
@@ -162,10 +157,6 @@ impl S3Store {
         }
     }
 
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
     fn error<E>(&self, op: &str, key: &str, err: SdkError<E, HttpResponse>) -> StoreError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -176,49 +167,18 @@ impl S3Store {
         } else {
             format!("{key} in {}", self.place)
         };
-        let (class, advice) = match (&err, code.as_deref()) {
-            (SdkError::ConstructionFailure(_), _) => (
-                ErrorClass::Fatal,
-                "could not build the request — usually no AWS credentials: on EC2 attach an \
-                 instance role (IMDSv2 reachable); elsewhere set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
-            ),
-            (SdkError::DispatchFailure(_), _) => (
-                ErrorClass::Fatal,
-                "cannot reach the endpoint: check destination.endpoint-url / region and the network",
-            ),
-            (_, Some("NoSuchBucket")) => (
-                ErrorClass::Fatal,
-                "the bucket does not exist: create it or correct destination.bucket",
-            ),
-            (_, Some("AccessDenied" | "AllAccessDisabled" | "AccountProblem")) => (
-                ErrorClass::Fatal,
-                "access denied: the instance role needs s3:ListBucket on the bucket and \
-                 s3:PutObject on the prefix to back up, s3:GetObject to verify or restore \
-                 (plus s3:ListBucketVersions and s3:GetObjectVersion for --as-of) \
-                 (docs/operations.md)",
-            ),
-            (_, Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "InvalidToken")) => (
-                ErrorClass::Fatal,
-                "the credentials were rejected: check the instance role or the keys in the environment",
-            ),
-            (_, Some("RequestTimeTooSkewed")) => (
-                ErrorClass::Fatal,
-                "this host's clock is more than 15 minutes off: fix time sync (chrony/NTP) and rerun",
-            ),
-            (_, Some("InvalidStorageClass")) => (
-                ErrorClass::Fatal,
-                "the endpoint does not accept this storage class: change destination.storage-class",
-            ),
-            (_, Some(c)) if c.starts_with("KMS.") => (
-                ErrorClass::Fatal,
-                "the KMS key cannot be used: check destination.sse-kms-key-id and the role's kms:GenerateDataKey permission",
-            ),
-            (_, Some("AuthorizationHeaderMalformed" | "PermanentRedirect" | "IllegalLocationConstraintException")) => (
-                ErrorClass::Fatal,
-                "the bucket is in another region: set destination.region to the bucket's region",
-            ),
-            _ => (ErrorClass::PerObject, ""),
+        let kind = match (&err, code.as_deref()) {
+            (SdkError::ConstructionFailure(_), _) => ErrorKind::NoCredentials,
+            (SdkError::DispatchFailure(_), _) => ErrorKind::Unreachable,
+            (_, Some(c)) => ErrorKind::of_code(c),
+            (_, None) => ErrorKind::Other,
         };
+        let class = if kind.ends_the_run() {
+            ErrorClass::Fatal
+        } else {
+            ErrorClass::PerObject
+        };
+        let advice = kind.advice();
         // A service error is its code, message and status; the SDK's full context (with the raw
         // response) only helps for connection-level errors.
         let detail = match (&err, code.as_deref()) {
@@ -236,7 +196,7 @@ impl S3Store {
         };
         StoreError {
             class,
-            code,
+            kind,
             message,
         }
     }
@@ -306,10 +266,8 @@ impl ObjectStore for S3Store {
                     .length(Length::Exact(len))
                     .build()
                     .await
-                    .map_err(|e| StoreError {
-                        class: ErrorClass::PerObject,
-                        code: None,
-                        message: format!("cannot reopen {}: {e}", path.display()),
+                    .map_err(|e| {
+                        StoreError::per_object(format!("cannot reopen {}: {e}", path.display()))
                     })?;
                 (stream, len)
             }
@@ -347,10 +305,10 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| self.error("starting multipart upload of", key, e))?;
-        out.upload_id.ok_or_else(|| StoreError {
-            class: ErrorClass::PerObject,
-            code: None,
-            message: format!("starting multipart upload of {key}: no upload id in the reply"),
+        out.upload_id.ok_or_else(|| {
+            StoreError::per_object(format!(
+                "starting multipart upload of {key}: no upload id in the reply"
+            ))
         })
     }
 
@@ -486,12 +444,14 @@ impl ObjectStore for S3Store {
                         let detail = DisplayErrorContext(&e).to_string();
                         // The SDK's response checksum check fails the body's last read. Matched on
                         // the text: the error type lives in a crate nightcopy does not depend on.
-                        let code = detail
-                            .contains("checksum mismatch")
-                            .then(|| "ChecksumMismatch".to_owned());
+                        let kind = if detail.contains("checksum mismatch") {
+                            ErrorKind::ChecksumMismatch
+                        } else {
+                            ErrorKind::Other
+                        };
                         let err = StoreError {
                             class: ErrorClass::PerObject,
-                            code,
+                            kind,
                             message: format!("downloading {what} failed: {detail}"),
                         };
                         Some((Err(err), None))

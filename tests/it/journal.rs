@@ -109,7 +109,7 @@ fn under_systemd_the_journal_gets_structured_fields() {
     let summary = entries
         .iter()
         .find(|e| {
-            e.get("MESSAGE_ID").map(String::as_str) == Some(nightcopy::agent::SUMMARY_MESSAGE_ID)
+            e.get("MESSAGE_ID").map(String::as_str) == Some(nightcopy::report::SUMMARY_MESSAGE_ID)
         })
         .unwrap_or_else(|| panic!("no summary entry in {entries:?}"));
     for (field, want) in [

@@ -10,6 +10,7 @@ mod faults;
 mod harness_selftest;
 mod journal;
 mod kill;
+mod layout;
 mod moving;
 mod restore;
 mod servers_selftest;

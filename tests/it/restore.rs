@@ -1,7 +1,7 @@
 //! `nightcopy restore` end to end: the real binary backs a tree up to a real S3 API server and
 //! brings it back, and the two trees are compared byte for byte and metadata for metadata.
 //!
-//! Most tests run against s3s-fs through the counting proxy (tests/common). `--as-of` needs object
+//! Most tests run against s3s-fs through the counting proxy (tests/it/common). `--as-of` needs object
 //! versions, which s3s-fs does not keep, so those tests run against moto (in memory, versioning,
 //! but it checks no checksums), started once for this test binary by [`moto`] below.
 
@@ -769,153 +769,15 @@ fn a_key_that_would_leave_the_target_is_refused() {
 
 // ---- checksum paths no local server exercises -------------------------------------------------
 
-/// An in-memory, read-only store serving objects with whatever checksum a test gives them: real
-/// S3's composite checksums for multipart objects exist on no server these tests can start
-/// (s3s-fs stores none, moto's lacks the `-N`), so the restore's use of them is tested here,
-/// through the library, with everything else real.
-mod fake {
-    use std::collections::{BTreeMap, HashMap};
-
-    use bytes::Bytes;
-    use nightcopy::plan::RemoteObject;
-    use nightcopy::store::{
-        CompletedPart, Download, HeadInfo, ListPage, ObjectMeta, ObjectStore, PartLayout,
-        PutRequest, StoreError, VersionMarker, VersionPage,
-    };
-
-    pub struct Object {
-        pub body: Vec<u8>,
-        pub meta: Option<ObjectMeta>,
-        pub checksum: Option<String>,
-        pub layout: Option<PartLayout>,
-    }
-
-    #[derive(Default)]
-    pub struct Store {
-        pub objects: BTreeMap<String, Object>,
-        pub layout_requests: std::sync::atomic::AtomicUsize,
-    }
-
-    fn no(what: &str) -> ! {
-        panic!("a restore must not {what}")
-    }
-
-    impl ObjectStore for Store {
-        async fn list_page(
-            &self,
-            prefix: &str,
-            _start_after: Option<&str>,
-            _continuation: Option<String>,
-        ) -> Result<ListPage, StoreError> {
-            let objects = self
-                .objects
-                .iter()
-                .filter_map(|(k, o)| {
-                    Some(RemoteObject {
-                        key: k.strip_prefix(prefix)?.to_owned(),
-                        size: o.body.len() as u64,
-                        last_modified_ns: 0,
-                    })
-                })
-                .collect();
-            Ok(ListPage {
-                objects,
-                next: None,
-            })
-        }
-
-        async fn put(&self, _req: PutRequest) -> Result<(), StoreError> {
-            no("put")
-        }
-
-        async fn create_multipart(
-            &self,
-            _key: &str,
-            _meta: &ObjectMeta,
-        ) -> Result<String, StoreError> {
-            no("upload")
-        }
-
-        async fn upload_part(
-            &self,
-            _key: &str,
-            _upload_id: &str,
-            _number: i32,
-            _data: Bytes,
-            _sha256: [u8; 32],
-        ) -> Result<CompletedPart, StoreError> {
-            no("upload")
-        }
-
-        async fn complete_multipart(
-            &self,
-            _key: &str,
-            _upload_id: &str,
-            _parts: Vec<CompletedPart>,
-        ) -> Result<(), StoreError> {
-            no("upload")
-        }
-
-        async fn abort_multipart(&self, _key: &str, _upload_id: &str) -> Result<(), StoreError> {
-            no("upload")
-        }
-
-        async fn head(&self, key: &str) -> Result<Option<HeadInfo>, StoreError> {
-            Ok(self.objects.get(key).map(|o| HeadInfo {
-                size: o.body.len() as u64,
-                meta: o.meta.as_ref().map(ObjectMeta::to_map).unwrap_or_default(),
-                checksum_sha256: o.checksum.clone(),
-            }))
-        }
-
-        async fn get(
-            &self,
-            key: &str,
-            _version_id: Option<&str>,
-        ) -> Result<Option<Download>, StoreError> {
-            Ok(self.objects.get(key).map(|o| {
-                // Small uneven chunks, so part boundaries fall inside them.
-                let chunks: Vec<Result<Bytes, StoreError>> = o
-                    .body
-                    .chunks(333)
-                    .map(|c| Ok(Bytes::copy_from_slice(c)))
-                    .collect();
-                Download {
-                    size: o.body.len() as u64,
-                    meta: o
-                        .meta
-                        .as_ref()
-                        .map(ObjectMeta::to_map)
-                        .unwrap_or_else(HashMap::new),
-                    checksum_sha256: o.checksum.clone(),
-                    body: Box::pin(futures::stream::iter(chunks)),
-                }
-            }))
-        }
-
-        async fn list_versions_page(
-            &self,
-            _prefix: &str,
-            _marker: Option<VersionMarker>,
-        ) -> Result<VersionPage, StoreError> {
-            no("list versions without --as-of")
-        }
-
-        async fn part_layout(
-            &self,
-            key: &str,
-            _version_id: Option<&str>,
-        ) -> Result<Option<PartLayout>, StoreError> {
-            self.layout_requests
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Ok(self.objects.get(key).and_then(|o| o.layout))
-        }
-    }
-}
+// Real S3's composite checksums for multipart objects exist on no server these tests can start
+// (s3s-fs stores none, moto's lacks the `-N`), so the restore's use of them is tested through the
+// library, against the in-memory store serving objects with whatever checksum the test gives
+// them, with everything else real.
 
 #[test]
 fn without_a_manifest_objects_are_checked_against_their_own_and_composite_checksums() {
     use base64::Engine as _;
+    use nightcopy::store::memory::{MemoryStore, Object, Op};
     use nightcopy::store::{ObjectMeta, PartLayout};
     let b64 = |d: &[u8]| base64::engine::general_purpose::STANDARD.encode(d);
     let sha = |b: &[u8]| Sha256::digest(b).to_vec();
@@ -938,16 +800,15 @@ fn without_a_manifest_objects_are_checked_against_their_own_and_composite_checks
         gid: 0,
         raw_path: None,
     });
-    let object = |checksum: Option<String>, layout| fake::Object {
-        body: body.clone(),
-        meta: meta.clone(),
+    let object = |checksum: Option<String>, layout| Object {
+        body: body.clone().into(),
+        meta: meta.as_ref().map(ObjectMeta::to_map).unwrap_or_default(),
         checksum,
         layout,
+        last_modified_ns: 0,
     };
-    let mut store = fake::Store::default();
-    let mut put = |k: &str, o| {
-        store.objects.insert(format!("p/{k}"), o);
-    };
+    let store = MemoryStore::default();
+    let put = |k: &str, o| store.insert(&format!("p/{k}"), o);
     put("single", object(Some(b64(&sha(&body))), None));
     put("single-bad", object(Some(b64(&sha(b"other"))), None));
     put("multi", object(Some(composite(&body, 1000)), layout));
@@ -978,15 +839,15 @@ fn without_a_manifest_objects_are_checked_against_their_own_and_composite_checks
     )
     .unwrap();
     let to = tmp.path().join("restored");
-    let opts = nightcopy::restore::RestoreOptions {
+    let opts = nightcopy::commands::restore::RestoreOptions {
         to: to.clone(),
         ..Default::default()
     };
     let store = std::sync::Arc::new(store);
-    let stats = std::sync::Arc::new(nightcopy::restore::RestoreStats::default());
+    let stats = std::sync::Arc::new(nightcopy::commands::restore::RestoreStats::default());
     tokio::runtime::Runtime::new()
         .unwrap()
-        .block_on(nightcopy::restore::restore(
+        .block_on(nightcopy::commands::restore::restore(
             &config,
             &opts,
             store.clone(),
@@ -1009,11 +870,15 @@ fn without_a_manifest_objects_are_checked_against_their_own_and_composite_checks
         1_650_000_000_000_000_001
     );
     // One part-layout HEAD per composite object, none for the others.
-    assert_eq!(
-        store
-            .layout_requests
-            .load(std::sync::atomic::Ordering::Relaxed),
-        3
-    );
+    assert_eq!(store.count(Op::PartLayout), 3);
+    // A restore only reads.
+    for op in [
+        Op::Put,
+        Op::CreateMultipart,
+        Op::UploadPart,
+        Op::ListVersions,
+    ] {
+        assert_eq!(store.count(op), 0, "{op:?}");
+    }
     assert!(temp_files(&to).is_empty());
 }

@@ -1,12 +1,14 @@
-//! What persists in the state directory between runs besides the manifest: the run lock (one run
-//! at a time) and the record of the last run (what `nightcopy status` shows and what the minimum
-//! interval is measured from). Both are small files written atomically.
+//! What persists in the state directory between runs: the manifest (`manifest`), the run lock
+//! (one run at a time) and the record of the last run (what `nightcopy status` shows and what the
+//! minimum interval is measured from). The small files are written atomically.
+
+pub mod manifest;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -86,13 +88,6 @@ pub struct RunRecord {
     pub metrics_published: bool,
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
-
 pub fn read_record(state_dir: &Path) -> Option<RunRecord> {
     let text = fs::read_to_string(state_dir.join(RECORD_FILE)).ok()?;
     match serde_json::from_str(&text) {
@@ -108,19 +103,10 @@ pub fn read_record(state_dir: &Path) -> Option<RunRecord> {
 }
 
 pub fn write_record(state_dir: &Path, record: &RunRecord) -> io::Result<()> {
-    let tmp = state_dir.join(format!("{RECORD_FILE}.new"));
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
     // One write: serde_json writes token by token, a syscall each on an unbuffered file.
     let mut text = serde_json::to_vec_pretty(record)?;
     text.push(b'\n');
-    f.write_all(&text)?;
-    f.sync_all()?;
-    fs::rename(&tmp, state_dir.join(RECORD_FILE))
+    crate::fsutil::replace(&state_dir.join(RECORD_FILE), &text, 0o600)
 }
 
 /// `Some(message)` when the last success is too recent for another run.

@@ -16,7 +16,6 @@
 //! Memory stays flat: the listing is read page by page, the manifest is merged in key order, and
 //! at most `transfer.concurrency` downloads are in flight, each with one write buffer.
 
-pub mod check;
 pub mod select;
 
 use std::fmt;
@@ -26,7 +25,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde::Serialize;
@@ -35,13 +34,17 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
-use crate::manifest::{self, ManifestEntry};
+use crate::exit;
+use crate::fsutil::{blocking, system_time};
+use crate::integrity::{self as check, Reference, Stored, StreamHasher, Verdict};
+use crate::report::{self, FileErrorKind, Outcome};
+use crate::state::manifest::{self, Cursor, ManifestEntry};
+use crate::stop::{self, Stop};
 use crate::store::s3::S3Store;
+use crate::store::sdk::{self, SetupError};
 use crate::store::{
-    Download, ErrorClass, ObjectMeta, ObjectStore, StoreError, VersionMarker, META_RAW_PATH,
+    Download, ErrorKind, ObjectMeta, ObjectStore, StoreError, VersionMarker, META_RAW_PATH,
 };
-use crate::{agent, exit};
-use check::{Reference, Stored, StreamHasher, Verdict};
 use select::{AsOfPicker, Pick};
 
 /// Per download: bytes gathered before a write to the temp file.
@@ -74,42 +77,15 @@ pub enum RestoreError {
     #[error("target directory {path}: {why}")]
     Target { path: String, why: String },
     #[error(transparent)]
-    Setup(#[from] crate::Fatal),
+    Setup(#[from] SetupError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(
         "interrupted by {}: files already restored are complete and stay; rerun the same command \
          to restore the rest (existing files are skipped)",
-        if *.0 == nix::libc::SIGINT { "SIGINT" } else { "SIGTERM" }
+        stop::signal_name(*.0)
     )]
     Interrupted(i32),
-}
-
-/// Why one file was not restored. The restore goes on; the file is named and counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileErrorKind {
-    /// The download failed (after the SDK's retries, and one more attempt of our own).
-    Download,
-    /// The bytes are not what was backed up: a checksum or the manifest's SHA-256 disagrees.
-    Corrupt,
-    /// Writing the file, its directory or its metadata failed locally.
-    Write,
-    /// The key cannot be a path below the target directory.
-    BadName,
-    /// Listed, but gone when downloaded.
-    Missing,
-}
-
-impl FileErrorKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FileErrorKind::Download => "download",
-            FileErrorKind::Corrupt => "corrupt",
-            FileErrorKind::Write => "write",
-            FileErrorKind::BadName => "bad-name",
-            FileErrorKind::Missing => "missing",
-        }
-    }
 }
 
 /// Live counters; each event logs its line and bumps its counter in one place.
@@ -156,11 +132,7 @@ impl RestoreStats {
         detail: &dyn fmt::Display,
     ) {
         self.errors.fetch_add(1, Relaxed);
-        tracing::warn!(
-            path = %what,
-            error_kind = kind.as_str(),
-            "{what}: not restored: {detail}"
-        );
+        report::file_error(what, kind, &format_args!("not restored: {detail}"));
     }
 
     fn restored(&self, target: &Path, key: &str, bytes: u64, verdict: &Verdict) {
@@ -253,14 +225,18 @@ pub struct RestoreReport {
 }
 
 impl RestoreReport {
-    pub fn exit_code(&self) -> u8 {
+    pub fn outcome(&self) -> Outcome {
         if self.error.is_some() {
-            exit::FATAL
+            Outcome::Failed
         } else if self.figures.errors > 0 {
-            exit::FILE_ERRORS
+            Outcome::FileErrors
         } else {
-            exit::SUCCESS
+            Outcome::Success
         }
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        self.outcome().exit_code()
     }
 }
 
@@ -320,8 +296,7 @@ pub async fn run(
         })
     });
     let result = async {
-        let sdk = agent::load_sdk(config).await?;
-        agent::check_credentials(&sdk).await?;
+        let sdk = sdk::load_checked(config).await?;
         let store = Arc::new(S3Store::for_config(&sdk, config));
         restore(config, opts, store, stats.clone()).await
     }
@@ -331,7 +306,7 @@ pub async fn run(
     }
     let special = match result {
         Err(RestoreError::Usage(_)) => Some(exit::USAGE),
-        Err(RestoreError::Interrupted(sig)) => Some(crate::stop::Stop::exit_code(sig)),
+        Err(RestoreError::Interrupted(sig)) => Some(Stop::exit_code(sig)),
         _ => None,
     };
     let report = RestoreReport {
@@ -342,32 +317,18 @@ pub async fn run(
     };
     let code = special.unwrap_or_else(|| report.exit_code());
     let g = &report.figures;
-    macro_rules! summary {
-        ($level:ident) => {
-            tracing::$level!(
-                outcome = if report.error.is_some() {
-                    "failed"
-                } else if g.errors > 0 {
-                    "file-errors"
-                } else {
-                    "success"
-                },
-                files_restored = g.restored,
-                bytes_restored = g.bytes,
-                existing = g.existing,
-                errors = g.errors,
-                unverified = g.unverified,
-                exit_code = code,
-                dry_run = report.dry_run,
-                "{report}"
-            )
-        };
-    }
-    match code {
-        exit::SUCCESS => summary!(info),
-        exit::FILE_ERRORS => summary!(warn),
-        _ => summary!(error),
-    }
+    crate::summary!(
+        code,
+        outcome = report.outcome().as_str(),
+        files_restored = g.restored,
+        bytes_restored = g.bytes,
+        existing = g.existing,
+        errors = g.errors,
+        unverified = g.unverified,
+        exit_code = code,
+        dry_run = report.dry_run,
+        "{report}"
+    );
     code
 }
 
@@ -398,17 +359,12 @@ pub async fn restore<S: ObjectStore>(
 
     // The manifest's SHA-256s are the strongest check there is (they cover multipart objects
     // too); on another host there is none and the objects' own checksums have to do.
-    let manifest = match manifest::open(&config.state_dir.0, &config.destination_id()) {
-        Ok(m) => m,
-        Err(why) => {
-            tracing::warn!(
-                "the manifest in {} is not used: {why}; downloads are checked against the \
-                 objects' own checksums only",
-                config.state_dir.0.display()
-            );
-            None
-        }
-    };
+    let manifest = manifest::open_or_warn(
+        &config.state_dir.0,
+        &config.destination_id(),
+        usize::MAX,
+        "downloads are checked against the objects' own checksums only",
+    );
     if manifest.is_none() {
         tracing::info!(
             "no manifest for this destination on this host: downloads are checked against the \
@@ -430,7 +386,7 @@ pub async fn restore<S: ObjectStore>(
         })?;
     }
 
-    let (tx, mut rx) = mpsc::channel::<Result<Job, StoreError>>(JOBS_AHEAD);
+    let (tx, rx) = mpsc::channel::<Result<Job, StoreError>>(JOBS_AHEAD);
     let producer = tokio::spawn(produce(pager, first, sub, manifest, stats.clone(), tx));
 
     let ctx = Arc::new(Ctx {
@@ -444,7 +400,25 @@ pub async fn restore<S: ObjectStore>(
         next_tmp: AtomicU64::new(0),
     });
     let concurrency = config.transfer.concurrency.0.max(1);
-    let stop = stop_signal();
+    let result = run_jobs(ctx, rx, concurrency, opts).await;
+    producer.abort();
+    result
+}
+
+/// Restores the listed objects, `concurrency` at a time, until the listing is done, a fatal
+/// error, or a stop signal.
+async fn run_jobs<S: ObjectStore>(
+    ctx: Arc<Ctx<S>>,
+    mut rx: mpsc::Receiver<Result<Job, StoreError>>,
+    concurrency: usize,
+    opts: &RestoreOptions,
+) -> Result<(), RestoreError> {
+    let stop = Stop::on_signals("downloads in flight cancelled, files already restored kept")
+        .map_err(|e| RestoreError::Target {
+            path: opts.to.display().to_string(),
+            why: format!("cannot listen for SIGTERM/SIGINT: {e}"),
+        })?
+        .signalled();
     tokio::pin!(stop);
     let mut running: JoinSet<Result<(), StoreError>> = JoinSet::new();
     let mut listing_done = false;
@@ -478,24 +452,17 @@ pub async fn restore<S: ObjectStore>(
     // On a fatal error or a signal the downloads in flight are cancelled; each one's temp file
     // is removed as its task is dropped.
     running.shutdown().await;
-    producer.abort();
-    match fatal {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    fatal.map_or(Ok(()), Err)
 }
 
 /// A listing error mid-way is fatal like the first page's: the rest cannot be known.
 fn listing_error(e: StoreError, as_of: bool) -> RestoreError {
-    if as_of && e.code.as_deref() == Some("NotImplemented") {
+    if as_of && e.kind == ErrorKind::NotImplemented {
         return RestoreError::Unsupported(format!(
             "--as-of needs ListObjectVersions, which this server does not implement ({e})"
         ));
     }
-    RestoreError::Store(StoreError {
-        class: ErrorClass::Fatal,
-        ..e
-    })
+    RestoreError::Store(e.into_fatal())
 }
 
 fn check_target(to: &Path) -> Result<(), RestoreError> {
@@ -510,19 +477,6 @@ fn check_target(to: &Path) -> Result<(), RestoreError> {
             path: to.display().to_string(),
             why: e.to_string(),
         }),
-    }
-}
-
-/// Resolves with the signal number on SIGINT or SIGTERM. Once tokio handles a signal it does so
-/// for the life of the process, so a second Ctrl-C during the clean-up does not kill it half way.
-async fn stop_signal() -> i32 {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).ok();
-    let mut int = signal(SignalKind::interrupt()).ok();
-    tokio::select! {
-        Some(()) = async { term.as_mut()?.recv().await } => nix::libc::SIGTERM,
-        Some(()) = async { int.as_mut()?.recv().await } => nix::libc::SIGINT,
-        else => std::future::pending().await,
     }
 }
 
@@ -639,7 +593,7 @@ async fn produce<S: ObjectStore>(
     stats: Arc<RestoreStats>,
     tx: mpsc::Sender<Result<Job, StoreError>>,
 ) {
-    let mut manifest = manifest.into_iter().flatten().peekable();
+    let mut manifest = Cursor::new(manifest.into_iter().flatten());
     let mut page = first;
     while let Some(candidates) = page {
         for c in candidates {
@@ -661,8 +615,7 @@ async fn produce<S: ObjectStore>(
                         continue;
                     }
                     stats.listed();
-                    while manifest.next_if(|m| m.key < key).is_some() {}
-                    let record = manifest.next_if(|m| m.key == key);
+                    let record = manifest.record(&key);
                     let job = Job {
                         key,
                         size,
@@ -710,7 +663,7 @@ impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         if e.is_fatal() {
             Failure::Fatal(e)
-        } else if e.code.as_deref() == Some("ChecksumMismatch") {
+        } else if e.kind == ErrorKind::ChecksumMismatch {
             Failure::Corrupt(e.message)
         } else {
             Failure::Download(e)
@@ -895,14 +848,10 @@ impl<S: ObjectStore> Ctx<S> {
         let file = out.into_inner().into_std().await;
         let digests = hasher.finish();
         if digests.bytes != download.size {
-            return Err(Failure::Download(StoreError {
-                class: ErrorClass::PerObject,
-                code: None,
-                message: format!(
-                    "the download ended after {} of {} bytes",
-                    digests.bytes, download.size
-                ),
-            }));
+            return Err(Failure::Download(StoreError::per_object(format!(
+                "the download ended after {} of {} bytes",
+                digests.bytes, download.size
+            ))));
         }
         let verdict = check::judge(&reference, &digests);
         if let Verdict::Mismatch {
@@ -964,14 +913,6 @@ fn apply_meta(file: &File, meta: Option<&ObjectMeta>, as_root: bool) -> io::Resu
     file.set_times(FileTimes::new().set_modified(system_time(m.mtime_ns)))
 }
 
-fn system_time(ns: i64) -> SystemTime {
-    if ns >= 0 {
-        UNIX_EPOCH + Duration::from_nanos(ns as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
-    }
-}
-
 /// Gives the finished temp file its real name; without `overwrite` the rename itself refuses an
 /// existing name, so a file created meanwhile is never replaced.
 fn place(tmp: &Path, target: &Path, overwrite: bool) -> io::Result<()> {
@@ -1017,12 +958,4 @@ impl Drop for TempFile {
             let _ = std::fs::remove_file(&self.path);
         }
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(format!("file task failed: {e}"))))
 }

@@ -1,5 +1,5 @@
-//! What the bytes of a backed-up file are checked against, and the hashing that checks them as they
-//! stream by — shared by restore (downloads) and verify (downloads and local re-reads).
+//! Integrity of backed-up bytes: what they are checked against, and the hashing that checks them
+//! as they stream by — shared by restore (downloads) and verify (downloads and local re-reads).
 //!
 //! Three references can exist for one object, and each is used only when it really describes the
 //! bytes at hand:
@@ -19,7 +19,7 @@
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
-use crate::manifest::ManifestEntry;
+use crate::state::manifest::ManifestEntry;
 use crate::store::{ObjectMeta, PartLayout};
 
 /// The checksum an object carries, as S3 reported it.
@@ -178,12 +178,6 @@ pub enum Verdict {
         expected: String,
         actual: String,
     },
-}
-
-impl Verdict {
-    pub fn is_mismatch(&self) -> bool {
-        matches!(self, Verdict::Mismatch { .. })
-    }
 }
 
 pub const MANIFEST: &str = "the SHA-256 in the manifest";

@@ -34,17 +34,19 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::manifest::{self, ManifestEntry};
-use crate::plan::RemoteObject;
-use crate::report::Stats;
-use crate::restore::check::{self, Reference, Stored, StreamHasher, Verdict};
+use crate::error::Fatal;
+use crate::fsutil;
+use crate::integrity::{self as check, Reference, Stored, StreamHasher, Verdict};
+use crate::merge::{Inputs, Merge, Merged};
+use crate::report::{Outcome, Stats};
 use crate::scan::{self, LocalEntry};
-use crate::state;
+use crate::state::{self, manifest::ManifestEntry};
 use crate::store::s3::S3Store;
-use crate::store::{ObjectMeta, ObjectStore, StoreError};
-use crate::{agent, exit, keys, list, Fatal};
+use crate::store::{sdk, ErrorKind, ObjectMeta, ObjectStore, StoreError};
 
 const READ_BUF: usize = 256 * 1024;
+/// Merged files queued ahead of the checks.
+const ITEMS_AHEAD: usize = 1024;
 
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
@@ -131,14 +133,19 @@ impl VerifyFigures {
         self.missing + self.size_mismatch + self.content_mismatch + self.corrupt
     }
 
-    pub fn exit_code(&self) -> u8 {
+    /// Problems outweigh files that could not be checked.
+    pub fn outcome(&self) -> Outcome {
         if self.problems() > 0 {
-            exit::VERIFY_PROBLEMS
+            Outcome::Problems
         } else if self.unchecked > 0 {
-            exit::FILE_ERRORS
+            Outcome::FileErrors
         } else {
-            exit::SUCCESS
+            Outcome::Success
         }
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        self.outcome().exit_code()
     }
 }
 
@@ -235,29 +242,37 @@ impl VerifyStats {
 /// The summary of a verify: one line, and its exit code.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
-    pub outcome: &'static str,
+    #[serde(serialize_with = "outcome_word")]
+    pub outcome: Outcome,
     pub exit_code: u8,
     pub error: Option<String>,
     #[serde(flatten)]
     pub figures: VerifyFigures,
 }
 
+/// A verify's outcome in its own words: a bucket is "clean", not a "success".
+fn word(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Success => "clean",
+        Outcome::Problems => "problems",
+        Outcome::FileErrors => "incomplete",
+        Outcome::Failed => "failed",
+    }
+}
+
+fn outcome_word<S: serde::Serializer>(o: &Outcome, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(word(*o))
+}
+
 impl VerifyReport {
     pub fn new(figures: VerifyFigures, error: Option<String>) -> VerifyReport {
-        let exit_code = if error.is_some() {
-            exit::FATAL
-        } else {
-            figures.exit_code()
-        };
-        let outcome = match exit_code {
-            exit::SUCCESS => "clean",
-            exit::VERIFY_PROBLEMS => "problems",
-            exit::FILE_ERRORS => "incomplete",
-            _ => "failed",
+        let outcome = match error {
+            Some(_) => Outcome::Failed,
+            None => figures.outcome(),
         };
         VerifyReport {
             outcome,
-            exit_code,
+            exit_code: outcome.exit_code(),
             error,
             figures,
         }
@@ -267,10 +282,10 @@ impl VerifyReport {
 impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let g = &self.figures;
-        match (&self.error, self.exit_code) {
+        match (&self.error, self.outcome) {
             (Some(e), _) => write!(f, "verify FAILED: {e}")?,
-            (None, exit::SUCCESS) => write!(f, "verify clean")?,
-            (None, exit::VERIFY_PROBLEMS) => write!(
+            (None, Outcome::Success) => write!(f, "verify clean")?,
+            (None, Outcome::Problems) => write!(
                 f,
                 "verify found {} problems: {} missing, {} size mismatches, {} content \
                  mismatches, {} corrupt",
@@ -304,8 +319,7 @@ pub async fn run(config: &Config, opts: &VerifyOptions) -> u8 {
     let started = Instant::now();
     let stats = Arc::new(VerifyStats::new(opts.json));
     let result = async {
-        let sdk = agent::load_sdk(config).await?;
-        agent::check_credentials(&sdk).await?;
+        let sdk = sdk::load_checked(config).await?;
         let store = Arc::new(S3Store::for_config(&sdk, config));
         verify(config, opts, store, stats.clone()).await
     }
@@ -320,33 +334,16 @@ pub async fn run(config: &Config, opts: &VerifyOptions) -> u8 {
         println!("{v}");
     }
     let g = &report.figures;
-    macro_rules! summary {
-        ($level:ident) => {
-            tracing::$level!(
-                outcome = report.outcome,
-                problems = g.problems(),
-                compared = g.compared,
-                unchecked = g.unchecked,
-                exit_code = report.exit_code,
-                "{report}"
-            )
-        };
-    }
-    match report.exit_code {
-        exit::SUCCESS => summary!(info),
-        exit::FATAL => summary!(error),
-        _ => summary!(warn),
-    }
+    crate::summary!(
+        report.exit_code,
+        outcome = word(report.outcome),
+        problems = g.problems(),
+        compared = g.compared,
+        unchecked = g.unchecked,
+        exit_code = report.exit_code,
+        "{report}"
+    );
     report.exit_code
-}
-
-/// One local file and what the bucket and the manifest say about its key.
-struct Item {
-    entry: LocalEntry,
-    remote: Option<RemoteObject>,
-    record: Option<ManifestEntry>,
-    /// Its key was already another file's (an escaped name equal to a real one).
-    duplicate: bool,
 }
 
 /// The comparison over any store. Figures go to `stats` as they happen.
@@ -357,48 +354,21 @@ pub async fn verify<S: ObjectStore>(
     stats: Arc<VerifyStats>,
 ) -> Result<(), Fatal> {
     let prefix = config.destination.prefix.as_str().to_owned();
-    let mut manifest = match manifest::open(&config.state_dir.0, &config.destination_id()) {
-        Ok(m) => m,
-        Err(why) => {
-            tracing::warn!(
-                "the manifest in {} is not used: {why}; comparing with the objects' own checksums",
-                config.state_dir.0.display()
-            );
-            None
-        }
-    };
     let cutoff = backup_cutoff(&config.state_dir.0);
     if cutoff.is_none() {
         tracing::info!(
             "no completed backup recorded on this host: every difference counts as a problem"
         );
     }
-
     let scan_stats = Arc::new(Stats::default());
-    // The first page is awaited inside: a missing bucket or denied access is fatal at once.
-    let cuts = manifest.as_mut().map(|m| m.take_cuts()).unwrap_or_default();
-    let remote = list::start(store.clone(), prefix.clone(), scan_stats.clone(), cuts).await?;
-    let scan_opts = scan::ScanOptions {
-        root: config.source.path.0.clone(),
-        excludes: config.excludes().map_err(Fatal::Config)?,
-        one_file_system: config.source.one_file_system,
-        symlinks: config.source.symlinks,
-        max_key_bytes: keys::MAX_KEY_BYTES - prefix.len(),
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Item, StoreError>>(1024);
-    let merge_stats = stats.clone();
-    let merger = tokio::task::spawn_blocking(move || {
-        let local = scan::scan(scan_opts, scan_stats.clone());
-        merge(
-            local,
-            remote,
-            manifest.into_iter().flatten(),
-            &merge_stats,
-            &tx,
-        );
-        scan_stats
-    });
-
+    let inputs = Inputs::open(
+        config,
+        store.clone(),
+        scan_stats.clone(),
+        "comparing with the objects' own checksums",
+    )
+    .await?;
+    let (files, merger) = spawn_merge(inputs, scan_stats, stats.clone());
     let ctx = Arc::new(Ctx {
         store,
         stats: stats.clone(),
@@ -407,7 +377,8 @@ pub async fn verify<S: ObjectStore>(
         full: opts.full,
     });
     let concurrency = config.transfer.concurrency.0.max(1);
-    let mut checked = receiver_stream(rx)
+    let mut files = files;
+    let mut checked = futures::stream::poll_fn(move |cx| files.poll_recv(cx))
         .map(|item| {
             let ctx = ctx.clone();
             async move {
@@ -442,7 +413,47 @@ pub async fn verify<S: ObjectStore>(
         return Err(Fatal::Store(e));
     }
 
-    let samples = futures::stream::iter(sampler.into_items())
+    check_samples(ctx, sampler.into_items(), concurrency).await
+}
+
+type MergedFile = Result<Merged, StoreError>;
+
+/// Walks and merges on a blocking thread; the local files come out of the channel in key order
+/// (objects only in the bucket are counted there). The thread returns the walk's own figures.
+fn spawn_merge(
+    inputs: Inputs,
+    scan_stats: Arc<Stats>,
+    stats: Arc<VerifyStats>,
+) -> (
+    tokio::sync::mpsc::Receiver<MergedFile>,
+    tokio::task::JoinHandle<Arc<Stats>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<MergedFile>(ITEMS_AHEAD);
+    let merger = tokio::task::spawn_blocking(move || {
+        let local = scan::scan(inputs.scan, scan_stats.clone());
+        let manifest = inputs.manifest.into_iter().flatten();
+        for merged in Merge::new(local, inputs.remote, manifest) {
+            if let Ok(Merged::RemoteOnly { .. }) = merged {
+                stats.remote_only.fetch_add(1, Relaxed);
+                continue;
+            }
+            let failed = merged.is_err();
+            if tx.blocking_send(merged).is_err() || failed {
+                break;
+            }
+        }
+        scan_stats
+    });
+    (rx, merger)
+}
+
+/// `--sample`: the picked files downloaded and checked, several at once.
+async fn check_samples<S: ObjectStore>(
+    ctx: Arc<Ctx<S>>,
+    picked: Vec<Sample>,
+    concurrency: usize,
+) -> Result<(), Fatal> {
+    let samples = futures::stream::iter(picked)
         .map(|s| {
             let ctx = ctx.clone();
             async move {
@@ -463,7 +474,7 @@ pub async fn verify<S: ObjectStore>(
 /// ctime is later may differ from the bucket for a good reason.
 fn backup_cutoff(state_dir: &Path) -> Option<i64> {
     let record = state::read_record(state_dir)?;
-    let started = if record.outcome == crate::report::Outcome::Failed {
+    let started = if record.outcome == Outcome::Failed {
         record.last_success_started?
     } else {
         record.started
@@ -471,69 +482,6 @@ fn backup_cutoff(state_dir: &Path) -> Option<i64> {
     // The record keeps whole seconds. Rounded up, so a file changed in the second the backup
     // started counts as a problem if it differs: the doubt goes to reporting, not to excusing.
     Some((started as i64 + 1) * 1_000_000_000)
-}
-
-/// The merge of the walk, the listing and the manifest (all in key order), on the walk's thread.
-fn merge(
-    local: impl Iterator<Item = LocalEntry>,
-    remote: impl Iterator<Item = Result<RemoteObject, StoreError>>,
-    manifest: impl Iterator<Item = ManifestEntry>,
-    stats: &VerifyStats,
-    tx: &tokio::sync::mpsc::Sender<Result<Item, StoreError>>,
-) {
-    let mut remote = remote.peekable();
-    let mut manifest = manifest.peekable();
-    let mut last: Option<String> = None;
-    for entry in local {
-        let duplicate = last.as_deref() == Some(entry.key.as_str());
-        let mut matched = None;
-        if !duplicate {
-            loop {
-                match remote.peek() {
-                    Some(Err(_)) => {
-                        let e = remote
-                            .next()
-                            .and_then(Result::err)
-                            .expect("peeked an error");
-                        let _ = tx.blocking_send(Err(e));
-                        return;
-                    }
-                    Some(Ok(o)) if o.key < entry.key => {
-                        stats.remote_only.fetch_add(1, Relaxed);
-                        remote.next();
-                    }
-                    Some(Ok(o)) if o.key == entry.key => {
-                        matched = remote.next().and_then(Result::ok);
-                        break;
-                    }
-                    _ => break,
-                }
-            }
-        }
-        while manifest.next_if(|m| m.key < entry.key).is_some() {}
-        let record = manifest.next_if(|m| m.key == entry.key);
-        last = Some(entry.key.clone());
-        let item = Item {
-            entry,
-            remote: matched,
-            record,
-            duplicate,
-        };
-        if tx.blocking_send(Ok(item)).is_err() {
-            return;
-        }
-    }
-    for o in remote {
-        match o {
-            Ok(_) => {
-                stats.remote_only.fetch_add(1, Relaxed);
-            }
-            Err(e) => {
-                let _ = tx.blocking_send(Err(e));
-                return;
-            }
-        }
-    }
 }
 
 /// A file picked for `--sample`.
@@ -565,24 +513,50 @@ impl<S: ObjectStore> Ctx<S> {
         }
     }
 
-    /// Compares one file; returns it as a sampling candidate when its object looks right.
-    async fn check(self: Arc<Self>, item: Item) -> Result<Option<Sample>, StoreError> {
-        let Item {
-            entry,
-            remote,
-            record,
-            duplicate,
-        } = item;
-        self.stats.compared.fetch_add(1, Relaxed);
-        if duplicate {
-            self.report(
-                Kind::Missing,
-                &entry,
-                "its key is also another file's (an escaped name equal to a real one); only one \
-                 of them can be backed up: rename one",
-            );
-            return Ok(None);
+    /// The object a HEAD or GET found for `entry`; `None` after reporting that it is gone (listed,
+    /// then missing) or could not be had (`failed` prefixes the error), `Err` only when the
+    /// error ends the verify.
+    fn found<T>(
+        &self,
+        entry: &LocalEntry,
+        result: Result<Option<T>, StoreError>,
+        failed: &str,
+    ) -> Result<Option<T>, StoreError> {
+        match result {
+            Ok(Some(found)) => Ok(Some(found)),
+            Ok(None) => {
+                let gone = "the object disappeared during the verify";
+                self.report(Kind::Missing, entry, gone);
+                Ok(None)
+            }
+            Err(e) if e.is_fatal() => Err(e),
+            Err(e) => {
+                self.report(Kind::Unchecked, entry, &format!("{failed}{e}"));
+                Ok(None)
+            }
         }
+    }
+
+    /// Compares one file; returns it as a sampling candidate when its object looks right.
+    async fn check(self: Arc<Self>, file: Merged) -> Result<Option<Sample>, StoreError> {
+        self.stats.compared.fetch_add(1, Relaxed);
+        let (entry, remote, record) = match file {
+            Merged::File {
+                entry,
+                remote,
+                record,
+            } => (entry, remote, record),
+            Merged::DuplicateKey { entry } => {
+                self.report(
+                    Kind::Missing,
+                    &entry,
+                    "its key is also another file's (an escaped name equal to a real one); only \
+                     one of them can be backed up: rename one",
+                );
+                return Ok(None);
+            }
+            Merged::RemoteOnly { .. } => unreachable!("counted by the merge"),
+        };
         let Some(remote) = remote else {
             let detail = if record.is_some() {
                 "no object in the bucket, although the manifest records it as backed up"
@@ -620,21 +594,8 @@ impl<S: ObjectStore> Ctx<S> {
         size: u64,
     ) -> Result<(), StoreError> {
         let key = format!("{}{}", self.prefix, entry.key);
-        let head = match self.store.head(&key).await {
-            Ok(Some(h)) => h,
-            Ok(None) => {
-                self.report(
-                    Kind::Missing,
-                    entry,
-                    "the object disappeared during the verify",
-                );
-                return Ok(());
-            }
-            Err(e) if e.is_fatal() => return Err(e),
-            Err(e) => {
-                self.report(Kind::Unchecked, entry, &e.to_string());
-                return Ok(());
-            }
+        let Some(head) = self.found(entry, self.store.head(&key).await, "")? else {
+            return Ok(());
         };
         let meta = ObjectMeta::from_map(&head.meta);
         let manifest = check::manifest_sha(record, head.size, meta.as_ref());
@@ -689,21 +650,9 @@ impl<S: ObjectStore> Ctx<S> {
     async fn check_sample(self: Arc<Self>, s: Sample) -> Result<(), StoreError> {
         let entry = &s.entry;
         let key = format!("{}{}", self.prefix, entry.key);
-        let download = match self.store.get(&key, None).await {
-            Ok(Some(d)) => d,
-            Ok(None) => {
-                self.report(
-                    Kind::Missing,
-                    entry,
-                    "the object disappeared during the verify",
-                );
-                return Ok(());
-            }
-            Err(e) if e.is_fatal() => return Err(e),
-            Err(e) => {
-                self.report(Kind::Unchecked, entry, &format!("download failed: {e}"));
-                return Ok(());
-            }
+        let found = self.store.get(&key, None).await;
+        let Some(download) = self.found(entry, found, "download failed: ")? else {
+            return Ok(());
         };
         let meta = ObjectMeta::from_map(&download.meta);
         let reference = Reference {
@@ -720,7 +669,7 @@ impl<S: ObjectStore> Ctx<S> {
         while let Some(chunk) = body.next().await {
             match chunk {
                 Ok(c) => hasher.update(&c),
-                Err(e) if e.code.as_deref() == Some("ChecksumMismatch") => {
+                Err(e) if e.kind == ErrorKind::ChecksumMismatch => {
                     self.stats.sampled.fetch_add(1, Relaxed);
                     self.stats.problem(
                         Kind::Corrupt,
@@ -788,7 +737,7 @@ fn changed_after(path: &Path, cutoff: Option<i64>) -> bool {
         return false;
     };
     std::fs::metadata(path)
-        .map(|m| m.ctime() * 1_000_000_000 + m.ctime_nsec() > cutoff)
+        .map(|m| fsutil::ns(m.ctime(), m.ctime_nsec()) > cutoff)
         .unwrap_or(false)
 }
 
@@ -885,15 +834,10 @@ impl SplitMix {
     }
 }
 
-fn receiver_stream<T: Send + 'static>(
-    mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exit;
 
     #[test]
     fn reservoir_holds_at_most_n_and_samples_uniformly() {

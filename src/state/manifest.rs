@@ -9,12 +9,13 @@
 //!
 //! Keys never contain control characters (see `keys`), so a line per entry is unambiguous.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
+
+use crate::fsutil::AtomicFile;
 
 const MAGIC: &str = "nightcopy-manifest 1";
 pub const FILE_NAME: &str = "manifest";
@@ -66,17 +67,42 @@ pub enum Rejected {
 }
 
 /// Opens the manifest for `destination`, checking it whole first. `Ok(None)`: there is none yet.
-pub fn open(state_dir: &Path, destination: &str) -> Result<Option<Reader>, Rejected> {
+/// While checking it, every `cut_every`-th key is kept (see [`Reader::take_cuts`]).
+pub fn open(
+    state_dir: &Path,
+    destination: &str,
+    cut_every: usize,
+) -> Result<Option<Reader>, Rejected> {
     let path = state_dir.join(FILE_NAME);
     let file = match File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let cuts = verify(BufReader::new(file), destination)?;
+    let cuts = verify(BufReader::new(file), destination, cut_every.max(1) as u64)?;
     let mut lines = BufReader::new(File::open(&path)?).lines();
     lines.next(); // header, verified above
     Ok(Some(Reader { lines, cuts }))
+}
+
+/// [`open`], for a command that can go on without a manifest: a rejected one is a warning naming
+/// the state directory, why, and what the command does instead (`fallback`).
+pub fn open_or_warn(
+    state_dir: &Path,
+    destination: &str,
+    cut_every: usize,
+    fallback: &str,
+) -> Option<Reader> {
+    match open(state_dir, destination, cut_every) {
+        Ok(m) => m,
+        Err(why) => {
+            tracing::warn!(
+                "the manifest in {} is not used: {why}; {fallback}",
+                state_dir.display()
+            );
+            None
+        }
+    }
 }
 
 /// The most cuts kept: past this, every other one is dropped and the spacing doubles, so a
@@ -117,9 +143,9 @@ impl Cuts {
 }
 
 /// One pass over the whole file: header, order, syntax and trailer. Cheap next to a walk of the same
-/// tree, and it means the merge never acts on half a manifest. Returns keys about
-/// `list::PARTITION_KEYS` apart, where the listing may be cut into ranges fetched side by side.
-fn verify(mut r: impl BufRead, destination: &str) -> Result<Vec<String>, Rejected> {
+/// tree, and it means the merge never acts on half a manifest. Returns keys about `cut_every`
+/// apart, where the listing may be cut into ranges fetched side by side.
+fn verify(mut r: impl BufRead, destination: &str, cut_every: u64) -> Result<Vec<String>, Rejected> {
     let damaged = |m: &str| Rejected::Damaged(m.to_owned());
     let mut hash = Sha256::new();
     let mut line = String::new();
@@ -137,7 +163,7 @@ fn verify(mut r: impl BufRead, destination: &str) -> Result<Vec<String>, Rejecte
     hash.update(line.as_bytes());
     let mut count = 0u64;
     let mut last: Option<String> = None;
-    let mut cuts = Cuts::new(crate::list::PARTITION_KEYS as u64, MAX_CUTS);
+    let mut cuts = Cuts::new(cut_every, MAX_CUTS);
     loop {
         line.clear();
         if r.read_line(&mut line)? == 0 {
@@ -174,8 +200,8 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Keys about `list::PARTITION_KEYS` entries apart, in order: where the bucket listing can be
-    /// cut into ranges.
+    /// Keys about `cut_every` entries apart, in order: where the bucket listing can be cut into
+    /// ranges.
     pub fn take_cuts(&mut self) -> Vec<String> {
         std::mem::take(&mut self.cuts)
     }
@@ -192,14 +218,10 @@ impl Iterator for Reader {
     }
 }
 
-/// Writes the next manifest beside the current one; `commit` replaces it atomically.
+/// Writes the next manifest beside the current one; `commit` replaces it atomically. Dropped
+/// without `commit` (a fatal error, a full disk), the unfinished file is removed.
 pub struct Writer {
-    out: BufWriter<File>,
-    tmp: PathBuf,
-    /// Removes the unfinished file if the run ends without `commit` (a fatal error, a full disk):
-    /// a torn `manifest.new` would otherwise sit in the state directory until the next run.
-    _unfinished: Unfinished,
-    path: PathBuf,
+    out: BufWriter<AtomicFile>,
     hash: Sha256,
     count: u64,
     last: Option<String>,
@@ -207,20 +229,10 @@ pub struct Writer {
 
 impl Writer {
     pub fn create(state_dir: &Path, destination: &str) -> io::Result<Writer> {
-        let path = state_dir.join(FILE_NAME);
-        let tmp = state_dir.join(format!("{FILE_NAME}.new"));
         // 0600: the manifest lists every file name of the tree.
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let file = AtomicFile::create(&state_dir.join(FILE_NAME), 0o600)?;
         let mut w = Writer {
             out: BufWriter::with_capacity(256 * 1024, file),
-            _unfinished: Unfinished(Some(tmp.clone())),
-            tmp,
-            path,
             hash: Sha256::new(),
             count: 0,
             last: None,
@@ -260,30 +272,41 @@ impl Writer {
             hex::encode(self.hash.clone().finalize())
         );
         self.out.write_all(trailer.as_bytes())?;
-        let file = self.out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        fs::rename(&self.tmp, &self.path)?;
-        self._unfinished.0 = None;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
+        self.out
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .commit()?;
         Ok(self.count)
     }
 }
 
-struct Unfinished(Option<PathBuf>);
+/// The entries of a manifest, asked for key by key in increasing order: what the merges use to
+/// find each key's record in one pass.
+pub struct Cursor<M: Iterator<Item = ManifestEntry>> {
+    entries: std::iter::Peekable<M>,
+}
 
-impl Drop for Unfinished {
-    fn drop(&mut self) {
-        if let Some(path) = &self.0 {
-            let _ = fs::remove_file(path);
+impl<M: Iterator<Item = ManifestEntry>> Cursor<M> {
+    pub fn new(entries: M) -> Self {
+        Cursor {
+            entries: entries.peekable(),
         }
+    }
+
+    /// The record of `key`. Records of keys before it are passed over: their files are gone (the
+    /// objects stay in the bucket).
+    pub fn record(&mut self, key: &str) -> Option<ManifestEntry> {
+        while self.entries.next_if(|m| m.key.as_str() < key).is_some() {}
+        self.entries.next_if(|m| m.key == key)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+
+    const STEP: usize = 4_000;
 
     fn e(key: &str, sha: bool) -> ManifestEntry {
         ManifestEntry {
@@ -297,17 +320,20 @@ mod tests {
     #[test]
     fn round_trip() {
         let d = tempfile::tempdir().unwrap();
-        assert!(open(d.path(), "x").unwrap().is_none());
+        assert!(open(d.path(), "x", STEP).unwrap().is_none());
         let mut w = Writer::create(d.path(), "dest|b|p/").unwrap();
         let entries = [e("a b", true), e("a/b", false), e("z%FF", true)];
         for x in &entries {
             w.push(x).unwrap();
         }
         assert_eq!(w.commit().unwrap(), 3);
-        let got: Vec<_> = open(d.path(), "dest|b|p/").unwrap().unwrap().collect();
+        let got: Vec<_> = open(d.path(), "dest|b|p/", STEP)
+            .unwrap()
+            .unwrap()
+            .collect();
         assert_eq!(got, entries);
         assert!(matches!(
-            open(d.path(), "other"),
+            open(d.path(), "other", STEP),
             Err(Rejected::OtherDestination(_))
         ));
     }
@@ -321,9 +347,9 @@ mod tests {
                 w.push(&e(&format!("k{i:09}"), true)).unwrap();
             }
             w.commit().unwrap();
-            open(d.path(), "x").unwrap().unwrap().take_cuts()
+            open(d.path(), "x", STEP).unwrap().unwrap().take_cuts()
         };
-        let step = crate::list::PARTITION_KEYS;
+        let step = STEP;
         assert!(write(step - 1).is_empty());
         let cuts = write(3 * step + 5);
         let want: Vec<String> = (1..=3).map(|i| format!("k{:09}", i * step - 1)).collect();
@@ -352,7 +378,7 @@ mod tests {
         assert!(d.path().join("manifest.new").exists());
         drop(w);
         assert!(!d.path().join("manifest.new").exists());
-        assert!(open(d.path(), "x").unwrap().is_none());
+        assert!(open(d.path(), "x", STEP).unwrap().is_none());
 
         let mut w = Writer::create(d.path(), "x").unwrap();
         w.push(&e("a", true)).unwrap();
@@ -392,7 +418,7 @@ mod tests {
         for text in damaged {
             fs::write(&path, &text).unwrap();
             assert!(
-                matches!(open(d.path(), "x"), Err(Rejected::Damaged(_))),
+                matches!(open(d.path(), "x", STEP), Err(Rejected::Damaged(_))),
                 "{text:?}"
             );
         }

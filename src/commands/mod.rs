@@ -1,0 +1,9 @@
+//! The commands, side by side: each is one entry point that takes a loaded config and returns its
+//! exit code. They share the machinery below them (config, guard, scan, list, merge, plan, upload,
+//! integrity, report, metrics, state, store) and never call each other.
+
+pub mod check_config;
+pub mod restore;
+pub mod run;
+pub mod status;
+pub mod verify;

@@ -1,0 +1,270 @@
+//! `nightcopy run`, the nightly run as operators see it: lock and minimum interval, source and
+//! credentials checks, READY/STATUS/WATCHDOG to systemd, the copy (`copy`), then one outcome —
+//! and from that one outcome the summary line, the CloudWatch metrics, the textfile, the run
+//! record, the heartbeat and the exit code, so they can never disagree.
+
+mod copy;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::error::Fatal;
+use crate::report::{Outcome, RunReport, Stats, SUMMARY_MESSAGE_ID};
+use crate::state::{self, RunRecord};
+use crate::stop::Stop;
+use crate::store::s3::S3Store;
+use crate::store::sdk;
+use crate::{exit, fsutil, guard, metrics, notify};
+
+pub use copy::copy;
+
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Print each planned upload with its reason; send nothing but the listing; change no state.
+    pub dry_run: bool,
+    /// Run even when the last success is more recent than guard.min-interval (never overrides
+    /// the lock).
+    pub force: bool,
+}
+
+/// What finishing a run needs to know, gathered as the run goes.
+struct RunContext<'a> {
+    config: &'a Config,
+    opts: &'a RunOptions,
+    started: Instant,
+    started_unix: u64,
+    stats: Arc<Stats>,
+    /// The SDK, once loaded: metrics are published with it.
+    sdk: Option<aws_config::SdkConfig>,
+    /// The last run's record: its last success carries over a failed run.
+    previous: Option<RunRecord>,
+}
+
+/// One nightly run; returns the exit code.
+pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::ProgressBar>) -> u8 {
+    let mut ctx = RunContext {
+        config,
+        opts,
+        started: Instant::now(),
+        started_unix: fsutil::unix_now(),
+        stats: Arc::new(Stats::default()),
+        sdk: None,
+        previous: None,
+    };
+    let state_dir = &config.state_dir.0;
+
+    // Guard, part 1: a run that is skipped leaves no trace but one log line and exit 75. A state
+    // directory that cannot be used is a failure like any other (published, LastSuccess=0).
+    if let Err(e) = guard::prepare_state_dir(state_dir) {
+        return ctx.finish(Some(e.into())).await;
+    }
+    let _lock = match state::lock(state_dir) {
+        Ok(l) => l,
+        Err(e @ state::LockError::Held { .. }) => return skip(&e.to_string()),
+        Err(e) => return ctx.finish(Some(e.into())).await,
+    };
+    ctx.previous = state::read_record(state_dir);
+    if !opts.force && !opts.dry_run {
+        let min_interval = config.guard.min_interval.0;
+        if let Some(why) = state::too_soon(ctx.previous.as_ref(), min_interval, ctx.started_unix) {
+            return skip(&why);
+        }
+    }
+
+    // Guard, part 2: failures from here on are real failures, published as LastSuccess=0.
+    match sdk::load(config).await {
+        Ok(s) => ctx.sdk = Some(s),
+        Err(e) => return ctx.finish(Some(e.into())).await,
+    }
+    let sdk = ctx.sdk.clone().expect("just loaded");
+    let checked = async {
+        guard::check_source(&config.source.path.0, config.source.require_mountpoint)?;
+        sdk::check_credentials(&sdk).await.map_err(Fatal::from)
+    }
+    .await;
+    if let Err(e) = checked {
+        return ctx.finish(Some(e)).await;
+    }
+
+    let store = Arc::new(S3Store::for_config(&sdk, config));
+    notify::ready(&format!(
+        "backing up {} to s3://{}/{}",
+        config.source.path.0.display(),
+        config.destination.bucket.0,
+        config.destination.prefix.as_str()
+    ));
+    let progress = notify::Progress::start(ctx.stats.clone(), ctx.started, bar);
+    let consequence = "no new uploads, multipart uploads in flight aborted, progress so far kept";
+    let stop = Stop::on_signals(consequence).unwrap_or_else(|e| {
+        tracing::warn!("cannot listen for SIGTERM/SIGINT ({e}); a stop will kill the run");
+        Stop::never()
+    });
+    let result = copy(config, opts, store, ctx.stats.clone(), stop).await;
+    drop(progress);
+    ctx.finish(result.err()).await
+}
+
+fn skip(why: &str) -> u8 {
+    tracing::info!(outcome = "skipped", exit_code = exit::SKIPPED, "{why}");
+    // READY=1 first: systemd fails a Type=notify unit whose process exits cleanly without it
+    // (Result=protocol), and SuccessExitStatus=75 would not apply. A skip is a start that is
+    // complete at once.
+    notify::ready(why);
+    notify::stopping(why);
+    exit::SKIPPED
+}
+
+impl RunContext<'_> {
+    /// Decides the outcome once and tells everyone.
+    async fn finish(self, fatal: Option<Fatal>) -> u8 {
+        let config = self.config;
+        let figures = self.stats.snapshot(self.started.elapsed());
+        let report = RunReport::new(
+            figures,
+            fatal.as_ref().map(ToString::to_string),
+            config.success_max_errors,
+            self.opts.dry_run,
+        );
+        let mut code = match &fatal {
+            Some(Fatal::Stopped(sig)) => Stop::exit_code(*sig),
+            _ => report.outcome.exit_code(),
+        };
+        if self.opts.dry_run {
+            log_summary(&report, code);
+            notify::stopping(&report.to_string());
+            return code;
+        }
+
+        let published = publish(config, self.sdk.as_ref(), &report).await;
+        if !published && code == exit::SUCCESS {
+            code = exit::METRICS_NOT_PUBLISHED;
+        }
+        let record = RunRecord {
+            started: self.started_unix,
+            ended: fsutil::unix_now(),
+            outcome: report.outcome,
+            exit_code: code,
+            figures: report.figures.clone(),
+            error: report.error.clone(),
+            last_success_started: if report.outcome.is_success() {
+                Some(self.started_unix)
+            } else {
+                self.previous.and_then(|p| p.last_success_started)
+            },
+            metrics_published: published,
+        };
+        if let Err(e) = state::write_record(&config.state_dir.0, &record) {
+            tracing::warn!(
+                "cannot write the run record in {}: {e}",
+                config.state_dir.0.display()
+            );
+        }
+        if let Some(url) = &config.heartbeat_url {
+            heartbeat(&url.0, report.outcome.is_success()).await;
+        }
+        log_summary(&report, code);
+        notify::stopping(&report.to_string());
+        code
+    }
+}
+
+/// CloudWatch and the textfile, as configured; `false` when either could not be written (said in
+/// the journal).
+async fn publish(config: &Config, sdk: Option<&aws_config::SdkConfig>, report: &RunReport) -> bool {
+    let data = metrics::data(&report.figures, report.outcome.is_success());
+    let mut published = true;
+    if config.metrics.cloudwatch {
+        let sdk = match sdk {
+            Some(s) => Ok(s.clone()),
+            None => sdk::load(config).await.map_err(|e| e.to_string()),
+        };
+        let sent = match sdk {
+            Ok(sdk) => {
+                let instance = metrics::instance_id(&config.metrics).await;
+                metrics::publish_cloudwatch(&sdk, &config.metrics, &instance, &data).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            published = false;
+            tracing::error!(
+                error_kind = "metrics",
+                "metrics were NOT published ({e}); the backup itself {}",
+                match report.outcome {
+                    Outcome::Success => "completed successfully",
+                    Outcome::FileErrors | Outcome::Problems => "completed with file errors",
+                    Outcome::Failed => "failed",
+                }
+            );
+        }
+    }
+    if let Some(path) = &config.metrics.textfile {
+        if let Err(e) = metrics::write_textfile(&path.0, &data, fsutil::unix_now()) {
+            published = false;
+            tracing::error!(
+                error_kind = "metrics",
+                "cannot write the metrics textfile {}: {e}",
+                path.0.display()
+            );
+        }
+    }
+    published
+}
+
+/// The summary line: all six figures as journal fields, under a fixed MESSAGE_ID.
+fn log_summary(report: &RunReport, exit_code: u8) {
+    let g = &report.figures;
+    crate::summary!(
+        exit_code,
+        message_id = SUMMARY_MESSAGE_ID,
+        outcome = report.outcome.as_str(),
+        last_success = u8::from(report.outcome.is_success()),
+        files_transferred = g.files_transferred,
+        bytes_transferred = g.bytes_transferred,
+        checks = g.checks,
+        transfer_errors = g.transfer_errors,
+        elapsed_seconds = format!("{:.3}", g.elapsed_seconds),
+        exit_code,
+        dry_run = report.dry_run,
+        "{report}"
+    );
+}
+
+/// The dead-man's switch: the URL on success, URL/fail otherwise. Never fatal.
+async fn heartbeat(url: &str, success: bool) {
+    let target = if success {
+        url.to_owned()
+    } else {
+        format!("{}/fail", url.trim_end_matches('/'))
+    };
+    let client = match reqwest::Client::builder()
+        .timeout(HEARTBEAT_TIMEOUT)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("heartbeat not sent: {e}");
+            return;
+        }
+    };
+    match client.get(&target).send().await {
+        Ok(r) if r.status().is_success() => tracing::debug!("heartbeat sent"),
+        Ok(r) => tracing::warn!("heartbeat {} answered {}", redact(&target), r.status()),
+        Err(e) => tracing::warn!(
+            "heartbeat to {} failed: {}",
+            redact(&target),
+            e.without_url()
+        ),
+    }
+}
+
+/// Heartbeat URLs embed a secret token: show only scheme and host.
+fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}/…", rest.split('/').next().unwrap_or("")),
+        None => "the heartbeat URL".into(),
+    }
+}

@@ -1,0 +1,430 @@
+//! An object store in memory, with a counter per operation: what unit tests and library-level
+//! tests run the machinery against when a real S3 API server cannot produce the case (a composite
+//! checksum, an exact page size, a request count). Like the trait, it has no delete.
+//!
+//! It behaves as S3 does where nightcopy depends on it: keys listed in byte order, pages of
+//! `page_size` keys with a continuation token, `StartAfter`, SHA-256 checksums verified on every
+//! PUT and part (a wrong one is `DigestMismatch`), composite `…-N` checksums for multipart
+//! objects, metadata kept as given. Objects can also be inserted with any checksum and part
+//! layout, to test how a reader judges them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::{
+    Body, CompletedPart, Download, ErrorClass, ErrorKind, HeadInfo, ListPage, ObjectMeta,
+    ObjectStore, PartLayout, PutRequest, RemoteObject, StoreError, VersionMarker, VersionPage,
+};
+
+/// The operations of [`ObjectStore`], for counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Op {
+    List,
+    Put,
+    CreateMultipart,
+    UploadPart,
+    CompleteMultipart,
+    AbortMultipart,
+    Head,
+    Get,
+    ListVersions,
+    PartLayout,
+}
+
+/// One stored object.
+#[derive(Debug, Clone, Default)]
+pub struct Object {
+    pub body: Bytes,
+    pub meta: HashMap<String, String>,
+    /// `x-amz-checksum-sha256` as S3 reports it (base64, `…-N` for a composite).
+    pub checksum: Option<String>,
+    pub layout: Option<PartLayout>,
+    pub last_modified_ns: i64,
+}
+
+impl Object {
+    /// An object as a single PUT of `body` would store it.
+    pub fn new(body: impl Into<Bytes>, meta: Option<&ObjectMeta>) -> Object {
+        let body = body.into();
+        Object {
+            checksum: Some(b64(&Sha256::digest(&body))),
+            meta: meta.map(ObjectMeta::to_map).unwrap_or_default(),
+            body,
+            layout: None,
+            last_modified_ns: 0,
+        }
+    }
+}
+
+struct Upload {
+    key: String,
+    meta: HashMap<String, String>,
+    parts: BTreeMap<i32, (Bytes, [u8; 32])>,
+}
+
+pub struct MemoryStore {
+    objects: Mutex<BTreeMap<String, Object>>,
+    uploads: Mutex<HashMap<String, Upload>>,
+    counts: Mutex<BTreeMap<Op, usize>>,
+    /// Keys per listing page (S3's is 1,000).
+    page_size: usize,
+    /// Bytes per chunk of a download's body, so that readers meet chunk boundaries.
+    chunk: usize,
+    /// Stands in for S3's clock: each write is one tick later.
+    clock: AtomicU64,
+    next_upload: AtomicU64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new(1000)
+    }
+}
+
+fn b64(digest: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(digest)
+}
+
+fn refused(kind: ErrorKind, message: String) -> StoreError {
+    StoreError {
+        class: if kind.ends_the_run() {
+            ErrorClass::Fatal
+        } else {
+            ErrorClass::PerObject
+        },
+        kind,
+        message,
+    }
+}
+
+impl MemoryStore {
+    pub fn new(page_size: usize) -> MemoryStore {
+        MemoryStore {
+            objects: Mutex::default(),
+            uploads: Mutex::default(),
+            counts: Mutex::default(),
+            page_size: page_size.max(1),
+            chunk: 333,
+            clock: AtomicU64::new(1),
+            next_upload: AtomicU64::new(1),
+        }
+    }
+
+    pub fn insert(&self, key: &str, object: Object) {
+        self.objects.lock().unwrap().insert(key.to_owned(), object);
+    }
+
+    pub fn object(&self, key: &str) -> Option<Object> {
+        self.objects.lock().unwrap().get(key).cloned()
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        self.objects.lock().unwrap().keys().cloned().collect()
+    }
+
+    /// How many times `op` was called.
+    pub fn count(&self, op: Op) -> usize {
+        self.counts.lock().unwrap().get(&op).copied().unwrap_or(0)
+    }
+
+    /// Multipart uploads started and neither completed nor aborted.
+    pub fn open_uploads(&self) -> usize {
+        self.uploads.lock().unwrap().len()
+    }
+
+    fn called(&self, op: Op) {
+        *self.counts.lock().unwrap().entry(op).or_default() += 1;
+    }
+
+    fn store(&self, key: &str, mut object: Object) {
+        object.last_modified_ns = self.clock.fetch_add(1, Relaxed) as i64;
+        self.insert(key, object);
+    }
+}
+
+impl ObjectStore for MemoryStore {
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        continuation: Option<String>,
+    ) -> Result<ListPage, StoreError> {
+        self.called(Op::List);
+        // The continuation token is the last key returned, relative to the prefix.
+        let from = continuation.or(start_after.map(str::to_owned));
+        let objects = self.objects.lock().unwrap();
+        let mut matching = objects
+            .iter()
+            .filter_map(|(k, o)| Some((k.strip_prefix(prefix)?, o)))
+            .filter(|(k, _)| from.as_deref().is_none_or(|f| *k > f));
+        let page: Vec<RemoteObject> = matching
+            .by_ref()
+            .take(self.page_size)
+            .map(|(k, o)| RemoteObject {
+                key: k.to_owned(),
+                size: o.body.len() as u64,
+                last_modified_ns: o.last_modified_ns,
+            })
+            .collect();
+        let next = match matching.next() {
+            Some(_) => page.last().map(|o| o.key.clone()),
+            None => None,
+        };
+        Ok(ListPage {
+            objects: page,
+            next,
+        })
+    }
+
+    async fn put(&self, req: PutRequest) -> Result<(), StoreError> {
+        self.called(Op::Put);
+        let body = match req.body {
+            Body::Bytes(b) => b,
+            Body::File { path, len } => {
+                let data = std::fs::read(&path).map_err(|e| {
+                    StoreError::per_object(format!("cannot reopen {}: {e}", path.display()))
+                })?;
+                if data.len() as u64 != len {
+                    return Err(StoreError::per_object(format!(
+                        "{} has {} bytes, not the {len} announced",
+                        path.display(),
+                        data.len()
+                    )));
+                }
+                Bytes::from(data)
+            }
+        };
+        let got: [u8; 32] = Sha256::digest(&body).into();
+        if got != req.sha256 {
+            return Err(refused(
+                ErrorKind::DigestMismatch,
+                format!("upload of {} failed: BadDigest", req.key),
+            ));
+        }
+        self.store(
+            &req.key,
+            Object {
+                body,
+                meta: req.meta.to_map(),
+                checksum: Some(b64(&got)),
+                layout: None,
+                last_modified_ns: 0,
+            },
+        );
+        Ok(())
+    }
+
+    async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String, StoreError> {
+        self.called(Op::CreateMultipart);
+        let id = format!("upload-{}", self.next_upload.fetch_add(1, Relaxed));
+        self.uploads.lock().unwrap().insert(
+            id.clone(),
+            Upload {
+                key: key.to_owned(),
+                meta: meta.to_map(),
+                parts: BTreeMap::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        data: Bytes,
+        sha256: [u8; 32],
+    ) -> Result<CompletedPart, StoreError> {
+        self.called(Op::UploadPart);
+        let got: [u8; 32] = Sha256::digest(&data).into();
+        if got != sha256 {
+            return Err(refused(
+                ErrorKind::DigestMismatch,
+                format!("upload of part {number} of {key} failed: BadDigest"),
+            ));
+        }
+        let mut uploads = self.uploads.lock().unwrap();
+        let upload = uploads
+            .get_mut(upload_id)
+            .filter(|u| u.key == key)
+            .ok_or_else(|| StoreError::per_object(format!("no upload {upload_id} of {key}")))?;
+        upload.parts.insert(number, (data, got));
+        Ok(CompletedPart {
+            number,
+            etag: hex::encode(&got[..8]),
+            sha256: got,
+        })
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<CompletedPart>,
+    ) -> Result<(), StoreError> {
+        self.called(Op::CompleteMultipart);
+        let upload = self
+            .uploads
+            .lock()
+            .unwrap()
+            .remove(upload_id)
+            .filter(|u| u.key == key)
+            .ok_or_else(|| StoreError::per_object(format!("no upload {upload_id} of {key}")))?;
+        let mut body = Vec::new();
+        let mut outer = Sha256::new();
+        let mut first_part_size = 0;
+        for p in &parts {
+            let (data, sha) = upload.parts.get(&p.number).ok_or_else(|| {
+                StoreError::per_object(format!("part {} of {key} was never uploaded", p.number))
+            })?;
+            if *sha != p.sha256 {
+                return Err(refused(
+                    ErrorKind::DigestMismatch,
+                    format!("part {} of {key}: checksum differs", p.number),
+                ));
+            }
+            if first_part_size == 0 {
+                first_part_size = data.len() as u64;
+            }
+            outer.update(sha);
+            body.extend_from_slice(data);
+        }
+        self.store(
+            key,
+            Object {
+                body: Bytes::from(body),
+                meta: upload.meta,
+                checksum: Some(format!("{}-{}", b64(&outer.finalize()), parts.len())),
+                layout: Some(PartLayout {
+                    parts: parts.len() as u32,
+                    first_part_size,
+                }),
+                last_modified_ns: 0,
+            },
+        );
+        Ok(())
+    }
+
+    async fn abort_multipart(&self, _key: &str, upload_id: &str) -> Result<(), StoreError> {
+        self.called(Op::AbortMultipart);
+        self.uploads.lock().unwrap().remove(upload_id);
+        Ok(())
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<HeadInfo>, StoreError> {
+        self.called(Op::Head);
+        Ok(self.object(key).map(|o| HeadInfo {
+            size: o.body.len() as u64,
+            meta: o.meta,
+            checksum_sha256: o.checksum,
+        }))
+    }
+
+    async fn get(
+        &self,
+        key: &str,
+        _version_id: Option<&str>,
+    ) -> Result<Option<Download>, StoreError> {
+        self.called(Op::Get);
+        Ok(self.object(key).map(|o| {
+            let chunks: Vec<Result<Bytes, StoreError>> = (0..o.body.len())
+                .step_by(self.chunk)
+                .map(|at| Ok(o.body.slice(at..(at + self.chunk).min(o.body.len()))))
+                .collect();
+            Download {
+                size: o.body.len() as u64,
+                meta: o.meta,
+                checksum_sha256: o.checksum,
+                body: Box::pin(futures::stream::iter(chunks)),
+            }
+        }))
+    }
+
+    async fn list_versions_page(
+        &self,
+        prefix: &str,
+        _marker: Option<VersionMarker>,
+    ) -> Result<VersionPage, StoreError> {
+        self.called(Op::ListVersions);
+        Err(refused(
+            ErrorKind::NotImplemented,
+            format!("listing versions of {prefix} failed: NotImplemented"),
+        ))
+    }
+
+    async fn part_layout(
+        &self,
+        key: &str,
+        _version_id: Option<&str>,
+    ) -> Result<Option<PartLayout>, StoreError> {
+        self.called(Op::PartLayout);
+        Ok(self.object(key).and_then(|o| o.layout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn lists_in_pages_and_refuses_a_wrong_digest() {
+        let store = MemoryStore::new(2);
+        for k in ["p/a", "p/b", "p/c", "q/x"] {
+            store.insert(k, Object::new(&b"x"[..], None));
+        }
+        let first = block_on(store.list_page("p/", None, None)).unwrap();
+        assert_eq!(first.objects.len(), 2);
+        let second = block_on(store.list_page("p/", None, first.next)).unwrap();
+        assert_eq!(second.objects[0].key, "c");
+        assert!(second.next.is_none());
+        let after = block_on(store.list_page("p/", Some("a"), None)).unwrap();
+        assert_eq!(after.objects[0].key, "b");
+        assert_eq!(store.count(Op::List), 3);
+
+        let err = block_on(store.put(PutRequest {
+            key: "p/d".into(),
+            body: Body::Bytes(Bytes::from_static(b"data")),
+            sha256: [0; 32],
+            meta: ObjectMeta::default(),
+        }))
+        .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::DigestMismatch);
+        assert!(store.object("p/d").is_none());
+    }
+
+    #[test]
+    fn multipart_objects_carry_a_composite_checksum_and_their_layout() {
+        let store = MemoryStore::default();
+        let id = block_on(store.create_multipart("k", &ObjectMeta::default())).unwrap();
+        let mut parts = Vec::new();
+        for (n, data) in [(1, &b"abcd"[..]), (2, &b"ef"[..])] {
+            let sha: [u8; 32] = Sha256::digest(data).into();
+            parts.push(block_on(store.upload_part("k", &id, n, Bytes::from(data), sha)).unwrap());
+        }
+        block_on(store.complete_multipart("k", &id, parts)).unwrap();
+        let o = store.object("k").unwrap();
+        assert_eq!(&o.body[..], b"abcdef");
+        assert!(o.checksum.unwrap().ends_with("-2"));
+        assert_eq!(
+            o.layout,
+            Some(PartLayout {
+                parts: 2,
+                first_part_size: 4
+            })
+        );
+        assert_eq!(store.open_uploads(), 0);
+    }
+}

@@ -1,0 +1,58 @@
+//! The AWS SDK's configuration, loaded once per command through the default chain (environment,
+//! profile, or the EC2 instance role over IMDSv2), and the proof that credentials and a region can
+//! be had before anything is read. Every command that talks to AWS starts here.
+
+use aws_credential_types::provider::ProvideCredentials;
+
+use crate::config::Config;
+use crate::guard::{self, GuardError};
+
+/// Why the SDK cannot be used. Each says what to do; none contains a credential.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    TrustStore(#[from] GuardError),
+    #[error("{0}")]
+    Credentials(String),
+    #[error("{0}")]
+    Region(String),
+}
+
+/// Loads the SDK configuration; the region from the config, else the environment or IMDS. Fails
+/// first, with what to install, on a host without CA certificates (`guard::check_trust_store`):
+/// the SDK cannot make any request there, and building its client is where it would panic.
+pub async fn load(config: &Config) -> Result<aws_config::SdkConfig, SetupError> {
+    guard::check_trust_store()?;
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(region) = &config.destination.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    Ok(loader.load().await)
+}
+
+/// Proves credentials and a region can be had.
+pub async fn check_credentials(sdk: &aws_config::SdkConfig) -> Result<(), SetupError> {
+    if sdk.region().is_none() {
+        return Err(SetupError::Region(
+            "no AWS region: set destination.region in the config (or AWS_REGION)".into(),
+        ));
+    }
+    let provider = sdk.credentials_provider().ok_or_else(|| {
+        SetupError::Credentials("no AWS credentials provider is configured".into())
+    })?;
+    provider.provide_credentials().await.map_err(|e| {
+        SetupError::Credentials(format!(
+            "no AWS credentials: on EC2 attach an instance role to the instance (and allow IMDSv2 \
+             from this host); elsewhere set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE ({})",
+            aws_sdk_s3::error::DisplayErrorContext(&e)
+        ))
+    })?;
+    Ok(())
+}
+
+/// Both of the above: what verify, restore and the worker do before their first request.
+pub async fn load_checked(config: &Config) -> Result<aws_config::SdkConfig, SetupError> {
+    let sdk = load(config).await?;
+    check_credentials(&sdk).await?;
+    Ok(sdk)
+}
