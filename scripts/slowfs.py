@@ -10,7 +10,8 @@ delay per operation and count the operations the kernel actually sent (whatever 
               [--max-threads 10] [--foreground]
 
 Needs: PyPI `mfusepy` (tested with 3.1.1), libfuse3 (Debian `fuse3`/`libfuse3-3`), /dev/fuse, root
-(or `user_allow_other` in /etc/fuse.conf for allow_other).
+(or `user_allow_other` in /etc/fuse.conf for allow_other). libfuse 3.14 prints "Ignoring invalid
+max threads value 4294967295" at start (libfuse issue #1003): harmless, --max-threads still applies.
 
 Behaviour
 - Delay (`--delay-ms`) before getattr, readdir, opendir, open, readlink, access, statfs. In the
@@ -24,8 +25,12 @@ Behaviour
   through as the source's errno. Names are bytes-exact: mfusepy decodes paths as UTF-8 with
   surrogateescape; this script converts back to bytes explicitly, whatever the locale.
 - Always runs in the foreground (`--foreground` is accepted and is the only mode): callers
-  background it. Stop it with `umount MOUNTPOINT` (or `fusermount3 -u`); SIGTERM/SIGINT also
-  unmount. After a SIGKILL the mount stays ("Transport endpoint is not connected"): `umount -l`.
+  background it. Stop it with `umount MOUNTPOINT` (or `fusermount3 -u`): exit status 0. SIGTERM or
+  SIGINT also unmount, but exit 1 ("libfuse returned 8"). After a SIGKILL the mount stays
+  ("Transport endpoint is not connected"): `umount -l MOUNTPOINT`.
+- Cost model: with attr_timeout=0 plus default_permissions the kernel re-fetches the parent
+  directory's attributes for every permission check, so `find -printf %s` costs ~3 getattr per
+  entry (about 2 without default_permissions): count ops rather than assuming one per file.
 
 Readiness: once the kernel's FUSE_INIT reaches the daemon (the mount exists by then) the script
 prints exactly one line `ready` to stdout (flushed), and writes the stats file (generation 1) if
@@ -36,7 +41,9 @@ Stats protocol (--stats FILE): JSON {"generation": N, "pid", "delay_ms", "read_d
 atomically (FILE.tmp + rename, so readers never see a partial file).
 - SIGUSR1: write the current counters (generation + 1).
 - SIGUSR2: reset all counters to zero, then write (generation + 1, all ops 0).
-- Clean unmount: a final write with reason "unmount".
+- Exit (umount, SIGTERM/SIGINT): a final write with reason "unmount".
+Counts are what the kernel sent; RELEASE/RELEASEDIR arrive asynchronously after close(), so a
+snapshot taken right after a command may miss its last release.
 A caller reads the current generation G, sends the signal to the slowfs PID (not to a wrapper
 shell or sudo), and polls until the file's generation > G. Do not rely on mtime alone: file
 timestamps come from the kernel's coarse clock, so two writes within a few ms can share one mtime.
@@ -67,7 +74,8 @@ class SlowFS(fuse.Operations):
         self.source, self.mountpoint = os.path.abspath(source), os.path.abspath(mountpoint)
         self.delay, self.read_delay, self.stats_path = delay, read_delay, stats_path
         self.ops = Counter()
-        self.lock = threading.Lock()
+        # Not `self.lock`: mfusepy registers every attribute named like a FUSE op as that op.
+        self.mutex = threading.Lock()
         self.generation = 0
 
     # -- helpers ----------------------------------------------------------------------------
@@ -76,7 +84,7 @@ class SlowFS(fuse.Operations):
         return self.root + path.encode('utf-8', 'surrogateescape')
 
     def _op(self, name, delay=None):
-        with self.lock:
+        with self.mutex:
             self.ops[name] += 1
         delay = self.delay if delay is None else delay
         if delay > 0:
@@ -85,7 +93,7 @@ class SlowFS(fuse.Operations):
     def write_stats(self, reason, reset=False):
         if not self.stats_path:
             return
-        with self.lock:
+        with self.mutex:
             if reset:
                 self.ops.clear()
             self.generation += 1
@@ -197,10 +205,14 @@ def main():
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
     threading.Thread(target=stats_signal_thread, args=(fs,), daemon=True).start()
-    fuse.FUSE(fs, a.mountpoint, foreground=True, nothreads=False, ro=True, use_ino=True,
-              attr_timeout=0, entry_timeout=0, negative_timeout=0, default_permissions=True,
-              allow_other=True, fsname='slowfs', subtype='slowfs', max_threads=a.max_threads)
-    fs.write_stats('unmount')
+    try:
+        fuse.FUSE(fs, a.mountpoint, foreground=True, nothreads=False, ro=True, use_ino=True,
+                  attr_timeout=0, entry_timeout=0, negative_timeout=0, default_permissions=True,
+                  allow_other=True, fsname='slowfs', subtype='slowfs', max_threads=a.max_threads)
+    except RuntimeError as e:  # libfuse's status: 8 = loop ended by SIGTERM/SIGINT; else no mount
+        sys.exit(f'slowfs: libfuse returned {e}')
+    finally:
+        fs.write_stats('unmount')
 
 
 if __name__ == '__main__':

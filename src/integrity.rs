@@ -184,6 +184,26 @@ pub const MANIFEST: &str = "the SHA-256 in the manifest";
 pub const OBJECT_CHECKSUM: &str = "the object's SHA-256 checksum";
 pub const COMPOSITE_CHECKSUM: &str = "the object's composite (multipart) SHA-256 checksum";
 
+/// Why nothing covers an object's bytes, for the line that says it was restored unverified.
+/// `layout_known`: the part layout of a composite checksum was found.
+pub fn why_unverified(reference: &Reference, layout_known: bool) -> &'static str {
+    match reference.stored {
+        Stored::None => {
+            "the object carries no SHA-256 checksum and no manifest entry describes it \
+             (uploaded by another tool, or before checksums)"
+        }
+        Stored::Composite { .. } if !layout_known => {
+            "a multipart object whose part boundaries are unknown, without a manifest entry \
+             to check it against"
+        }
+        Stored::Composite { .. } => {
+            "a multipart object whose parts were not all of one size, without a manifest entry \
+             to check it against"
+        }
+        Stored::Full(_) => "its checksum could not be compared",
+    }
+}
+
 pub fn judge(reference: &Reference, digests: &Digests) -> Verdict {
     let mut against = Vec::new();
     let hex = hex::encode;

@@ -82,6 +82,50 @@ pub fn decode_raw_path(s: &str) -> Vec<u8> {
     percent_encoding::percent_decode_str(s).collect()
 }
 
+/// A name, path or key as it may appear in a line a person reads (the journal's MESSAGE, a
+/// terminal, stdout): every byte that could end the line, move the cursor, change the terminal or
+/// reorder the text is shown as an escape instead — control characters as `\n`, `\t`, `\x1b`…,
+/// bytes that are not UTF-8 as `\xNN`, bidirectional overrides as `\u{202e}`, and `\` itself as
+/// `\\`, so the escaped form is unambiguous. Names and keys are input from whoever made them: a
+/// file called "x\nINFO backup succeeded" must not print a second, forged line.
+pub struct Shown<'a>(&'a [u8]);
+
+/// [`Shown`] for anything that is bytes of a name: a `Path`, an `OsStr`, a `str` (a key).
+pub fn shown<S: AsRef<OsStr> + ?Sized>(name: &S) -> Shown<'_> {
+    Shown(name.as_ref().as_bytes())
+}
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for chunk in self.0.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                match c {
+                    '\\' => f.write_str("\\\\")?,
+                    '\n' => f.write_str("\\n")?,
+                    '\r' => f.write_str("\\r")?,
+                    '\t' => f.write_str("\\t")?,
+                    c if (c as u32) < 0x80 && c.is_control() => write!(f, "\\x{:02x}", c as u32)?,
+                    c if c.is_control() || is_bidi_control(c) => {
+                        write!(f, "\\u{{{:x}}}", c as u32)?
+                    }
+                    c => f.write_char(c)?,
+                }
+            }
+            for b in chunk.invalid() {
+                write!(f, "\\x{b:02x}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Characters that change the direction of the text around them: they can make a name read as
+/// another one on a terminal.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 /// Siblings are walked in this order so that the whole walk comes out in S3 key order (byte order of
 /// full keys). A directory sorts as its name plus '/', because every key below it has that prefix:
 /// "a-b" (0x2D) comes before the directory "a" whose keys start "a/" (0x2F), although a plain
@@ -172,6 +216,36 @@ mod tests {
             }
             let p = std::path::PathBuf::from(os);
             proptest::prop_assert_eq!(decode_raw_path(&encode_raw_path(&p)), raw);
+        }
+    }
+
+    #[test]
+    fn shown_names_cannot_break_or_restyle_a_line() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"plain name.txt", "plain name.txt"),
+            ("Élan vital".as_bytes(), "Élan vital"),
+            (b"x\nINFO backup succeeded", "x\\nINFO backup succeeded"),
+            (b"\x1b]0;owned\x07title", "\\x1b]0;owned\\x07title"),
+            (b"cr\rtab\t", "cr\\rtab\\t"),
+            (b"caf\xe9", "caf\\xe9"),
+            (b"back\\slash", "back\\\\slash"),
+            ("rtl\u{202e}txt.exe".as_bytes(), "rtl\\u{202e}txt.exe"),
+            ("c1\u{9b}31m".as_bytes(), "c1\\u{9b}31m"),
+            (b"del\x7f", "del\\x7f"),
+        ];
+        for (raw, want) in cases {
+            let os = OsString::from_vec(raw.to_vec());
+            assert_eq!(shown(&os).to_string(), *want, "{raw:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes, the shown form is one line of printable text.
+        #[test]
+        fn shown_is_always_one_printable_line(raw in proptest::collection::vec(0u8..=255, 0..64)) {
+            let os = OsString::from_vec(raw);
+            let text = shown(&os).to_string();
+            proptest::prop_assert!(!text.chars().any(|c| c.is_control() || is_bidi_control(c)), "{text:?}");
         }
     }
 

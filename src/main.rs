@@ -95,6 +95,11 @@ enum Command {
         /// Print what would be restored; download and write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Keep set-user-ID/set-group-ID bits from the objects' metadata. Off by default: the
+        /// metadata is not covered by any checksum, and whoever can write the bucket prefix
+        /// could otherwise plant a set-uid-root program (docs/restore.md).
+        #[arg(long)]
+        keep_setid: bool,
     },
     /// Show the last run: when, outcome, figures, last success.
     Status {
@@ -167,6 +172,7 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> u8 {
                 as_of,
                 overwrite,
                 dry_run,
+                keep_setid,
                 ..
             } => {
                 let as_of_ns = match as_of
@@ -185,6 +191,7 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> u8 {
                     as_of_ns,
                     overwrite,
                     dry_run,
+                    keep_setid,
                 };
                 restore::run(&config, &opts, bar).await
             }

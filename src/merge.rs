@@ -171,6 +171,9 @@ pub(crate) mod tests {
             mode: 0o644,
             uid: 0,
             gid: 0,
+            dev: 0,
+            ino: 0,
+            followed: false,
         }
     }
 

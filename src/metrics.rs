@@ -121,10 +121,15 @@ pub async fn instance_id(cfg: &config::Metrics) -> String {
 pub async fn publish_cloudwatch(
     sdk: &aws_config::SdkConfig,
     cfg: &config::Metrics,
+    allow_insecure_endpoint: bool,
     instance_id: &str,
     data: &[Datum],
 ) -> Result<(), String> {
-    let mut b = aws_sdk_cloudwatch::config::Builder::from(sdk);
+    let mut b = aws_sdk_cloudwatch::config::Builder::from(sdk).interceptor(
+        crate::store::sdk::TransportGuard {
+            allow_insecure: allow_insecure_endpoint,
+        },
+    );
     if let Some(url) = &cfg.endpoint_url {
         b = b.endpoint_url(&url.0);
     }

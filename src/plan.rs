@@ -149,6 +149,9 @@ mod tests {
             mode: 0o644,
             uid: 0,
             gid: 0,
+            dev: 0,
+            ino: 0,
+            followed: false,
         }
     }
 

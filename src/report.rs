@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::keys::shown;
+
 /// MESSAGE_ID of a backup's summary line in the journal, fixed so `journalctl MESSAGE_ID=…` finds
 /// every run's summary (docs/operations.md).
 pub const SUMMARY_MESSAGE_ID: &str = "6b3c2f0a9d7e4c1f8e5a2b4d6c8e0f13";
@@ -60,6 +62,8 @@ pub enum FileErrorKind {
     Write,
     /// Listed, but gone when downloaded.
     Missing,
+    /// Larger than `source.max-file-size`: not read.
+    TooLarge,
 }
 
 impl FileErrorKind {
@@ -74,17 +78,24 @@ impl FileErrorKind {
             FileErrorKind::Corrupt => "corrupt",
             FileErrorKind::Write => "write",
             FileErrorKind::Missing => "missing",
+            FileErrorKind::TooLarge => "too-large",
         }
     }
 }
 
-/// The one journal line of a per-file error: a warning naming the file (`PATH=`) and the kind
-/// (`ERROR_KIND=`). The caller counts it.
-pub fn file_error(what: &dyn fmt::Display, kind: FileErrorKind, detail: &dyn fmt::Display) {
+/// The one journal line of a per-file error: a warning naming the file (`PATH=`, its bytes as
+/// they are) and the kind (`ERROR_KIND=`), with the name escaped in the message a person reads.
+/// The caller counts it.
+pub fn file_error<N: AsRef<std::ffi::OsStr> + ?Sized>(
+    name: &N,
+    kind: FileErrorKind,
+    detail: &dyn fmt::Display,
+) {
     tracing::warn!(
-        path = %what,
+        path = %Path::new(name).display(),
         error_kind = kind.as_str(),
-        "{what}: {detail}"
+        "{}: {detail}",
+        shown(name)
     );
 }
 
@@ -106,7 +117,7 @@ macro_rules! summary {
 impl Stats {
     pub fn file_error(&self, path: &Path, kind: FileErrorKind, detail: &dyn fmt::Display) {
         self.transfer_errors.fetch_add(1, Relaxed);
-        file_error(&path.display(), kind, detail);
+        file_error(path, kind, detail);
     }
 
     pub fn scanned(&self) {
@@ -115,28 +126,41 @@ impl Stats {
 
     pub fn excluded(&self, path: &Path) {
         self.excluded.fetch_add(1, Relaxed);
-        tracing::debug!(path = %path.display(), "excluded: {}", path.display());
+        tracing::debug!(path = %path.display(), "excluded: {}", shown(path));
     }
 
     pub fn skipped_special(&self, path: &Path) {
         self.skipped_special.fetch_add(1, Relaxed);
-        tracing::debug!(path = %path.display(), "skipped {}: not a regular file", path.display());
+        tracing::debug!(path = %path.display(), "skipped {}: not a regular file", shown(path));
     }
 
     pub fn skipped_symlink(&self, path: &Path) {
         self.skipped_symlinks.fetch_add(1, Relaxed);
-        tracing::debug!(path = %path.display(), "skipped {}: a symlink (source.symlinks is skip)", path.display());
+        tracing::debug!(path = %path.display(), "skipped {}: a symlink (source.symlinks is skip)", shown(path));
     }
 
     /// A file that was in the scan but gone when it was opened: not an error, the tree moved.
     pub fn vanished(&self, path: &Path) {
         self.vanished.fetch_add(1, Relaxed);
-        tracing::info!(path = %path.display(), "{}: vanished before it could be read", path.display());
+        tracing::info!(path = %path.display(), "{}: vanished before it could be read", shown(path));
+    }
+
+    /// A scanned file whose name holds something else when it is opened (a symlink, a FIFO,
+    /// another file): not read, not uploaded, counted as vanished. Said at warning level: it is
+    /// what a swap by someone trying to make nightcopy read another file looks like.
+    pub fn replaced(&self, path: &Path, by: &str) {
+        self.vanished.fetch_add(1, Relaxed);
+        tracing::warn!(
+            path = %path.display(),
+            "{}: replaced by {by} since the walk saw it: not read (the next run backs up what \
+             is there then)",
+            shown(path)
+        );
     }
 
     pub fn remote_only(&self, key: &str) {
         self.remote_only.fetch_add(1, Relaxed);
-        tracing::trace!(key, "{key}: only in the bucket, left alone");
+        tracing::trace!(key, "{}: only in the bucket, left alone", shown(key));
     }
 
     pub fn checked(&self) {
@@ -151,8 +175,9 @@ impl Stats {
             key,
             bytes,
             reason = %reason,
-            "uploaded {} as {key} ({bytes} bytes, {reason})",
-            path.display()
+            "uploaded {} as {} ({bytes} bytes, {reason})",
+            shown(path),
+            shown(key)
         );
     }
 

@@ -15,7 +15,6 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::num::NonZeroU32;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -26,7 +25,7 @@ use tokio::task::JoinSet;
 use crate::fsutil::{self, blocking};
 use crate::plan::Reason;
 use crate::report::{FileErrorKind, Stats};
-use crate::scan::LocalEntry;
+use crate::scan::{open_entry, LocalEntry, OpenError};
 use crate::state::manifest::ManifestEntry;
 use crate::store::{
     Body, CompletedPart, ErrorKind, ObjectMeta, ObjectStore, PutRequest, StoreError,
@@ -48,8 +47,13 @@ pub struct Uploader<S> {
     part_size: u64,
     /// Files in flight.
     files: Semaphore,
-    /// Requests (single PUTs and parts) in flight; also bounds multipart buffers in memory.
+    /// Requests (single PUTs and parts) in flight.
     requests: Arc<Semaphore>,
+    /// Multipart part buffers in memory, in KiB: a part takes its size from here before it is
+    /// read and gives it back once it is sent, so memory stays within the budget however large
+    /// the parts of a huge file grow (see `part_budget`).
+    part_bytes: Arc<Semaphore>,
+    part_budget_kib: u32,
     /// The bandwidth limiter and its burst (one second's worth of bytes).
     limiter: Option<(Limiter, u32)>,
     stop: crate::stop::Stop,
@@ -60,6 +64,8 @@ enum Failure {
     /// The file changed under the read (or S3 saw other bytes than we hashed).
     Changed(String),
     Vanished,
+    /// Something else is at the file's name now (see `scan::open_entry`).
+    Replaced(String),
     Unreadable(io::Error),
     Store(StoreError),
     /// A stop was requested: the upload was not started, or its multipart upload was aborted.
@@ -88,6 +94,21 @@ impl From<io::Error> for Failure {
     }
 }
 
+impl From<OpenError> for Failure {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Vanished => Failure::Vanished,
+            OpenError::Replaced(by) => Failure::Replaced(by),
+            OpenError::Io(e) => Failure::from(e),
+        }
+    }
+}
+
+/// What a read of a scanned file returns: the open file and its stat, or a failure to hand back.
+fn open_checked(entry: &LocalEntry) -> io::Result<Result<(File, std::fs::Metadata), Failure>> {
+    Ok(open_entry(entry).map_err(Failure::from))
+}
+
 /// The parts of a stat that change when content changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Fingerprint {
@@ -99,14 +120,25 @@ struct Fingerprint {
 
 impl Fingerprint {
     fn of(f: &File) -> io::Result<Fingerprint> {
-        let m = f.metadata()?;
-        Ok(Fingerprint {
+        Ok(Fingerprint::of_meta(&f.metadata()?))
+    }
+
+    fn of_meta(m: &std::fs::Metadata) -> Fingerprint {
+        Fingerprint {
             size: m.len(),
             mtime_ns: fsutil::ns(m.mtime(), m.mtime_nsec()),
             ctime_ns: fsutil::ns(m.ctime(), m.ctime_nsec()),
             ino: m.ino(),
-        })
+        }
     }
+}
+
+/// The memory multipart parts may hold at once: one part per request slot at the configured part
+/// size. A file so large that its parts had to grow (past 10,000 × part-size) has fewer parts in
+/// flight instead of more memory: a 1 TiB sparse file, which any user can make, must not cost 16
+/// parts of 105 MiB. One part larger than the whole budget is still sent, alone.
+pub fn part_budget(concurrency: usize, part_size: u64) -> u64 {
+    (concurrency as u64).saturating_mul(part_size)
 }
 
 impl<S: ObjectStore> Uploader<S> {
@@ -118,6 +150,8 @@ impl<S: ObjectStore> Uploader<S> {
         stop: crate::stop::Stop,
     ) -> Self {
         let n = transfer.concurrency.0;
+        let budget_kib =
+            (part_budget(n, transfer.part_size.0) / 1024).clamp(1, u64::from(u32::MAX)) as u32;
         let limiter =
             NonZeroU32::new(transfer.bandwidth_limit.0.min(u32::MAX as u64) as u32).map(|rate| {
                 let limiter = governor::RateLimiter::direct(governor::Quota::per_second(rate));
@@ -131,6 +165,8 @@ impl<S: ObjectStore> Uploader<S> {
             part_size: transfer.part_size.0,
             files: Semaphore::new(n),
             requests: Arc::new(Semaphore::new(n)),
+            part_bytes: Arc::new(Semaphore::new(budget_kib as usize)),
+            part_budget_kib: budget_kib,
             limiter,
             stop,
         }
@@ -170,6 +206,10 @@ impl<S: ObjectStore> Uploader<S> {
                     self.stats.vanished(&entry.path);
                     return Ok(previous);
                 }
+                Err(Failure::Replaced(by)) => {
+                    self.stats.replaced(&entry.path, &by);
+                    return Ok(previous);
+                }
                 Err(Failure::Unreadable(e)) => {
                     self.stats
                         .file_error(&entry.path, FileErrorKind::Unreadable, &e);
@@ -192,29 +232,34 @@ impl<S: ObjectStore> Uploader<S> {
     }
 
     async fn attempt(&self, entry: &LocalEntry) -> Result<ManifestEntry, Failure> {
-        let path = entry.path.clone();
         let small_limit = SMALL_BODY.min(self.threshold);
+        let scanned = entry.clone();
         // One trip to the blocking pool per small file — open, stat, read, hash, stat again — since
         // with many small files the hand-offs to that pool, not the reads, were what cost CPU.
-        let (file, before, small) = blocking(move || {
-            let mut f = File::open(&path)?;
-            let before = Fingerprint::of(&f)?;
-            if before.size > small_limit {
-                return Ok((Some(f), before, None));
+        let (file, stat, small) = blocking(move || {
+            let (mut f, stat) = match open_checked(&scanned)? {
+                Ok(opened) => opened,
+                Err(failure) => return Ok(Err(failure)),
+            };
+            if stat.len() > small_limit {
+                return Ok(Ok((Some(f), stat, None)));
             }
             // Sized from the stat; one byte more lets a file that grew show it, and `take` keeps
             // a file growing without end from growing this buffer with it.
-            let mut data = Vec::with_capacity(before.size as usize + 1);
+            let mut data = Vec::with_capacity(stat.len() as usize + 1);
             (&mut f).take(small_limit + 1).read_to_end(&mut data)?;
             let sha256: [u8; 32] = Sha256::digest(&data).into();
-            Ok((None, before, Some((data, sha256, Fingerprint::of(&f)?))))
+            Ok(Ok((None, stat, Some((data, sha256, Fingerprint::of(&f)?)))))
         })
-        .await?;
+        .await??;
+        let before = Fingerprint::of_meta(&stat);
+        // Mode and owner of the file that was opened and read, not of whatever the path named
+        // when the walk passed.
         let meta = ObjectMeta {
             mtime_ns: before.mtime_ns,
-            mode: entry.mode & 0o7777,
-            uid: entry.uid,
-            gid: entry.gid,
+            mode: stat.mode() & 0o7777,
+            uid: stat.uid(),
+            gid: stat.gid(),
             raw_path: entry.raw_path.clone(),
         };
         let key = format!("{}{}", self.prefix, entry.key);
@@ -226,7 +271,7 @@ impl<S: ObjectStore> Uploader<S> {
             (None, Some(file)) if before.size > self.threshold => {
                 self.multipart(&key, file, before, &meta).await?
             }
-            (None, Some(file)) => self.streamed(&key, &entry.path, file, before, meta).await?,
+            (None, Some(file)) => self.streamed(&key, file, before, meta).await?,
             (None, None) => unreachable!("a file is either read or handed back"),
         };
         Ok(ManifestEntry {
@@ -242,26 +287,29 @@ impl<S: ObjectStore> Uploader<S> {
     async fn streamed(
         &self,
         key: &str,
-        path: &Path,
-        mut file: File,
+        file: File,
         before: Fingerprint,
         meta: ObjectMeta,
     ) -> Result<[u8; 32], Failure> {
+        let file = Arc::new(file);
+        let reader = file.clone();
         let (sha256, after) = blocking(move || {
             let mut hasher = Sha256::new();
             let mut buf = vec![0; READ_BUF];
             loop {
-                let n = read_retrying(&mut file, &mut buf)?;
+                let n = read_retrying(&mut reader.as_ref(), &mut buf)?;
                 if n == 0 {
                     break;
                 }
                 hasher.update(&buf[..n]);
             }
-            Ok((hasher.finalize().into(), Fingerprint::of(&file)?))
+            Ok((hasher.finalize().into(), Fingerprint::of(&reader)?))
         })
         .await?;
+        // The SDK reads the open file again (never the path, which may name another file by
+        // now); S3 refuses the upload if those bytes are not the ones hashed here.
         let body = Body::File {
-            path: path.to_owned(),
+            file,
             len: before.size,
         };
         self.put(key, body, sha256, before, after, meta).await
@@ -329,16 +377,20 @@ impl<S: ObjectStore> Uploader<S> {
         let mut number = 0i32;
         while offset < before.size {
             // The slot is taken before the part is read, so buffers in memory stay bounded.
+            // Waiting for a slot or for memory can take as long as a part's upload: a stop
+            // must not wait for it.
             let slot = self
-                .requests
-                .clone()
-                .acquire_owned()
-                .await
+                .until_stopped(self.requests.clone().acquire_owned())
+                .await?
                 .expect("never closed");
-            if self.stop.requested().is_some() {
-                return Err(Failure::Stopped);
-            }
             let want = part_size.min(before.size - offset) as usize;
+            let kib = (want as u64)
+                .div_ceil(1024)
+                .clamp(1, u64::from(self.part_budget_kib));
+            let memory = self
+                .until_stopped(self.part_bytes.clone().acquire_many_owned(kib as u32))
+                .await?
+                .expect("never closed");
             let (f, h) = (file.take().expect("file"), whole.take().expect("hasher"));
             let (f, h, data, part_sha) = blocking(move || {
                 let mut f = f;
@@ -373,6 +425,7 @@ impl<S: ObjectStore> Uploader<S> {
             let (key, upload_id) = (key.to_owned(), upload_id.to_owned());
             in_flight.spawn(async move {
                 let _slot = slot;
+                let _memory = memory;
                 store
                     .upload_part(&key, &upload_id, number, data, part_sha)
                     .await
@@ -394,6 +447,20 @@ impl<S: ObjectStore> Uploader<S> {
         done.sort_by_key(|p| p.number);
         self.store.complete_multipart(key, upload_id, done).await?;
         Ok(whole.expect("hasher").finalize().into())
+    }
+
+    /// `f`, unless a stop is requested first.
+    async fn until_stopped<T>(
+        &self,
+        f: impl std::future::Future<Output = T>,
+    ) -> Result<T, Failure> {
+        if self.stop.requested().is_some() {
+            return Err(Failure::Stopped);
+        }
+        tokio::select! {
+            out = f => Ok(out),
+            () = self.stop.clone().wait() => Err(Failure::Stopped),
+        }
     }
 
     /// Waits until `bytes` may be sent under the bandwidth limit (an average over about a second).
@@ -421,7 +488,7 @@ pub fn part_size_for(file_size: u64, configured: u64) -> u64 {
     configured.max(min.div_ceil(mib) * mib)
 }
 
-fn read_retrying(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+fn read_retrying(f: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         match f.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -21,11 +21,10 @@
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
-use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,9 +36,10 @@ use crate::config::Config;
 use crate::error::Fatal;
 use crate::fsutil;
 use crate::integrity::{self as check, Reference, Stored, StreamHasher, Verdict};
+use crate::keys::shown;
 use crate::merge::{Inputs, Merge, Merged};
 use crate::report::{Outcome, Stats};
-use crate::scan::{self, LocalEntry};
+use crate::scan::{self, LocalEntry, OpenError};
 use crate::state::{self, manifest::ManifestEntry};
 use crate::store::s3::S3Store;
 use crate::store::{sdk, ErrorKind, ObjectMeta, ObjectStore, StoreError};
@@ -188,14 +188,14 @@ impl VerifyStats {
             };
             writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default())
         } else {
-            writeln!(out, "{}\t{}\t{detail}", kind.as_str(), path.display())
+            writeln!(out, "{}\t{}\t{detail}", kind.as_str(), shown(path))
         };
         tracing::debug!(
             path = %path.display(),
             key,
             problem = kind.as_str(),
             "{}: {}: {detail}",
-            path.display(),
+            shown(path),
             kind.as_str()
         );
     }
@@ -207,7 +207,7 @@ impl VerifyStats {
             path = %path.display(),
             "{}: {} ({detail}), but it changed after the last backup started: the next run \
              uploads it",
-            path.display(),
+            shown(path),
             kind.as_str()
         );
     }
@@ -217,7 +217,7 @@ impl VerifyStats {
         tracing::info!(
             path = %path.display(),
             "{}: hashed, but there is no recorded SHA-256 to compare it with",
-            path.display()
+            shown(path)
         );
     }
 
@@ -605,7 +605,7 @@ impl<S: ObjectStore> Ctx<S> {
         } else {
             None
         };
-        let digests = match hash_file(&entry.path, size, layout).await {
+        let digests = match hash_file(entry, size, layout).await {
             Ok(d) => d,
             Err(e) => {
                 self.report(Kind::Unchecked, entry, &format!("cannot read it: {e}"));
@@ -709,7 +709,7 @@ impl<S: ObjectStore> Ctx<S> {
             Verdict::Unverified => self.stats.unverifiable(&entry.path),
             Verdict::Verified(_) => {}
         }
-        let local = match hash_file(&entry.path, entry.size, None).await {
+        let local = match hash_file(entry, entry.size, None).await {
             Ok(d) => d,
             Err(e) => {
                 self.report(Kind::Unchecked, entry, &format!("cannot read it: {e}"));
@@ -736,19 +736,27 @@ fn changed_after(path: &Path, cutoff: Option<i64>) -> bool {
     let Some(cutoff) = cutoff else {
         return false;
     };
-    std::fs::metadata(path)
+    std::fs::symlink_metadata(path)
         .map(|m| fsutil::ns(m.ctime(), m.ctime_nsec()) > cutoff)
         .unwrap_or(false)
 }
 
+/// Hashes a scanned file as `upload` reads one: opened only as what the walk saw (no symlink
+/// followed, no FIFO waited on; `scan::open_entry`).
 async fn hash_file(
-    path: &Path,
+    entry: &LocalEntry,
     size: u64,
     layout: Option<crate::store::PartLayout>,
 ) -> io::Result<check::Digests> {
-    let path: PathBuf = path.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut f = File::open(&path)?;
+    let entry = entry.clone();
+    fsutil::blocking(move || {
+        let (mut f, _) = scan::open_entry(&entry).map_err(|e| match e {
+            OpenError::Vanished => io::Error::from(io::ErrorKind::NotFound),
+            OpenError::Replaced(by) => {
+                io::Error::other(format!("replaced by {by} since the walk saw it"))
+            }
+            OpenError::Io(e) => e,
+        })?;
         let mut hasher = StreamHasher::new(size, layout);
         let mut buf = vec![0; READ_BUF];
         loop {
@@ -762,7 +770,6 @@ async fn hash_file(
         Ok(hasher.finish())
     })
     .await
-    .unwrap_or_else(|e| Err(io::Error::other(format!("read task failed: {e}"))))
 }
 
 /// A uniform random sample of at most `n` items from a stream of unknown length, holding only the

@@ -7,6 +7,7 @@
 
 mod excludes;
 mod units;
+mod url;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -15,14 +16,28 @@ use serde::{de, Deserialize, Deserializer, Serialize};
 
 pub use excludes::Excludes;
 pub use units::{HumanDuration, Size};
+pub use url::{is_loopback, EndpointUrl};
 
 pub const DEFAULT_PATH: &str = "/etc/nightcopy/config.yaml";
+
+/// The environment variables the AWS SDK takes endpoints from, for the services nightcopy uses.
+pub const ENDPOINT_VARIABLES: [&str; 4] = [
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL_CLOUDWATCH",
+    "AWS_ENDPOINT_URL_SQS",
+];
 
 /// S3's limits, which bound what the transfer section may ask for.
 pub const MIN_PART_SIZE: u64 = 5 * Size::MIB;
 pub const MAX_PART_SIZE: u64 = 5 * Size::GIB;
 pub const MAX_SINGLE_PUT: u64 = 5 * Size::GIB;
 pub const MAX_CONCURRENCY: usize = 256;
+pub const MAX_OBJECT_SIZE: u64 = 5 * 1024 * Size::GIB;
+const MAX_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+const MIN_BANDWIDTH: u64 = 64 * Size::KIB;
+/// concurrency × part-size: the most memory multipart parts may hold (`upload::part_budget`).
+const MAX_PART_BUDGET: u64 = 8 * Size::GIB;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -45,6 +60,9 @@ pub struct Config {
     /// otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_url: Option<EndpointUrl>,
+    /// The exclude list, compiled once when the config is loaded (200,000 globs take seconds).
+    #[serde(skip)]
+    compiled_excludes: Option<std::sync::Arc<Excludes>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -123,6 +141,25 @@ pub struct Source {
     pub require_mountpoint: bool,
     #[serde(default)]
     pub symlinks: SymlinkPolicy,
+    /// Larger files are not read: each is a transfer error naming this setting. S3 holds no
+    /// object above 5TiB, the default; a sparse file is read and stored at its apparent size
+    /// (S3 has no sparse objects), so lower this, or exclude them, to keep huge sparse files
+    /// (VM images, core dumps) out.
+    #[serde(default = "default_max_file_size")]
+    pub max_file_size: Size,
+    /// Threads that read directories and stat files side by side. On a network or FUSE mount
+    /// each metadata operation is a round trip, and this many are in flight at once; 1 walks
+    /// one entry at a time.
+    #[serde(default = "default_walk_concurrency")]
+    pub walk_concurrency: Concurrency,
+}
+
+fn default_walk_concurrency() -> Concurrency {
+    Concurrency(32)
+}
+
+fn default_max_file_size() -> Size {
+    Size(MAX_OBJECT_SIZE)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -230,13 +267,21 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads, parses and validates a config file, including the exclude list it names.
+    /// Reads, parses and validates a config file, including the exclude list it names, and the
+    /// endpoints the environment gives the SDK.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, path)
+        let config = Self::parse(&text, path)?;
+        config
+            .check_environment(|var| std::env::var(var).ok())
+            .map_err(|message| ConfigError::Invalid {
+                path: path.to_owned(),
+                message,
+            })?;
+        Ok(config)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -244,8 +289,12 @@ impl Config {
             path: path.to_owned(),
             message,
         };
-        let config: Config = serde_saphyr::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let mut config: Config =
+            serde_saphyr::from_str(text).map_err(|e| invalid(e.to_string()))?;
         config.validate().map_err(invalid)?;
+        config.compiled_excludes = Some(std::sync::Arc::new(
+            config.compile_excludes().map_err(invalid)?,
+        ));
         Ok(config)
     }
 
@@ -258,30 +307,54 @@ impl Config {
                 t.part_size
             ));
         }
-        if t.request_timeout.0 < std::time::Duration::from_secs(1) {
+        let timeout = t.request_timeout.0;
+        if timeout < std::time::Duration::from_secs(1) || timeout > MAX_REQUEST_TIMEOUT {
             return Err(format!(
-                "transfer.request-timeout: {} is too short: at least 1s (default 5min)",
-                humantime::format_duration(t.request_timeout.0)
+                "transfer.request-timeout: {} is outside 1s to 24h (default 5min): it bounds one \
+                 attempt of one request",
+                humantime::format_duration(timeout)
             ));
         }
-        if t.multipart_threshold.0 > MAX_SINGLE_PUT {
+        if t.multipart_threshold.0 < MIN_PART_SIZE || t.multipart_threshold.0 > MAX_SINGLE_PUT {
             return Err(format!(
-                "transfer.multipart-threshold: {} is above S3's 5GiB single-upload limit",
+                "transfer.multipart-threshold: {} is outside 5MiB to 5GiB (S3's smallest part and \
+                 largest single upload; default 64MiB)",
                 t.multipart_threshold
             ));
         }
+        let bandwidth = t.bandwidth_limit.0;
+        if bandwidth != 0 && bandwidth < MIN_BANDWIDTH {
+            return Err(format!(
+                "transfer.bandwidth-limit: {} is below 64KiB (per second): use 0 for no limit, \
+                 or at least 64KiB",
+                t.bandwidth_limit
+            ));
+        }
+        let budget = (t.concurrency.0 as u64).saturating_mul(t.part_size.0);
+        if budget > MAX_PART_BUDGET {
+            return Err(format!(
+                "transfer.concurrency × transfer.part-size is {} × {} = {}: that is the memory \
+                 multipart parts may hold at once, and at most 8GiB is allowed: lower one of them",
+                t.concurrency.0,
+                t.part_size,
+                Size(budget)
+            ));
+        }
+        if self.source.max_file_size.0 > MAX_OBJECT_SIZE {
+            return Err(format!(
+                "source.max-file-size: {} is above S3's largest object, 5TiB",
+                self.source.max_file_size
+            ));
+        }
+        // Every endpoint nightcopy sends to: a request over plain http to another host shows its
+        // signed headers and session token to the network.
         for (key, url) in [
             ("destination.endpoint-url", &self.destination.endpoint_url),
             ("metrics.endpoint-url", &self.metrics.endpoint_url),
+            ("heartbeat-url", &self.heartbeat_url),
         ] {
             if let Some(url) = url {
-                if !url.is_encrypted_or_loopback() && !self.destination.allow_insecure_endpoint {
-                    return Err(format!(
-                        "{key}: {:?} is plain http to a host that is not loopback: use https://, or set \
-                         destination.allow-insecure-endpoint: true if this network is trusted",
-                        url.0
-                    ));
-                }
+                self.check_transport(key, url)?;
             }
         }
         match (&self.destination.sse, &self.destination.sse_kms_key_id) {
@@ -329,12 +402,46 @@ impl Config {
                 return Err(format!("metrics.dimensions: {k:?}: {v:?} — names and values must be non-empty (name ≤ 255, value ≤ 1024 characters)"));
             }
         }
-        self.excludes()?;
+        Ok(())
+    }
+
+    /// https, or plain http to loopback, unless `destination.allow-insecure-endpoint`.
+    fn check_transport(&self, key: &str, url: &EndpointUrl) -> Result<(), String> {
+        if url.is_encrypted_or_loopback() || self.destination.allow_insecure_endpoint {
+            return Ok(());
+        }
+        Err(format!(
+            "{key}: {} is plain http to a host that is not loopback: use https://, or set \
+             destination.allow-insecure-endpoint: true if this network is trusted",
+            url.redacted()
+        ))
+    }
+
+    /// The endpoints the AWS SDK takes from the environment (`AWS_ENDPOINT_URL`,
+    /// `AWS_ENDPOINT_URL_<SERVICE>`) obey the same rules as the config's: they are where the
+    /// signed requests go. `env` is the process environment (a parameter, for tests). An
+    /// endpoint from a profile's `endpoint_url` is checked when a request is about to be signed
+    /// (`store::sdk::TransportGuard`).
+    pub fn check_environment(&self, env: impl Fn(&str) -> Option<String>) -> Result<(), String> {
+        for var in ENDPOINT_VARIABLES {
+            let Some(value) = env(var).filter(|v| !v.is_empty()) else {
+                continue;
+            };
+            let url = EndpointUrl::new(&value).map_err(|e| format!("{var} (environment): {e}"))?;
+            self.check_transport(&format!("{var} (environment)"), &url)?;
+        }
         Ok(())
     }
 
     /// The compiled exclude set: inline patterns plus the `exclude-from` file.
-    pub fn excludes(&self) -> Result<Excludes, String> {
+    pub fn excludes(&self) -> Result<std::sync::Arc<Excludes>, String> {
+        match &self.compiled_excludes {
+            Some(e) => Ok(e.clone()),
+            None => self.compile_excludes().map(std::sync::Arc::new),
+        }
+    }
+
+    fn compile_excludes(&self) -> Result<Excludes, String> {
         let mut patterns: Vec<(String, String)> = self
             .source
             .exclude
@@ -485,43 +592,6 @@ impl Prefix {
 impl<'de> Deserialize<'de> for Prefix {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Prefix::new(&String::deserialize(d)?).map_err(de::Error::custom)
-    }
-}
-
-/// An http(s) endpoint for S3-compatible servers and tests; omitted on AWS.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
-pub struct EndpointUrl(pub String);
-
-impl EndpointUrl {
-    /// https, or http to 127.0.0.0/8, ::1 or localhost.
-    pub fn is_encrypted_or_loopback(&self) -> bool {
-        let Some(rest) = self.0.strip_prefix("http://") else {
-            return true;
-        };
-        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-        let host = match authority.strip_prefix('[') {
-            Some(v6) => v6.split(']').next().unwrap_or_default(),
-            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-        };
-        host.eq_ignore_ascii_case("localhost")
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    }
-}
-
-impl<'de> Deserialize<'de> for EndpointUrl {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let rest = s
-            .strip_prefix("https://")
-            .or_else(|| s.strip_prefix("http://"))
-            .ok_or_else(|| de::Error::custom(format!("{s:?} is not an http:// or https:// URL")))?;
-        if rest.is_empty() || rest.starts_with('/') {
-            return Err(de::Error::custom(format!("{s:?} has no host")));
-        }
-        Ok(EndpointUrl(s.trim_end_matches('/').to_owned()))
     }
 }
 
@@ -686,6 +756,103 @@ mod tests {
         }
         let kms = format!("{MINIMAL}  sse: AES256\n  sse-kms-key-id: k\n");
         assert!(parse(&kms).unwrap_err().contains("sse-kms-key-id"));
+    }
+
+    #[test]
+    fn absurd_transfer_settings_are_refused_with_the_allowed_range() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "  request-timeout: 100000000000years\n",
+                &["request-timeout", "1s to 24h"],
+            ),
+            (
+                "  request-timeout: 25h\n",
+                &["request-timeout", "1s to 24h"],
+            ),
+            ("  bandwidth-limit: 1\n", &["bandwidth-limit", "64KiB"]),
+            (
+                "  multipart-threshold: 0\n",
+                &["multipart-threshold", "5MiB to 5GiB"],
+            ),
+            (
+                "  concurrency: 256\n  part-size: 5GiB\n",
+                &["256 × 5GiB = 1280GiB", "at most 8GiB"],
+            ),
+        ];
+        for (extra, wants) in cases {
+            let err = parse(&format!("{MINIMAL}transfer:\n{extra}")).unwrap_err();
+            for want in *wants {
+                assert!(
+                    err.contains(want),
+                    "{extra}: {err:?} should mention {want:?}"
+                );
+            }
+        }
+        for ok in [
+            "  bandwidth-limit: 0\n",
+            "  bandwidth-limit: 64KiB\n",
+            "  concurrency: 32\n  part-size: 256MiB\n",
+            "  request-timeout: 24h\n",
+        ] {
+            parse(&format!("{MINIMAL}transfer:\n{ok}")).unwrap();
+        }
+        let big =
+            parse("source:\n  path: /mnt/fs\n  max-file-size: 6TiB\ndestination:\n  bucket: b-1\n")
+                .unwrap_err();
+        assert!(big.contains("max-file-size"), "{big}");
+    }
+
+    #[test]
+    fn every_endpoint_is_held_to_the_transport_rule() {
+        for (extra, want) in [
+            (
+                "  endpoint-url: http://127.0.0.1:80@other-host.invalid\n",
+                "user name or password",
+            ),
+            (
+                "  endpoint-url: http://[::1]@other-host.invalid:9000\n",
+                "user name or password",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}{extra}")).unwrap_err();
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+        let err = parse(&format!(
+            "{MINIMAL}heartbeat-url: http://hc.invalid/ping/secret-token\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("heartbeat-url") && err.contains("plain http"),
+            "{err}"
+        );
+        assert!(!err.contains("secret-token"), "{err}");
+        let err = parse(&format!(
+            "{MINIMAL}metrics:\n  endpoint-url: http://cw.invalid\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("metrics.endpoint-url"), "{err}");
+
+        let c = parse(MINIMAL).unwrap();
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |var: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == var)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        c.check_environment(env(&[("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")]))
+            .unwrap();
+        c.check_environment(env(&[("AWS_ENDPOINT_URL_S3", "https://s3.example.com")]))
+            .unwrap();
+        let err = c
+            .check_environment(env(&[("AWS_ENDPOINT_URL_S3", "http://s3.invalid:9000")]))
+            .unwrap_err();
+        assert!(err.contains("AWS_ENDPOINT_URL_S3 (environment)"), "{err}");
+        let err = c
+            .check_environment(env(&[("AWS_ENDPOINT_URL", "http://127.0.0.1@s3.invalid")]))
+            .unwrap_err();
+        assert!(err.contains("AWS_ENDPOINT_URL (environment)"), "{err}");
     }
 
     #[test]

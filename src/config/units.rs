@@ -35,7 +35,12 @@ impl FromStr for Size {
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        for (unit, n) in [("GiB", Self::GIB), ("MiB", Self::MIB), ("KiB", Self::KIB)] {
+        for (unit, n) in [
+            ("TiB", Self::GIB * 1024),
+            ("GiB", Self::GIB),
+            ("MiB", Self::MIB),
+            ("KiB", Self::KIB),
+        ] {
             if b >= n && b.is_multiple_of(n) {
                 return write!(f, "{}{unit}", b / n);
             }

@@ -185,17 +185,12 @@ impl ObjectStore for MemoryStore {
         self.called(Op::Put);
         let body = match req.body {
             Body::Bytes(b) => b,
-            Body::File { path, len } => {
-                let data = std::fs::read(&path).map_err(|e| {
-                    StoreError::per_object(format!("cannot reopen {}: {e}", path.display()))
+            Body::File { file, len } => {
+                use std::os::unix::fs::FileExt;
+                let mut data = vec![0; len as usize];
+                file.read_exact_at(&mut data, 0).map_err(|e| {
+                    StoreError::per_object(format!("cannot read the open file again: {e}"))
                 })?;
-                if data.len() as u64 != len {
-                    return Err(StoreError::per_object(format!(
-                        "{} has {} bytes, not the {len} announced",
-                        path.display(),
-                        data.len()
-                    )));
-                }
                 Bytes::from(data)
             }
         };

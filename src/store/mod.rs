@@ -13,7 +13,6 @@ pub mod sdk;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 
 use bytes::Bytes;
@@ -65,6 +64,9 @@ pub enum ErrorKind {
     Kms,
     /// No connection to the endpoint (DNS, refused, TLS, timeout before an answer).
     Unreachable,
+    /// The request would have gone over plain http to a host that is not loopback, and was not
+    /// sent (`sdk::TransportGuard`).
+    InsecureEndpoint,
     Other,
 }
 
@@ -109,6 +111,9 @@ impl ErrorKind {
             }
             ErrorKind::Unreachable => {
                 "cannot reach the endpoint: check destination.endpoint-url / region and the network"
+            }
+            ErrorKind::InsecureEndpoint => {
+                "nothing was sent: the endpoint is plain http to a host that is not loopback"
             }
             ErrorKind::NoSuchBucket => {
                 "the bucket does not exist: create it or correct destination.bucket"
@@ -219,12 +224,16 @@ impl ObjectMeta {
     }
 }
 
-/// The bytes of a single PUT. Small files travel in memory; larger ones are re-read from the file
-/// by the SDK (which can then retry them) and checked against the SHA-256 of the first read.
+/// The bytes of a single PUT. Small files travel in memory; larger ones are re-read by the SDK
+/// (which can then retry them) from the file nightcopy opened and checked — never reopened by
+/// path — and checked by S3 against the SHA-256 of the first read.
 #[derive(Debug, Clone)]
 pub enum Body {
     Bytes(Bytes),
-    File { path: PathBuf, len: u64 },
+    File {
+        file: std::sync::Arc<std::fs::File>,
+        len: u64,
+    },
 }
 
 #[derive(Debug, Clone)]

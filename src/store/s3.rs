@@ -31,6 +31,7 @@ use aws_sdk_s3::types::{
 use aws_sdk_s3::Client;
 use base64::Engine as _;
 use bytes::Bytes;
+use std::os::fd::AsRawFd;
 
 use super::{
     CompletedPart, Download, ErrorClass, ErrorKind, HeadInfo, ListPage, ObjectMeta, ObjectStore,
@@ -131,6 +132,9 @@ impl S3Store {
             .build();
         let mut b = aws_sdk_s3::config::Builder::from(sdk)
             .interceptor(RetryLog)
+            .interceptor(super::sdk::TransportGuard {
+                allow_insecure: dest.allow_insecure_endpoint,
+            })
             .retry_config(retry)
             .timeout_config(timeouts)
             .force_path_style(dest.force_path_style)
@@ -167,7 +171,9 @@ impl S3Store {
         } else {
             format!("{key} in {}", self.place)
         };
+        let context = DisplayErrorContext(&err).to_string();
         let kind = match (&err, code.as_deref()) {
+            _ if context.contains(super::sdk::INSECURE_REFUSAL) => ErrorKind::InsecureEndpoint,
             (SdkError::ConstructionFailure(_), _) => ErrorKind::NoCredentials,
             (SdkError::DispatchFailure(_), _) => ErrorKind::Unreachable,
             (_, Some(c)) => ErrorKind::of_code(c),
@@ -255,19 +261,25 @@ impl ObjectStore for S3Store {
     }
 
     async fn put(&self, req: PutRequest) -> Result<(), StoreError> {
+        let mut keep_open = None;
         let (body, len) = match req.body {
             super::Body::Bytes(b) => {
                 let len = b.len() as u64;
                 (ByteStream::from(b), len)
             }
-            super::Body::File { path, len } => {
+            super::Body::File { file, len } => {
+                // The SDK can only retry a body it can read again from the start, which it does
+                // by opening a path; /proc/self/fd/N opens the very file nightcopy opened and
+                // checked, whatever its name points to by now. `file` stays open meanwhile.
+                let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+                keep_open = Some(file);
                 let stream = ByteStream::read_from()
                     .path(&path)
                     .length(Length::Exact(len))
                     .build()
                     .await
                     .map_err(|e| {
-                        StoreError::per_object(format!("cannot reopen {}: {e}", path.display()))
+                        StoreError::per_object(format!("cannot read the open file again: {e}"))
                     })?;
                 (stream, len)
             }
@@ -288,6 +300,7 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| self.error("upload of", &req.key, e))?;
+        drop(keep_open);
         Ok(())
     }
 

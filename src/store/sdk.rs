@@ -56,3 +56,47 @@ pub async fn load_checked(config: &Config) -> Result<aws_config::SdkConfig, Setu
     check_credentials(&sdk).await?;
     Ok(sdk)
 }
+
+/// Refuses, before it is signed, any request that would go over plain http to a host that is not
+/// loopback (unless `destination.allow-insecure-endpoint`). The config and the environment are
+/// checked when the config is loaded; this also covers what neither shows — an `endpoint_url` in
+/// an AWS profile — at the one place every request passes. Added to every AWS client nightcopy
+/// builds.
+#[derive(Debug)]
+pub struct TransportGuard {
+    pub allow_insecure: bool,
+}
+
+/// The text the refusal carries, so that the store can recognise it in the SDK's error.
+pub const INSECURE_REFUSAL: &str = "nightcopy refuses to send a signed request over plain http";
+
+impl aws_sdk_s3::config::Intercept for TransportGuard {
+    fn name(&self) -> &'static str {
+        "TransportGuard"
+    }
+
+    fn read_before_signing(
+        &self,
+        context: &aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &aws_sdk_s3::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if self.allow_insecure {
+            return Ok(());
+        }
+        let uri = context.request().uri();
+        let Ok(url) = url::Url::parse(uri) else {
+            return Err(format!("{INSECURE_REFUSAL}: cannot read the request's address").into());
+        };
+        if url.scheme() == "https" || url.host().is_some_and(|h| crate::config::is_loopback(&h)) {
+            return Ok(());
+        }
+        Err(format!(
+            "{INSECURE_REFUSAL} to {} (an endpoint from the environment or an AWS profile): \
+             use https://, or set destination.allow-insecure-endpoint: true if this network is \
+             trusted",
+            url.host_str().unwrap_or("an unknown host")
+        )
+        .into())
+    }
+}

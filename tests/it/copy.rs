@@ -552,11 +552,7 @@ fn run_with_destination(c: &Case, extra: &str) -> crate::common::run::Output {
         .envs(s3().env())
         .output()
         .unwrap();
-    crate::common::run::Output {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    crate::common::run::Output::from(out)
 }
 
 #[test]

@@ -8,6 +8,7 @@ mod agent;
 mod copy;
 mod faults;
 mod harness_selftest;
+mod hostile;
 mod journal;
 mod kill;
 mod layout;

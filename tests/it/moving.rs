@@ -185,13 +185,15 @@ fn awkward_trees_never_stop_the_run() {
     let out = c.run_with(&["run"], crate::common::run::unprivileged());
     fs::set_permissions(c.src.join("locked"), fs::Permissions::from_mode(0o755)).unwrap();
     assert_eq!(out.code, 2, "{}", out.stderr);
-    // The unreadable directory, the loop and the deep path: one walk error each, named.
+    // The unreadable directory, the loop and the deep file: one error each, named. The walk
+    // opens each directory relative to its parent, so it gets below PATH_MAX; the file there has
+    // a key over S3's limit.
     assert_eq!(out.figure("transfer errors"), 3, "{}", out.stderr);
     for says in [
-        "src/locked: IO error",
-        "Permission denied",
+        "src/locked: Permission denied",
         "loop/up: symlink loop: not followed",
-        "File name too long",
+        "deep.txt: its key would be",
+        "over S3's limit of 1024",
     ] {
         assert!(out.stderr.contains(says), "{says:?} not in\n{}", out.stderr);
     }
@@ -429,8 +431,11 @@ fn a_file_that_shrinks_while_it_is_read_is_never_recorded_and_is_left_for_the_ne
 #[test]
 fn a_directory_that_vanishes_between_the_scan_and_the_upload_is_counted_not_an_error() {
     let mut c = Case::new("vanish-dir");
-    // One file at a time, so the first upload, held below, keeps every other file waiting.
+    // One file at a time, so the first upload, held below, keeps every other file waiting; and a
+    // walk on one thread, which does its work in key order (the directory `a/`, its stats,
+    // `gone/`, its stats, then `later/`), so the order the gate relies on holds.
     c.transfer_extra = "  concurrency: 1\n".into();
+    c.source_extra = "  walk-concurrency: 1\n".into();
     let before: Vec<PathBuf> = (0..4)
         .map(|i| c.write(&format!("a/f{i}.txt"), format!("a{i}").as_bytes()))
         .collect();

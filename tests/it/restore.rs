@@ -353,13 +353,10 @@ fn dry_run_lists_what_would_be_restored_and_writes_nothing() {
         "{}",
         out.stdout
     );
-    // The escaped name is shown as the file it would become (read from its metadata).
-    let latin1 = to.join(raw_name(b"caf\xe9"));
-    assert!(
-        out.stdout.contains(&latin1.display().to_string()),
-        "{}",
-        out.stdout
-    );
+    // The escaped name is shown as the file it would become (read from its metadata), its
+    // byte that is not UTF-8 printed as an escape.
+    let latin1 = format!("{}/caf\\xe9", to.display());
+    assert!(out.stdout.contains(&latin1), "{}", out.stdout);
     assert_eq!(figure(&out, "files would be restored"), 3);
 }
 
@@ -646,11 +643,7 @@ impl MotoCase {
             cmd.env(k, v);
         }
         let out = cmd.output().unwrap();
-        Output {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Output::from(out)
     }
 }
 

@@ -17,11 +17,12 @@
 //! at most `transfer.concurrency` downloads are in flight, each with one write buffer.
 
 pub mod select;
+mod target;
 
 use std::fmt;
-use std::fs::{File, FileTimes, OpenOptions, Permissions};
+use std::fs::{File, FileTimes, Permissions};
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -37,6 +38,7 @@ use crate::config::Config;
 use crate::exit;
 use crate::fsutil::{blocking, system_time};
 use crate::integrity::{self as check, Reference, Stored, StreamHasher, Verdict};
+use crate::keys::shown;
 use crate::report::{self, FileErrorKind, Outcome};
 use crate::state::manifest::{self, Cursor, ManifestEntry};
 use crate::stop::{self, Stop};
@@ -46,6 +48,7 @@ use crate::store::{
     Download, ErrorKind, ObjectMeta, ObjectStore, StoreError, VersionMarker, META_RAW_PATH,
 };
 use select::{AsOfPicker, Pick};
+use target::{Dir, PlaceError, Target};
 
 /// Per download: bytes gathered before a write to the temp file.
 const WRITE_BUF: usize = 256 * 1024;
@@ -64,6 +67,9 @@ pub struct RestoreOptions {
     pub overwrite: bool,
     /// List what would be restored; download and write nothing.
     pub dry_run: bool,
+    /// Keep set-user-ID and set-group-ID bits from the objects' metadata (stripped by default:
+    /// whoever can write the prefix could otherwise plant a set-uid-root program).
+    pub keep_setid: bool,
 }
 
 /// Errors that end a restore. Each says what to do next.
@@ -99,6 +105,7 @@ pub struct RestoreStats {
     unverified: AtomicU64,
     absent: AtomicU64,
     skipped: AtomicU64,
+    dirs_created: AtomicU64,
 }
 
 /// The figures of a restore.
@@ -117,6 +124,8 @@ pub struct RestoreFigures {
     pub absent: u64,
     /// Keys that are not files (folder markers ending in `/`).
     pub skipped: u64,
+    /// Directories created below the target, each 0700 (directory metadata is not backed up).
+    pub dirs_created: u64,
     pub elapsed_seconds: f64,
 }
 
@@ -125,17 +134,12 @@ impl RestoreStats {
         self.listed.fetch_add(1, Relaxed);
     }
 
-    pub fn file_error(
-        &self,
-        what: &dyn fmt::Display,
-        kind: FileErrorKind,
-        detail: &dyn fmt::Display,
-    ) {
+    pub fn file_error(&self, what: &str, kind: FileErrorKind, detail: &dyn fmt::Display) {
         self.errors.fetch_add(1, Relaxed);
         report::file_error(what, kind, &format_args!("not restored: {detail}"));
     }
 
-    fn restored(&self, target: &Path, key: &str, bytes: u64, verdict: &Verdict) {
+    fn restored(&self, target: &Path, key: &str, bytes: u64, verdict: &Verdict, why: &str) {
         self.restored.fetch_add(1, Relaxed);
         self.bytes.fetch_add(bytes, Relaxed);
         match verdict {
@@ -143,8 +147,9 @@ impl RestoreStats {
                 path = %target.display(),
                 key,
                 bytes,
-                "restored {} from {key} ({bytes} bytes, equal to {})",
-                target.display(),
+                "restored {} from {} ({bytes} bytes, equal to {})",
+                shown(target),
+                shown(key),
                 against.join(" and ")
             ),
             _ => {
@@ -153,9 +158,9 @@ impl RestoreStats {
                     path = %target.display(),
                     key,
                     bytes,
-                    "restored {} from {key} ({bytes} bytes), but no SHA-256 covers it: a \
-                     multipart object without a manifest entry or checksum to check it against",
-                    target.display()
+                    "restored {} from {} ({bytes} bytes), but no SHA-256 covers it: {why}",
+                    shown(target),
+                    shown(key),
                 );
             }
         }
@@ -164,29 +169,29 @@ impl RestoreStats {
     fn planned(&self, target: &Path, key: &str, bytes: u64) {
         self.restored.fetch_add(1, Relaxed);
         self.bytes.fetch_add(bytes, Relaxed);
-        println!("restore\t{bytes}\t{key}\t{}", target.display());
+        println!("restore\t{bytes}\t{}\t{}", shown(key), shown(target));
     }
 
     fn existing(&self, target: &Path, key: &str, bytes: u64, dry_run: bool) {
         self.existing.fetch_add(1, Relaxed);
         if dry_run {
-            println!("exists\t{bytes}\t{key}\t{}", target.display());
+            println!("exists\t{bytes}\t{}\t{}", shown(key), shown(target));
         }
         tracing::debug!(
             path = %target.display(),
             "{} exists: kept (--overwrite replaces it)",
-            target.display()
+            shown(target)
         );
     }
 
     fn absent(&self, key: &str) {
         self.absent.fetch_add(1, Relaxed);
-        tracing::debug!(key, "{key}: did not exist at the --as-of time");
+        tracing::debug!(key, "{}: did not exist at the --as-of time", shown(key));
     }
 
     fn skipped(&self, key: &str) {
         self.skipped.fetch_add(1, Relaxed);
-        tracing::debug!(key, "{key}: a folder marker, not a file: skipped");
+        tracing::debug!(key, "{}: a folder marker, not a file: skipped", shown(key));
     }
 
     pub fn status_line(&self) -> String {
@@ -210,6 +215,7 @@ impl RestoreStats {
             unverified: self.unverified.load(Relaxed),
             absent: self.absent.load(Relaxed),
             skipped: self.skipped.load(Relaxed),
+            dirs_created: self.dirs_created.load(Relaxed),
             elapsed_seconds: elapsed.as_secs_f64(),
         }
     }
@@ -272,6 +278,14 @@ impl fmt::Display for RestoreReport {
         }
         if g.skipped > 0 {
             write!(f, ", {} folder markers skipped", g.skipped)?;
+        }
+        if g.dirs_created > 0 {
+            write!(
+                f,
+                "; {} directories created 0700, owned by the restoring user (directory modes \
+                 and owners are not backed up: set them as needed)",
+                g.dirs_created
+            )?;
         }
         Ok(())
     }
@@ -379,12 +393,16 @@ pub async fn restore<S: ObjectStore>(
         .next_page()
         .await
         .map_err(|e| listing_error(e, opts.as_of_ns.is_some()))?;
-    if !opts.dry_run {
-        std::fs::create_dir_all(&opts.to).map_err(|e| RestoreError::Target {
-            path: opts.to.display().to_string(),
-            why: format!("cannot create it: {e}"),
-        })?;
-    }
+    let target = match Target::open(&opts.to, !opts.dry_run) {
+        Ok(t) => Some(Arc::new(t)),
+        Err(e) if opts.dry_run && e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(RestoreError::Target {
+                path: opts.to.display().to_string(),
+                why: format!("cannot create or open it: {e}"),
+            })
+        }
+    };
 
     let (tx, rx) = mpsc::channel::<Result<Job, StoreError>>(JOBS_AHEAD);
     let producer = tokio::spawn(produce(pager, first, sub, manifest, stats.clone(), tx));
@@ -393,15 +411,20 @@ pub async fn restore<S: ObjectStore>(
         store,
         stats: stats.clone(),
         prefix,
+        target: target.clone(),
         to: opts.to.clone(),
         overwrite: opts.overwrite,
         dry_run: opts.dry_run,
         as_root: nix::unistd::geteuid().is_root(),
+        keep_setid: opts.keep_setid,
         next_tmp: AtomicU64::new(0),
     });
     let concurrency = config.transfer.concurrency.0.max(1);
     let result = run_jobs(ctx, rx, concurrency, opts).await;
     producer.abort();
+    if let Some(t) = target.filter(|t| t.dirs_created() > 0) {
+        stats.dirs_created.store(t.dirs_created(), Relaxed);
+    }
     result
 }
 
@@ -642,10 +665,13 @@ struct Ctx<S> {
     store: Arc<S>,
     stats: Arc<RestoreStats>,
     prefix: String,
+    /// `None` only in a dry run whose `--to` does not exist yet: then nothing exists below it.
+    target: Option<Arc<Target>>,
     to: PathBuf,
     overwrite: bool,
     dry_run: bool,
     as_root: bool,
+    keep_setid: bool,
     next_tmp: AtomicU64,
 }
 
@@ -671,6 +697,12 @@ impl From<StoreError> for Failure {
     }
 }
 
+impl From<PlaceError> for Failure {
+    fn from(e: PlaceError) -> Self {
+        Failure::Local(e.to_string())
+    }
+}
+
 impl<S: ObjectStore> Ctx<S> {
     /// Restores one object. `Err` only for a fatal store error; everything else is counted.
     async fn restore_one(self: Arc<Self>, job: Job) -> Result<(), StoreError> {
@@ -692,16 +724,24 @@ impl<S: ObjectStore> Ctx<S> {
             } else {
                 None
             };
-            let Some(target) = self.target(&job.key, &full_key, raw.as_deref()) else {
+            let Some(rel) = self.rel(&job.key, &full_key, raw.as_deref()) else {
                 return Ok(());
             };
-            if !self.overwrite && exists(&target) {
-                self.stats
-                    .existing(&target, &full_key, job.size, self.dry_run);
-                return Ok(());
+            match self.exists(&rel) {
+                Ok(true) if !self.overwrite => {
+                    self.stats
+                        .existing(&self.shown_path(&rel), &full_key, job.size, self.dry_run);
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.stats.file_error(&full_key, FileErrorKind::Write, &e);
+                    return Ok(());
+                }
             }
             if self.dry_run {
-                self.stats.planned(&target, &full_key, job.size);
+                self.stats
+                    .planned(&self.shown_path(&rel), &full_key, job.size);
                 return Ok(());
             }
         }
@@ -735,16 +775,28 @@ impl<S: ObjectStore> Ctx<S> {
         Ok(())
     }
 
-    /// The target path, or `None` after counting a key that cannot be one.
-    fn target(&self, key: &str, full_key: &str, raw: Option<&str>) -> Option<PathBuf> {
+    /// The path below the target, or `None` after counting a key that cannot be one.
+    fn rel(&self, key: &str, full_key: &str, raw: Option<&str>) -> Option<PathBuf> {
         match select::target_rel(key, raw) {
-            Ok(rel) => Some(self.to.join(rel)),
+            Ok(rel) => Some(rel),
             Err(why) => {
                 self.stats
-                    .file_error(&full_key, FileErrorKind::BadName, &why);
+                    .file_error(full_key, FileErrorKind::BadName, &why);
                 None
             }
         }
+    }
+
+    fn exists(&self, rel: &Path) -> Result<bool, PlaceError> {
+        match &self.target {
+            Some(t) => t.exists(rel),
+            None => Ok(false),
+        }
+    }
+
+    /// Where `rel` is, for messages and the dry run's list.
+    fn shown_path(&self, rel: &Path) -> PathBuf {
+        self.to.join(rel)
     }
 
     async fn attempt(
@@ -756,18 +808,19 @@ impl<S: ObjectStore> Ctx<S> {
         let version = job.version_id.as_deref();
         let Some(download) = self.store.get(full_key, version).await? else {
             self.stats.file_error(
-                &full_key,
+                full_key,
                 FileErrorKind::Missing,
                 &"listed, but gone when it was downloaded",
             );
             return Err(Failure::Counted);
         };
         let raw = download.meta.get(META_RAW_PATH).cloned();
-        let Some(target) = self.target(&job.key, full_key, raw.as_deref()) else {
+        let Some(rel) = self.rel(&job.key, full_key, raw.as_deref()) else {
             return Err(Failure::Counted);
         };
-        if may_be_escaped && !self.overwrite && exists(&target) {
-            self.stats.existing(&target, full_key, job.size, false);
+        if may_be_escaped && !self.overwrite && self.exists(&rel)? {
+            self.stats
+                .existing(&self.shown_path(&rel), full_key, job.size, false);
             return Err(Failure::Counted);
         }
         let meta = ObjectMeta::from_map(&download.meta);
@@ -792,19 +845,23 @@ impl<S: ObjectStore> Ctx<S> {
         if meta.is_none() {
             tracing::debug!(
                 key = full_key,
-                "{full_key} has no nightcopy metadata: restored with mode 644 and the current time"
+                "{} has no nightcopy metadata: restored with mode 644 and the current time",
+                shown(full_key)
             );
         }
+        let why_unverified = check::why_unverified(&reference, layout.is_some());
         let (verdict, bytes) = self
-            .write(&target, full_key, download, reference, layout, meta)
+            .write(&rel, full_key, download, reference, layout, meta)
             .await?;
-        self.stats.restored(&target, full_key, bytes, &verdict);
+        let target = self.shown_path(&rel);
+        self.stats
+            .restored(&target, full_key, bytes, &verdict, why_unverified);
         Ok(())
     }
 
     async fn write(
         &self,
-        target: &Path,
+        rel: &Path,
         full_key: &str,
         download: Download,
         reference: Reference,
@@ -812,23 +869,16 @@ impl<S: ObjectStore> Ctx<S> {
         meta: Option<ObjectMeta>,
     ) -> Result<(Verdict, u64), Failure> {
         let local = |what: &str, e: io::Error| Failure::Local(format!("{what}: {e}"));
-        let dir = target
-            .parent()
-            .expect("a target is always below --to")
-            .to_owned();
-        let tmp = TempFile {
-            path: dir.join(select::temp_name(self.next_tmp.fetch_add(1, Relaxed))),
-            armed: true,
-        };
-        let tmp_path = tmp.path.clone();
-        let file = blocking(move || {
-            std::fs::create_dir_all(&dir)?;
-            // 0600 until it is complete and checked: nobody reads a half file.
-            OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp_path)
+        let target = self.target.clone().expect("only a dry run has no target");
+        let name = rel.file_name().expect("a target has a name").to_owned();
+        let tmp = TempFile::new(select::temp_name(self.next_tmp.fetch_add(1, Relaxed)));
+        let (rel_owned, state) = (rel.to_owned(), tmp.state.clone());
+        let (dir, file) = blocking(move || {
+            let dir = target
+                .parent_of(&rel_owned, true)
+                .map_err(io::Error::other)?
+                .expect("created");
+            TempFile::create(&state, &dir).map(|file| (dir, file))
         })
         .await
         .map_err(|e| local("cannot create the file", e))?;
@@ -867,15 +917,15 @@ impl<S: ObjectStore> Ctx<S> {
             )));
         }
 
-        let (as_root, overwrite) = (self.as_root, self.overwrite);
-        let (from, to) = (tmp.path.clone(), target.to_owned());
+        let (as_root, keep_setid, overwrite) = (self.as_root, self.keep_setid, self.overwrite);
+        let (place_dir, tmp_name) = (dir, tmp.name().to_owned());
         let placed = blocking(move || {
-            apply_meta(&file, meta.as_ref(), as_root)?;
+            apply_meta(&file, meta.as_ref(), as_root, keep_setid)?;
             // On disk before it gets its real name: after a power cut the name never points
             // at a file whose data was not written yet.
             file.sync_data()?;
             drop(file);
-            place(&from, &to, overwrite)
+            place_dir.place(&tmp_name, &name, overwrite)
         })
         .await;
         match placed {
@@ -884,7 +934,8 @@ impl<S: ObjectStore> Ctx<S> {
                 Ok((verdict, digests.bytes))
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                self.stats.existing(target, full_key, digests.bytes, false);
+                self.stats
+                    .existing(&self.shown_path(rel), full_key, digests.bytes, false);
                 Err(Failure::Counted)
             }
             Err(e) => Err(local("cannot finish the file", e)),
@@ -892,13 +943,19 @@ impl<S: ObjectStore> Ctx<S> {
     }
 }
 
-fn exists(path: &Path) -> bool {
-    // A dangling symlink is something too: never replaced without --overwrite.
-    std::fs::symlink_metadata(path).is_ok()
-}
+/// The set-user-ID and set-group-ID bits. Object metadata is not covered by any checksum, and
+/// whoever can write the prefix can write it: restored as root, a mode of 4755 with uid 0 would
+/// hand them a root shell. Kept only with `--keep-setid`.
+const SETID: u32 = 0o6000;
 
-/// Owner (as root; first, because chown clears set-id bits), mode, then mtime.
-fn apply_meta(file: &File, meta: Option<&ObjectMeta>, as_root: bool) -> io::Result<()> {
+/// Owner (as root; first, because chown clears set-id bits), mode, then mtime — all on the open
+/// file, never by path.
+fn apply_meta(
+    file: &File,
+    meta: Option<&ObjectMeta>,
+    as_root: bool,
+    keep_setid: bool,
+) -> io::Result<()> {
     let Some(m) = meta else {
         return file.set_permissions(Permissions::from_mode(0o644));
     };
@@ -909,44 +966,57 @@ fn apply_meta(file: &File, meta: Option<&ObjectMeta>, as_root: bool) -> io::Resu
             Some(nix::unistd::Gid::from_raw(m.gid)),
         )?;
     }
-    file.set_permissions(Permissions::from_mode(m.mode & 0o7777))?;
+    let mode = if keep_setid {
+        m.mode & 0o7777
+    } else {
+        m.mode & 0o7777 & !SETID
+    };
+    file.set_permissions(Permissions::from_mode(mode))?;
     file.set_times(FileTimes::new().set_modified(system_time(m.mtime_ns)))
 }
 
-/// Gives the finished temp file its real name; without `overwrite` the rename itself refuses an
-/// existing name, so a file created meanwhile is never replaced.
-fn place(tmp: &Path, target: &Path, overwrite: bool) -> io::Result<()> {
-    if overwrite {
-        return std::fs::rename(tmp, target);
-    }
-    use nix::errno::Errno;
-    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
-    match renameat2(
-        AT_FDCWD,
-        tmp,
-        AT_FDCWD,
-        target,
-        RenameFlags::RENAME_NOREPLACE,
-    ) {
-        Ok(()) => Ok(()),
-        // Filesystems without RENAME_NOREPLACE: a hard link refuses an existing name just as
-        // atomically.
-        Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
-            std::fs::hard_link(tmp, target)?;
-            std::fs::remove_file(tmp)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// A temp file that removes itself unless it was renamed into place: a failed, corrupt or
-/// cancelled download leaves nothing behind.
+/// cancelled download leaves nothing behind — also when the download is cancelled while the file
+/// is still being created on the blocking pool (that task runs on; whichever of the two comes
+/// second removes the file).
 struct TempFile {
-    path: PathBuf,
+    state: Arc<std::sync::Mutex<TempState>>,
     armed: bool,
 }
 
+struct TempState {
+    name: std::ffi::OsString,
+    created: Option<Dir>,
+    dropped: bool,
+}
+
 impl TempFile {
+    fn new(name: std::ffi::OsString) -> TempFile {
+        TempFile {
+            state: Arc::new(std::sync::Mutex::new(TempState {
+                name,
+                created: None,
+                dropped: false,
+            })),
+            armed: true,
+        }
+    }
+
+    fn name(&self) -> std::ffi::OsString {
+        self.state.lock().unwrap().name.clone()
+    }
+
+    /// Creates the file in `dir` (blocking); refuses, leaving nothing, if the guard is gone.
+    fn create(state: &std::sync::Mutex<TempState>, dir: &Dir) -> io::Result<File> {
+        let mut s = state.lock().unwrap();
+        if s.dropped {
+            return Err(io::Error::other("cancelled"));
+        }
+        let file = dir.create_new(&s.name)?;
+        s.created = Some(dir.clone());
+        Ok(file)
+    }
+
     fn disarm(mut self) {
         self.armed = false;
     }
@@ -954,8 +1024,12 @@ impl TempFile {
 
 impl Drop for TempFile {
     fn drop(&mut self) {
+        let mut s = self.state.lock().unwrap();
+        s.dropped = true;
         if self.armed {
-            let _ = std::fs::remove_file(&self.path);
+            if let Some(dir) = &s.created {
+                let _ = dir.remove(&s.name);
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ use futures::StreamExt;
 use super::RunOptions;
 use crate::config::Config;
 use crate::error::Fatal;
+use crate::keys::shown;
 use crate::merge::Inputs;
 use crate::plan::{Planner, Step};
 use crate::report::{FileErrorKind, Stats};
@@ -190,8 +191,8 @@ async fn handle<S: ObjectStore>(
                 FileErrorKind::BadName,
                 &format_args!(
                     "its key {}{} is already used by another file's (escaped) name; rename one of them",
-                    uploader.prefix(),
-                    entry.key
+                    shown(uploader.prefix()),
+                    shown(&entry.key)
                 ),
             );
             Ok(None)
@@ -206,9 +207,9 @@ async fn handle<S: ObjectStore>(
                 out,
                 "upload\t{reason}\t{}\t{}{}\t{}",
                 entry.size,
-                uploader.prefix(),
-                entry.key,
-                entry.path.display()
+                shown(uploader.prefix()),
+                shown(&entry.key),
+                shown(&entry.path)
             );
             stats.transferred(&entry.path, &entry.key, entry.size, &reason);
             Ok(previous)

@@ -184,7 +184,8 @@ async fn publish(config: &Config, sdk: Option<&aws_config::SdkConfig>, report: &
         let sent = match sdk {
             Ok(sdk) => {
                 let instance = metrics::instance_id(&config.metrics).await;
-                metrics::publish_cloudwatch(&sdk, &config.metrics, &instance, &data).await
+                let insecure = config.destination.allow_insecure_endpoint;
+                metrics::publish_cloudwatch(&sdk, &config.metrics, insecure, &instance, &data).await
             }
             Err(e) => Err(e),
         };
@@ -240,8 +241,11 @@ async fn heartbeat(url: &str, success: bool) {
     } else {
         format!("{}/fail", url.trim_end_matches('/'))
     };
+    // No redirects: the URL was checked (https, or http to loopback) and a redirect could take
+    // the request, and its token, elsewhere in clear text.
     let client = match reqwest::Client::builder()
         .timeout(HEARTBEAT_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
         .build()
     {
         Ok(c) => c,

@@ -39,6 +39,16 @@ pub struct Output {
     pub stderr: String,
 }
 
+impl From<std::process::Output> for Output {
+    fn from(out: std::process::Output) -> Output {
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 impl Output {
     /// A figure from the backup's summary line, e.g. `figure("files transferred")`.
     pub fn figure(&self, name: &str) -> u64 {
@@ -159,12 +169,7 @@ impl Case {
     }
 
     pub fn run_with(&self, args: &[&str], wrapper: Option<&[&str]>) -> Output {
-        let out = self.command(args, wrapper).output().unwrap();
-        Output {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        self.command(args, wrapper).output().unwrap().into()
     }
 
     pub fn run(&self, args: &[&str]) -> Output {

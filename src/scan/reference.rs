@@ -1,60 +1,18 @@
-//! Walks the source tree and yields its regular files in S3 key order, one at a time, so the planner
-//! can merge them with the bucket listing and the manifest without holding the tree in memory.
-//!
-//! Excluded directories are pruned (never opened, so an unreadable excluded directory costs no
-//! error); other filesystems are not entered with one-file-system; symlinks are skipped unless
-//! configured to be followed; sockets, fifos and devices are skipped and counted.
+//! Today's serial walk before the parallel one, on `walkdir`: the reference the parallel walk's
+//! property tests compare against (same files, same order, same figures).
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use walkdir::{DirEntry, WalkDir};
 
-use crate::config::{Config, Excludes, SymlinkPolicy};
+use super::{LocalEntry, ScanOptions};
+use crate::config::SymlinkPolicy;
 use crate::keys;
 use crate::report::{FileErrorKind, Stats};
 
-/// One regular file as seen by the scan.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalEntry {
-    /// The key below the destination prefix.
-    pub key: String,
-    pub path: PathBuf,
-    /// Set when a component had to be escaped: the percent-encoded original relative path.
-    pub raw_path: Option<String>,
-    pub size: u64,
-    pub mtime_ns: i64,
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-}
-
-#[derive(Debug, Clone)]
-pub struct ScanOptions {
-    pub root: PathBuf,
-    pub excludes: Excludes,
-    pub one_file_system: bool,
-    pub symlinks: SymlinkPolicy,
-    /// Bytes available for the key after the destination prefix.
-    pub max_key_bytes: usize,
-}
-
-impl ScanOptions {
-    /// The walk `config` describes: its source, excludes and policies, and the key length left
-    /// after its prefix.
-    pub fn for_config(config: &Config) -> Result<ScanOptions, String> {
-        Ok(ScanOptions {
-            root: config.source.path.0.clone(),
-            excludes: config.excludes()?,
-            one_file_system: config.source.one_file_system,
-            symlinks: config.source.symlinks,
-            max_key_bytes: keys::MAX_KEY_BYTES - config.destination.prefix.as_str().len(),
-        })
-    }
-}
-
-/// The walk as an iterator of files in key order. Problems are reported to `stats` as they happen.
+/// The serial walk.
 pub fn scan(opts: ScanOptions, stats: Arc<Stats>) -> impl Iterator<Item = LocalEntry> {
     let root = opts.root.clone();
     let excludes = opts.excludes.clone();
@@ -85,9 +43,9 @@ pub fn scan(opts: ScanOptions, stats: Arc<Stats>) -> impl Iterator<Item = LocalE
             true
         });
     let root = opts.root;
-    let max_key = opts.max_key_bytes;
+    let limits = (opts.max_key_bytes, opts.max_file_size);
     walker.filter_map(move |item| match item {
-        Ok(e) => entry(&root, e, max_key, opts.symlinks, &stats),
+        Ok(e) => entry(&root, e, limits, opts.symlinks, &stats),
         Err(err) => {
             let path = err
                 .path()
@@ -109,7 +67,7 @@ pub fn scan(opts: ScanOptions, stats: Arc<Stats>) -> impl Iterator<Item = LocalE
 fn entry(
     root: &Path,
     e: DirEntry,
-    max_key: usize,
+    (max_key, max_file_size): (usize, u64),
     symlinks: SymlinkPolicy,
     stats: &Stats,
 ) -> Option<LocalEntry> {
@@ -158,9 +116,25 @@ fn entry(
         );
         return None;
     }
+    if meta.len() > max_file_size {
+        stats.file_error(
+            e.path(),
+            FileErrorKind::TooLarge,
+            &format_args!(
+                "{} bytes, over source.max-file-size ({}): not read",
+                meta.len(),
+                crate::config::Size(max_file_size)
+            ),
+        );
+        return None;
+    }
+    let followed = e.path_is_symlink();
     Some(LocalEntry {
         key,
         raw_path: escaped.then(|| keys::encode_raw_path(rel)),
+        followed,
+        dev: meta.dev(),
+        ino: meta.ino(),
         path: e.into_path(),
         size: meta.len(),
         mtime_ns: crate::fsutil::ns(meta.mtime(), meta.mtime_nsec()),
@@ -168,39 +142,4 @@ fn entry(
         uid: meta.uid(),
         gid: meta.gid(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::fs;
-
-    #[test]
-    fn walk_comes_out_in_key_order_and_prunes() {
-        let t = tempfile::tempdir().unwrap();
-        let r = t.path();
-        for f in [
-            "a-b", "a/x", "a/y/z", "a.txt", "a0", "b c/d", "skip/me", "k+%",
-        ] {
-            let p = r.join(f);
-            fs::create_dir_all(p.parent().unwrap()).unwrap();
-            fs::write(&p, f).unwrap();
-        }
-        std::os::unix::fs::symlink("a.txt", r.join("link")).unwrap();
-        let stats = Arc::new(Stats::default());
-        let opts = ScanOptions {
-            root: r.to_owned(),
-            excludes: Excludes::new(&[("skip/**".into(), "test".into())]).unwrap(),
-            one_file_system: true,
-            symlinks: SymlinkPolicy::Skip,
-            max_key_bytes: 1024,
-        };
-        let keys: Vec<String> = scan(opts, stats.clone()).map(|e| e.key).collect();
-        let mut sorted = keys.clone();
-        sorted.sort();
-        assert_eq!(keys, sorted, "walk order must be key order");
-        assert_eq!(keys, ["a-b", "a.txt", "a/x", "a/y/z", "a0", "b c/d", "k+%"]);
-        let f = stats.snapshot(Default::default());
-        assert_eq!((f.excluded, f.skipped_symlinks, f.scanned), (1, 1, 7));
-    }
 }

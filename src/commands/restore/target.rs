@@ -1,0 +1,266 @@
+//! The restore target as directory handles: every directory below `--to` is created and opened
+//! relative to its parent's handle with `O_NOFOLLOW|O_DIRECTORY`, and every file is created,
+//! checked for and renamed relative to its directory's handle — never by joining strings and
+//! opening paths. A symlink anywhere below the target (planted before the restore, or swapped in
+//! during it) is therefore never followed: opening it fails, and that file is a counted error
+//! naming the symlink. Restore runs as root into trees users may control (`--to /mnt/fs --path
+//! home/alice`), so this is the line between a restore and a root write anywhere.
+//!
+//! `--to` itself is the operator's own argument and is opened as given.
+//!
+//! Why not a crate: `cap-std`'s `Dir` keeps paths beneath the directory but follows symlinks that
+//! stay inside it, and a restore must not follow any (a planted `home/alice/.ssh -> ../bob/.ssh`
+//! stays inside). `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` would resolve a whole parent
+//! path in one call but needs Linux 5.6 and gives no directory creation; opening component by
+//! component with `openat` works on every kernel, creates as it goes, and costs one call per
+//! directory level per file, which a download does not notice.
+//!
+//! Directories nightcopy creates are 0700 and owned by the restoring user: the backup does not
+//! record directory metadata, and a directory that was private must not come back
+//! world-readable (docs/restore.md says how to set them afterwards).
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, renameat, renameat2, OFlag, RenameFlags};
+use nix::sys::stat::{fstatat, mkdirat, Mode};
+use nix::unistd::{linkat, unlinkat, UnlinkatFlags};
+
+use crate::keys::shown;
+
+/// Why a file's place below the target cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    #[error(
+        "{} is a symlink or not a directory: nothing is written through it (remove or rename it \
+         to restore below it)",
+        shown(.0)
+    )]
+    NotADirectory(PathBuf),
+    #[error("{}: {}", shown(.0), .1)]
+    Io(PathBuf, io::Error),
+}
+
+/// The open restore target.
+pub struct Target {
+    root: Arc<OwnedFd>,
+    path: PathBuf,
+    dirs_created: AtomicU64,
+}
+
+/// A directory below the target, open, and where it is (for messages).
+#[derive(Clone)]
+pub struct Dir {
+    fd: Arc<OwnedFd>,
+    path: PathBuf,
+}
+
+fn dir_flags() -> OFlag {
+    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+}
+
+impl Target {
+    /// Opens `path` (creating it first when `create`), following it as given.
+    pub fn open(path: &Path, create: bool) -> io::Result<Target> {
+        if create {
+            std::fs::create_dir_all(path)?;
+        }
+        let fd = File::open(path)?;
+        if !fd.metadata()?.is_dir() {
+            return Err(io::Error::other("not a directory"));
+        }
+        Ok(Target {
+            root: Arc::new(OwnedFd::from(fd)),
+            path: path.to_owned(),
+            dirs_created: AtomicU64::new(0),
+        })
+    }
+
+    /// Directories created so far (each 0700).
+    pub fn dirs_created(&self) -> u64 {
+        self.dirs_created.load(Relaxed)
+    }
+
+    /// The directory that holds `rel` (a relative path of normal components, as
+    /// `select::target_rel` makes them), opened component by component without following a
+    /// symlink; missing directories are created 0700 when `create`, else `Ok(None)`.
+    pub fn parent_of(&self, rel: &Path, create: bool) -> Result<Option<Dir>, PlaceError> {
+        let mut fd = self.root.clone();
+        let mut path = self.path.clone();
+        let parents: Vec<&OsStr> = match rel.parent() {
+            Some(p) => p
+                .components()
+                .map(|c| match c {
+                    Component::Normal(n) => Ok(n),
+                    _ => Err(PlaceError::Io(
+                        rel.to_owned(),
+                        io::Error::other("not a plain relative path"),
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        };
+        for name in parents {
+            path.push(name);
+            let opened = match openat(fd.as_fd(), name, dir_flags(), Mode::empty()) {
+                Err(Errno::ENOENT) if create => {
+                    match mkdirat(fd.as_fd(), name, Mode::S_IRWXU) {
+                        Ok(()) => {
+                            self.dirs_created.fetch_add(1, Relaxed);
+                        }
+                        // Made meanwhile by another download: open what is there, as strictly.
+                        Err(Errno::EEXIST) => {}
+                        Err(e) => return Err(PlaceError::Io(path, e.into())),
+                    }
+                    openat(fd.as_fd(), name, dir_flags(), Mode::empty())
+                }
+                other => other,
+            };
+            fd = match opened {
+                Ok(f) => Arc::new(f),
+                Err(Errno::ENOENT) => return Ok(None),
+                Err(Errno::ELOOP | Errno::ENOTDIR) => return Err(PlaceError::NotADirectory(path)),
+                Err(e) => return Err(PlaceError::Io(path, e.into())),
+            };
+        }
+        Ok(Some(Dir { fd, path }))
+    }
+
+    /// Whether something (a file, a directory, a symlink — even a dangling one) is at `rel`.
+    pub fn exists(&self, rel: &Path) -> Result<bool, PlaceError> {
+        match self.parent_of(rel, false)? {
+            None => Ok(false),
+            Some(dir) => dir.exists(rel.file_name().unwrap_or_default()),
+        }
+    }
+}
+
+impl Dir {
+    #[cfg(test)]
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn exists(&self, name: &OsStr) -> Result<bool, PlaceError> {
+        match fstatat(
+            self.fd.as_fd(),
+            name,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(_) => Ok(true),
+            Err(Errno::ENOENT) => Ok(false),
+            Err(e) => Err(PlaceError::Io(self.path.join(name), e.into())),
+        }
+    }
+
+    /// Creates `name` new (never an existing name, never through a symlink), 0600 until it is
+    /// complete and checked: nobody reads a half file.
+    pub fn create_new(&self, name: &OsStr) -> io::Result<File> {
+        let flags =
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = openat(self.fd.as_fd(), name, flags, Mode::S_IRUSR | Mode::S_IWUSR)?;
+        Ok(File::from(fd))
+    }
+
+    pub fn remove(&self, name: &OsStr) -> io::Result<()> {
+        Ok(unlinkat(self.fd.as_fd(), name, UnlinkatFlags::NoRemoveDir)?)
+    }
+
+    /// Gives the finished temp file `tmp` its real name; without `overwrite` the rename itself
+    /// refuses an existing name, so a file created meanwhile is never replaced. With it, a
+    /// symlink at the name is replaced, never followed.
+    pub fn place(&self, tmp: &OsStr, name: &OsStr, overwrite: bool) -> io::Result<()> {
+        let fd = self.fd.as_fd();
+        if overwrite {
+            return Ok(renameat(fd, tmp, fd, name)?);
+        }
+        match renameat2(fd, tmp, fd, name, RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => Ok(()),
+            // Filesystems without RENAME_NOREPLACE: a hard link refuses an existing name just as
+            // atomically.
+            Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+                linkat(fd, tmp, fd, name, nix::fcntl::AtFlags::empty())?;
+                self.remove(tmp)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    #[test]
+    fn nothing_is_written_through_a_symlink_on_the_way() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        let to = t.path().join("to");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::create_dir_all(to.join("real")).unwrap();
+        symlink(&outside, to.join("link")).unwrap();
+        symlink("real", to.join("inside-link")).unwrap();
+        let target = Target::open(&to, false).unwrap();
+
+        for rel in ["link/profile.d/x.sh", "inside-link/x", "link/x"] {
+            let err = target.parent_of(Path::new(rel), true).err();
+            assert!(
+                matches!(err, Some(PlaceError::NotADirectory(_))),
+                "{rel}: {err:?}"
+            );
+        }
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+
+        let dir = target
+            .parent_of(Path::new("a/b/c.txt"), true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(dir.path(), to.join("a/b"));
+        assert_eq!(target.dirs_created(), 2);
+        let mode = std::fs::metadata(to.join("a"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert!(target
+            .parent_of(Path::new("missing/x"), false)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn placing_never_replaces_without_overwrite_and_never_follows() {
+        let t = tempfile::tempdir().unwrap();
+        let to = t.path().join("to");
+        std::fs::create_dir_all(&to).unwrap();
+        let victim = t.path().join("victim");
+        std::fs::write(&victim, "root's").unwrap();
+        symlink(&victim, to.join("f")).unwrap();
+        let target = Target::open(&to, false).unwrap();
+        let dir = target.parent_of(Path::new("f"), true).unwrap().unwrap();
+        assert!(
+            dir.exists(OsStr::new("f")).unwrap(),
+            "a dangling or not, a symlink is there"
+        );
+        std::io::Write::write_all(&mut dir.create_new(OsStr::new("tmp")).unwrap(), b"new").unwrap();
+        let kept = dir
+            .place(OsStr::new("tmp"), OsStr::new("f"), false)
+            .unwrap_err();
+        assert_eq!(kept.kind(), io::ErrorKind::AlreadyExists);
+        dir.place(OsStr::new("tmp"), OsStr::new("f"), true).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"root's");
+        assert_eq!(std::fs::read(to.join("f")).unwrap(), b"new");
+        assert!(!std::fs::symlink_metadata(to.join("f"))
+            .unwrap()
+            .is_symlink());
+        // A name that exists is never opened for creation.
+        assert!(dir.create_new(OsStr::new("f")).is_err());
+    }
+}

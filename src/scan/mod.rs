@@ -1,0 +1,452 @@
+//! Walks the source tree and yields its regular files in S3 key order, one at a time, so the planner
+//! can merge them with the bucket listing and the manifest without holding the tree in memory.
+//!
+//! Excluded directories are pruned (never opened, so an unreadable excluded directory costs no
+//! error); other filesystems are not entered with one-file-system; symlinks are skipped unless
+//! configured to be followed; sockets, fifos and devices are skipped and counted.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[cfg(test)]
+mod reference;
+mod walk;
+
+use crate::config::{Config, Excludes, SymlinkPolicy};
+use crate::keys;
+use crate::report::Stats;
+
+/// One regular file as seen by the scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalEntry {
+    /// The key below the destination prefix.
+    pub key: String,
+    pub path: PathBuf,
+    /// Set when a component had to be escaped: the percent-encoded original relative path.
+    pub raw_path: Option<String>,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Device and inode the walk saw: what is opened later must be this very file.
+    pub dev: u64,
+    pub ino: u64,
+    /// Reached through a symlink the walk chose to follow (`source.symlinks: follow`): only then
+    /// may opening it follow a symlink.
+    pub followed: bool,
+}
+
+/// Why a scanned file could not be opened as what the walk saw.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Gone from its name.
+    Vanished,
+    /// Something else is at its name now: a symlink, a FIFO, a device, another file.
+    Replaced(String),
+    Io(std::io::Error),
+}
+
+/// Opens a scanned file for reading, and only as what the walk saw: without following a symlink
+/// (unless the walk followed one to it), without blocking on a FIFO or taking a terminal, and
+/// then `fstat`ed — it must be a regular file with the walk's device and inode. The stat returned
+/// is of the open file: size, times, mode and owner are taken from it, never from the path.
+///
+/// This is what stops a user who swaps their file for a symlink to a root-only file (or for a
+/// FIFO) between the walk and the read: nightcopy reads with the right to read everything, and
+/// would otherwise upload the other file's bytes under their name, or hang on the FIFO.
+pub fn open_entry(entry: &LocalEntry) -> Result<(std::fs::File, std::fs::Metadata), OpenError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let mut flags = nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY | nix::libc::O_CLOEXEC;
+    if !entry.followed {
+        flags |= nix::libc::O_NOFOLLOW;
+    }
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(&entry.path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(OpenError::Vanished),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return Err(OpenError::Replaced("a symlink".into()))
+        }
+        Err(e) => return Err(OpenError::Io(e)),
+    };
+    let meta = file.metadata().map_err(OpenError::Io)?;
+    let ft = meta.file_type();
+    let what = if ft.is_file() {
+        None
+    } else if ft.is_fifo() {
+        Some("a FIFO")
+    } else if ft.is_dir() {
+        Some("a directory")
+    } else if ft.is_socket() {
+        Some("a socket")
+    } else if ft.is_block_device() || ft.is_char_device() {
+        Some("a device")
+    } else {
+        Some("not a regular file")
+    };
+    if let Some(what) = what {
+        return Err(OpenError::Replaced(what.into()));
+    }
+    if (meta.dev(), meta.ino()) != (entry.dev, entry.ino) {
+        return Err(OpenError::Replaced(format!(
+            "another file (inode {} on device {:#x}, the walk saw inode {} on {:#x})",
+            meta.ino(),
+            meta.dev(),
+            entry.ino,
+            entry.dev
+        )));
+    }
+    Ok((file, meta))
+}
+
+#[derive(Debug, Clone)]
+pub struct ScanOptions {
+    pub root: PathBuf,
+    pub excludes: Arc<Excludes>,
+    pub one_file_system: bool,
+    pub symlinks: SymlinkPolicy,
+    /// Bytes available for the key after the destination prefix.
+    pub max_key_bytes: usize,
+    /// `source.max-file-size`: larger files are errors, never read.
+    pub max_file_size: u64,
+    /// Threads that read directories and stat files side by side (`source.walk-concurrency`).
+    pub walk_concurrency: usize,
+}
+
+impl ScanOptions {
+    /// The walk `config` describes: its source, excludes and policies, and the key length left
+    /// after its prefix.
+    pub fn for_config(config: &Config) -> Result<ScanOptions, String> {
+        Ok(ScanOptions {
+            root: config.source.path.0.clone(),
+            excludes: config.excludes()?,
+            one_file_system: config.source.one_file_system,
+            symlinks: config.source.symlinks,
+            max_key_bytes: keys::MAX_KEY_BYTES - config.destination.prefix.as_str().len(),
+            max_file_size: config.source.max_file_size.0,
+            walk_concurrency: config.source.walk_concurrency.0,
+        })
+    }
+}
+
+/// The walk as an iterator of files in key order (`walk`: parallel, on `walk-concurrency`
+/// threads). Problems are reported to `stats` as they happen.
+pub fn scan(opts: ScanOptions, stats: Arc<Stats>) -> impl Iterator<Item = LocalEntry> {
+    walk::Walk::start(&opts, stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn walk_comes_out_in_key_order_and_prunes() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        for f in [
+            "a-b", "a/x", "a/y/z", "a.txt", "a0", "b c/d", "skip/me", "k+%",
+        ] {
+            let p = r.join(f);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, f).unwrap();
+        }
+        std::os::unix::fs::symlink("a.txt", r.join("link")).unwrap();
+        let stats = Arc::new(Stats::default());
+        let opts = ScanOptions {
+            root: r.to_owned(),
+            excludes: Arc::new(Excludes::new(&[("skip/**".into(), "test".into())]).unwrap()),
+            one_file_system: true,
+            symlinks: SymlinkPolicy::Skip,
+            max_key_bytes: 1024,
+            max_file_size: u64::MAX,
+            walk_concurrency: 4,
+        };
+        let keys: Vec<String> = scan(opts, stats.clone()).map(|e| e.key).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted, "walk order must be key order");
+        assert_eq!(keys, ["a-b", "a.txt", "a/x", "a/y/z", "a0", "b c/d", "k+%"]);
+        let f = stats.snapshot(Default::default());
+        assert_eq!((f.excluded, f.skipped_symlinks, f.scanned), (1, 1, 7));
+    }
+}
+
+#[cfg(test)]
+mod walk_tests {
+    //! The parallel walk against the serial reference (`reference.rs`, today's walk before it):
+    //! the same files in the same order with the same stats, and the same figures, whatever the
+    //! tree, the thread count and the read-ahead.
+    use super::*;
+    use std::ffi::OsString;
+    use std::fs;
+    use std::os::unix::ffi::OsStringExt;
+    use std::path::Path;
+
+    use proptest::prelude::*;
+
+    use crate::report::Figures;
+
+    /// A name from an alphabet of traps: bytes below '/', a name that is a prefix of another, a
+    /// newline, a byte that is not UTF-8, a '%'.
+    fn name() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(b"a".to_vec()),
+            Just(b"a-b".to_vec()),
+            Just(b"a.b".to_vec()),
+            Just(b"a0".to_vec()),
+            Just(b"b".to_vec()),
+            Just(b"x\ny".to_vec()),
+            Just(b"caf\xe9".to_vec()),
+            Just(b"50%".to_vec()),
+            Just("é".as_bytes().to_vec()),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Node {
+        File(usize),
+        Dir,
+        Symlink,
+        Fifo,
+    }
+
+    fn tree() -> impl Strategy<Value = Vec<(Vec<Vec<u8>>, Node)>> {
+        let node = prop_oneof![
+            4 => (0usize..300).prop_map(Node::File),
+            2 => Just(Node::Dir),
+            1 => Just(Node::Symlink),
+            1 => Just(Node::Fifo),
+        ];
+        proptest::collection::vec((proptest::collection::vec(name(), 1..5), node), 0..40)
+    }
+
+    fn build(root: &Path, nodes: &[(Vec<Vec<u8>>, Node)]) {
+        for (parts, node) in nodes {
+            let mut p = root.to_path_buf();
+            for part in parts {
+                p.push(OsString::from_vec(part.clone()));
+            }
+            // A component that is already a file cannot hold more: skip such a node.
+            if p.parent().is_some_and(|d| fs::create_dir_all(d).is_err())
+                || fs::symlink_metadata(&p).is_ok()
+            {
+                continue;
+            }
+            match node {
+                Node::File(n) => fs::write(&p, vec![7u8; *n]).unwrap(),
+                Node::Dir => fs::create_dir_all(&p).unwrap(),
+                Node::Symlink => std::os::unix::fs::symlink("a", &p).unwrap(),
+                Node::Fifo => nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap(),
+            }
+        }
+    }
+
+    fn options(
+        root: &Path,
+        excludes: &[&str],
+        symlinks: SymlinkPolicy,
+        threads: usize,
+    ) -> ScanOptions {
+        ScanOptions {
+            root: root.to_owned(),
+            excludes: Arc::new(
+                Excludes::new(
+                    &excludes
+                        .iter()
+                        .map(|p| (p.to_string(), "test".to_string()))
+                        .collect::<Vec<_>>(),
+                )
+                .unwrap(),
+            ),
+            one_file_system: true,
+            symlinks,
+            max_key_bytes: 1024,
+            max_file_size: u64::MAX,
+            walk_concurrency: threads,
+        }
+    }
+
+    fn figures(stats: &Stats) -> Figures {
+        let mut f = stats.snapshot(Default::default());
+        f.elapsed_seconds = 0.0;
+        f
+    }
+
+    fn both(
+        opts: &ScanOptions,
+        ahead: usize,
+    ) -> ((Vec<LocalEntry>, Figures), (Vec<LocalEntry>, Figures)) {
+        let s1 = Arc::new(Stats::default());
+        let serial: Vec<_> = reference::scan(opts.clone(), s1.clone()).collect();
+        let s2 = Arc::new(Stats::default());
+        let parallel: Vec<_> = walk::Walk::with_ahead(opts, s2.clone(), ahead).collect();
+        ((serial, figures(&s1)), (parallel, figures(&s2)))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn the_parallel_walk_is_the_serial_walk(
+            nodes in tree(),
+            threads in 1usize..9,
+            ahead in prop_oneof![Just(1usize), Just(3), Just(20_000)],
+            follow in proptest::bool::ANY,
+            exclude in prop_oneof![Just(vec![]), Just(vec!["a-b"]), Just(vec!["b/**"]), Just(vec!["*.b", "/a/a/**"])],
+        ) {
+            let t = tempfile::tempdir().unwrap();
+            build(t.path(), &nodes);
+            let symlinks = if follow { SymlinkPolicy::Follow } else { SymlinkPolicy::Skip };
+            let opts = options(t.path(), &exclude, symlinks, threads);
+            let ((serial, sf), (parallel, pf)) = both(&opts, ahead);
+            prop_assert_eq!(&parallel, &serial);
+            prop_assert_eq!(pf, sf);
+            let mut keys: Vec<_> = parallel.iter().map(|e| e.key.clone()).collect();
+            let walked = keys.clone();
+            keys.sort();
+            prop_assert_eq!(walked, keys, "key order");
+        }
+    }
+
+    #[test]
+    fn a_deep_tree_and_a_wide_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let mut deep = t.path().to_path_buf();
+        for i in 0..60 {
+            deep.push(format!("d{i}"));
+        }
+        fs::create_dir_all(&deep).unwrap();
+        fs::write(deep.join("leaf"), b"x").unwrap();
+        let wide = t.path().join("wide");
+        fs::create_dir(&wide).unwrap();
+        for i in 0..3000 {
+            fs::write(wide.join(format!("f{i}")), b"y").unwrap();
+        }
+        let opts = options(t.path(), &[], SymlinkPolicy::Skip, 8);
+        let ((serial, sf), (parallel, pf)) = both(&opts, 100);
+        assert_eq!(parallel.len(), 3001);
+        assert_eq!(parallel, serial);
+        assert_eq!(pf, sf);
+    }
+
+    /// Drops the DAC capabilities of the calling thread (and of threads it starts), so that a
+    /// test run as root meets permissions like an ordinary user.
+    fn without_dac_capabilities() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let mut header = Header {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget/capset with the version-3 header and two data words, as documented.
+        unsafe {
+            assert_eq!(
+                nix::libc::syscall(nix::libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                0
+            );
+            for d in &mut data[..1] {
+                // CAP_DAC_OVERRIDE (1), CAP_DAC_READ_SEARCH (2)
+                d.effective &= !((1 << 1) | (1 << 2));
+            }
+            assert_eq!(
+                nix::libc::syscall(nix::libc::SYS_capset, &header, data.as_ptr()),
+                0
+            );
+        }
+    }
+
+    /// A directory removed, and another made unreadable, after the walk started but before it got
+    /// there: counted as vanished, and as a walk error; the rest of the tree still comes out.
+    #[test]
+    fn directories_removed_or_made_unreadable_mid_walk_are_counted() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        for d in ["a", "m", "y", "z"] {
+            fs::create_dir(r.join(d)).unwrap();
+            for i in 0..5 {
+                fs::write(r.join(d).join(format!("f{i}")), b"data").unwrap();
+            }
+        }
+        // Its own thread: the dropped capabilities stay with it and the walk threads it starts.
+        let root = r.to_path_buf();
+        let got = std::thread::spawn(move || {
+            without_dac_capabilities();
+            let stats = Arc::new(Stats::default());
+            let opts = options(&root, &[], SymlinkPolicy::Skip, 4);
+            // A read-ahead of one entry: a directory is read only when the walk gets to it.
+            let mut walk = walk::Walk::with_ahead(&opts, stats.clone(), 1);
+            let mut keys = Vec::new();
+            for _ in 0..5 {
+                keys.push(walk.next().unwrap().key);
+            }
+            assert!(keys.iter().all(|k| k.starts_with("a/")), "{keys:?}");
+            fs::remove_dir_all(root.join("m")).unwrap();
+            fs::set_permissions(
+                root.join("y"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o000),
+            )
+            .unwrap();
+            keys.extend(walk.map(|e| e.key));
+            fs::set_permissions(
+                root.join("y"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .unwrap();
+            (keys, figures(&stats))
+        })
+        .join()
+        .unwrap();
+        let (keys, f) = got;
+        assert_eq!(keys.len(), 10, "{keys:?}");
+        assert!(keys[5..].iter().all(|k| k.starts_with("z/")), "{keys:?}");
+        assert_eq!(
+            (f.vanished, f.transfer_errors, f.scanned),
+            (1, 1, 10),
+            "{f:?}"
+        );
+    }
+
+    /// The read-ahead is bounded in entries: with a consumer that does not take anything, the
+    /// pool reads no further directory once the bound is reached.
+    #[test]
+    fn read_ahead_stops_at_its_bound_in_entries() {
+        let t = tempfile::tempdir().unwrap();
+        for d in 0..30 {
+            let dir = t.path().join(format!("d{d:02}"));
+            fs::create_dir(&dir).unwrap();
+            for i in 0..100 {
+                fs::write(dir.join(format!("f{i:03}")), b"z").unwrap();
+            }
+        }
+        let opts = options(t.path(), &[], SymlinkPolicy::Skip, 8);
+        let stats = Arc::new(Stats::default());
+        let mut walk = walk::Walk::with_ahead(&opts, stats, 250);
+        let first = walk.next().unwrap();
+        assert_eq!(first.key, "d00/f000");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let ahead = walk.entries_read();
+        // Reads stop being admitted at 250 entries; the reads in flight then (at most one per
+        // thread, reckoned at the average size seen so far) still land: 250 + 8 × 100.
+        assert!(ahead <= 250 + 8 * 100, "{ahead} entries read ahead");
+        assert!(ahead < 3030, "the whole tree was read ahead");
+        let rest: Vec<_> = walk.collect();
+        assert_eq!(rest.len(), 2999);
+    }
+}
