@@ -31,6 +31,9 @@ pub enum Fatal {
          finds it"
     )]
     Manifest(String, std::io::Error),
+    /// A queue of a distributed run could not be used (docs/scale-out.md).
+    #[error("{0}")]
+    Queue(String),
     #[error("stopped by {} before the copy completed; what was uploaded is kept and the next run goes on from there",
             stop::signal_name(*.0))]
     Stopped(i32),

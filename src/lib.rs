@@ -18,6 +18,7 @@ pub mod list;
 pub mod merge;
 pub mod plan;
 pub mod upload;
+pub mod queue;
 pub mod integrity;
 pub mod report;
 pub mod metrics;

@@ -101,6 +101,20 @@ enum Command {
         #[arg(long)]
         keep_setid: bool,
     },
+    /// Take batches from the work queue of a distributed run and upload them (a long-running
+    /// service on each worker host; docs/scale-out.md).
+    Worker {
+        #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// List the dead-letter queue's batches of a distributed run, one line per file.
+    Dlq {
+        #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// Send each batch back to the work queue for the workers to try again.
+        #[arg(long)]
+        redrive: bool,
+    },
     /// Show the last run: when, outcome, figures, last success.
     Status {
         #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
@@ -123,8 +137,10 @@ fn main() -> ExitCode {
             });
         }
     };
-    let show_bar =
-        matches!(cli.command, Command::Run { .. } | Command::Restore { .. }) && !cli.quiet;
+    let show_bar = matches!(
+        cli.command,
+        Command::Run { .. } | Command::Restore { .. } | Command::Worker { .. }
+    ) && !cli.quiet;
     let bar = init_logging(&cli, show_bar);
     let code = dispatch(cli.command, bar.clone());
     if let Some(bar) = bar {
@@ -195,6 +211,8 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> u8 {
                 };
                 restore::run(&config, &opts, bar).await
             }
+            Command::Worker { .. } => commands::worker::run(&config, bar).await,
+            Command::Dlq { redrive, .. } => commands::dlq::run(&config, redrive).await,
             Command::CheckConfig { .. } | Command::Status { .. } => unreachable!("run above"),
         }
     })
@@ -204,6 +222,8 @@ impl Command {
     fn config_path(&self) -> &Path {
         match self {
             Command::Run { config, .. }
+            | Command::Worker { config }
+            | Command::Dlq { config, .. }
             | Command::CheckConfig { config }
             | Command::Verify { config, .. }
             | Command::Restore { config, .. }

@@ -25,6 +25,20 @@ pub enum Reason {
     MtimeChanged,
 }
 
+impl Reason {
+    /// The reason its `Display` names (it travels as text in a work batch).
+    pub fn from_name(name: &str) -> Option<Reason> {
+        [
+            Reason::New,
+            Reason::MissingRemotely,
+            Reason::SizeChanged,
+            Reason::MtimeChanged,
+        ]
+        .into_iter()
+        .find(|r| r.to_string() == name)
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

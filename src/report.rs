@@ -37,6 +37,9 @@ pub struct Stats {
     /// Bytes of completed requests (single PUTs and parts): progress inside large files.
     bytes_sent: AtomicU64,
     listed: AtomicU64,
+    /// Queue polls answered (a coordinator waiting for workers, a worker waiting for work): they
+    /// show the process is alive, so the watchdog is fed while it waits.
+    polls: AtomicU64,
 }
 
 /// Why a single file could not be handled. The command goes on; the file is named in the journal
@@ -67,6 +70,24 @@ pub enum FileErrorKind {
 }
 
 impl FileErrorKind {
+    const ALL: [FileErrorKind; 10] = [
+        FileErrorKind::Unreadable,
+        FileErrorKind::Walk,
+        FileErrorKind::Changed,
+        FileErrorKind::BadName,
+        FileErrorKind::Upload,
+        FileErrorKind::Download,
+        FileErrorKind::Corrupt,
+        FileErrorKind::Write,
+        FileErrorKind::Missing,
+        FileErrorKind::TooLarge,
+    ];
+
+    /// The kind `as_str` names (a worker's report carries it as text).
+    pub fn from_name(name: &str) -> Option<FileErrorKind> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             FileErrorKind::Unreadable => "unreadable",
@@ -185,6 +206,11 @@ impl Stats {
         self.bytes_sent.fetch_add(bytes, Relaxed);
     }
 
+    /// A queue poll came back (with messages or empty).
+    pub fn polled(&self) {
+        self.polls.fetch_add(1, Relaxed);
+    }
+
     pub fn listed(&self, objects: u64) {
         self.listed.fetch_add(objects, Relaxed);
     }
@@ -201,6 +227,7 @@ impl Stats {
             &self.listed,
             &self.excluded,
             &self.remote_only,
+            &self.polls,
         ]
         .iter()
         .map(|a| a.load(Relaxed))

@@ -59,6 +59,25 @@ pub struct Uploader<S> {
     stop: crate::stop::Stop,
 }
 
+/// What became of a planned upload.
+#[derive(Debug)]
+pub enum Upload {
+    Stored(ManifestEntry),
+    Skipped(Skip),
+}
+
+/// Why a planned upload was not stored; each is counted where it happened.
+#[derive(Debug)]
+pub enum Skip {
+    /// A stop was requested first.
+    Stopped,
+    Vanished,
+    /// Something else is at the file's name now.
+    Replaced(String),
+    /// A transfer error.
+    Error(FileErrorKind, String),
+}
+
 /// What a single upload attempt ran into.
 enum Failure {
     /// The file changed under the read (or S3 saw other bytes than we hashed).
@@ -177,58 +196,50 @@ impl<S: ObjectStore> Uploader<S> {
         &self.prefix
     }
 
-    /// Uploads `entry`. Returns the manifest record to keep for its key (the new one on success,
-    /// `previous` otherwise), or a fatal store error that must end the run.
-    pub async fn upload(
-        &self,
-        entry: LocalEntry,
-        reason: Reason,
-        previous: Option<ManifestEntry>,
-    ) -> Result<Option<ManifestEntry>, StoreError> {
+    /// Uploads `entry`: the new manifest record, or why it was not stored (already counted and
+    /// logged); `Err` only for a fatal store error that must end the run.
+    pub async fn upload(&self, entry: LocalEntry, reason: Reason) -> Result<Upload, StoreError> {
         let _file_slot = self.files.acquire().await.expect("never closed");
         let mut last_change = String::new();
         for _attempt in 0..2 {
             if self.stop.requested().is_some() {
-                return Ok(previous);
+                return Ok(Upload::Skipped(Skip::Stopped));
             }
             match self.attempt(&entry).await {
                 Ok(record) => {
                     self.stats
                         .transferred(&entry.path, &entry.key, record.size, &reason);
-                    return Ok(Some(record));
+                    return Ok(Upload::Stored(record));
                 }
                 Err(Failure::Changed(why)) => {
                     tracing::debug!(path = %entry.path.display(), "changed while reading, retrying: {why}");
                     last_change = why;
                 }
-                Err(Failure::Stopped) => return Ok(previous),
+                Err(Failure::Stopped) => return Ok(Upload::Skipped(Skip::Stopped)),
                 Err(Failure::Vanished) => {
                     self.stats.vanished(&entry.path);
-                    return Ok(previous);
+                    return Ok(Upload::Skipped(Skip::Vanished));
                 }
                 Err(Failure::Replaced(by)) => {
                     self.stats.replaced(&entry.path, &by);
-                    return Ok(previous);
+                    return Ok(Upload::Skipped(Skip::Replaced(by)));
                 }
                 Err(Failure::Unreadable(e)) => {
-                    self.stats
-                        .file_error(&entry.path, FileErrorKind::Unreadable, &e);
-                    return Ok(previous);
+                    return Ok(self.failed(&entry, FileErrorKind::Unreadable, e.to_string()));
                 }
                 Err(Failure::Store(e)) if e.is_fatal() => return Err(e),
                 Err(Failure::Store(e)) => {
-                    self.stats
-                        .file_error(&entry.path, FileErrorKind::Upload, &e);
-                    return Ok(previous);
+                    return Ok(self.failed(&entry, FileErrorKind::Upload, e.to_string()));
                 }
             }
         }
-        self.stats.file_error(
-            &entry.path,
-            FileErrorKind::Changed,
-            &format_args!("kept changing while it was read ({last_change}); left for the next run"),
-        );
-        Ok(previous)
+        let why = format!("kept changing while it was read ({last_change}); left for the next run");
+        Ok(self.failed(&entry, FileErrorKind::Changed, why))
+    }
+
+    fn failed(&self, entry: &LocalEntry, kind: FileErrorKind, why: String) -> Upload {
+        self.stats.file_error(&entry.path, kind, &why);
+        Upload::Skipped(Skip::Error(kind, why))
     }
 
     async fn attempt(&self, entry: &LocalEntry) -> Result<ManifestEntry, Failure> {

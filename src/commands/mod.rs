@@ -3,7 +3,9 @@
 //! integrity, report, metrics, state, store) and never call each other.
 
 pub mod check_config;
+pub mod dlq;
 pub mod restore;
 pub mod run;
 pub mod status;
 pub mod verify;
+pub mod worker;

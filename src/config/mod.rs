@@ -60,9 +60,71 @@ pub struct Config {
     /// otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_url: Option<EndpointUrl>,
+    /// Spread the uploads over workers through Amazon SQS (docs/scale-out.md): `nightcopy run`
+    /// becomes the coordinator, `nightcopy worker` runs on the worker hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distribute: Option<Distribute>,
     /// The exclude list, compiled once when the config is loaded (200,000 globs take seconds).
     #[serde(skip)]
     compiled_excludes: Option<std::sync::Arc<Excludes>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Distribute {
+    /// Where the coordinator sends batches of planned uploads, and workers take them from.
+    pub queue_url: EndpointUrl,
+    /// Where workers send one report per batch, and the coordinator collects them.
+    pub results_queue_url: EndpointUrl,
+    /// The work queue's dead-letter queue: batches that failed twice; the coordinator counts
+    /// and names their files, `nightcopy dlq` shows and re-drives them.
+    pub dead_letter_queue_url: EndpointUrl,
+    /// Files per work message.
+    #[serde(default = "default_batch_files")]
+    pub batch_files: BatchFiles,
+    /// Bytes per work message at most (a larger file goes alone).
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: Size,
+    /// How long the coordinator waits for reports once the last batch is sent; files not
+    /// reported by then are transfer errors.
+    #[serde(default = "default_deadline")]
+    pub deadline: HumanDuration,
+    /// What a worker asks for when it takes a batch, and extends while it works on it: a worker
+    /// that dies gives its batch back after this long.
+    #[serde(default = "default_visibility")]
+    pub visibility_timeout: HumanDuration,
+    /// The SQS endpoint, for tests and SQS-compatible services; omitted on AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<EndpointUrl>,
+}
+
+fn default_batch_files() -> BatchFiles {
+    BatchFiles(20)
+}
+fn default_batch_bytes() -> Size {
+    Size(Size::GIB)
+}
+fn default_deadline() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(6 * 3600))
+}
+fn default_visibility() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(300))
+}
+
+/// Files in one work message, 1 to 100 (a message holds at most 256 KiB; 100 keys of 1,024
+/// bytes and their paths fit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct BatchFiles(pub usize);
+
+impl<'de> Deserialize<'de> for BatchFiles {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        if !(1..=100).contains(&n) {
+            return Err(de::Error::custom(format!("{n} is outside 1 to 100")));
+        }
+        Ok(BatchFiles(n as usize))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -340,6 +402,18 @@ impl Config {
                 Size(budget)
             ));
         }
+        if let Some(d) = &self.distribute {
+            let v = d.visibility_timeout.0.as_secs();
+            if !(30..=12 * 3600).contains(&v) {
+                return Err(format!(
+                    "distribute.visibility-timeout: {} is outside 30s to 12h (SQS's limit)",
+                    humantime::format_duration(d.visibility_timeout.0)
+                ));
+            }
+            if d.deadline.0 < std::time::Duration::from_secs(5) {
+                return Err("distribute.deadline: at least 5s (default 6h)".into());
+            }
+        }
         if self.source.max_file_size.0 > MAX_OBJECT_SIZE {
             return Err(format!(
                 "source.max-file-size: {} is above S3's largest object, 5TiB",
@@ -352,6 +426,31 @@ impl Config {
             ("destination.endpoint-url", &self.destination.endpoint_url),
             ("metrics.endpoint-url", &self.metrics.endpoint_url),
             ("heartbeat-url", &self.heartbeat_url),
+            (
+                "distribute.queue-url",
+                &self.distribute.as_ref().map(|d| d.queue_url.clone()),
+            ),
+            (
+                "distribute.results-queue-url",
+                &self
+                    .distribute
+                    .as_ref()
+                    .map(|d| d.results_queue_url.clone()),
+            ),
+            (
+                "distribute.dead-letter-queue-url",
+                &self
+                    .distribute
+                    .as_ref()
+                    .map(|d| d.dead_letter_queue_url.clone()),
+            ),
+            (
+                "distribute.endpoint-url",
+                &self
+                    .distribute
+                    .as_ref()
+                    .and_then(|d| d.endpoint_url.clone()),
+            ),
         ] {
             if let Some(url) = url {
                 self.check_transport(key, url)?;

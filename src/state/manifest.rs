@@ -30,12 +30,13 @@ pub struct ManifestEntry {
 }
 
 impl ManifestEntry {
-    fn to_line(&self) -> String {
+    /// The entry as one line of the manifest (also how a distributed run spools it).
+    pub fn to_line(&self) -> String {
         let sha = self.sha256.map_or_else(|| "-".to_owned(), hex::encode);
         format!("{}\t{}\t{}\t{}\n", self.key, self.size, self.mtime_ns, sha)
     }
 
-    fn parse(line: &str) -> Option<ManifestEntry> {
+    pub fn parse(line: &str) -> Option<ManifestEntry> {
         let mut f = line.split('\t');
         let key = f.next()?.to_owned();
         let size = f.next()?.parse().ok()?;

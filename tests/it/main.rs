@@ -6,6 +6,7 @@ mod common;
 
 mod agent;
 mod copy;
+mod distribute;
 mod faults;
 mod harness_selftest;
 mod hostile;

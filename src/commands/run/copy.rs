@@ -13,12 +13,15 @@ use crate::error::Fatal;
 use crate::keys::shown;
 use crate::merge::Inputs;
 use crate::plan::{Planner, Step};
+use crate::queue::Queues;
 use crate::report::{FileErrorKind, Stats};
 use crate::scan;
 use crate::state::manifest::{self, ManifestEntry};
 use crate::stop::Stop;
 use crate::store::{ObjectStore, StoreError};
-use crate::upload::Uploader;
+use crate::upload::{Upload, Uploader};
+
+use super::coordinate::Coordinator;
 
 /// How far the upload stage may run ahead of the oldest unfinished file. The manifest is written
 /// in key order, so completed files wait here for slower ones (a large multipart) before them;
@@ -37,6 +40,7 @@ pub async fn copy<S: ObjectStore>(
     store: Arc<S>,
     stats: Arc<Stats>,
     stop: Stop,
+    queues: Option<&Queues>,
 ) -> Result<(), Fatal> {
     let state_dir = &config.state_dir.0;
     let destination = config.destination_id();
@@ -60,6 +64,18 @@ pub async fn copy<S: ObjectStore>(
         true => None,
         false => Some(manifest::Writer::create(state_dir, &destination).map_err(manifest_error)?),
     };
+    // A distributed run sends the plan to the workers instead (a dry run only prints it).
+    if let Some((queues, writer)) = queues.zip(writer.take_if(|_| queues.is_some())) {
+        let coordinator = Coordinator {
+            config,
+            queues,
+            stats: stats.clone(),
+            stop: stop.clone(),
+        };
+        let result = coordinator.run(steps, writer).await;
+        let _ = planner.await;
+        return result;
+    }
     let uploader = Arc::new(Uploader::new(
         store,
         stats.clone(),
@@ -87,7 +103,7 @@ pub async fn copy<S: ObjectStore>(
     Ok(())
 }
 
-type StepResult = Result<Step, StoreError>;
+pub(super) type StepResult = Result<Step, StoreError>;
 
 /// Scans and plans on a blocking thread; the steps come out of the channel in key order.
 fn spawn_planner(
@@ -154,7 +170,7 @@ async fn upload_all<S: ObjectStore>(
 
 /// After a stop: what completed is written; for every key after it, the old record still
 /// describes what the bucket holds, so it is carried over and the progress is kept.
-fn keep_the_rest(
+pub(super) fn keep_the_rest(
     mut w: manifest::Writer,
     state_dir: &std::path::Path,
     destination: &str,
@@ -166,6 +182,19 @@ fn keep_the_rest(
         }
     }
     w.commit().map(|_| ())
+}
+
+/// A second file whose key another already took: counted and named, never uploaded.
+pub(super) fn duplicate_key(stats: &Stats, prefix: &str, entry: &crate::scan::LocalEntry) {
+    stats.file_error(
+        &entry.path,
+        FileErrorKind::BadName,
+        &format_args!(
+            "its key {}{} is already used by another file's (escaped) name; rename one of them",
+            shown(prefix),
+            shown(&entry.key)
+        ),
+    );
 }
 
 /// One planned step: upload it (on its own task, so signing and I/O of many small files run in
@@ -186,15 +215,7 @@ async fn handle<S: ObjectStore>(
             Ok(None)
         }
         Step::DuplicateKey { entry } => {
-            stats.file_error(
-                &entry.path,
-                FileErrorKind::BadName,
-                &format_args!(
-                    "its key {}{} is already used by another file's (escaped) name; rename one of them",
-                    shown(uploader.prefix()),
-                    shown(&entry.key)
-                ),
-            );
+            duplicate_key(stats, uploader.prefix(), &entry);
             Ok(None)
         }
         Step::Upload {
@@ -220,9 +241,14 @@ async fn handle<S: ObjectStore>(
             previous,
         } => {
             let uploader = uploader.clone();
-            tokio::spawn(async move { uploader.upload(entry, reason, previous).await })
+            let done = tokio::spawn(async move { uploader.upload(entry, reason).await })
                 .await
-                .expect("upload task panicked")
+                .expect("upload task panicked")?;
+            Ok(match done {
+                Upload::Stored(record) => Some(record),
+                // The old record still describes what the bucket holds.
+                Upload::Skipped(_) => previous,
+            })
         }
     }
 }

@@ -3,6 +3,7 @@
 //! and from that one outcome the summary line, the CloudWatch metrics, the textfile, the run
 //! record, the heartbeat and the exit code, so they can never disagree.
 
+mod coordinate;
 mod copy;
 
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::Fatal;
+use crate::queue::Queues;
 use crate::report::{Outcome, RunReport, Stats, SUMMARY_MESSAGE_ID};
 use crate::state::{self, RunRecord};
 use crate::stop::Stop;
@@ -102,7 +104,19 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
         tracing::warn!("cannot listen for SIGTERM/SIGINT ({e}); a stop will kill the run");
         Stop::never()
     });
-    let result = copy(config, opts, store, ctx.stats.clone(), stop).await;
+    let queues = config
+        .distribute
+        .as_ref()
+        .map(|d| Queues::new(&sdk, d, config.destination.allow_insecure_endpoint));
+    let result = copy(
+        config,
+        opts,
+        store,
+        ctx.stats.clone(),
+        stop,
+        queues.as_ref(),
+    )
+    .await;
     drop(progress);
     ctx.finish(result.err()).await
 }

@@ -178,7 +178,7 @@ impl CloudWatch {
     }
 }
 
-fn sdk_config_for(endpoint: &str) -> SdkConfig {
+pub fn sdk_config_for(endpoint: &str) -> SdkConfig {
     let creds = Credentials::new(
         "AKIDNIGHTCOPYTEST",
         "nightcopy-test-secret",

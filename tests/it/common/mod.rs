@@ -11,3 +11,4 @@ pub mod process;
 pub mod proxy;
 pub mod run;
 pub mod s3;
+pub mod sqs;

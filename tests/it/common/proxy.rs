@@ -276,6 +276,8 @@ pub struct FaultPlan {
     pub seed: u64,
     /// How long a stall lasts (the request is then forwarded).
     pub stall: std::time::Duration,
+    /// Only requests whose key ends with this (a poison file).
+    pub key_suffix: Option<String>,
     drawn: u64,
 }
 
@@ -287,8 +289,15 @@ impl FaultPlan {
             only: None,
             seed,
             stall: std::time::Duration::from_secs(60),
+            key_suffix: None,
             drawn: 0,
         }
+    }
+
+    /// Faults only requests for keys ending in `suffix`.
+    pub fn for_key(mut self, suffix: &str) -> FaultPlan {
+        self.key_suffix = Some(suffix.to_owned());
+        self
     }
 
     pub fn only(mut self, ops: &[Op]) -> FaultPlan {
@@ -301,8 +310,15 @@ impl FaultPlan {
         self
     }
 
-    fn draw(&mut self, op: Op) -> Option<FaultKind> {
+    fn draw(&mut self, op: Op, key: &str) -> Option<FaultKind> {
         if self.only.as_ref().is_some_and(|ops| !ops.contains(&op)) || self.kinds.is_empty() {
+            return None;
+        }
+        if self
+            .key_suffix
+            .as_ref()
+            .is_some_and(|s| !key.ends_with(s.as_str()))
+        {
             return None;
         }
         // splitmix64: a fixed sequence per seed.
@@ -402,7 +418,7 @@ async fn handle(
         .lock()
         .unwrap()
         .get_mut(&request.bucket)
-        .and_then(|plan| plan.draw(request.op));
+        .and_then(|plan| plan.draw(request.op, &request.key));
     let stall = state
         .faults
         .lock()

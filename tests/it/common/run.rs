@@ -136,14 +136,29 @@ impl Case {
             metrics = self.metrics,
             top = self.top_extra,
         );
+        // Written beside and renamed over: a process started a moment ago may be reading it.
         let p = self.root.join("config.yaml");
-        fs::write(&p, text).unwrap();
+        let tmp = self
+            .root
+            .join(format!("config.yaml.{}", std::process::id()));
+        fs::write(&tmp, text).unwrap();
+        fs::rename(&tmp, &p).unwrap();
         p
     }
 
     /// The command, ready to run: config written, environment set.
     pub fn command(&self, args: &[&str], wrapper: Option<&[&str]>) -> Command {
         let config = self.config_path();
+        self.command_for(args, wrapper, &config)
+    }
+
+    /// [`Case::command`] with another config file (say, one edited for one worker).
+    pub fn command_for(
+        &self,
+        args: &[&str],
+        wrapper: Option<&[&str]>,
+        config: &std::path::Path,
+    ) -> Command {
         let bin = env!("CARGO_BIN_EXE_nightcopy");
         let mut cmd = match wrapper {
             Some(w) => {
@@ -153,7 +168,7 @@ impl Case {
             }
             None => Command::new(bin),
         };
-        cmd.args(args).arg("--config").arg(&config);
+        cmd.args(args).arg("--config").arg(config);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default());
         for (k, v) in s3().env() {

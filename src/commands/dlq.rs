@@ -1,0 +1,107 @@
+//! `nightcopy dlq`: what is in the dead-letter queue of a distributed run — batches that failed on
+//! workers twice — one line per file on stdout; with `--redrive`, each batch is sent back to the
+//! work queue and removed from the dead-letter queue (a message, never an object), for workers to
+//! try again. A redriven batch of a run whose coordinator has finished is uploaded, but counted by
+//! no run: the next nightly run plans those files again if they still need it.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::exit;
+use crate::keys::shown;
+use crate::queue::{Queues, WorkBatch, MAX_PER_CALL};
+use crate::store::sdk;
+
+/// Long enough to list the whole queue before the first message shows again.
+const VISIBILITY: Duration = Duration::from_secs(120);
+
+pub async fn run(config: &Config, redrive: bool) -> u8 {
+    let Some(d) = &config.distribute else {
+        tracing::error!(
+            "nightcopy dlq needs a distribute: section in the config: docs/scale-out.md"
+        );
+        return exit::CONFIG;
+    };
+    let result = async {
+        let sdk = sdk::load_checked(config).await.map_err(|e| e.to_string())?;
+        let queues = Queues::new(&sdk, d, config.destination.allow_insecure_endpoint);
+        walk(&queues, redrive).await.map_err(|e| e.to_string())
+    }
+    .await;
+    match result {
+        Ok((batches, files)) => {
+            let what = if redrive {
+                "sent back to the work queue"
+            } else {
+                "in the dead-letter queue"
+            };
+            tracing::info!("{batches} batches ({files} files) {what}");
+            exit::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("dlq FAILED: {e}");
+            exit::FATAL
+        }
+    }
+}
+
+async fn walk(queues: &Queues, redrive: bool) -> Result<(u64, u64), crate::queue::QueueError> {
+    let (mut batches, mut files) = (0, 0);
+    let mut seen = HashSet::new();
+    loop {
+        let received = queues
+            .receive(
+                &queues.dead_letters,
+                MAX_PER_CALL,
+                Duration::from_secs(1),
+                VISIBILITY,
+            )
+            .await?;
+        let mut fresh = false;
+        for m in received {
+            if !seen.insert(m.body.clone()) {
+                // Seen already this time round: only looked at, so visible again at once.
+                if !redrive {
+                    queues
+                        .extend(&queues.dead_letters, &m.receipt, Duration::ZERO)
+                        .await?;
+                }
+                continue;
+            }
+            fresh = true;
+            match serde_json::from_str::<WorkBatch>(&m.body) {
+                Ok(batch) => {
+                    batches += 1;
+                    for f in &batch.files {
+                        files += 1;
+                        println!(
+                            "batch\t{}\t{}\t{}\t{}\t{}",
+                            batch.run,
+                            batch.batch,
+                            m.receives,
+                            shown(&f.key),
+                            shown(&f.path)
+                        );
+                    }
+                }
+                Err(_) => println!(
+                    "not-a-batch\t{}",
+                    shown(&m.body.chars().take(80).collect::<String>())
+                ),
+            }
+            if redrive {
+                queues.send(&queues.work, vec![m.body.clone()]).await?;
+                queues.delete(&queues.dead_letters, &m.receipt).await?;
+            } else {
+                // Only looked at: visible again at once.
+                queues
+                    .extend(&queues.dead_letters, &m.receipt, Duration::ZERO)
+                    .await?;
+            }
+        }
+        if !fresh {
+            return Ok((batches, files));
+        }
+    }
+}

@@ -1,0 +1,579 @@
+//! `nightcopy run` with `distribute:`: the coordinator. It walks, lists and plans exactly as a
+//! single host does, but sends the planned uploads in batches to the work queue instead of
+//! uploading them, then collects the workers' reports (and counts what fell into the dead-letter
+//! queue) until every batch is accounted for or the deadline passes. Only then does it write the
+//! manifest, so the summary line, the run record and the six metrics describe the whole run, over
+//! all workers, exactly as for a single host.
+//!
+//! Memory stays flat in the number of files: the plan is spooled to the state directory as it is
+//! made (one line per file, in key order), reports are appended to a second file as they come,
+//! and an index of eight bytes per batch, also on disk, says where each batch's report is (or that
+//! it was lost). The manifest is then written from the plan in key order, looking each batch's
+//! report up once. In memory: the batch being filled and at most ten waiting to be sent.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::copy::StepResult;
+use crate::config::{Config, Distribute};
+use crate::error::Fatal;
+use crate::keys;
+use crate::plan::Step;
+use crate::queue::{FileOutcome, FileReport, Queues, Report, WorkBatch, WorkFile, MAX_PER_CALL};
+use crate::report::{FileErrorKind, Stats};
+use crate::state::manifest::{self, ManifestEntry};
+use crate::stop::Stop;
+
+/// SendMessageBatch takes at most 256 KiB in all; a little is left for the envelope.
+const MAX_CALL_BYTES: usize = 250 * 1024;
+/// How often the dead-letter queue is looked at while reports are awaited.
+const DLQ_EVERY: Duration = Duration::from_secs(30);
+/// Reports are received invisibly for this long, and deleted once counted.
+const REPORT_VISIBILITY: Duration = Duration::from_secs(120);
+/// A batch in the dead-letter queue is looked at, and left there for `nightcopy dlq`.
+const DLQ_VISIBILITY: Duration = Duration::from_secs(60);
+/// Index values: where a batch's report starts in the results file (+1), or that it was lost.
+const LOST: u64 = u64::MAX;
+
+/// One line of the spooled plan.
+#[derive(Serialize, Deserialize)]
+enum PlanLine {
+    /// Unchanged: the record goes into the next manifest as it is (a manifest line).
+    Keep(String),
+    /// Sent as file `index` of batch `batch`; `previous` (a manifest line) is kept if the upload
+    /// does not happen.
+    Sent {
+        batch: u64,
+        index: usize,
+        path: String,
+        previous: Option<String>,
+    },
+}
+
+/// The plan, the reports and their index, in the state directory while the run lasts.
+struct Spool {
+    dir: PathBuf,
+    plan: BufWriter<File>,
+    results: File,
+    results_len: u64,
+    index: File,
+}
+
+const SPOOL_FILES: [&str; 3] = ["distribute.plan", "distribute.reports", "distribute.index"];
+
+impl Spool {
+    fn create(dir: &Path) -> std::io::Result<Spool> {
+        let open = |name: &str| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(dir.join(name))
+        };
+        Ok(Spool {
+            dir: dir.to_owned(),
+            plan: BufWriter::with_capacity(256 * 1024, open(SPOOL_FILES[0])?),
+            results: open(SPOOL_FILES[1])?,
+            results_len: 0,
+            index: open(SPOOL_FILES[2])?,
+        })
+    }
+
+    fn plan(&mut self, line: &PlanLine) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.plan, line)?;
+        self.plan.write_all(b"\n")
+    }
+
+    fn slot(&self, batch: u64) -> std::io::Result<Option<u64>> {
+        let mut b = [0u8; 8];
+        match self.index.read_exact_at(&mut b, batch * 8) {
+            Ok(()) => Ok(Some(u64::from_le_bytes(b)).filter(|v| *v != 0)),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn has(&self, batch: u64) -> std::io::Result<bool> {
+        Ok(self.slot(batch)?.is_some())
+    }
+
+    fn record(&mut self, report: &Report) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(report)?;
+        line.push(b'\n');
+        self.results.write_all_at(&line, self.results_len)?;
+        self.index
+            .write_all_at(&(self.results_len + 1).to_le_bytes(), report.batch * 8)?;
+        self.results_len += line.len() as u64;
+        Ok(())
+    }
+
+    fn lost(&mut self, batch: u64) -> std::io::Result<()> {
+        self.index.write_all_at(&LOST.to_le_bytes(), batch * 8)
+    }
+
+    fn report(&self, batch: u64) -> std::io::Result<Option<Report>> {
+        match self.slot(batch)? {
+            None | Some(LOST) => Ok(None),
+            Some(at) => {
+                let mut f = &self.results;
+                f.seek(SeekFrom::Start(at - 1))?;
+                let mut line = String::new();
+                BufReader::new(f.take(1 << 20)).read_line(&mut line)?;
+                Ok(serde_json::from_str(&line).ok())
+            }
+        }
+    }
+
+    /// The plan, read back from the start.
+    fn read_plan(&mut self) -> std::io::Result<impl Iterator<Item = std::io::Result<PlanLine>>> {
+        self.plan.flush()?;
+        let f = self.plan.get_ref().try_clone()?;
+        let mut reader = BufReader::with_capacity(256 * 1024, f);
+        reader.seek(SeekFrom::Start(0))?;
+        Ok(reader
+            .lines()
+            .map(|l| l.and_then(|l| serde_json::from_str(&l).map_err(std::io::Error::other))))
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        for name in SPOOL_FILES {
+            let _ = std::fs::remove_file(self.dir.join(name));
+        }
+    }
+}
+
+/// The batches being filled and sent.
+struct Sender<'a> {
+    queues: &'a Queues,
+    d: &'a Distribute,
+    run: String,
+    destination: String,
+    next: u64,
+    current: Vec<WorkFile>,
+    current_bytes: u64,
+    ready: Vec<String>,
+    sent_messages: u64,
+}
+
+impl Sender<'_> {
+    /// Adds a file; returns its batch and place in it.
+    async fn add(&mut self, file: WorkFile) -> Result<(u64, usize), Fatal> {
+        let fits = self.current.len() < self.d.batch_files.0
+            && (self.current.is_empty() || self.current_bytes + file.size <= self.d.batch_bytes.0);
+        if !fits {
+            self.close_batch().await?;
+        }
+        self.current_bytes += file.size;
+        self.current.push(file);
+        Ok((self.next, self.current.len() - 1))
+    }
+
+    async fn close_batch(&mut self) -> Result<(), Fatal> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        let batch = WorkBatch {
+            run: self.run.clone(),
+            batch: self.next,
+            destination: self.destination.clone(),
+            files: std::mem::take(&mut self.current),
+        };
+        self.next += 1;
+        self.current_bytes = 0;
+        self.ready
+            .push(serde_json::to_string(&batch).expect("a batch serializes"));
+        if self.ready.len() == MAX_PER_CALL {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is ready, in calls of at most ten messages and 256 KiB.
+    async fn flush(&mut self) -> Result<(), Fatal> {
+        let mut bodies = std::mem::take(&mut self.ready).into_iter().peekable();
+        while bodies.peek().is_some() {
+            let mut call = Vec::new();
+            let mut bytes = 0;
+            while let Some(b) = bodies.next_if(|b| {
+                call.is_empty() || (call.len() < MAX_PER_CALL && bytes + b.len() <= MAX_CALL_BYTES)
+            }) {
+                bytes += b.len();
+                call.push(b);
+            }
+            self.sent_messages += call.len() as u64;
+            self.queues
+                .send(&self.queues.work, call)
+                .await
+                .map_err(|e| Fatal::Queue(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Batches closed so far.
+    fn batches(&self) -> u64 {
+        self.next
+    }
+}
+
+/// What the coordinator needs besides the planned steps.
+pub(super) struct Coordinator<'a> {
+    pub config: &'a Config,
+    pub queues: &'a Queues,
+    pub stats: Arc<Stats>,
+    pub stop: Stop,
+}
+
+impl Coordinator<'_> {
+    fn path_of(&self, rel: &str) -> PathBuf {
+        let raw = keys::decode_raw_path(rel);
+        self.config
+            .source
+            .path
+            .0
+            .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&raw))
+    }
+
+    fn spool_error(&self, e: std::io::Error) -> Fatal {
+        Fatal::Manifest(self.config.state_dir.0.display().to_string(), e)
+    }
+
+    /// Sends the plan, waits for it to be done, and writes the manifest.
+    pub async fn run(
+        &self,
+        mut steps: tokio::sync::mpsc::Receiver<StepResult>,
+        mut writer: manifest::Writer,
+    ) -> Result<(), Fatal> {
+        let d = self.config.distribute.as_ref().expect("a distributed run");
+        let run = crate::queue::run_id();
+        let mut spool = Spool::create(&self.config.state_dir.0).map_err(|e| self.spool_error(e))?;
+        let mut sender = Sender {
+            queues: self.queues,
+            d,
+            run: run.clone(),
+            destination: self.config.destination_id(),
+            next: 0,
+            current: Vec::new(),
+            current_bytes: 0,
+            ready: Vec::new(),
+            sent_messages: 0,
+        };
+        let prefix = self.config.destination.prefix.as_str();
+        tracing::info!(
+            "distributed run {run}: sending batches of planned uploads to {}",
+            self.queues.work
+        );
+        // 1. Plan and send. A stop sends nothing more.
+        loop {
+            let step = tokio::select! {
+                step = steps.recv() => step,
+                () = self.stop.clone().wait() => None,
+            };
+            let Some(step) = step else { break };
+            match step.map_err(Fatal::Store)? {
+                Step::Unchanged { record } => {
+                    self.stats.checked();
+                    spool.plan(&PlanLine::Keep(record.to_line()))
+                }
+                Step::RemoteOnly { key } => {
+                    self.stats.remote_only(&key);
+                    Ok(())
+                }
+                Step::DuplicateKey { entry } => {
+                    super::copy::duplicate_key(&self.stats, prefix, &entry);
+                    Ok(())
+                }
+                Step::Upload {
+                    entry,
+                    reason,
+                    previous,
+                } => {
+                    let rel = entry
+                        .path
+                        .strip_prefix(&self.config.source.path.0)
+                        .unwrap_or(&entry.path);
+                    let path = keys::encode_raw_path(rel);
+                    let file = WorkFile {
+                        key: entry.key.clone(),
+                        path: path.clone(),
+                        size: entry.size,
+                        mtime_ns: entry.mtime_ns,
+                        reason: reason.to_string(),
+                        escaped: entry.raw_path.is_some(),
+                    };
+                    let (batch, index) = sender.add(file).await?;
+                    spool.plan(&PlanLine::Sent {
+                        batch,
+                        index,
+                        path,
+                        previous: previous.map(|p| p.to_line()),
+                    })
+                }
+            }
+            .map_err(|e| self.spool_error(e))?;
+        }
+        drop(steps);
+        if self.stop.requested().is_none() {
+            sender.close_batch().await?;
+            sender.flush().await?;
+        }
+        let total = sender.batches();
+        tracing::info!(
+            "distributed run {run}: {total} batches sent in {} messages; waiting for the workers' \
+             reports (deadline {})",
+            sender.sent_messages,
+            humantime::format_duration(d.deadline.0)
+        );
+
+        // 2. Collect reports until every batch is accounted for, the deadline, or a stop.
+        let accounted = self.collect(&run, total, d, &mut spool).await?;
+
+        // 3. Name what was never accounted for, and write the manifest from the plan.
+        let stopped = self.stop.requested();
+        let mut batch_cache: Option<(u64, Option<Report>)> = None;
+        for line in spool.read_plan().map_err(|e| self.spool_error(e))? {
+            let line = line.map_err(|e| self.spool_error(e))?;
+            let entry = match line {
+                PlanLine::Keep(text) => Some(manifest_line(&text)),
+                PlanLine::Sent {
+                    batch,
+                    index,
+                    path,
+                    previous,
+                } => {
+                    if batch_cache.as_ref().is_none_or(|(b, _)| *b != batch) {
+                        let r = spool.report(batch).map_err(|e| self.spool_error(e))?;
+                        batch_cache = Some((batch, r));
+                    }
+                    let report = batch_cache.as_ref().and_then(|(_, r)| r.as_ref());
+                    let file = report.and_then(|r| r.files.get(index));
+                    let previous = previous.as_deref().map(manifest_line);
+                    let unaccounted = !spool.has(batch).map_err(|e| self.spool_error(e))?;
+                    if unaccounted && stopped.is_none() && batch < total {
+                        self.stats.file_error(
+                            &self.path_of(&path),
+                            FileErrorKind::Upload,
+                            &format_args!(
+                                "not accounted for by the deadline ({}): no worker reported its \
+                                 batch {batch}; the next run tries it again",
+                                humantime::format_duration(d.deadline.0)
+                            ),
+                        );
+                    }
+                    // Not uploaded: the old record still describes what the bucket holds.
+                    file.and_then(uploaded_record).or(previous)
+                }
+            };
+            if let Some(entry) = entry {
+                writer.push(&entry).map_err(|e| self.spool_error(e))?;
+            }
+        }
+        if let Some(sig) = stopped {
+            super::copy::keep_the_rest(
+                writer,
+                &self.config.state_dir.0,
+                &self.config.destination_id(),
+            )
+            .map_err(|e| self.spool_error(e))?;
+            return Err(Fatal::Stopped(sig));
+        }
+        writer.commit().map_err(|e| self.spool_error(e))?;
+        tracing::info!(
+            "distributed run {run}: {accounted} of {total} batches accounted for ({} messages sent)",
+            sender.sent_messages
+        );
+        Ok(())
+    }
+
+    /// Receives reports (and looks at the dead-letter queue) until all `total` batches are
+    /// accounted for, the deadline passes, or a stop is requested; returns how many were.
+    async fn collect(
+        &self,
+        run: &str,
+        total: u64,
+        d: &Distribute,
+        spool: &mut Spool,
+    ) -> Result<u64, Fatal> {
+        let queue_error = |e: crate::queue::QueueError| Fatal::Queue(e.to_string());
+        let deadline = Instant::now() + d.deadline.0;
+        let mut accounted = 0;
+        let mut next_dlq = Instant::now() + DLQ_EVERY;
+        while accounted < total && self.stop.requested().is_none() && Instant::now() < deadline {
+            let wait =
+                crate::queue::LONG_POLL.min(deadline.saturating_duration_since(Instant::now()));
+            let received = tokio::select! {
+                r = self.queues.receive(&self.queues.results, MAX_PER_CALL, wait, REPORT_VISIBILITY) => r,
+                () = self.stop.clone().wait() => break,
+            }
+            .map_err(queue_error)?;
+            self.stats.polled();
+            // Nothing came: the workers are busy, or stuck on a batch; a good time to look at
+            // the dead-letter queue too.
+            let idle = received.is_empty();
+            for m in received {
+                if self.take_report(run, total, &m.body, spool)? {
+                    accounted += 1;
+                }
+                self.queues
+                    .delete(&self.queues.results, &m.receipt)
+                    .await
+                    .map_err(queue_error)?;
+            }
+            if idle || Instant::now() >= next_dlq {
+                accounted += self.look_at_dead_letters(run, total, spool).await?;
+                next_dlq = Instant::now() + DLQ_EVERY;
+            }
+        }
+        Ok(accounted)
+    }
+
+    /// Counts one report; `false` for another run's, a repeat, or something unreadable.
+    fn take_report(
+        &self,
+        run: &str,
+        total: u64,
+        body: &str,
+        spool: &mut Spool,
+    ) -> Result<bool, Fatal> {
+        let Ok(report) = serde_json::from_str::<Report>(body) else {
+            tracing::warn!("a message in the results queue is not a report: dropped");
+            return Ok(false);
+        };
+        if report.run != run || report.batch >= total {
+            tracing::debug!("a report of another run ({}) dropped", report.run);
+            return Ok(false);
+        }
+        let err = |e| self.spool_error(e);
+        // Delivered twice (the first report counts), or already counted as lost in the
+        // dead-letter queue (its files were named as errors; the next run tries them again).
+        if spool.has(report.batch).map_err(err)? {
+            return Ok(false);
+        }
+        for f in &report.files {
+            self.count(f);
+        }
+        spool.record(&report).map_err(err)?;
+        tracing::debug!(
+            "batch {} done by {} ({} files)",
+            report.batch,
+            report.worker,
+            report.files.len()
+        );
+        Ok(true)
+    }
+
+    fn count(&self, f: &FileReport) {
+        let path = self.path_of(&f.path);
+        match f.outcome {
+            FileOutcome::Uploaded => {
+                self.stats.sent(f.size);
+                self.stats
+                    .transferred(&path, &f.key, f.size, &"by a worker");
+            }
+            FileOutcome::Vanished => self.stats.vanished(&path),
+            FileOutcome::Replaced => self
+                .stats
+                .replaced(&path, f.detail.as_deref().unwrap_or("something else")),
+            FileOutcome::Error => self.stats.file_error(
+                &path,
+                f.kind
+                    .as_deref()
+                    .and_then(FileErrorKind::from_name)
+                    .unwrap_or(FileErrorKind::Upload),
+                &f.detail.as_deref().unwrap_or("failed on a worker"),
+            ),
+        }
+    }
+
+    /// Counts this run's batches in the dead-letter queue as lost (they stay there for
+    /// `nightcopy dlq`); returns how many were new.
+    async fn look_at_dead_letters(
+        &self,
+        run: &str,
+        total: u64,
+        spool: &mut Spool,
+    ) -> Result<u64, Fatal> {
+        let mut lost = 0;
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            let received = self
+                .queues
+                .receive(
+                    &self.queues.dead_letters,
+                    MAX_PER_CALL,
+                    Duration::ZERO,
+                    DLQ_VISIBILITY,
+                )
+                .await
+                .map_err(|e| Fatal::Queue(e.to_string()))?;
+            let mut fresh = false;
+            for m in received {
+                // Looked at, not taken: it stays for `nightcopy dlq` (and another look later).
+                let _ = self
+                    .queues
+                    .extend(&self.queues.dead_letters, &m.receipt, Duration::ZERO)
+                    .await;
+                if !seen.insert(m.body.clone()) {
+                    continue;
+                }
+                fresh = true;
+                let Ok(batch) = serde_json::from_str::<WorkBatch>(&m.body) else {
+                    continue;
+                };
+                if batch.run != run || batch.batch >= total {
+                    continue;
+                }
+                if spool.has(batch.batch).map_err(|e| self.spool_error(e))? {
+                    continue;
+                }
+                spool.lost(batch.batch).map_err(|e| self.spool_error(e))?;
+                lost += 1;
+                for f in &batch.files {
+                    self.stats.file_error(
+                        &self.path_of(&f.path),
+                        FileErrorKind::Upload,
+                        &format_args!(
+                            "lost: its batch {} failed on workers twice and is in the dead-letter \
+                             queue (nightcopy dlq shows it; the next run tries the file again)",
+                            batch.batch
+                        ),
+                    );
+                }
+            }
+            if !fresh {
+                return Ok(lost);
+            }
+        }
+    }
+}
+
+fn manifest_line(text: &str) -> ManifestEntry {
+    ManifestEntry::parse(text.trim_end_matches('\n')).expect("the spool holds lines it wrote")
+}
+
+/// The manifest record of an uploaded file, from its report.
+fn uploaded_record(f: &FileReport) -> Option<ManifestEntry> {
+    if f.outcome != FileOutcome::Uploaded {
+        return None;
+    }
+    let sha256 = f
+        .sha256
+        .as_deref()
+        .and_then(|h| hex::decode(h).ok())
+        .and_then(|v| <[u8; 32]>::try_from(v).ok());
+    Some(ManifestEntry {
+        key: f.key.clone(),
+        size: f.size,
+        mtime_ns: f.mtime_ns,
+        sha256,
+    })
+}

@@ -1,0 +1,316 @@
+//! `nightcopy worker`: a long-running process on a host that mounts the same filesystem as the
+//! coordinator. It takes batches of planned uploads from the work queue, uploads each file through
+//! the same SHA-256-checked path as a single-host run, sends one report per batch to the results
+//! queue, and only then deletes the batch's message — a worker that dies mid-batch gives the batch
+//! back when its visibility runs out, and another worker does it again (the same bytes stored
+//! twice is harmless; the coordinator counts the first report).
+//!
+//! Each file is stat'ed again on this host (its device and inode are this host's): a file that
+//! changed since the plan is uploaded as it is now — the plan said it needs a backup, and the
+//! newest content is what a backup wants — and the report carries the size, mtime and SHA-256 of
+//! what was read, which is what the coordinator records in the manifest.
+//!
+//! While a batch is in work its visibility is extended every half visibility-timeout. A fatal
+//! store error (credentials, access denied: every file would meet it) gives the batch back at once
+//! and ends the worker with exit 1 (systemd restarts it; a batch that fails twice goes to the
+//! dead-letter queue). SIGTERM: no new batch is taken, the one in work is given back, exit 0.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use crate::config::{Config, Distribute};
+use crate::keys;
+use crate::plan::Reason;
+use crate::queue::{self, FileOutcome, FileReport, Queues, Received, Report, WorkBatch, WorkFile};
+use crate::report::{FileErrorKind, Stats};
+use crate::scan::LocalEntry;
+use crate::state::manifest::ManifestEntry;
+use crate::stop::Stop;
+use crate::store::s3::S3Store;
+use crate::store::{sdk, StoreError};
+use crate::upload::{Skip, Upload, Uploader};
+use crate::{exit, notify};
+
+/// `nightcopy worker` as the command runs it; returns the exit code.
+pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> u8 {
+    let Some(d) = &config.distribute else {
+        tracing::error!(
+            "nightcopy worker needs a distribute: section in the config (queue-url, \
+             results-queue-url, dead-letter-queue-url): docs/scale-out.md"
+        );
+        return exit::CONFIG;
+    };
+    let started = Instant::now();
+    let sdk = match sdk::load_checked(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("worker FAILED: {e}");
+            return exit::FATAL;
+        }
+    };
+    let queues = Queues::new(&sdk, d, config.destination.allow_insecure_endpoint);
+    let stats = Arc::new(Stats::default());
+    let stop = Stop::on_signals("no new batch is taken; the batch in work goes back to the queue")
+        .unwrap_or_else(|e| {
+            tracing::warn!("cannot listen for SIGTERM/SIGINT ({e}); a stop will kill the worker");
+            Stop::never()
+        });
+    let worker = Worker {
+        config,
+        d,
+        queues,
+        uploader: Uploader::new(
+            Arc::new(S3Store::for_config(&sdk, config)),
+            stats.clone(),
+            config.destination.prefix.as_str().to_owned(),
+            &config.transfer,
+            stop.clone(),
+        ),
+        stats: stats.clone(),
+        stop: stop.clone(),
+        host: queue::host_name(),
+    };
+    notify::ready(&format!("worker: taking batches from {}", d.queue_url.0));
+    let progress = notify::Progress::start(stats.clone(), started, bar);
+    let result = worker.serve().await;
+    drop(progress);
+    let g = stats.snapshot(started.elapsed());
+    let code = match &result {
+        Ok(()) => exit::SUCCESS,
+        Err(_) => exit::FATAL,
+    };
+    let how = match &result {
+        Ok(()) => "worker stopped".to_owned(),
+        Err(e) => format!("worker FAILED: {e}"),
+    };
+    crate::summary!(
+        code,
+        files_transferred = g.files_transferred,
+        bytes_transferred = g.bytes_transferred,
+        transfer_errors = g.transfer_errors,
+        exit_code = code,
+        "{how}: {} files transferred ({}), {} transfer errors, {} vanished, {:.1}s",
+        g.files_transferred,
+        bytesize::ByteSize(g.bytes_transferred).display().iec(),
+        g.transfer_errors,
+        g.vanished,
+        g.elapsed_seconds
+    );
+    notify::stopping(&how);
+    code
+}
+
+struct Worker<'a> {
+    config: &'a Config,
+    d: &'a Distribute,
+    queues: Queues,
+    uploader: Uploader<S3Store>,
+    stats: Arc<Stats>,
+    stop: Stop,
+    host: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum WorkerError {
+    #[error(transparent)]
+    Queue(#[from] queue::QueueError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Worker<'_> {
+    async fn serve(&self) -> Result<(), WorkerError> {
+        let visibility = self.d.visibility_timeout.0;
+        while self.stop.requested().is_none() {
+            let received = tokio::select! {
+                r = self.queues.receive(&self.queues.work, 1, queue::LONG_POLL, visibility) => r?,
+                () = self.stop.clone().wait() => break,
+            };
+            self.stats.polled();
+            for m in received {
+                self.take(m).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One batch, start to finish.
+    async fn take(&self, m: Received) -> Result<(), WorkerError> {
+        let Ok(batch) = serde_json::from_str::<WorkBatch>(&m.body) else {
+            // Left in the queue: after its second receive it moves to the dead-letter queue,
+            // where `nightcopy dlq` shows it.
+            tracing::error!(
+                "a message in {} is not a batch of nightcopy's (received {} times): left for the \
+                 dead-letter queue",
+                self.queues.work,
+                m.receives
+            );
+            return Ok(());
+        };
+        if batch.destination != self.config.destination_id() {
+            // Not ours to write: after its second receive it moves to the dead-letter queue.
+            tracing::error!(
+                "batch {} of run {} is for {}, and this worker writes to {}: refused (check that \
+                 the workers' destination: matches the coordinator's)",
+                batch.batch,
+                batch.run,
+                batch.destination,
+                self.config.destination_id()
+            );
+            // Back to the queue at once, for a worker that is configured for it.
+            self.queues
+                .extend(&self.queues.work, &m.receipt, Duration::ZERO)
+                .await?;
+            return Ok(());
+        }
+        notify::status(&format!(
+            "batch {} of run {} ({} files): {}",
+            batch.batch,
+            batch.run,
+            batch.files.len(),
+            self.stats.status_line(Duration::ZERO)
+        ));
+        let extender = self.keep_invisible(&m.receipt);
+        let done = self.upload_batch(&batch).await;
+        extender.abort();
+        let files = match done {
+            Ok(Some(files)) => files,
+            // Stopped, or a fatal error: the batch goes back to the queue at once.
+            Ok(None) | Err(_) => {
+                let _ = self
+                    .queues
+                    .extend(&self.queues.work, &m.receipt, Duration::ZERO)
+                    .await;
+                return done.map(|_| ()).map_err(WorkerError::from);
+            }
+        };
+        let report = Report {
+            run: batch.run.clone(),
+            batch: batch.batch,
+            worker: self.host.clone(),
+            files,
+        };
+        let body = serde_json::to_string(&report).expect("a report serializes");
+        self.queues.send(&self.queues.results, vec![body]).await?;
+        // Only now: a worker that dies before this point leaves the batch to another one.
+        self.queues.delete(&self.queues.work, &m.receipt).await?;
+        Ok(())
+    }
+
+    /// Extends the batch's visibility every half timeout while it is in work.
+    fn keep_invisible(&self, receipt: &str) -> tokio::task::JoinHandle<()> {
+        let (queues, receipt) = (self.queues.clone(), receipt.to_owned());
+        let visibility = self.d.visibility_timeout.0;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(visibility / 2).await;
+                if let Err(e) = queues.extend(&queues.work, &receipt, visibility).await {
+                    tracing::warn!("cannot extend the batch's visibility: {e}");
+                }
+            }
+        })
+    }
+
+    /// Uploads the batch's files side by side; `None` when a stop interrupted it.
+    async fn upload_batch(&self, batch: &WorkBatch) -> Result<Option<Vec<FileReport>>, StoreError> {
+        let concurrency = self.config.transfer.concurrency.0.max(1);
+        let mut reports = futures::stream::iter(&batch.files)
+            .map(|f| self.upload_one(f))
+            .buffered(concurrency);
+        let mut out = Vec::with_capacity(batch.files.len());
+        while let Some(r) = reports.next().await {
+            match r? {
+                Some(report) => out.push(report),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// One file: stat'ed again here, uploaded as it is now. `None`: a stop came first.
+    async fn upload_one(&self, f: &WorkFile) -> Result<Option<FileReport>, StoreError> {
+        let raw = keys::decode_raw_path(&f.path);
+        let rel = std::path::Path::new(
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&raw),
+        );
+        let path = self.config.source.path.0.join(rel);
+        let report = |outcome, detail: Option<String>, kind: Option<FileErrorKind>| FileReport {
+            key: f.key.clone(),
+            path: f.path.clone(),
+            outcome,
+            size: 0,
+            mtime_ns: 0,
+            sha256: None,
+            kind: kind.map(|k| k.as_str().to_owned()),
+            detail,
+        };
+        let stat_path = path.clone();
+        let meta = crate::fsutil::blocking(move || std::fs::symlink_metadata(&stat_path)).await;
+        let meta = match meta {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.stats.vanished(&path);
+                return Ok(Some(report(FileOutcome::Vanished, None, None)));
+            }
+            Err(e) => {
+                self.stats.file_error(&path, FileErrorKind::Unreadable, &e);
+                let detail = Some(e.to_string());
+                return Ok(Some(report(
+                    FileOutcome::Error,
+                    detail,
+                    Some(FileErrorKind::Unreadable),
+                )));
+            }
+        };
+        if !meta.file_type().is_file() {
+            let by = if meta.file_type().is_symlink() {
+                "a symlink"
+            } else if meta.file_type().is_fifo() {
+                "a FIFO"
+            } else {
+                "not a regular file"
+            };
+            self.stats.replaced(&path, by);
+            return Ok(Some(report(FileOutcome::Replaced, Some(by.into()), None)));
+        }
+        let entry = LocalEntry {
+            key: f.key.clone(),
+            path,
+            raw_path: f.escaped.then(|| f.path.clone()),
+            size: meta.len(),
+            mtime_ns: crate::fsutil::ns(meta.mtime(), meta.mtime_nsec()),
+            mode: meta.mode(),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            followed: false,
+        };
+        let reason = Reason::from_name(&f.reason).unwrap_or(Reason::New);
+        Ok(Some(match self.uploader.upload(entry, reason).await? {
+            Upload::Stored(record) => uploaded(f, &record),
+            Upload::Skipped(Skip::Stopped) => return Ok(None),
+            Upload::Skipped(Skip::Vanished) => report(FileOutcome::Vanished, None, None),
+            Upload::Skipped(Skip::Replaced(by)) => report(FileOutcome::Replaced, Some(by), None),
+            Upload::Skipped(Skip::Error(kind, why)) => {
+                report(FileOutcome::Error, Some(why), Some(kind))
+            }
+        }))
+    }
+}
+
+fn uploaded(f: &WorkFile, record: &ManifestEntry) -> FileReport {
+    FileReport {
+        key: f.key.clone(),
+        path: f.path.clone(),
+        outcome: FileOutcome::Uploaded,
+        size: record.size,
+        mtime_ns: record.mtime_ns,
+        sha256: record.sha256.map(hex::encode),
+        kind: None,
+        detail: None,
+    }
+}

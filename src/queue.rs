@@ -1,0 +1,298 @@
+//! The work and results queues of a distributed run (Amazon SQS): what travels in them and the few
+//! operations the coordinator, the workers and `nightcopy dlq` need.
+//!
+//! A work message is one *batch*: up to `distribute.batch-files` planned uploads, in key order,
+//! numbered within the run. A results message is one worker's *report* on one batch: an outcome
+//! per file, in the batch's order. Both carry the run's id, so that a batch or report of an earlier
+//! run (left over by a coordinator that was stopped) is recognised and not counted. SQS delivers a
+//! message at least once, so the coordinator takes the first report of a batch and drops the rest;
+//! uploading the same file twice stores the same bytes twice, which is harmless.
+//!
+//! Deleting a message removes a message, never an object: the bucket stays additive-only.
+
+use std::time::Duration;
+
+use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+use aws_sdk_sqs::Client;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Distribute;
+use crate::store::sdk::TransportGuard;
+
+/// SQS's most per SendMessageBatch and per ReceiveMessage.
+pub const MAX_PER_CALL: usize = 10;
+/// The longest long poll SQS allows.
+pub const LONG_POLL: Duration = Duration::from_secs(20);
+
+/// One planned upload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkFile {
+    /// The key below the destination prefix.
+    pub key: String,
+    /// The path relative to `source.path`, percent-encoded (any bytes; `keys::encode_raw_path`).
+    pub path: String,
+    /// What the coordinator's walk saw.
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// Why it is uploaded (new, size-changed, …).
+    pub reason: String,
+    /// Set when the key had to be escaped: the object then carries the raw path.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub escaped: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkBatch {
+    pub run: String,
+    pub batch: u64,
+    /// The coordinator's destination (`Config::destination_id`): a worker configured for another
+    /// bucket or prefix refuses the batch instead of writing it there.
+    pub destination: String,
+    pub files: Vec<WorkFile>,
+}
+
+/// What became of one file of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileOutcome {
+    /// Stored; `size`, `mtime_ns` and `sha256` are of what the worker read.
+    Uploaded,
+    /// Gone from its name when the worker got to it.
+    Vanished,
+    /// Something else than a regular file at its name (a symlink, a FIFO).
+    Replaced,
+    /// Not backed up: `kind` and `detail` say why (it counts as a transfer error).
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileReport {
+    pub key: String,
+    /// The work file's `path`, echoed, so the coordinator names the file as its walk saw it.
+    pub path: String,
+    pub outcome: FileOutcome,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub mtime_ns: i64,
+    /// Hex, for an uploaded file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// `report::FileErrorKind::as_str` of an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub run: String,
+    pub batch: u64,
+    /// Which worker (its host name), for the journal.
+    pub worker: String,
+    pub files: Vec<FileReport>,
+}
+
+/// A message taken from a queue.
+pub struct Received {
+    pub body: String,
+    pub receipt: String,
+    /// How many times SQS has handed it out.
+    pub receives: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct QueueError(pub String);
+
+fn error(what: &str, url: &str, e: impl std::error::Error) -> QueueError {
+    // The service's code and message, not the SDK's debug dump.
+    let mut why = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        why = format!("{why}: {s}");
+        source = s.source();
+    }
+    QueueError(format!(
+        "{what} {url} failed: {why} (check distribute.* in the config, the queue's existence \
+         and the instance role's sqs: permissions, docs/scale-out.md)"
+    ))
+}
+
+/// The queues of `distribute:`, through one SQS client.
+#[derive(Clone)]
+pub struct Queues {
+    client: Client,
+    pub work: String,
+    pub results: String,
+    pub dead_letters: String,
+}
+
+impl Queues {
+    pub fn new(sdk: &aws_config::SdkConfig, d: &Distribute, allow_insecure: bool) -> Queues {
+        let mut b =
+            aws_sdk_sqs::config::Builder::from(sdk).interceptor(TransportGuard { allow_insecure });
+        if let Some(url) = &d.endpoint_url {
+            b = b.endpoint_url(&url.0);
+        }
+        Queues {
+            client: Client::from_conf(b.build()),
+            work: d.queue_url.0.clone(),
+            results: d.results_queue_url.0.clone(),
+            dead_letters: d.dead_letter_queue_url.0.clone(),
+        }
+    }
+
+    /// Sends up to ten bodies in one call; every one must be accepted.
+    pub async fn send(&self, queue: &str, bodies: Vec<String>) -> Result<(), QueueError> {
+        if bodies.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<SendMessageBatchRequestEntry> = bodies
+            .into_iter()
+            .enumerate()
+            .map(|(i, body)| {
+                SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(body)
+                    .build()
+                    .expect("id and body are set")
+            })
+            .collect();
+        let out = self
+            .client
+            .send_message_batch()
+            .queue_url(queue)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| error("sending to", queue, e))?;
+        match out.failed.first() {
+            None => Ok(()),
+            Some(f) => Err(QueueError(format!(
+                "sending to {queue} failed for {} of the messages: {} ({})",
+                out.failed.len(),
+                f.message.as_deref().unwrap_or("no message"),
+                f.code
+            ))),
+        }
+    }
+
+    /// Waits up to `wait` for up to `max` messages; each is invisible to others for `visibility`.
+    pub async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Received>, QueueError> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(queue)
+            .max_number_of_messages(max.clamp(1, MAX_PER_CALL) as i32)
+            .wait_time_seconds(wait.as_secs().min(20) as i32)
+            .visibility_timeout(visibility.as_secs().min(12 * 3600) as i32)
+            .message_system_attribute_names(
+                aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount,
+            )
+            .send()
+            .await
+            .map_err(|e| error("receiving from", queue, e))?;
+        Ok(out
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|m| {
+                let receives = m
+                    .attributes
+                    .as_ref()
+                    .and_then(|a| {
+                        a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount)
+                    })
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1);
+                Some(Received {
+                    body: m.body?,
+                    receipt: m.receipt_handle?,
+                    receives,
+                })
+            })
+            .collect())
+    }
+
+    /// Removes a message whose work is done (a message, never an object).
+    pub async fn delete(&self, queue: &str, receipt: &str) -> Result<(), QueueError> {
+        self.client
+            .delete_message()
+            .queue_url(queue)
+            .receipt_handle(receipt)
+            .send()
+            .await
+            .map_err(|e| error("deleting a message of", queue, e))?;
+        Ok(())
+    }
+
+    /// Keeps a message invisible for `visibility` from now (0: hand it out again at once).
+    pub async fn extend(
+        &self,
+        queue: &str,
+        receipt: &str,
+        visibility: Duration,
+    ) -> Result<(), QueueError> {
+        self.client
+            .change_message_visibility()
+            .queue_url(queue)
+            .receipt_handle(receipt)
+            .visibility_timeout(visibility.as_secs().min(12 * 3600) as i32)
+            .send()
+            .await
+            .map_err(|e| error("changing a message's visibility in", queue, e))?;
+        Ok(())
+    }
+}
+
+/// A fresh id for a run: its start time and process, enough to tell runs of one queue apart.
+pub fn run_id() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}-{}", now.as_millis(), std::process::id())
+}
+
+/// The name of this host, for reports.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_batch_of_long_keys_fits_in_one_message() {
+        let long = "k".repeat(1024);
+        let batch = WorkBatch {
+            run: run_id(),
+            batch: u64::MAX,
+            destination: "https://s3.example|bucket|prefix/".into(),
+            files: (0..100)
+                .map(|_| WorkFile {
+                    key: long.clone(),
+                    path: "%FF".repeat(341),
+                    size: u64::MAX,
+                    mtime_ns: i64::MIN,
+                    reason: "missing-remotely".into(),
+                    escaped: true,
+                })
+                .collect(),
+        };
+        let body = serde_json::to_string(&batch).unwrap();
+        assert!(body.len() < 256 * 1024, "{} bytes", body.len());
+        assert_eq!(serde_json::from_str::<WorkBatch>(&body).unwrap(), batch);
+    }
+}

@@ -1,0 +1,388 @@
+//! Distributed runs over SQS (moto on 127.0.0.1): a coordinator (`nightcopy run` with
+//! `distribute:`) and worker processes (`nightcopy worker`), all the real binary, against the S3
+//! server behind the counting proxy.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::cloudwatch::{cloudwatch, unique_namespace};
+use crate::common::proxy::{FaultKind, FaultPlan, Op};
+use crate::common::run::{pseudo_random, Case, Output};
+use crate::common::s3::s3;
+use crate::common::sqs::{queues, TestQueues};
+
+/// A worker process; stopped with SIGTERM when dropped.
+struct Worker {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn start(c: &Case, config: Option<&Path>, n: usize) -> Worker {
+        let log = c.root.join(format!("worker-{n}.log"));
+        let mut cmd = match config {
+            Some(cfg) => c.command_for(&["worker"], None, cfg),
+            None => c.command(&["worker"], None),
+        };
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Worker { child, log }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit code (SIGKILL after 30 s).
+    fn stop(&mut self) -> Option<i32> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+    }
+}
+
+/// A case whose config has a `distribute:` section for fresh queues.
+fn distributed(hint: &str, batch_files: usize, deadline: &str) -> (Case, TestQueues) {
+    let mut c = Case::new(hint);
+    let q = queues(hint);
+    c.top_extra = format!(
+        "guard:\n  min-interval: 0s\n{}",
+        q.section(batch_files, deadline, "30s")
+    );
+    (c, q)
+}
+
+fn tree(c: &Case) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    for i in 0..40u8 {
+        let rel = format!("d{}/f{i:02}.bin", i % 4);
+        let body = pseudo_random(100 + usize::from(i) * 613, i);
+        c.write(&rel, &body);
+        files.push((rel, body));
+    }
+    // Multipart (the test config's threshold is 6 MiB).
+    let big = pseudo_random(7 * 1024 * 1024, 99);
+    c.write("big/large.bin", &big);
+    files.push(("big/large.bin".into(), big));
+    files
+}
+
+fn run_coordinator(c: &Case, limit: Duration) -> Output {
+    let mut child = c
+        .command(&["run"], None)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the coordinator did not finish within {limit:?}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Output::from(child.wait_with_output().unwrap())
+}
+
+fn manifest_keys(c: &Case) -> Vec<String> {
+    let text = fs::read_to_string(c.state_dir().join("manifest")).unwrap();
+    text.lines()
+        .skip(1)
+        .filter(|l| !l.starts_with("end "))
+        .map(|l| l.split('\t').next().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_coordinator_and_three_workers_copy_a_tree_byte_exact() {
+    let (c, q) = distributed("dist-copy", 5, "5min");
+    let files = tree(&c);
+    let mut workers: Vec<Worker> = (0..3).map(|n| Worker::start(&c, None, n)).collect();
+    let out = run_coordinator(&c, Duration::from_secs(180));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.figure("files transferred"),
+        files.len() as u64,
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.figure("transfer errors"), 0);
+    for (rel, body) in &files {
+        assert_eq!(&s3().get(&c.dest, &c.key(rel)).body, body, "{rel}");
+    }
+    // Every file recorded once, with its SHA-256: the next run finds nothing to do.
+    let keys = manifest_keys(&c);
+    assert_eq!(keys.len(), files.len());
+    let again = run_coordinator(&c, Duration::from_secs(120));
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.figure("files transferred"), 0, "{}", again.stderr);
+    assert_eq!(again.figure("checks"), files.len() as u64);
+    for w in &mut workers {
+        assert!(
+            w.child.try_wait().unwrap().is_none(),
+            "a worker ended:\n{}",
+            w.log()
+        );
+    }
+    for w in &mut workers {
+        assert_eq!(w.stop(), Some(0), "a stopped worker exits 0:\n{}", w.log());
+    }
+    assert_eq!(q.depth(&q.work), 0, "every batch was done and deleted");
+    assert_eq!(
+        q.depth(&q.results),
+        0,
+        "every report was counted and deleted"
+    );
+    c.assert_no_delete();
+}
+
+#[test]
+fn a_worker_killed_in_the_middle_of_a_batch_loses_nothing() {
+    let (c, _q) = distributed("dist-kill", 3, "5min");
+    let files = tree(&c);
+    // The first worker uploads slowly, so the kill lands inside a batch.
+    let slow = c.root.join("slow.yaml");
+    let text = fs::read_to_string(c.config_path()).unwrap();
+    fs::write(
+        &slow,
+        text.replace("transfer:\n", "transfer:\n  bandwidth-limit: 64KiB\n"),
+    )
+    .unwrap();
+    let mut killed = Worker::start(&c, Some(&slow), 0);
+    let coordinator = std::thread::spawn({
+        let c2 = c.command(&["run"], None);
+        move || {
+            let mut c2 = c2;
+            Output::from(c2.output().unwrap())
+        }
+    });
+    // Wait for the slow worker's first part or PUT to be under way, then kill it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s3()
+        .counts(&c.dest)
+        .get(&Op::PutObject)
+        .copied()
+        .unwrap_or(0)
+        == 0
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    killed.child.kill().unwrap(); // SIGKILL: no report, no delete, no give-back
+    killed.child.wait().unwrap();
+    // Another worker takes over, the killed batch too once its visibility runs out.
+    let _rescuer = Worker::start(&c, None, 1);
+    let out = coordinator.join().unwrap();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    for (rel, body) in &files {
+        assert_eq!(&s3().get(&c.dest, &c.key(rel)).body, body, "{rel}");
+    }
+    let keys = manifest_keys(&c);
+    let mut unique = keys.clone();
+    unique.dedup();
+    assert_eq!(keys, unique, "nothing twice in the manifest");
+    assert_eq!(keys.len(), files.len());
+    assert_eq!(
+        out.figure("files transferred"),
+        files.len() as u64,
+        "{}",
+        out.stderr
+    );
+    c.assert_no_delete();
+}
+
+#[test]
+fn a_poison_batch_ends_in_the_dead_letter_queue_and_is_a_named_transfer_error() {
+    let (c, q) = distributed("dist-poison", 1, "3min");
+    c.write("a.txt", b"fine");
+    c.write("poison.bin", b"every worker fails on me");
+    c.write("z.txt", b"fine too");
+    // Access denied for that key only: a fatal error on a worker, which gives the batch back
+    // and exits; systemd would restart it, which the loop below does.
+    s3().set_faults(
+        &c.dest,
+        Some(
+            FaultPlan::new(
+                1.0,
+                &[FaultKind::Refuse {
+                    status: 403,
+                    code: "AccessDenied",
+                }],
+                3,
+            )
+            .only(&[Op::PutObject])
+            .for_key("poison.bin"),
+        ),
+    );
+    let coordinator = std::thread::spawn({
+        let mut cmd = c.command(&["run"], None);
+        move || Output::from(cmd.output().unwrap())
+    });
+    let mut exits = Vec::new();
+    let started = Instant::now();
+    let mut n = 0;
+    while !coordinator.is_finished() && started.elapsed() < Duration::from_secs(150) {
+        let mut w = Worker::start(&c, None, n);
+        n += 1;
+        while w.child.try_wait().unwrap().is_none() && !coordinator.is_finished() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if let Some(status) = w.child.try_wait().unwrap() {
+            exits.push(status.code());
+        }
+    }
+    let out = coordinator.join().unwrap();
+    s3().set_faults(&c.dest, None);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert_eq!(out.figure("transfer errors"), 1, "{}", out.stderr);
+    assert_eq!(out.figure("files transferred"), 2);
+    assert!(
+        out.stderr.contains("poison.bin: lost: its batch")
+            && out.stderr.contains("dead-letter queue"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        exits.iter().all(|c| *c == Some(1)),
+        "workers exit 1 on it: {exits:?}"
+    );
+    assert!(exits.len() >= 2, "{exits:?}");
+    // `nightcopy dlq` shows it, and --redrive gives it back to the work queue.
+    let shown = c.run(&["dlq"]);
+    assert_eq!(shown.code, 0, "{}", shown.stderr);
+    let lines: Vec<&str> = shown.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", shown.stdout);
+    assert!(
+        lines[0].starts_with("batch\t") && lines[0].contains("poison.bin"),
+        "{}",
+        lines[0]
+    );
+    let redriven = c.run(&["dlq", "--redrive"]);
+    assert_eq!(redriven.code, 0, "{}", redriven.stderr);
+    assert!(
+        q.wait_for_depth(&q.dlq, 0, Duration::from_secs(10)),
+        "dead-letter queue: {} messages\n{}{}",
+        q.depth(&q.dlq),
+        redriven.stdout,
+        redriven.stderr
+    );
+    assert!(
+        q.wait_for_depth(&q.work, 1, Duration::from_secs(10)),
+        "work: {}",
+        q.depth(&q.work)
+    );
+    c.assert_no_delete();
+}
+
+#[test]
+fn a_distributed_run_publishes_the_same_six_metrics_as_a_single_host_run() {
+    let single_ns = unique_namespace("single");
+    let dist_ns = unique_namespace("distributed");
+    // A dimension value of its own per run: moto's GetMetricData ignores the namespace when
+    // dimensions are given.
+    let metrics = |ns: &str, id: &str| {
+        format!(
+            "metrics:\n  cloudwatch: true\n  namespace: \"{ns}\"\n  instance-id: {id}\n  \
+             endpoint-url: {}\n",
+            cloudwatch().endpoint
+        )
+    };
+    let (single_id, dist_id) = (
+        format!("i-single-{}", std::process::id()),
+        format!("i-dist-{}", std::process::id()),
+    );
+    let mut single = Case::new("same-single");
+    single.metrics = metrics(&single_ns, &single_id);
+    let (mut dist, _q) = distributed("same-dist", 4, "5min");
+    dist.metrics = metrics(&dist_ns, &dist_id);
+    for case in [&single, &dist] {
+        tree(case);
+        case.write("unchanged-later.txt", b"x");
+    }
+    assert_eq!(single.run(&["run"]).code, 0);
+    let _workers: Vec<Worker> = (0..2).map(|n| Worker::start(&dist, None, n)).collect();
+    let out = run_coordinator(&dist, Duration::from_secs(180));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    // And a second run each, with one file changed: Checks and a small transfer.
+    for case in [&single, &dist] {
+        case.write("d0/f00.bin", b"changed");
+    }
+    assert_eq!(single.run(&["run"]).code, 0);
+    assert_eq!(run_coordinator(&dist, Duration::from_secs(120)).code, 0);
+    for metric in [
+        "LastSuccess",
+        "FilesTransferred",
+        "BytesTransferred",
+        "Checks",
+        "TransferErrors",
+    ] {
+        let a = cloudwatch().datapoints(&single_ns, metric, &[("InstanceId", &single_id)]);
+        let b = cloudwatch().datapoints(&dist_ns, metric, &[("InstanceId", &dist_id)]);
+        assert_eq!(
+            a.iter().sum::<f64>(),
+            b.iter().sum::<f64>(),
+            "{metric}: {a:?} vs {b:?}"
+        );
+        assert!(!a.is_empty(), "{metric} published");
+    }
+    let elapsed = cloudwatch().datapoints(&dist_ns, "ElapsedSeconds", &[("InstanceId", &dist_id)]);
+    assert!(!elapsed.is_empty());
+}
+
+#[test]
+fn without_workers_the_deadline_ends_the_run_with_every_file_named_and_last_success_zero() {
+    let (mut c, q) = distributed("dist-deadline", 2, "5s");
+    let prom = c.root.join("nightcopy.prom");
+    c.metrics = format!(
+        "metrics:\n  cloudwatch: false\n  textfile: {}\n",
+        prom.display()
+    );
+    for i in 0..3 {
+        c.write(&format!("f{i}.txt"), b"waiting");
+    }
+    let out = run_coordinator(&c, Duration::from_secs(90));
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert_eq!(out.figure("transfer errors"), 3, "{}", out.stderr);
+    for i in 0..3 {
+        assert!(
+            out.stderr
+                .contains(&format!("f{i}.txt: not accounted for by the deadline (5s)")),
+            "{}",
+            out.stderr
+        );
+    }
+    let text = fs::read_to_string(&prom).unwrap();
+    assert!(text.contains("nightcopy_last_success 0\n"), "{text}");
+    // Nothing was uploaded, and the batches still wait for a worker.
+    assert!(s3().list_keys(&c.dest).is_empty());
+    assert_eq!(q.depth(&q.work), 2);
+    c.assert_no_delete();
+}
