@@ -144,6 +144,18 @@ impl Queues {
         }
     }
 
+    /// Proves a queue exists and may be used (GetQueueAttributes), before any work is taken.
+    pub async fn check(&self, queue: &str) -> Result<(), QueueError> {
+        self.client
+            .get_queue_attributes()
+            .queue_url(queue)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map_err(|e| error("checking", queue, e))?;
+        Ok(())
+    }
+
     /// Sends up to ten bodies in one call; every one must be accepted.
     pub async fn send(&self, queue: &str, bodies: Vec<String>) -> Result<(), QueueError> {
         if bodies.is_empty() {

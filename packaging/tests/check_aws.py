@@ -8,8 +8,15 @@ test). Exit 0 when the property holds, else 1 with the reason on stderr.
   check_aws.py bucket-policy         TLS required, only the role writes, levels split
   check_aws.py lifecycle             incomplete multipart uploads aborted after 7 days
   check_aws.py alarm                 the alarm of docs/metrics.md, within CloudWatch's limits
+  check_aws.py scale-out-roles       scale-out.yaml: both roles reuse the instance policy's S3 and
+                                     CloudWatch statements exactly, and have only their SQS calls
+  check_aws.py scale-out-queues      scale-out.yaml: redrive to the DLQ, retention, SSE, TLS only,
+                                     and the scaling policy's backlog per worker
 
 The prefix and names are the ones of config/nightcopy.example.yaml (see packaging/aws/README.md).
+scale-out.yaml is a CloudFormation template (YAML with !Ref, !Sub … tags): it needs PyYAML, so
+static.sh runs this script with the packaging venv's Python. Its statements are compared with the
+JSON documents after its parameters are replaced by their defaults.
 """
 
 import fnmatch
@@ -24,6 +31,23 @@ PREFIX = "fs/"
 NAMESPACE = "Nightcopy"
 ROLE = "arn:aws:iam::111122223333:role/nightcopy-backup"
 POLICIES = ["iam-instance-policy.json", "iam-restore-policy.json", "bucket-policy.json"]
+TEMPLATE = "scale-out.yaml"
+# Pseudo parameters, as in the example account of packaging/aws/README.md.
+PSEUDO = {"AWS::Partition": "aws", "AWS::Region": "eu-west-1", "AWS::AccountId": "111122223333",
+          "AWS::StackName": "nightcopy"}
+# The SQS calls each side makes, per queue (logical IDs of scale-out.yaml); nothing else.
+SQS_WANT = {
+    "CoordinatorRole": {
+        "WorkQueue": {"sqs:SendMessage", "sqs:GetQueueAttributes"},
+        "ResultsQueue": {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"},
+        "DeadLetterQueue": {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"},
+    },
+    "WorkerRole": {
+        "WorkQueue": {"sqs:ReceiveMessage", "sqs:ChangeMessageVisibility", "sqs:DeleteMessage",
+                      "sqs:GetQueueAttributes"},
+        "ResultsQueue": {"sqs:SendMessage"},
+    },
+}
 
 
 def load(name):
@@ -56,6 +80,64 @@ def check_parse():
             fail(f"{path}: {e}")
 
 
+def load_template():
+    """scale-out.yaml with each short-form intrinsic function as its long form ({"Ref": …})."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def intrinsic(loader, suffix, node):
+        if isinstance(node, yaml.ScalarNode):
+            value = loader.construct_scalar(node)
+        elif isinstance(node, yaml.SequenceNode):
+            value = loader.construct_sequence(node, deep=True)
+        else:
+            value = loader.construct_mapping(node, deep=True)
+        if suffix == "Ref":
+            return {"Ref": value}
+        if suffix == "GetAtt" and isinstance(value, str):
+            value = value.split(".", 1)
+        return {f"Fn::{suffix}": value}
+
+    Loader.add_multi_constructor("!", intrinsic)
+    with open(os.path.join(AWS_DIR, TEMPLATE), encoding="utf-8") as f:
+        return yaml.load(f, Loader=Loader)  # noqa: S506 - SafeLoader plus the CloudFormation tags
+
+
+def resolve(value, params):
+    """Replaces Ref and Fn::Sub of parameters (their defaults) and pseudo parameters."""
+    known = {**PSEUDO, **{k: str(v.get("Default", "")) for k, v in params.items()}}
+    if isinstance(value, dict) and set(value) == {"Ref"} and value["Ref"] in known:
+        return known[value["Ref"]]
+    if isinstance(value, dict) and set(value) == {"Fn::Sub"} and isinstance(value["Fn::Sub"], str):
+        out = value["Fn::Sub"]
+        for k, v in known.items():
+            out = out.replace("${" + k + "}", v)
+        if "${" in out:
+            fail(f"cannot resolve {value}")
+        return out
+    if isinstance(value, dict):
+        return {k: resolve(v, params) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, params) for v in value]
+    return value
+
+
+def template_policies(t):
+    """(where, policy document) of every IAM and resource policy in the template."""
+    out = []
+    for name, r in t["Resources"].items():
+        props = r.get("Properties", {})
+        for p in props.get("Policies", []):
+            out.append((f"{TEMPLATE} {name} {p.get('PolicyName')}", p["PolicyDocument"]))
+        if "PolicyDocument" in props:
+            out.append((f"{TEMPLATE} {name}", props["PolicyDocument"]))
+        if "ManagedPolicyArns" in props:
+            fail(f"{TEMPLATE} {name}: attaches managed policies {props['ManagedPolicyArns']}")
+    return out
+
+
 def grants_delete(action):
     """True when an IAM action pattern could match a delete (or everything)."""
     a = action.lower()
@@ -67,16 +149,28 @@ def grants_delete(action):
     return a.startswith("s3:delete") or any(fnmatch.fnmatchcase(d, a) for d in deletes)
 
 
+def grants_queue_change(action):
+    """True when an IAM action pattern could purge, delete or reconfigure a queue (or all SQS)."""
+    a = action.lower()
+    changes = ["sqs:deletequeue", "sqs:purgequeue", "sqs:setqueueattributes", "sqs:createqueue",
+               "sqs:addpermission", "sqs:removepermission", "sqs:startmessagemovetask"]
+    return a in ("*", "sqs:*") or any(fnmatch.fnmatchcase(c, a) for c in changes)
+
+
 def check_no_delete():
-    for name in POLICIES:
-        for st in statements(load(name)):
+    documents = [(name, load(name)) for name in POLICIES]
+    documents += template_policies(load_template())
+    for name, doc in documents:
+        for st in statements(doc):
             if st["Effect"] != "Allow":
                 continue
-            if "NotAction" in st:
-                fail(f"{name} {st.get('Sid')}: Allow with NotAction grants everything else")
+            if "NotAction" in st or "NotResource" in st:
+                fail(f"{name} {st.get('Sid')}: Allow with NotAction/NotResource grants everything else")
             for action in as_list(st["Action"]):
                 if grants_delete(action):
                     fail(f"{name} {st.get('Sid')}: Allow {action} could delete")
+                if grants_queue_change(action):
+                    fail(f"{name} {st.get('Sid')}: Allow {action} could purge or change a queue")
 
 
 def check_instance_policy():
@@ -171,6 +265,100 @@ def check_alarm():
         fail(f"Period x EvaluationPeriods = {span} s is beyond CloudWatch's limit")
 
 
+def check_scale_out_roles():
+    t = load_template()
+    params = t["Parameters"]
+    # The instance policy's statements are the S3 and CloudWatch part of both roles, unchanged.
+    want = statements(load("iam-instance-policy.json"))
+    for role, queues in SQS_WANT.items():
+        r = t["Resources"].get(role)
+        if not r or r["Type"] != "AWS::IAM::Role":
+            fail(f"{TEMPLATE}: no role {role}")
+        props = r["Properties"]
+        trust = statements(props["AssumeRolePolicyDocument"])
+        if [s.get("Principal") for s in trust] != [{"Service": "ec2.amazonaws.com"}]:
+            fail(f"{role} is assumable by {[s.get('Principal') for s in trust]}, want EC2 only")
+        sts = [s for p in props.get("Policies", []) for s in statements(p["PolicyDocument"])]
+        if any(s["Effect"] != "Allow" for s in sts):
+            fail(f"{role}: only Allow statements expected")
+        other = [resolve(s, params) for s in sts
+                 if not all(a.startswith("sqs:") for a in as_list(s["Action"]))]
+        if other != want:
+            fail(f"{role}: the S3 and CloudWatch statements are not exactly those of "
+                 f"iam-instance-policy.json:\n{json.dumps(other, indent=1)}")
+        got = {}
+        for s in sts:
+            actions = as_list(s["Action"])
+            if not all(a.startswith("sqs:") for a in actions):
+                continue
+            if any(not a.startswith("sqs:") for a in actions):
+                fail(f"{role} {s.get('Sid')} mixes SQS and other actions")
+            for res in as_list(s["Resource"]):
+                queue = res.get("Fn::GetAtt", [None])[0] if isinstance(res, dict) else None
+                if queue is None or res["Fn::GetAtt"][1] != "Arn":
+                    fail(f"{role} {s.get('Sid')}: SQS on {res}, want one queue's Arn")
+                got.setdefault(queue, set()).update(actions)
+        if got != queues:
+            fail(f"{role}: SQS actions are {dict(sorted((k, sorted(v)) for k, v in got.items()))}, "
+                 f"want {dict(sorted((k, sorted(v)) for k, v in queues.items()))}")
+
+
+def check_scale_out_queues():
+    t = load_template()
+    params = t["Parameters"]
+    res = t["Resources"]
+    queues = {n: r["Properties"] for n, r in res.items() if r["Type"] == "AWS::SQS::Queue"}
+    if set(queues) != {"WorkQueue", "ResultsQueue", "DeadLetterQueue"}:
+        fail(f"queues are {sorted(queues)}")
+    work, dlq = queues["WorkQueue"], queues["DeadLetterQueue"]
+    redrive = work.get("RedrivePolicy", {})
+    if redrive.get("deadLetterTargetArn") != {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}:
+        fail(f"the work queue does not redrive to the dead-letter queue: {redrive}")
+    if str(resolve(redrive.get("maxReceiveCount"), params)) != "2":
+        fail(f"maxReceiveCount is {redrive.get('maxReceiveCount')}, want 2 (a batch that failed twice)")
+    if "RedrivePolicy" in queues["ResultsQueue"] or "RedrivePolicy" in dlq:
+        fail("only the work queue has a dead-letter queue")
+    days = {n: int(resolve(q["MessageRetentionPeriod"], params)) / 86400 for n, q in queues.items()}
+    if days != {"WorkQueue": 4, "ResultsQueue": 4, "DeadLetterQueue": 14}:
+        fail(f"retention in days is {days}, want 4, 4 and 14")
+    if str(resolve(work["VisibilityTimeout"], params)) != "300":
+        fail("the work queue's visibility timeout is not distribute.visibility-timeout's default, 300 s")
+    for n, q in queues.items():
+        if q.get("SqsManagedSseEnabled") is not True:
+            fail(f"{n} is not encrypted (SqsManagedSseEnabled)")
+    tls = [r["Properties"] for r in res.values() if r["Type"] == "AWS::SQS::QueuePolicy"]
+    covered = {q["Ref"] for p in tls for q in p["Queues"]
+               if any(s["Effect"] == "Deny" and s.get("Principal") == "*"
+                      and s.get("Condition", {}).get("Bool", {}).get("aws:SecureTransport") == "false"
+                      for s in statements(p["PolicyDocument"]))}
+    if covered != set(queues):
+        fail(f"TLS is required only on {sorted(covered)}")
+    # Target tracking on visible batches per in-service worker.
+    group = res["WorkerGroup"]["Properties"]
+    if not any("GroupInServiceInstances" in m.get("Metrics", []) for m in group.get("MetricsCollection", [])):
+        fail("the group does not collect GroupInServiceInstances, which the policy divides by")
+    policies = [r["Properties"] for r in res.values() if r["Type"] == "AWS::AutoScaling::ScalingPolicy"]
+    if len(policies) != 1 or policies[0].get("PolicyType") != "TargetTrackingScaling":
+        fail("want exactly one target-tracking scaling policy")
+    cfg = policies[0]["TargetTrackingConfiguration"]
+    if str(resolve(cfg["TargetValue"], params)) != "100":
+        fail(f"target is {cfg['TargetValue']}, want 100 batches per worker")
+    metrics = {m["Id"]: m for m in cfg["CustomizedMetricSpecification"]["Metrics"]}
+    shown = [m for m in metrics.values() if m.get("ReturnData", True)]
+    if len(shown) != 1:
+        fail("the policy must return exactly one series")
+    expr = shown[0].get("Expression", "").replace(" ", "")
+    num, _, den = expr.partition("/")
+    want = {num: ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName",
+                  {"Fn::GetAtt": ["WorkQueue", "QueueName"]}),
+            den: ("AWS/AutoScaling", "GroupInServiceInstances", "AutoScalingGroupName",
+                  {"Ref": "WorkerGroup"})}
+    for mid, (ns, name, dim, value) in want.items():
+        m = metrics.get(mid, {}).get("MetricStat", {}).get("Metric", {})
+        if (m.get("Namespace"), m.get("MetricName"), m.get("Dimensions")) != (ns, name, [{"Name": dim, "Value": value}]):
+            fail(f"{expr}: {mid} is not {name} of the {'work queue' if ns == 'AWS/SQS' else 'worker group'}")
+
+
 CHECKS = {
     "parse": check_parse,
     "no-delete": check_no_delete,
@@ -178,6 +366,8 @@ CHECKS = {
     "bucket-policy": check_bucket_policy,
     "lifecycle": check_lifecycle,
     "alarm": check_alarm,
+    "scale-out-roles": check_scale_out_roles,
+    "scale-out-queues": check_scale_out_queues,
 }
 
 if __name__ == "__main__":

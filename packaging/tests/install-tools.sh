@@ -4,7 +4,8 @@
 # Prints nothing else on a warm cache; progress goes to stderr.
 #
 #   - the S3 and CloudWatch test servers: scripts/test-tools.sh (s3s-fs, moto, cbor2)
-#   - a venv with ansible-core, ansible-lint and boto3 (amazon.aws needs boto3)
+#   - a venv with ansible-core, ansible-lint, boto3 (amazon.aws needs boto3) and cfn-lint (the
+#     scale-out CloudFormation template, packaging/aws/scale-out.yaml)
 #   - two collections taken from the `ansible` wheel on PyPI: amazon.aws (the alarm task) and
 #     community.general (its chroot connection drives the role into the booted test root).
 #     Ansible Galaxy is not reachable from these machines; the wheel carries both collections.
@@ -20,10 +21,11 @@ CACHE="${NIGHTCOPY_TOOLS:-$HOME/.cache/nightcopy-tools}"
 
 # Bump a version when what it installs changes: the old folder is then left alone and a new one
 # built beside it.
-PKG_VENV_VERSION=1
+PKG_VENV_VERSION=2
 ANSIBLE_CORE=2.19.14      # the last line supporting Python 3.11 (2.20 needs 3.12)
 ANSIBLE_LINT=26.10.1
 BOTO3=1.44.5
+CFN_LINT=1.58.0
 ANSIBLE_BUNDLE=12.3.0     # the `ansible` release matching ansible-core 2.19; source of collections
 ROOTFS_VERSION=3
 ROOTFS_SUITE=bookworm
@@ -70,12 +72,12 @@ fi
 
 venv="$CACHE/packaging-venv-$PKG_VENV_VERSION"
 if [ ! -f "$venv/.complete" ]; then
-  echo "creating $venv (ansible-core $ANSIBLE_CORE, ansible-lint $ANSIBLE_LINT, boto3)" >&2
+  echo "creating $venv (ansible-core $ANSIBLE_CORE, ansible-lint $ANSIBLE_LINT, boto3, cfn-lint $CFN_LINT)" >&2
   rm -rf "$venv"
   python3 -m venv "$venv"
   pip=("$venv/bin/pip" --quiet --disable-pip-version-check)
   "${pip[@]}" install "ansible-core==$ANSIBLE_CORE" "ansible-lint==$ANSIBLE_LINT" \
-    "boto3==$BOTO3" >&2
+    "boto3==$BOTO3" "cfn-lint==$CFN_LINT" >&2
   # Only two folders of the ~54 MB wheel are kept (the whole `ansible` package is ~470 MB
   # installed). A wheel is a zip file, so no pip install is needed to read it.
   dl="$(mktemp -d)"

@@ -3,7 +3,8 @@
 # service management off), the artifact served by `python3 -m http.server` on 127.0.0.1 and the
 # alarm created in moto on 127.0.0.1. Checks every file the role writes, idempotence, that a
 # wrong checksum or version leaves the installed binary alone, that preflight and `validate:`
-# refuse bad values, and that beta and prod differ only in their variables.
+# refuse bad values, that beta and prod differ only in their variables, and the scale-out modes
+# (a worker converged, idempotent, without alarm, and switched back to single).
 #
 # The role creates its system user for real; here it is `nightcopy-pkgtest` (not `nightcopy`),
 # removed again at the end if this script created it.
@@ -282,4 +283,65 @@ if converge beta scratch-beta "$dir/beta.log"; then
   check "beta: no alarm created (alarm off in beta)" no_alarm nightcopy-last-success-scratch-beta
 else
   fail "converge inventories/beta into a scratch root" "$(tail -30 "$dir/beta.log")"
+fi
+
+# --- scale-out: a worker, and back to single ----------------------------------------------------
+# prod's values plus nightcopy_mode: worker (the queues come from inventories/prod). validate:
+# runs check-config on a config with distribute:, so this needs a binary of the scale-out release.
+worker="$dir/worker-root"
+host scratch-worker "$worker"
+system_units() { tree "$1" | grep ' /etc/systemd/system/' | tr '\n' '|'; }
+if converge prod scratch-worker "$dir/worker.log" -e nightcopy_mode=worker; then
+  pass "converge inventories/prod as a worker into a scratch root"
+  expect "worker: its own unit, no nightly service or timer" "$(system_units "$worker")" \
+    "f 644 root root /etc/systemd/system/nightcopy-worker.service|"
+  check "worker config: nightcopy check-config accepts it" \
+    "$NIGHTCOPY_BIN" check-config --config "$worker/etc/nightcopy/config.yaml"
+  expect "worker config: prod's queues, as nightcopy reads them" \
+    "$("$NIGHTCOPY_BIN" check-config --config "$worker/etc/nightcopy/config.yaml" | "$NIGHTCOPY_PKG_VENV/bin/python" -c '
+import sys, yaml
+d = yaml.safe_load(sys.stdin)["distribute"]
+print(d["queue-url"], d["results-queue-url"], d["dead-letter-queue-url"], d["batch-files"], d["batch-bytes"])')" \
+    "https://sqs.eu-west-1.amazonaws.com/111122223333/nightcopy-prod-work https://sqs.eu-west-1.amazonaws.com/111122223333/nightcopy-prod-results https://sqs.eu-west-1.amazonaws.com/111122223333/nightcopy-prod-work-dlq 20 1GiB"
+  expect "worker unit: prod's values, long-running" "$(unit_lines "$worker/etc/systemd/system/nightcopy-worker.service" | tr '\n' '|')" \
+    "Description=nightcopy worker: uploads batches of /srv/data from the SQS work queue to S3|RequiresMountsFor=/srv/data|Type=notify|ExecStart=/usr/local/bin/nightcopy worker --config /etc/nightcopy/config.yaml|SuccessExitStatus=143|TimeoutStartSec=5min|WatchdogSec=40min|TimeoutStopSec=2min|User=$user|Group=$user|AmbientCapabilities=CAP_DAC_READ_SEARCH|StateDirectory=nightcopy|ProtectHome=yes|Nice=5|IOSchedulingClass=idle|MemoryHigh=1280M|MemoryMax=1536M|CPUQuota=200%|TasksMax=256|WantedBy=multi-user.target|"
+  wunits="$dir/units-worker"
+  mkdir -p "$wunits"
+  cp "$worker/etc/systemd/system/nightcopy-worker.service" "$wunits/"
+  sed -i "s#^ExecStart=[^ ]*#ExecStart=$NIGHTCOPY_BIN#" "$wunits/nightcopy-worker.service"
+  check "rendered worker unit passes systemd-analyze verify" bash -c "
+    cd '$wunits' && out=\$(systemd-analyze verify ./nightcopy-worker.service 2>&1) && [ -z \"\$out\" ] || { echo \"\$out\"; exit 1; }"
+  check "rendered worker unit: exposure <= 2.0" systemd-analyze security --offline=true --threshold=20 --no-pager "$wunits/nightcopy-worker.service"
+  # prod has its alarm on; a worker publishes no LastSuccess, so it must not get one.
+  worker_no_alarm() { ! alarm nightcopy-last-success-scratch-worker >/dev/null 2>&1; }
+  check "worker: no LastSuccess alarm, although prod's alarm is on" worker_no_alarm
+  if converge prod scratch-worker "$dir/worker-2.log" -e nightcopy_mode=worker; then
+    expect "worker, second converge: changed=0" "$(recap_changed "$dir/worker-2.log")" 0
+  else
+    fail "worker, second converge" "$(tail -30 "$dir/worker-2.log")"
+  fi
+  if converge prod scratch-worker "$dir/worker-single.log"; then
+    expect "worker back to single: the nightly units, the worker's removed" "$(system_units "$worker")" \
+      "f 644 root root /etc/systemd/system/nightcopy.service|f 644 root root /etc/systemd/system/nightcopy.timer|"
+    check "worker back to single: the config has no distribute: section" \
+      bash -c "! grep -q '^distribute:' '$worker/etc/nightcopy/config.yaml'"
+  else
+    fail "converge the worker back to single" "$(tail -30 "$dir/worker-single.log")"
+  fi
+else
+  fail "converge inventories/prod as a worker into a scratch root" "$(tail -30 "$dir/worker.log")"
+fi
+
+# preflight: a coordinator without its queues, or waiting longer than its run may last.
+if converge prod scratch-prod "$dir/no-queue.log" -e nightcopy_mode=coordinator -e nightcopy_distribute_queue_url=; then
+  fail "preflight: a coordinator without a work queue URL is refused"
+else
+  check "preflight: a coordinator without a work queue URL is refused, naming the variable" \
+    grep -q "need nightcopy_distribute_queue_url" "$dir/no-queue.log"
+fi
+if converge prod scratch-prod "$dir/deadline.log" -e nightcopy_mode=coordinator -e nightcopy_distribute_deadline=23h; then
+  fail "preflight: a deadline beyond RuntimeMaxSec is refused"
+else
+  check "preflight: a deadline beyond RuntimeMaxSec is refused" \
+    grep -q "nightcopy_distribute_deadline (23h) and" "$dir/deadline.log"
 fi

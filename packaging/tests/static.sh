@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks that need no running systemd: the units (systemd-analyze verify, security exposure,
-# calendar), the role's templates against packaging/systemd/, the AWS documents, ansible-lint and
-# a lint of these scripts (shellcheck).
+# calendar), the role's templates against packaging/systemd/, the AWS documents (the JSON ones and
+# the scale-out CloudFormation template, with cfn-lint), ansible-lint and a lint of these scripts
+# (shellcheck).
 # Run by run.sh, which sets up the environment (NIGHTCOPY_BIN, the venv, WORK).
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -21,30 +22,36 @@ render() {
     >"$out.log" 2>&1 || { echo "rendering $out failed:"; tail -20 "$out.log"; return 1; }
 }
 
-# The binary must exist for verify (it checks ExecStart=), so point the units at the built one.
+# The binary must exist for verify (it checks ExecStart=), so point the units at the built one
+# (the nightly unit and the worker's, which every rendering has).
 point_at_binary() {
-  sed -i "s#^ExecStart=[^ ]*#ExecStart=$NIGHTCOPY_BIN#" "$1/nightcopy.service"
+  local u
+  for u in nightcopy.service nightcopy-worker.service; do
+    [ -f "$1/$u" ] && sed -i "s#^ExecStart=[^ ]*#ExecStart=$NIGHTCOPY_BIN#" "$1/$u"
+  done
+  return 0
 }
 
-# verify_units DIR: `systemd-analyze verify` must pass and say nothing (unknown or misspelled
-# keys are only warnings, exit 0).
+# verify_units DIR: `systemd-analyze verify` of every unit in DIR must pass and say nothing
+# (unknown or misspelled keys are only warnings, exit 0).
 verify_units() {
   local out
-  if ! out="$(cd "$1" && systemd-analyze verify ./nightcopy.service ./nightcopy.timer 2>&1)" ||
+  if ! out="$(cd "$1" && systemd-analyze verify ./*.service ./*.timer 2>&1)" ||
     [ -n "$out" ]; then
     echo "$out"
     return 1
   fi
 }
 
-# exposure DIR: systemd-analyze's overall exposure level of the service, e.g. 1.5.
+# exposure DIR [UNIT]: systemd-analyze's overall exposure level of the service, e.g. 1.5.
 exposure() {
-  systemd-analyze security --offline=true --no-pager "$1/nightcopy.service" 2>&1 |
+  systemd-analyze security --offline=true --no-pager "$1/${2:-nightcopy.service}" 2>&1 |
     sed -n 's/.*Overall exposure level for .*: \([0-9.]*\).*/\1/p'
 }
 
 mkdir -p "$units/shipped"
-cp "$REPO/packaging/systemd/nightcopy.service" "$REPO/packaging/systemd/nightcopy.timer" "$units/shipped/"
+cp "$REPO/packaging/systemd/nightcopy.service" "$REPO/packaging/systemd/nightcopy.timer" \
+  "$REPO/packaging/systemd/nightcopy-worker.service" "$units/shipped/"
 point_at_binary "$units/shipped"
 check "systemd-analyze verify: packaging/systemd units" verify_units "$units/shipped"
 
@@ -54,6 +61,27 @@ echo "exposure capability $level" >>"$WORK/measurements"
 # --threshold is on systemd's 0-100 scale: 20 means 2.0. It exits non-zero above it.
 check "systemd-analyze security: exposure $level <= 2.0" \
   systemd-analyze security --offline=true --threshold=20 --no-pager "$units/shipped/nightcopy.service"
+worker_level="$(exposure "$units/shipped" nightcopy-worker.service)"
+echo "       exposure of packaging/systemd/nightcopy-worker.service: ${worker_level:-unknown}"
+echo "exposure worker $worker_level" >>"$WORK/measurements"
+check "systemd-analyze security: worker exposure $worker_level <= 2.0" \
+  systemd-analyze security --offline=true --threshold=20 --no-pager "$units/shipped/nightcopy-worker.service"
+
+# The worker runs with the nightly unit's user, sandbox and limits (the role includes the same
+# blocks in both templates; a hand install gets these two files): every directive is the same
+# but those that make it a long-running worker instead of a nightly run.
+directives() {
+  grep -vE '^(#|$|\[|Description=|ExecStart=|SuccessExitStatus=|Restart=|RestartSec=|RestartPreventExitStatus=|RuntimeMaxSec=|StartLimitIntervalSec=|WantedBy=)' "$1"
+}
+check "worker unit: the nightly unit's user, sandbox and limits, line for line" \
+  diff -u <(directives "$REPO/packaging/systemd/nightcopy.service") \
+  <(directives "$REPO/packaging/systemd/nightcopy-worker.service")
+check "worker unit: restarted on failure every 30s without a start limit, no runtime limit" bash -c "
+  f='$REPO/packaging/systemd/nightcopy-worker.service'
+  grep -qx 'Restart=on-failure' \"\$f\" && grep -qx 'RestartSec=30s' \"\$f\" &&
+  grep -qx 'StartLimitIntervalSec=0' \"\$f\" && ! grep -q '^RuntimeMaxSec=' \"\$f\" &&
+  grep -qx 'WantedBy=multi-user.target' \"\$f\" &&
+  grep -qx 'ExecStart=/usr/local/bin/nightcopy worker --config /etc/nightcopy/config.yaml' \"\$f\""
 
 check "systemd-analyze calendar: the default schedule is valid" \
   systemd-analyze calendar --iterations=2 '*-*-* 02:00:00'
@@ -68,8 +96,30 @@ if render defaults; then
     check "template equals packaging/systemd/$u with the role's defaults" \
       diff -u <(body "$REPO/packaging/systemd/$u") <(body "$units/defaults/$u")
   done
+  check "single mode: the config has no distribute: section" \
+    bash -c "! grep -q '^distribute:' '$units/defaults/config.yaml'"
 else
   fail "render the role's templates with its defaults"
+fi
+
+# Scale-out: the worker's unit and config, from the role's defaults plus the mode and the queues.
+queue=https://sqs.eu-west-1.amazonaws.com/111122223333/nightcopy
+if render worker -e nightcopy_mode=worker -e "nightcopy_distribute_queue_url=$queue-work" \
+  -e "nightcopy_distribute_results_queue_url=$queue-results" \
+  -e "nightcopy_distribute_dead_letter_queue_url=$queue-work-dlq"; then
+  check "worker template equals packaging/systemd/nightcopy-worker.service (mode worker)" \
+    diff -u <(body "$REPO/packaging/systemd/nightcopy-worker.service") <(body "$units/worker/nightcopy-worker.service")
+  expect "worker config: the distribute: section, every key, strings as JSON" \
+    "$("$NIGHTCOPY_PKG_VENV/bin/python" -c 'import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))["distribute"], sort_keys=True))' "$units/worker/config.yaml")" \
+    "{\"batch-bytes\": \"1GiB\", \"batch-files\": 20, \"dead-letter-queue-url\": \"$queue-work-dlq\", \"deadline\": \"6h\", \"queue-url\": \"$queue-work\", \"results-queue-url\": \"$queue-results\", \"visibility-timeout\": \"5min\"}"
+  # Needs a binary that knows distribute: (the scale-out release on); the role's validate: runs
+  # the same command before it installs this file on a coordinator or worker.
+  check "worker config: nightcopy check-config accepts it" \
+    "$NIGHTCOPY_BIN" check-config --config "$units/worker/config.yaml"
+  point_at_binary "$units/worker"
+  check "systemd-analyze verify: the worker's rendering" verify_units "$units/worker"
+else
+  fail "render the templates with nightcopy_mode=worker"
 fi
 
 # Variants the role can render: each must still verify, and the sandbox must follow the source.
@@ -84,6 +134,9 @@ if render root -e nightcopy_run_as=root; then
   root_level="$(exposure "$units/root")"
   echo "       exposure when run as root: ${root_level:-unknown}"
   echo "exposure root $root_level" >>"$WORK/measurements"
+  check "run as root: the worker unit too" bash -c "
+    grep -qx 'User=root' '$units/root/nightcopy-worker.service' &&
+    ! grep -q '^AmbientCapabilities=' '$units/root/nightcopy-worker.service'"
 else
   fail "render the templates with nightcopy_run_as=root"
 fi
@@ -93,9 +146,11 @@ if render home -e nightcopy_source_path=/home -e nightcopy_metrics_textfile=/var
   -e nightcopy_io_scheduling_class=best-effort -e nightcopy_environment_file=/etc/nightcopy/credentials.env; then
   point_at_binary "$units/home"
   check "systemd-analyze verify: source /home, textfile, environment, best-effort I/O" verify_units "$units/home"
-  check "source /home: ProtectHome=read-only, RequiresMountsFor=/home" bash -c "
-    grep -qx 'ProtectHome=read-only' '$units/home/nightcopy.service' &&
-    grep -qx 'RequiresMountsFor=/home' '$units/home/nightcopy.service'"
+  check "source /home: ProtectHome=read-only, RequiresMountsFor=/home (both services)" bash -c "
+    for u in nightcopy.service nightcopy-worker.service; do
+      grep -qx 'ProtectHome=read-only' '$units/home/'\$u &&
+      grep -qx 'RequiresMountsFor=/home' '$units/home/'\$u || exit 1
+    done"
   check "textfile: its directory is ReadWritePaths=" \
     grep -qx 'ReadWritePaths=/var/lib/node_exporter/textfile' "$units/home/nightcopy.service"
   # systemd itself reads the value back: % must have become %% in the file.
@@ -113,14 +168,19 @@ else
   fail "render the templates with source /"
 fi
 
-# The AWS documents.
-aws_check() { python3 "$PKG_TESTS_DIR/check_aws.py" "$1"; }
+# The AWS documents. The venv's Python: reading the CloudFormation template needs PyYAML.
+aws_check() { "$NIGHTCOPY_PKG_VENV/bin/python" "$PKG_TESTS_DIR/check_aws.py" "$1"; }
 check "aws: every JSON document parses" aws_check parse
-check "aws: no policy allows s3:Delete*, s3:* or *" aws_check no-delete
+check "aws: no policy (JSON or scale-out.yaml) allows s3:Delete*, s3:*, sqs:*, a queue change or *" aws_check no-delete
 check "aws: instance policy is least privilege and names the prefix" aws_check instance-policy
 check "aws: bucket policy requires TLS, only the role writes, levels split" aws_check bucket-policy
 check "aws: lifecycle aborts incomplete multipart uploads after 7 days" aws_check lifecycle
 check "aws: alarm JSON is docs/metrics.md's alarm, within CloudWatch limits" aws_check alarm
+# cfn-lint exits non-zero on warnings as well as errors (its exit code is a bit mask).
+check "cfn-lint: packaging/aws/scale-out.yaml, no error or warning" \
+  "$NIGHTCOPY_PKG_VENV/bin/cfn-lint" --format parseable "$REPO/packaging/aws/scale-out.yaml"
+check "aws: scale-out roles reuse the instance policy exactly, and only their SQS calls" aws_check scale-out-roles
+check "aws: scale-out queues redrive after 2 receives, 4/14 days, SSE, TLS; backlog per worker" aws_check scale-out-queues
 
 check "shellcheck: packaging/tests/*.sh" bash -c "cd '$PKG_TESTS_DIR' && shellcheck -x -s bash ./*.sh"
 

@@ -52,6 +52,10 @@ pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> u8 {
         }
     };
     let queues = Queues::new(&sdk, d, config.destination.allow_insecure_endpoint);
+    if let Err(e) = queues.check(&queues.work).await {
+        tracing::error!("worker FAILED: {e}");
+        return exit::FATAL;
+    }
     let stats = Arc::new(Stats::default());
     let stop = Stop::on_signals("no new batch is taken; the batch in work goes back to the queue")
         .unwrap_or_else(|e| {
