@@ -16,6 +16,13 @@ Trees are generated here, deterministic from --seed:
   million  1,000,000 files of 0-64 bytes in 10,000 directories (nightcopy's memory, vs incr)
 --quick divides the file counts by 10 and the large files by 4 and skips `million`.
 
+The scale-out scenario (`--only scaleout`) runs a distributed copy — a coordinator and 1, 2 and 4
+`nightcopy worker` processes over SQS (moto on 127.0.0.1) — of
+  scale    4,000 files of 1-16 KiB in 40 directories
+into Garage behind the delaying proxy, with transfer.concurrency 4 per worker, so that the
+workers' concurrency, not this machine's cores, is what is measured; and (full mode) the
+coordinator alone over the million-file tree with a short deadline, for its memory.
+
 The slow-mount scenarios (`--only slowmount`) read the trees through scripts/slowfs.py, a FUSE
 passthrough that sleeps --mount-delays milliseconds in every metadata operation with attribute
 and entry caching off (a network filesystem client with cold caches), and count the operations
@@ -73,6 +80,8 @@ def tree_spec(name, quick):
         return dict(files=100_000 // div, dirs=1_000 // div, lo=256, hi=4096)
     if name == "million":
         return dict(files=1_000_000, dirs=10_000, lo=0, hi=64)
+    if name == "scale":
+        return dict(files=4_000 // div, dirs=40 // div or 1, lo=1024, hi=16 * 1024, flat=True)
     if name == "slow-a":
         return dict(files=5_000 // div, dirs=50 // div or 1, lo=100, hi=4096, flat=True)
     if name == "slow-b":
@@ -319,6 +328,43 @@ def run_proxy(listen, upstream, ms):
     asyncio.run(main())
 
 
+class Moto:
+    """moto's SQS on 127.0.0.1, for the scale-out scenario."""
+
+    def __init__(self, peers_bin, work):
+        self.port = free_port()
+        self.log = open(work / "moto.log", "ab")
+        self.proc = subprocess.Popen([str(Path(peers_bin) / "moto_server"), "-H", "127.0.0.1",
+                                      "-p", str(self.port)], stdout=self.log, stderr=self.log)
+        wait_port(self.port, "moto", self.proc)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.aws = str(Path(peers_bin) / "aws")
+        self.env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null"}
+
+    def sqs(self, *args):
+        out = subprocess.run([self.aws, "--endpoint-url", self.endpoint, "sqs", *args, "--output",
+                              "json"], env=self.env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout) if out.stdout.strip() else {}
+
+    def queues(self, name):
+        dlq = self.sqs("create-queue", "--queue-name", f"{name}-dlq")["QueueUrl"]
+        arn = self.sqs("get-queue-attributes", "--queue-url", dlq, "--attribute-names",
+                       "QueueArn")["Attributes"]["QueueArn"]
+        policy = json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": "2"})
+        work = self.sqs("create-queue", "--queue-name", f"{name}-work", "--attributes",
+                        json.dumps({"RedrivePolicy": policy}))["QueueUrl"]
+        results = self.sqs("create-queue", "--queue-name", f"{name}-results")["QueueUrl"]
+        return dict(work=work, results=results, dlq=dlq)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 class SlowMount:
     """scripts/slowfs.py over a tree: every metadata operation sleeps `delay_ms`, caches off."""
 
@@ -399,7 +445,8 @@ class Tools:
             names = [n for n in names if n in self.only]
         return names
 
-    def command(self, tool, tree, bucket, endpoint, walk_concurrency=None):
+    def command(self, tool, tree, bucket, endpoint, walk_concurrency=None, distribute=None,
+                concurrency=None, args=("run", "--force", "-q")):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
         env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
                    AWS_REGION="us-east-1", AWS_CONFIG_FILE=str(self.aws_config),
@@ -409,6 +456,9 @@ class Tools:
             state.mkdir(parents=True, exist_ok=True, mode=0o700)
             cfg = state.parent / f"{bucket}-{endpoint.rsplit(':', 1)[1]}.yaml"
             walk = f"\n  walk-concurrency: {walk_concurrency}" if walk_concurrency else ""
+            dist = ""
+            if distribute:
+                dist = ("distribute:\n" + "".join(f"  {k}: {v}\n" for k, v in distribute.items()))
             cfg.write_text(f"""source:
   path: {tree}
   require-mountpoint: false{walk}
@@ -419,12 +469,12 @@ destination:
   endpoint-url: {endpoint}
   force-path-style: true
 transfer:
-  concurrency: {CONCURRENCY}
+  concurrency: {concurrency or CONCURRENCY}
 state-dir: {state}
 metrics:
   cloudwatch: false
-""")
-            return [self.nightcopy, "run", "--config", str(cfg), "--force", "-q"], env
+{dist}""")
+            return [self.nightcopy, *args[:1], "--config", str(cfg), *args[1:]], env
         if tool.startswith("rclone"):
             env.update(RCLONE_CONFIG_B_TYPE="s3", RCLONE_CONFIG_B_PROVIDER="Other",
                        RCLONE_CONFIG_B_ENDPOINT=endpoint, RCLONE_CONFIG_B_ACCESS_KEY_ID=ACCESS_KEY,
@@ -619,6 +669,75 @@ class Bench:
         finally:
             mount.stop()
 
+    def scaleout(self):
+        moto = Moto(self.args.peers_bin, self.work)
+        self.proxy = DelayProxy(self.garage.s3_port, self.args.latency_ms)
+        try:
+            tree, spec = self.tree("scale")
+            self.notes["scale"] = dict(files=spec["files"], bytes=tree_bytes(tree))
+            warm(tree)
+            for workers in [1, 2, 4]:
+                for rep in range(self.args.reps):
+                    self.distributed_copy(moto, tree, spec, workers, rep)
+            if not self.args.quick:
+                self.coordinator_memory(moto)
+        finally:
+            moto.stop()
+            self.proxy.stop()
+            self.proxy = None
+
+    def distributed_copy(self, moto, tree, spec, workers, rep):
+        name = f"scale-{workers}w-{rep}"
+        q = moto.queues(name)
+        distribute = {"queue-url": q["work"], "results-queue-url": q["results"],
+                      "dead-letter-queue-url": q["dlq"], "batch-files": 20, "deadline": "30min",
+                      "visibility-timeout": "2min", "endpoint-url": moto.endpoint}
+        bucket = self.garage.bucket(name)
+        argv, env = self.tools.command("nightcopy", tree, bucket, self.proxy.endpoint,
+                                       distribute=distribute, concurrency=4, args=("worker", "-q"))
+        procs = [subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=open(self.work / f"{name}-w{i}.log", "wb"))
+                 for i in range(workers)]
+        try:
+            argv, env = self.tools.command("nightcopy", tree, bucket, self.proxy.endpoint,
+                                           distribute=distribute, concurrency=4,
+                                           args=("run", "--force"))
+            r = measure(argv, env, self.log, self.garage)
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        m = re.findall(r"(\d+) batches sent in (\d+) messages", Path(self.log).read_text())
+        if m:
+            r["batches"], r["messages"] = int(m[-1][0]), int(m[-1][1])
+        r["files_per_s"] = spec["files"] / r["wall"]
+        r["mib_per_s"] = self.notes["scale"]["bytes"] / 2**20 / r["wall"]
+        scenario = f"scaleout-{workers}-workers"
+        self.results.setdefault(scenario, {}).setdefault("nightcopy", []).append(r)
+        say(f"  {scenario:<22} {r['wall']:7.2f}s wall {r['cpu']:7.2f}s cpu (coordinator) "
+            f"{r['rss_mib']:7.1f} MiB  {r['files_per_s']:.0f} files/s  rc={r['rc']}")
+
+    def coordinator_memory(self, moto):
+        """The coordinator alone over a million files: it plans, spools, sends 50,000 batches
+        and, with no worker, names every file when its (short) deadline passes."""
+        tree, spec = self.tree("million")
+        q = moto.queues("scale-million")
+        distribute = {"queue-url": q["work"], "results-queue-url": q["results"],
+                      "dead-letter-queue-url": q["dlq"], "batch-files": 20, "deadline": "10s",
+                      "endpoint-url": moto.endpoint}
+        bucket = self.garage.bucket("scale-million")
+        argv, env = self.tools.command("nightcopy", tree, bucket, self.garage.endpoint,
+                                       distribute=distribute, args=("run", "--force", "-q"))
+        r = measure(argv, env, self.work / "coordinator-million.log", self.garage)
+        r["files"] = spec["files"]
+        self.results.setdefault("scaleout-coordinator-1M-files", {})["nightcopy"] = [r]
+        say(f"  coordinator, 1M files: {r['wall']:.1f}s wall {r['cpu']:.1f}s cpu "
+            f"{r['rss_mib']:.1f} MiB peak RSS rc={r['rc']}")
+
     def million(self):
         tree, spec = self.tree("million")
         self.notes["million"] = dict(files=spec["files"])
@@ -651,7 +770,7 @@ def say(msg):
 
 
 def med(runs, key):
-    vals = [r[key] for r in runs if r["rc"] == 0]
+    vals = [r[key] for r in runs if r["rc"] == 0 and r.get(key) is not None]
     return statistics.median(vals) if vals else None
 
 
@@ -737,6 +856,10 @@ def report(bench, command, started):
             name = tool + (f" ({failed} failed)" if failed else "")
             if stopped:
                 name += f" (stopped at {RUN_LIMIT} s)"
+            if scenario.startswith("scaleout-") and med(runs, "files_per_s") is not None:
+                extra += (f" ({med(runs, 'files_per_s'):,.0f} files/s, {med(runs, 'mib_per_s'):.1f} MiB/s"
+                          + (f", {int(med(runs, 'messages'))} messages" if med(runs, "messages") else "")
+                          + ")")
             row = (f"| {name} | {len(runs)} | {fmt(wall)}{extra} | {ratio} | {fmt(med(runs, 'cpu'))} | "
                    f"{fmt(med(runs, 'rss_mib'), 1)} | " + " | ".join(cells) + " |")
             if fuse:
@@ -803,8 +926,8 @@ def main():
     ap.add_argument("--concurrency", type=int, default=CONCURRENCY,
                     help="transfers in flight, the same for every tool")
     ap.add_argument("--tools", help="comma-separated subset of the tools to run")
-    ap.add_argument("--only", default="small,large,incr,million,slowmount",
-                    help="comma-separated scenarios: small,large,incr,million,slowmount")
+    ap.add_argument("--only", default="small,large,incr,million,slowmount,scaleout",
+                    help="comma-separated scenarios: small,large,incr,million,slowmount,scaleout")
     ap.add_argument("--mount-delays", default="1,5",
                     help="milliseconds per metadata operation on the slow mount (quick: 1)")
     ap.add_argument("--walk-concurrency", type=int, default=None,
@@ -846,6 +969,8 @@ def main():
             bench.million()
         if "slowmount" in only:
             bench.slowmount()
+        if "scaleout" in only:
+            bench.scaleout()
     finally:
         block = report(bench, command, started)
         json_path = REPO / "target/bench/results.json"
