@@ -28,63 +28,18 @@ pub struct Datum {
     pub name: &'static str,
     pub unit: &'static str,
     pub value: f64,
-    /// The Prometheus name and help text.
-    pub prom: &'static str,
-    pub help: &'static str,
 }
 
 /// The six data points of a run; `success` is the run's one success decision.
 pub fn data(figures: &Figures, success: bool) -> [Datum; 6] {
-    let d = |name, unit, value, prom, help| Datum {
-        name,
-        unit,
-        value,
-        prom,
-        help,
-    };
+    let d = |name, unit, value| Datum { name, unit, value };
     [
-        d(
-            LAST_SUCCESS,
-            "None",
-            if success { 1.0 } else { 0.0 },
-            "nightcopy_last_success",
-            "1 if the last run succeeded, else 0.",
-        ),
-        d(
-            FILES_TRANSFERRED,
-            "Count",
-            figures.files_transferred as f64,
-            "nightcopy_files_transferred",
-            "Files uploaded by the last run.",
-        ),
-        d(
-            BYTES_TRANSFERRED,
-            "Bytes",
-            figures.bytes_transferred as f64,
-            "nightcopy_bytes_transferred",
-            "Bytes uploaded by the last run.",
-        ),
-        d(
-            CHECKS,
-            "Count",
-            figures.checks as f64,
-            "nightcopy_checks",
-            "Files found unchanged by the last run.",
-        ),
-        d(
-            TRANSFER_ERRORS,
-            "Count",
-            figures.transfer_errors as f64,
-            "nightcopy_transfer_errors",
-            "Files the last run could not back up.",
-        ),
-        d(
-            ELAPSED_SECONDS,
-            "Seconds",
-            figures.elapsed_seconds,
-            "nightcopy_elapsed_seconds",
-            "Duration of the last run.",
-        ),
+        d(LAST_SUCCESS, "None", if success { 1.0 } else { 0.0 }),
+        d(FILES_TRANSFERRED, "Count", figures.files_transferred as f64),
+        d(BYTES_TRANSFERRED, "Bytes", figures.bytes_transferred as f64),
+        d(CHECKS, "Count", figures.checks as f64),
+        d(TRANSFER_ERRORS, "Count", figures.transfer_errors as f64),
+        d(ELAPSED_SECONDS, "Seconds", figures.elapsed_seconds),
     ]
 }
 
@@ -167,7 +122,7 @@ pub async fn publish_cloudwatch(
         {
             Ok(_) => return Ok(()),
             Err(e) => {
-                last = aws_sdk_cloudwatch::error::DisplayErrorContext(&e).to_string();
+                last = crate::store::sdk::explain(&e);
                 tracing::debug!(attempt, "PutMetricData failed: {last}");
                 if attempt < PUBLISH_TRIES {
                     tokio::time::sleep(Duration::from_secs(2u64.pow(attempt))).await;
@@ -181,23 +136,86 @@ pub async fn publish_cloudwatch(
     ))
 }
 
+/// What the Prometheus textfile says about the last run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LastRun<'a> {
+    pub figures: &'a Figures,
+    pub success: bool,
+    pub exit_code: u8,
+    /// When this run ended, and when the last successful one did (this one, or one before).
+    pub ended_unix: u64,
+    pub last_success_ended_unix: Option<u64>,
+}
+
+/// The textfile's metrics: name, help, value. Named after Prometheus's conventions (base units,
+/// `_timestamp_seconds` for a time, `_last_run_` for what the latest run did), so that "how old is
+/// the last good backup" is `time() - nightcopy_last_success_timestamp_seconds`, whatever the
+/// nights since did (docs/metrics.md).
+pub fn textfile_metrics(run: &LastRun) -> Vec<(&'static str, &'static str, f64)> {
+    let g = run.figures;
+    let mut m = Vec::with_capacity(9);
+    if let Some(t) = run.last_success_ended_unix {
+        m.push((
+            "nightcopy_last_success_timestamp_seconds",
+            "When the last successful run ended (Unix time); kept across failed runs.",
+            t as f64,
+        ));
+    }
+    m.extend([
+        (
+            "nightcopy_last_run_timestamp_seconds",
+            "When the last run ended (Unix time).",
+            run.ended_unix as f64,
+        ),
+        (
+            "nightcopy_last_run_success",
+            "1 if the last run succeeded (the value of LastSuccess), else 0.",
+            if run.success { 1.0 } else { 0.0 },
+        ),
+        (
+            "nightcopy_last_run_duration_seconds",
+            "How long the last run took.",
+            g.elapsed_seconds,
+        ),
+        (
+            "nightcopy_last_run_files_transferred",
+            "Files the last run uploaded.",
+            g.files_transferred as f64,
+        ),
+        (
+            "nightcopy_last_run_bytes_transferred",
+            "Bytes the last run uploaded.",
+            g.bytes_transferred as f64,
+        ),
+        (
+            "nightcopy_last_run_checks",
+            "Files the last run found unchanged.",
+            g.checks as f64,
+        ),
+        (
+            "nightcopy_last_run_transfer_errors",
+            "Files the last run could not back up.",
+            g.transfer_errors as f64,
+        ),
+        (
+            "nightcopy_last_run_exit_code",
+            "The last run's exit code (docs/exit-codes.md).",
+            f64::from(run.exit_code),
+        ),
+    ]);
+    m
+}
+
 /// The Prometheus textfile, replaced atomically so the collector never reads half of it (the
 /// temp file's name does not end in `.prom`, so the collector never reads it either).
-pub fn write_textfile(path: &Path, data: &[Datum], finished_unix: u64) -> std::io::Result<()> {
+pub fn write_textfile(path: &Path, run: &LastRun) -> std::io::Result<()> {
     let mut text = String::new();
-    for d in data {
+    for (name, help, value) in textfile_metrics(run) {
         let _ = write!(
             text,
-            "# HELP {} {}\n# TYPE {} gauge\n{} {}\n",
-            d.prom, d.help, d.prom, d.prom, d.value
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
         );
     }
-    let _ = write!(
-        text,
-        "# HELP nightcopy_last_run_timestamp_seconds When the last run ended.\n\
-         # TYPE nightcopy_last_run_timestamp_seconds gauge\n\
-         nightcopy_last_run_timestamp_seconds {finished_unix}\n"
-    );
     crate::fsutil::replace(path, text.as_bytes(), 0o644)
 }
 
@@ -234,16 +252,77 @@ mod tests {
     fn textfile_is_complete_prometheus_text() {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("nightcopy.prom");
-        write_textfile(&p, &data(&Figures::default(), true), 1234).unwrap();
+        let figures = Figures {
+            files_transferred: 3,
+            bytes_transferred: 42,
+            elapsed_seconds: 1.5,
+            ..Default::default()
+        };
+        let run = LastRun {
+            figures: &figures,
+            success: false,
+            exit_code: 2,
+            ended_unix: 2000,
+            last_success_ended_unix: Some(1000),
+        };
+        write_textfile(&p, &run).unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
-        assert!(text.contains("nightcopy_last_success 1\n"), "{text}");
-        assert!(text.contains("nightcopy_last_run_timestamp_seconds 1234\n"));
-        assert_eq!(text.matches("# TYPE").count(), 7);
+        let samples = parse_exposition(&text).unwrap();
+        assert_eq!(samples.len(), 9);
+        assert_eq!(samples["nightcopy_last_success_timestamp_seconds"], 1000.0);
+        assert_eq!(samples["nightcopy_last_run_timestamp_seconds"], 2000.0);
+        assert_eq!(samples["nightcopy_last_run_success"], 0.0);
+        assert_eq!(samples["nightcopy_last_run_exit_code"], 2.0);
+        assert_eq!(samples["nightcopy_last_run_files_transferred"], 3.0);
+        assert_eq!(samples["nightcopy_last_run_duration_seconds"], 1.5);
+        // Before the first success there is no such time, not a zero.
+        let never = LastRun {
+            last_success_ended_unix: None,
+            ..run
+        };
+        write_textfile(&p, &never).unwrap();
+        let samples = parse_exposition(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        assert!(!samples.contains_key("nightcopy_last_success_timestamp_seconds"));
         // Nothing else is left beside it (no temp file).
         let names: Vec<_> = std::fs::read_dir(t.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["nightcopy.prom"]);
+    }
+
+    /// The text exposition format, strictly: every sample has a HELP and a TYPE line before it,
+    /// names follow the metric-name grammar, values are floats, no name twice.
+    fn parse_exposition(text: &str) -> Result<std::collections::BTreeMap<String, f64>, String> {
+        let mut samples = std::collections::BTreeMap::new();
+        let (mut help, mut typed) = (None::<String>, None::<String>);
+        let valid = |n: &str| {
+            n.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        };
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                help = rest.split_once(' ').map(|(n, _)| n.to_owned());
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').ok_or(line)?;
+                if kind != "gauge" {
+                    return Err(format!("{name}: type {kind}"));
+                }
+                typed = Some(name.to_owned());
+            } else {
+                let (name, value) = line.split_once(' ').ok_or(line)?;
+                if !valid(name) || help.as_deref() != Some(name) || typed.as_deref() != Some(name) {
+                    return Err(format!("{line}: no HELP/TYPE, or a bad name"));
+                }
+                let v: f64 = value.parse().map_err(|_| format!("{line}: not a float"))?;
+                if samples.insert(name.to_owned(), v).is_some() {
+                    return Err(format!("{name} twice"));
+                }
+            }
+        }
+        Ok(samples)
     }
 }

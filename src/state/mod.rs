@@ -84,6 +84,9 @@ pub struct RunRecord {
     /// Start of the most recent successful run, carried over by runs that did not succeed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_success_started: Option<u64>,
+    /// Its end, carried over the same way (records written before it existed have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_ended: Option<u64>,
     #[serde(default)]
     pub metrics_published: bool,
 }
@@ -202,6 +205,7 @@ mod tests {
             figures: Figures::default(),
             error: None,
             last_success_started: Some(100),
+            last_success_ended: Some(160),
             metrics_published: true,
         };
         write_record(d.path(), &r).unwrap();
@@ -219,6 +223,7 @@ mod tests {
             figures: Figures::default(),
             error: None,
             last_success_started: last,
+            last_success_ended: None,
             metrics_published: true,
         };
         let twenty = Duration::from_secs(20 * h);

@@ -62,8 +62,12 @@ pub enum ErrorKind {
     StorageClass,
     /// The KMS key cannot be used.
     Kms,
-    /// No connection to the endpoint (DNS, refused, TLS, timeout before an answer).
+    /// No connection to the endpoint (DNS, refused, timeout before an answer).
     Unreachable,
+    /// The endpoint's TLS certificate was refused (unknown CA, another name, expired).
+    Tls,
+    /// The endpoint asked to slow down, on every attempt (SlowDown, 503).
+    Throttled,
     /// The request would have gone over plain http to a host that is not loopback, and was not
     /// sent (`sdk::TransportGuard`).
     InsecureEndpoint,
@@ -82,6 +86,11 @@ impl ErrorKind {
                 ErrorKind::BadCredentials
             }
             "RequestTimeTooSkewed" => ErrorKind::ClockSkew,
+            "SlowDown"
+            | "Throttling"
+            | "ThrottlingException"
+            | "RequestLimitExceeded"
+            | "TooManyRequestsException" => ErrorKind::Throttled,
             "InvalidStorageClass" => ErrorKind::StorageClass,
             "AuthorizationHeaderMalformed"
             | "PermanentRedirect"
@@ -98,6 +107,7 @@ impl ErrorKind {
             ErrorKind::DigestMismatch
                 | ErrorKind::ChecksumMismatch
                 | ErrorKind::NotImplemented
+                | ErrorKind::Throttled
                 | ErrorKind::Other
         )
     }
@@ -111,6 +121,15 @@ impl ErrorKind {
             }
             ErrorKind::Unreachable => {
                 "cannot reach the endpoint: check destination.endpoint-url / region and the network"
+            }
+            ErrorKind::Tls => {
+                "the endpoint's TLS certificate was refused: check that the endpoint's name \
+                 matches its certificate and that the CA is trusted (the system's CA bundle, or \
+                 SSL_CERT_FILE)"
+            }
+            ErrorKind::Throttled => {
+                "S3 asked to slow down on every attempt: lower transfer.concurrency or set \
+                 transfer.bandwidth-limit; the file is tried again next run"
             }
             ErrorKind::InsecureEndpoint => {
                 "nothing was sent: the endpoint is plain http to a host that is not loopback"

@@ -175,6 +175,7 @@ impl S3Store {
         let kind = match (&err, code.as_deref()) {
             _ if context.contains(super::sdk::INSECURE_REFUSAL) => ErrorKind::InsecureEndpoint,
             (SdkError::ConstructionFailure(_), _) => ErrorKind::NoCredentials,
+            (SdkError::DispatchFailure(_), _) if is_tls(&context) => ErrorKind::Tls,
             (SdkError::DispatchFailure(_), _) => ErrorKind::Unreachable,
             (_, Some(c)) => ErrorKind::of_code(c),
             (_, None) => ErrorKind::Other,
@@ -193,7 +194,7 @@ impl S3Store {
                 err.message().map(|m| format!(": {m}")).unwrap_or_default(),
                 se.raw().status().as_u16()
             ),
-            _ => DisplayErrorContext(&err).to_string(),
+            _ => super::sdk::explain(&err),
         };
         let message = if advice.is_empty() {
             format!("{op} {what} failed: {detail}")
@@ -206,6 +207,12 @@ impl S3Store {
             message,
         }
     }
+}
+
+/// Whether a connection failed on the peer's certificate (rustls's words).
+fn is_tls(context: &str) -> bool {
+    let c = context.to_ascii_lowercase();
+    c.contains("certificate") || c.contains("invalidcertificate") || c.contains("tls handshake")
 }
 
 fn time_ns(t: Option<&aws_sdk_s3::primitives::DateTime>) -> i64 {
@@ -454,7 +461,7 @@ impl ObjectStore for S3Store {
                 match body.next().await? {
                     Ok(chunk) => Some((Ok(chunk), Some(body))),
                     Err(e) => {
-                        let detail = DisplayErrorContext(&e).to_string();
+                        let detail = super::sdk::explain(&e);
                         // The SDK's response checksum check fails the body's last read. Matched on
                         // the text: the error type lives in a crate nightcopy does not depend on.
                         let kind = if detail.contains("checksum mismatch") {

@@ -44,7 +44,7 @@ pub async fn check_credentials(sdk: &aws_config::SdkConfig) -> Result<(), SetupE
         SetupError::Credentials(format!(
             "no AWS credentials: on EC2 attach an instance role to the instance (and allow IMDSv2 \
              from this host); elsewhere set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE ({})",
-            aws_sdk_s3::error::DisplayErrorContext(&e)
+            explain(&e)
         ))
     })?;
     Ok(())
@@ -99,4 +99,35 @@ impl aws_sdk_s3::config::Intercept for TransportGuard {
         )
         .into())
     }
+}
+
+/// An error of the SDK as a person reads it: the messages of its chain of causes, their
+/// `Display` and never their `Debug` (which dumps whole responses), without repeats. The SDK's
+/// full context goes to the log at trace level (`-vv`) for whoever needs the raw detail.
+pub fn explain<E: std::error::Error + 'static>(e: &E) -> String {
+    tracing::trace!(
+        "error in full: {}",
+        aws_sdk_s3::error::DisplayErrorContext(e)
+    );
+    let mut parts: Vec<String> = Vec::new();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        // One line: a message that lists things on lines of their own (the credential chain
+        // does) has them separated by "; ".
+        let text = c
+            .to_string()
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ")
+            .replace(":; ", ": ");
+        // Some messages repeat their cause's text, and some wrappers say only "service error".
+        let said = parts.iter().any(|p| p.contains(text.as_str()));
+        if !text.is_empty() && !said {
+            parts.push(text);
+        }
+        cause = c.source();
+    }
+    parts.join(": ")
 }

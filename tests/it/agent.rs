@@ -143,7 +143,7 @@ fn unpublished_metrics_are_said_and_change_the_exit_code() {
 }
 
 #[test]
-fn textfile_carries_the_same_figures() {
+fn textfile_carries_the_same_figures_and_keeps_the_last_success_across_failures() {
     let mut c = Case::new("textfile");
     let prom = c.root.join("nightcopy.prom");
     c.metrics = format!(
@@ -154,13 +154,41 @@ fn textfile_carries_the_same_figures() {
     assert_eq!(c.run(&["run"]).code, 0);
     let text = fs::read_to_string(&prom).unwrap();
     for line in [
-        "nightcopy_last_success 1\n",
-        "nightcopy_files_transferred 1\n",
-        "nightcopy_bytes_transferred 3\n",
-        "nightcopy_transfer_errors 0\n",
+        "nightcopy_last_run_success 1\n",
+        "nightcopy_last_run_files_transferred 1\n",
+        "nightcopy_last_run_bytes_transferred 3\n",
+        "nightcopy_last_run_transfer_errors 0\n",
+        "nightcopy_last_run_exit_code 0\n",
+        "# TYPE nightcopy_last_success_timestamp_seconds gauge\n",
     ] {
         assert!(text.contains(line), "{line:?} not in\n{text}");
     }
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    let succeeded = value(&text, "nightcopy_last_success_timestamp_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - succeeded).abs() < 120.0, "{succeeded} vs {now}");
+
+    // A failed night: the last run says so, the last success stays where it was.
+    std::thread::sleep(Duration::from_secs(1));
+    c.require_mountpoint = true;
+    assert_eq!(c.run(&["run"]).code, 1);
+    let text = fs::read_to_string(&prom).unwrap();
+    assert_eq!(value(&text, "nightcopy_last_run_success"), 0.0);
+    assert_eq!(value(&text, "nightcopy_last_run_exit_code"), 1.0);
+    assert_eq!(
+        value(&text, "nightcopy_last_success_timestamp_seconds"),
+        succeeded
+    );
+    assert!(value(&text, "nightcopy_last_run_timestamp_seconds") > succeeded);
 }
 
 #[test]

@@ -380,7 +380,7 @@ fn without_workers_the_deadline_ends_the_run_with_every_file_named_and_last_succ
         );
     }
     let text = fs::read_to_string(&prom).unwrap();
-    assert!(text.contains("nightcopy_last_success 0\n"), "{text}");
+    assert!(text.contains("nightcopy_last_run_success 0\n"), "{text}");
     // Nothing was uploaded, and the batches still wait for a worker.
     assert!(s3().list_keys(&c.dest).is_empty());
     assert_eq!(q.depth(&q.work), 2);

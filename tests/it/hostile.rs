@@ -660,6 +660,14 @@ fn https_with_a_trusted_ca_works_and_a_wrong_name_or_ca_is_refused_in_one_line()
             .collect();
         assert_eq!(fatal.len(), 1, "{}", out.stderr);
         assert!(fatal[0].to_lowercase().contains(want), "{}", fatal[0]);
+        assert!(
+            fatal[0].contains("TLS certificate was refused"),
+            "the line says what to check: {}",
+            fatal[0]
+        );
+        if let Some(line) = crate::messages::debug_structure(&out.stderr) {
+            panic!("a debug structure reached stderr: {line}");
+        }
     }
     for child in [&mut good, &mut wrong] {
         let _ = child.kill();

@@ -13,6 +13,7 @@ mod hostile;
 mod journal;
 mod kill;
 mod layout;
+mod messages;
 mod moving;
 mod restore;
 mod servers_selftest;

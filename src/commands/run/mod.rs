@@ -152,22 +152,51 @@ impl RunContext<'_> {
             return code;
         }
 
-        let published = publish(config, self.sdk.as_ref(), &report).await;
+        let mut published = publish_cloudwatch(config, self.sdk.as_ref(), &report).await;
         if !published && code == exit::SUCCESS {
             code = exit::METRICS_NOT_PUBLISHED;
         }
+        let ended = fsutil::unix_now();
+        let success = report.outcome.is_success();
+        let previous = self.previous.as_ref();
+        let last_success_started = match success {
+            true => Some(self.started_unix),
+            false => previous.and_then(|p| p.last_success_started),
+        };
+        let last_success_ended = match success {
+            true => Some(ended),
+            // A record from before ends were kept: its last success's start is close enough.
+            false => previous.and_then(|p| p.last_success_ended.or(p.last_success_started)),
+        };
+        if let Some(path) = &config.metrics.textfile {
+            let run = metrics::LastRun {
+                figures: &report.figures,
+                success,
+                exit_code: code,
+                ended_unix: ended,
+                last_success_ended_unix: last_success_ended,
+            };
+            if let Err(e) = metrics::write_textfile(&path.0, &run) {
+                published = false;
+                if code == exit::SUCCESS {
+                    code = exit::METRICS_NOT_PUBLISHED;
+                }
+                tracing::error!(
+                    error_kind = "metrics",
+                    "cannot write the metrics textfile {}: {e}",
+                    path.0.display()
+                );
+            }
+        }
         let record = RunRecord {
             started: self.started_unix,
-            ended: fsutil::unix_now(),
+            ended,
             outcome: report.outcome,
             exit_code: code,
             figures: report.figures.clone(),
             error: report.error.clone(),
-            last_success_started: if report.outcome.is_success() {
-                Some(self.started_unix)
-            } else {
-                self.previous.and_then(|p| p.last_success_started)
-            },
+            last_success_started,
+            last_success_ended,
             metrics_published: published,
         };
         if let Err(e) = state::write_record(&config.state_dir.0, &record) {
@@ -185,26 +214,32 @@ impl RunContext<'_> {
     }
 }
 
-/// CloudWatch and the textfile, as configured; `false` when either could not be written (said in
-/// the journal).
-async fn publish(config: &Config, sdk: Option<&aws_config::SdkConfig>, report: &RunReport) -> bool {
+/// CloudWatch, when configured; `false` when the metrics could not be published (said in the
+/// journal).
+async fn publish_cloudwatch(
+    config: &Config,
+    sdk: Option<&aws_config::SdkConfig>,
+    report: &RunReport,
+) -> bool {
+    if !config.metrics.cloudwatch {
+        return true;
+    }
     let data = metrics::data(&report.figures, report.outcome.is_success());
-    let mut published = true;
-    if config.metrics.cloudwatch {
-        let sdk = match sdk {
-            Some(s) => Ok(s.clone()),
-            None => sdk::load(config).await.map_err(|e| e.to_string()),
-        };
-        let sent = match sdk {
-            Ok(sdk) => {
-                let instance = metrics::instance_id(&config.metrics).await;
-                let insecure = config.destination.allow_insecure_endpoint;
-                metrics::publish_cloudwatch(&sdk, &config.metrics, insecure, &instance, &data).await
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = sent {
-            published = false;
+    let sdk = match sdk {
+        Some(s) => Ok(s.clone()),
+        None => sdk::load(config).await.map_err(|e| e.to_string()),
+    };
+    let sent = match sdk {
+        Ok(sdk) => {
+            let instance = metrics::instance_id(&config.metrics).await;
+            let insecure = config.destination.allow_insecure_endpoint;
+            metrics::publish_cloudwatch(&sdk, &config.metrics, insecure, &instance, &data).await
+        }
+        Err(e) => Err(e),
+    };
+    match sent {
+        Ok(()) => true,
+        Err(e) => {
             tracing::error!(
                 error_kind = "metrics",
                 "metrics were NOT published ({e}); the backup itself {}",
@@ -214,19 +249,9 @@ async fn publish(config: &Config, sdk: Option<&aws_config::SdkConfig>, report: &
                     Outcome::Failed => "failed",
                 }
             );
+            false
         }
     }
-    if let Some(path) = &config.metrics.textfile {
-        if let Err(e) = metrics::write_textfile(&path.0, &data, fsutil::unix_now()) {
-            published = false;
-            tracing::error!(
-                error_kind = "metrics",
-                "cannot write the metrics textfile {}: {e}",
-                path.0.display()
-            );
-        }
-    }
-    published
 }
 
 /// The summary line: all six figures as journal fields, under a fixed MESSAGE_ID.
