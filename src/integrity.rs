@@ -67,6 +67,21 @@ impl Stored {
 pub struct Reference {
     pub manifest: Option<[u8; 32]>,
     pub stored: Stored,
+    /// The object's ETag as an MD5 — used only when nothing else covers the object (one
+    /// uploaded by another tool, rclone say, that sent no SHA-256): see [`Reference::new`].
+    pub md5: Option<[u8; 16]>,
+}
+
+impl Reference {
+    /// The references for an object; its ETag's MD5 is kept only when no SHA-256 covers it.
+    pub fn new(manifest: Option<[u8; 32]>, stored: Stored, etag_md5: Option<[u8; 16]>) -> Self {
+        let md5 = etag_md5.filter(|_| manifest.is_none() && stored == Stored::None);
+        Reference {
+            manifest,
+            stored,
+            md5,
+        }
+    }
 }
 
 /// The manifest's SHA-256 for an object, when the entry describes that object (see the module
@@ -89,6 +104,7 @@ pub fn manifest_sha(
 pub struct StreamHasher {
     whole: Sha256,
     composite: Option<CompositeHasher>,
+    md5: Option<md5::Md5>,
     bytes: u64,
 }
 
@@ -106,6 +122,8 @@ pub struct Digests {
     pub whole: [u8; 32],
     /// The composite digest and the number of parts it covers.
     pub composite: Option<([u8; 32], u32)>,
+    /// Only when asked for (`StreamHasher::with_md5`).
+    pub md5: Option<[u8; 16]>,
     pub bytes: u64,
 }
 
@@ -126,12 +144,23 @@ impl StreamHasher {
         StreamHasher {
             whole: Sha256::new(),
             composite,
+            md5: None,
             bytes: 0,
         }
     }
 
+    /// Also the MD5, when a reference needs it (an ETag is all that covers the object).
+    pub fn with_md5(mut self, wanted: bool) -> StreamHasher {
+        use md5::Digest as _;
+        self.md5 = wanted.then(md5::Md5::new);
+        self
+    }
+
     pub fn update(&mut self, mut data: &[u8]) {
         self.whole.update(data);
+        if let Some(m) = self.md5.as_mut() {
+            md5::Digest::update(m, data);
+        }
         self.bytes += data.len() as u64;
         let Some(c) = self.composite.as_mut() else {
             return;
@@ -160,6 +189,7 @@ impl StreamHasher {
         Digests {
             whole: self.whole.finalize().into(),
             composite,
+            md5: self.md5.map(|m| md5::Digest::finalize(m).into()),
             bytes: self.bytes,
         }
     }
@@ -183,6 +213,7 @@ pub enum Verdict {
 pub const MANIFEST: &str = "the SHA-256 in the manifest";
 pub const OBJECT_CHECKSUM: &str = "the object's SHA-256 checksum";
 pub const COMPOSITE_CHECKSUM: &str = "the object's composite (multipart) SHA-256 checksum";
+pub const ETAG_MD5: &str = "the object's ETag (the MD5 of a single-part upload)";
 
 /// Why nothing covers an object's bytes, for the line that says it was restored unverified.
 /// `layout_known`: the part layout of a composite checksum was found.
@@ -241,6 +272,16 @@ pub fn judge(reference: &Reference, digests: &Digests) -> Verdict {
             _ => {}
         },
         Stored::None => {}
+    }
+    if let (Some(want), Some(got)) = (reference.md5, digests.md5) {
+        if want != got {
+            return Verdict::Mismatch {
+                against: ETAG_MD5,
+                expected: hex::encode(want),
+                actual: hex::encode(got),
+            };
+        }
+        against.push(ETAG_MD5);
     }
     if against.is_empty() {
         Verdict::Unverified
@@ -347,10 +388,15 @@ mod tests {
         let bad = sha(b"bad");
         let digests = Digests {
             whole: good,
+            md5: None,
             composite: Some((good, 2)),
             bytes: 4,
         };
-        let r = |manifest, stored| Reference { manifest, stored };
+        let r = |manifest, stored| Reference {
+            manifest,
+            stored,
+            md5: None,
+        };
         let cases: Vec<(Reference, &str)> = vec![
             (r(None, Stored::None), "unverified"),
             (r(Some(good), Stored::None), "verified 1"),

@@ -598,14 +598,17 @@ impl<S: ObjectStore> Ctx<S> {
             return Ok(());
         };
         let meta = ObjectMeta::from_map(&head.meta);
-        let manifest = check::manifest_sha(record, head.size, meta.as_ref());
-        let stored = Stored::parse(head.checksum_sha256.as_deref());
-        let layout = if stored.is_composite() {
+        let reference = Reference::new(
+            check::manifest_sha(record, head.size, meta.as_ref()),
+            Stored::parse(head.checksum_sha256.as_deref()),
+            head.etag_md5,
+        );
+        let layout = if reference.stored.is_composite() {
             self.part_layout(&key, None).await?
         } else {
             None
         };
-        let digests = match hash_file(entry, size, layout).await {
+        let digests = match hash_file(entry, size, layout, reference.md5.is_some()).await {
             Ok(d) => d,
             Err(e) => {
                 self.report(Kind::Unchecked, entry, &format!("cannot read it: {e}"));
@@ -613,8 +616,13 @@ impl<S: ObjectStore> Ctx<S> {
             }
         };
         self.stats.hashed.fetch_add(1, Relaxed);
-        match check::judge(&Reference { manifest, stored }, &digests) {
-            Verdict::Verified(_) => {}
+        match check::judge(&reference, &digests) {
+            Verdict::Verified(against) => tracing::debug!(
+                path = %entry.path.display(),
+                "{}: matches {}",
+                shown(&entry.path),
+                against.join(" and ")
+            ),
             Verdict::Unverified => self.stats.unverifiable(&entry.path),
             Verdict::Mismatch {
                 against,
@@ -655,16 +663,17 @@ impl<S: ObjectStore> Ctx<S> {
             return Ok(());
         };
         let meta = ObjectMeta::from_map(&download.meta);
-        let reference = Reference {
-            manifest: check::manifest_sha(s.record.as_ref(), download.size, meta.as_ref()),
-            stored: Stored::parse(download.checksum_sha256.as_deref()),
-        };
+        let reference = Reference::new(
+            check::manifest_sha(s.record.as_ref(), download.size, meta.as_ref()),
+            Stored::parse(download.checksum_sha256.as_deref()),
+            download.etag_md5,
+        );
         let layout = if reference.manifest.is_none() && reference.stored.is_composite() {
             self.part_layout(&key, None).await?
         } else {
             None
         };
-        let mut hasher = StreamHasher::new(download.size, layout);
+        let mut hasher = StreamHasher::new(download.size, layout).with_md5(reference.md5.is_some());
         let mut body = download.body;
         while let Some(chunk) = body.next().await {
             match chunk {
@@ -709,7 +718,7 @@ impl<S: ObjectStore> Ctx<S> {
             Verdict::Unverified => self.stats.unverifiable(&entry.path),
             Verdict::Verified(_) => {}
         }
-        let local = match hash_file(entry, entry.size, None).await {
+        let local = match hash_file(entry, entry.size, None, false).await {
             Ok(d) => d,
             Err(e) => {
                 self.report(Kind::Unchecked, entry, &format!("cannot read it: {e}"));
@@ -747,6 +756,7 @@ async fn hash_file(
     entry: &LocalEntry,
     size: u64,
     layout: Option<crate::store::PartLayout>,
+    md5: bool,
 ) -> io::Result<check::Digests> {
     let entry = entry.clone();
     fsutil::blocking(move || {
@@ -757,7 +767,7 @@ async fn hash_file(
             }
             OpenError::Io(e) => e,
         })?;
-        let mut hasher = StreamHasher::new(size, layout);
+        let mut hasher = StreamHasher::new(size, layout).with_md5(md5);
         let mut buf = vec![0; READ_BUF];
         loop {
             match f.read(&mut buf) {

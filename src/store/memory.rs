@@ -316,6 +316,7 @@ impl ObjectStore for MemoryStore {
         self.called(Op::Head);
         Ok(self.object(key).map(|o| HeadInfo {
             size: o.body.len() as u64,
+            etag_md5: None,
             meta: o.meta,
             checksum_sha256: o.checksum,
         }))
@@ -334,6 +335,7 @@ impl ObjectStore for MemoryStore {
                 .collect();
             Download {
                 size: o.body.len() as u64,
+                etag_md5: None,
                 meta: o.meta,
                 checksum_sha256: o.checksum,
                 body: Box::pin(futures::stream::iter(chunks)),

@@ -217,6 +217,10 @@ pub const META_MODE: &str = "nightcopy-mode";
 pub const META_UID: &str = "nightcopy-uid";
 pub const META_GID: &str = "nightcopy-gid";
 pub const META_RAW_PATH: &str = "nightcopy-raw-path";
+/// rclone's modification time (Unix seconds with nine decimals): written beside nightcopy's own,
+/// so that `rclone copy` from the bucket restores mtimes too, and read when nightcopy's is absent
+/// (a bucket filled by rclone; docs/keys.md).
+pub const META_RCLONE_MTIME: &str = "mtime";
 
 impl ObjectMeta {
     pub fn to_map(&self) -> HashMap<String, String> {
@@ -229,7 +233,28 @@ impl ObjectMeta {
         if let Some(raw) = &self.raw_path {
             m.insert(META_RAW_PATH.to_owned(), raw.clone());
         }
+        m.insert(
+            META_RCLONE_MTIME.to_owned(),
+            format!(
+                "{}.{:09}",
+                self.mtime_ns.div_euclid(1_000_000_000),
+                self.mtime_ns.rem_euclid(1_000_000_000)
+            ),
+        );
         m
+    }
+
+    /// rclone's `mtime` (`1614834367.123456789`), in nanoseconds.
+    pub fn rclone_mtime(m: &HashMap<String, String>) -> Option<i64> {
+        let text = m.get(META_RCLONE_MTIME)?;
+        let (secs, frac) = text.split_once('.').unwrap_or((text, "0"));
+        let secs: i64 = secs.parse().ok()?;
+        let digits: String = frac.chars().take(9).collect();
+        if !digits.chars().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        let nanos: i64 = format!("{digits:0<9}").parse().ok()?;
+        secs.checked_mul(1_000_000_000)?.checked_add(nanos)
     }
 
     pub fn from_map(m: &HashMap<String, String>) -> Option<ObjectMeta> {
@@ -276,6 +301,8 @@ pub struct HeadInfo {
     pub size: u64,
     pub meta: HashMap<String, String>,
     pub checksum_sha256: Option<String>,
+    /// The MD5 the ETag is, when it is one (see [`etag_md5`]).
+    pub etag_md5: Option<[u8; 16]>,
 }
 
 /// The body of a download, chunk by chunk as it arrives: nothing holds a whole object.
@@ -288,7 +315,22 @@ pub struct Download {
     /// As S3 reports it (base64); `…-N` is a multipart object's composite checksum, not the
     /// SHA-256 of the body.
     pub checksum_sha256: Option<String>,
+    /// The MD5 the ETag is, when it is one (see [`etag_md5`]).
+    pub etag_md5: Option<[u8; 16]>,
     pub body: BodyStream,
+}
+
+/// The MD5 of an object's bytes, from its ETag, when the ETag is one: a single-part upload that
+/// S3 did not encrypt with KMS (or a customer key). A multipart ETag (`…-N`) is not.
+pub fn etag_md5(etag: Option<&str>, kms_or_customer_key: bool) -> Option<[u8; 16]> {
+    if kms_or_customer_key {
+        return None;
+    }
+    let hex_text = etag?.trim_matches('"');
+    if hex_text.len() != 32 {
+        return None;
+    }
+    hex::decode(hex_text).ok()?.try_into().ok()
 }
 
 /// One entry of ListObjectVersions: a version of an object, or a delete marker.

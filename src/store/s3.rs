@@ -209,6 +209,15 @@ impl S3Store {
     }
 }
 
+/// KMS and customer keys make the ETag something else than the MD5 of the bytes.
+fn encrypted_with_a_key(sse: Option<&ServerSideEncryption>, customer_key: bool) -> bool {
+    customer_key
+        || matches!(
+            sse,
+            Some(ServerSideEncryption::AwsKms | ServerSideEncryption::AwsKmsDsse)
+        )
+}
+
 /// Whether a connection failed on the peer's certificate (rustls's words).
 fn is_tls(context: &str) -> bool {
     let c = context.to_ascii_lowercase();
@@ -419,6 +428,13 @@ impl ObjectStore for S3Store {
         {
             Ok(o) => Ok(Some(HeadInfo {
                 size: o.content_length.unwrap_or(0).max(0) as u64,
+                etag_md5: super::etag_md5(
+                    o.e_tag.as_deref(),
+                    encrypted_with_a_key(
+                        o.server_side_encryption.as_ref(),
+                        o.sse_customer_algorithm.is_some(),
+                    ),
+                ),
                 meta: o.metadata.unwrap_or_default(),
                 checksum_sha256: o.checksum_sha256,
             })),
@@ -481,6 +497,13 @@ impl ObjectStore for S3Store {
         });
         Ok(Some(Download {
             size: out.content_length.unwrap_or(0).max(0) as u64,
+            etag_md5: super::etag_md5(
+                out.e_tag.as_deref(),
+                encrypted_with_a_key(
+                    out.server_side_encryption.as_ref(),
+                    out.sse_customer_algorithm.is_some(),
+                ),
+            ),
             meta: out.metadata.unwrap_or_default(),
             checksum_sha256: out.checksum_sha256,
             body: Box::pin(body),

@@ -15,6 +15,7 @@ mod kill;
 mod layout;
 mod messages;
 mod moving;
+mod rclone;
 mod restore;
 mod servers_selftest;
 mod verify;

@@ -824,10 +824,11 @@ impl<S: ObjectStore> Ctx<S> {
             return Err(Failure::Counted);
         }
         let meta = ObjectMeta::from_map(&download.meta);
-        let reference = Reference {
-            manifest: check::manifest_sha(job.record.as_ref(), download.size, meta.as_ref()),
-            stored: Stored::parse(download.checksum_sha256.as_deref()),
-        };
+        let reference = Reference::new(
+            check::manifest_sha(job.record.as_ref(), download.size, meta.as_ref()),
+            Stored::parse(download.checksum_sha256.as_deref()),
+            download.etag_md5,
+        );
         // The composite checksum needs the part boundaries: one HEAD, only when nothing better
         // covers the object.
         let layout = if reference.manifest.is_none() && reference.stored.is_composite() {
@@ -842,16 +843,31 @@ impl<S: ObjectStore> Ctx<S> {
         } else {
             None
         };
+        let rclone_mtime = ObjectMeta::rclone_mtime(&download.meta);
         if meta.is_none() {
             tracing::debug!(
                 key = full_key,
-                "{} has no nightcopy metadata: restored with mode 644 and the current time",
-                shown(full_key)
+                "{} has no nightcopy metadata: restored with mode 644 and {}",
+                shown(full_key),
+                if rclone_mtime.is_some() {
+                    "rclone's mtime"
+                } else {
+                    "the current time"
+                }
             );
         }
+        // An object from rclone carries its mtime only: that much comes back.
+        let meta = meta.or(rclone_mtime.map(|mtime_ns| ObjectMeta {
+            mtime_ns,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            raw_path: None,
+        }));
+        let owned = ObjectMeta::from_map(&download.meta).is_some();
         let why_unverified = check::why_unverified(&reference, layout.is_some());
         let (verdict, bytes) = self
-            .write(&rel, full_key, download, reference, layout, meta)
+            .write(&rel, full_key, download, reference, layout, meta, owned)
             .await?;
         let target = self.shown_path(&rel);
         self.stats
@@ -867,6 +883,7 @@ impl<S: ObjectStore> Ctx<S> {
         reference: Reference,
         layout: Option<crate::store::PartLayout>,
         meta: Option<ObjectMeta>,
+        owned: bool,
     ) -> Result<(Verdict, u64), Failure> {
         let local = |what: &str, e: io::Error| Failure::Local(format!("{what}: {e}"));
         let target = self.target.clone().expect("only a dry run has no target");
@@ -885,7 +902,7 @@ impl<S: ObjectStore> Ctx<S> {
 
         let mut out =
             tokio::io::BufWriter::with_capacity(WRITE_BUF, tokio::fs::File::from_std(file));
-        let mut hasher = StreamHasher::new(download.size, layout);
+        let mut hasher = StreamHasher::new(download.size, layout).with_md5(reference.md5.is_some());
         let mut body = download.body;
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
@@ -920,7 +937,8 @@ impl<S: ObjectStore> Ctx<S> {
         let (as_root, keep_setid, overwrite) = (self.as_root, self.keep_setid, self.overwrite);
         let (place_dir, tmp_name) = (dir, tmp.name().to_owned());
         let placed = blocking(move || {
-            apply_meta(&file, meta.as_ref(), as_root, keep_setid)?;
+            // An owner only from nightcopy's own metadata; rclone's carries none.
+            apply_meta(&file, meta.as_ref(), as_root && owned, keep_setid)?;
             // On disk before it gets its real name: after a power cut the name never points
             // at a file whose data was not written yet.
             file.sync_data()?;
