@@ -867,7 +867,7 @@ impl<S: ObjectStore> Ctx<S> {
         let owned = ObjectMeta::from_map(&download.meta).is_some();
         let why_unverified = check::why_unverified(&reference, layout.is_some());
         let (verdict, bytes) = self
-            .write(&rel, full_key, download, reference, layout, meta, owned)
+            .write(&rel, full_key, download, (reference, layout), meta, owned)
             .await?;
         let target = self.shown_path(&rel);
         self.stats
@@ -880,8 +880,7 @@ impl<S: ObjectStore> Ctx<S> {
         rel: &Path,
         full_key: &str,
         download: Download,
-        reference: Reference,
-        layout: Option<crate::store::PartLayout>,
+        (reference, layout): (Reference, Option<crate::store::PartLayout>),
         meta: Option<ObjectMeta>,
         owned: bool,
     ) -> Result<(Verdict, u64), Failure> {
