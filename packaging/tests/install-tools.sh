@@ -4,12 +4,15 @@
 # Prints nothing else on a warm cache; progress goes to stderr.
 #
 #   - the S3 and CloudWatch test servers: scripts/test-tools.sh (s3s-fs, moto, cbor2)
-#   - a venv with ansible-core, ansible-lint, boto3 (amazon.aws needs boto3) and cfn-lint (the
-#     scale-out CloudFormation template, packaging/aws/scale-out.yaml)
+#   - a venv with ansible-core, ansible-lint, boto3 (amazon.aws needs boto3), cfn-lint (the
+#     scale-out CloudFormation template, packaging/aws/scale-out.yaml) and the aws cli (the role's
+#     dashboard task: amazon.aws has no module for CloudWatch dashboards)
 #   - two collections taken from the `ansible` wheel on PyPI: amazon.aws (the alarm task) and
 #     community.general (its chroot connection drives the role into the booted test root).
 #     Ansible Galaxy is not reachable from these machines; the wheel carries both collections.
 #   - Debian packages: systemd (systemd-analyze), shellcheck (for these scripts), debootstrap
+#   - promtool (the Prometheus rules and textfile), taken out of Debian's `prometheus` package
+#     unless one is on PATH
 #   - a Debian bookworm root with systemd and python3, made by debootstrap, booted by e2e.sh
 #
 # `--no-rootfs` skips the debootstrap root (for runs that skip the end-to-end test).
@@ -21,12 +24,14 @@ CACHE="${NIGHTCOPY_TOOLS:-$HOME/.cache/nightcopy-tools}"
 
 # Bump a version when what it installs changes: the old folder is then left alone and a new one
 # built beside it.
-PKG_VENV_VERSION=2
+PKG_VENV_VERSION=3
 ANSIBLE_CORE=2.19.14      # the last line supporting Python 3.11 (2.20 needs 3.12)
 ANSIBLE_LINT=26.10.1
 BOTO3=1.44.5
 CFN_LINT=1.58.0
+AWSCLI=1.46.3             # pins botocore exactly: 1.46.3 takes the botocore boto3 1.44.5 resolves to
 ANSIBLE_BUNDLE=12.3.0     # the `ansible` release matching ansible-core 2.19; source of collections
+PROMTOOL_VERSION=1        # bump to take Debian's current `prometheus` package again
 ROOTFS_VERSION=3
 ROOTFS_SUITE=bookworm
 # python3: Ansible modules run inside the root. dbus: systemctl and journald need the bus.
@@ -52,12 +57,15 @@ fi
 
 # apt-get update once, and only when something is missing.
 apt_updated=0
-apt_install() {
+apt_update() {
   if [ "$apt_updated" = 0 ]; then
     echo "apt-get update" >&2
     apt-get update -qq >&2
     apt_updated=1
   fi
+}
+apt_install() {
+  apt_update
   echo "apt-get install $*" >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
 }
@@ -72,12 +80,12 @@ fi
 
 venv="$CACHE/packaging-venv-$PKG_VENV_VERSION"
 if [ ! -f "$venv/.complete" ]; then
-  echo "creating $venv (ansible-core $ANSIBLE_CORE, ansible-lint $ANSIBLE_LINT, boto3, cfn-lint $CFN_LINT)" >&2
+  echo "creating $venv (ansible-core $ANSIBLE_CORE, ansible-lint $ANSIBLE_LINT, boto3, cfn-lint $CFN_LINT, awscli $AWSCLI)" >&2
   rm -rf "$venv"
   python3 -m venv "$venv"
   pip=("$venv/bin/pip" --quiet --disable-pip-version-check)
   "${pip[@]}" install "ansible-core==$ANSIBLE_CORE" "ansible-lint==$ANSIBLE_LINT" \
-    "boto3==$BOTO3" "cfn-lint==$CFN_LINT" >&2
+    "boto3==$BOTO3" "cfn-lint==$CFN_LINT" "awscli==$AWSCLI" >&2
   # Only two folders of the ~54 MB wheel are kept (the whole `ansible` package is ~470 MB
   # installed). A wheel is a zip file, so no pip install is needed to read it.
   dl="$(mktemp -d)"
@@ -96,6 +104,30 @@ EOF
   touch "$venv/.complete"
 fi
 
+# promtool only, not the package: installing `prometheus` would start a Prometheus server on
+# 0.0.0.0:9090 (and pull in node-exporter, another listener), create a user and enable both at
+# boot. Debian's promtool is one binary that needs only libc, so it is taken out of the .deb.
+promtool="$(command -v promtool || true)"
+if [ -z "$promtool" ]; then
+  promtool_dir="$CACHE/promtool-$PROMTOOL_VERSION"
+  promtool="$promtool_dir/promtool"
+  if [ ! -x "$promtool" ]; then
+    echo "taking promtool out of Debian's prometheus package into $promtool_dir" >&2
+    apt_update
+    dl="$(mktemp -d)"
+    # As root into a directory _apt cannot write: no sandbox user for this download.
+    (cd "$dl" && apt-get download -qq -o APT::Sandbox::User=root prometheus >&2)
+    dpkg-deb -x "$dl"/prometheus_*.deb "$dl/x"
+    rm -rf "$promtool_dir" "$promtool_dir.tmp"
+    mkdir -p "$promtool_dir.tmp"
+    cp "$dl/x/usr/bin/promtool" "$promtool_dir.tmp/promtool"
+    dpkg-deb -f "$dl"/prometheus_*.deb Version >"$promtool_dir.tmp/debian-version"
+    rm -rf "$dl"
+    "$promtool_dir.tmp/promtool" --version >/dev/null
+    mv "$promtool_dir.tmp" "$promtool_dir"
+  fi
+fi
+
 rootfs="$CACHE/rootfs-$ROOTFS_SUITE-$ROOTFS_VERSION"
 if [ "$want_rootfs" = 1 ] && [ ! -f "$rootfs.complete" ]; then
   echo "debootstrap $ROOTFS_SUITE into $rootfs (once, ~1 min)" >&2
@@ -111,6 +143,7 @@ fi
 
 echo "NIGHTCOPY_PKG_VENV=$venv"
 echo "NIGHTCOPY_PKG_COLLECTIONS=$venv/collections"
+echo "NIGHTCOPY_PROMTOOL=$promtool"
 if [ "$want_rootfs" = 1 ]; then
   echo "NIGHTCOPY_ROOTFS=$rootfs"
 fi

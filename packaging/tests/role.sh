@@ -345,3 +345,104 @@ else
   check "preflight: a deadline beyond RuntimeMaxSec is refused" \
     grep -q "nightcopy_distribute_deadline (23h) and" "$dir/deadline.log"
 fi
+
+# --- the dashboard and failure notification -----------------------------------------------------
+# prod's values plus both switched on, the webhook's URL with every character the notify.env
+# quoting must escape. The dashboard goes to moto (the host's alarm region, us-east-1) with the
+# aws cli of the test venv; its alarm widget must list every prod host with an alarm, although
+# the play is limited to this one.
+watch="$dir/watch-root"
+host scratch-watch "$watch"
+hook_token="$(random_hex 12)"
+hook_url="https://hooks.example.internal/services/$hook_token?a=\"b\"&c=\$d\`e\`\\f"
+runbook=https://git.example.internal/nightcopy/-/blob/main
+watch_vars=(-e nightcopy_notify_enabled=true -e nightcopy_dashboard_enabled=true
+  -e "nightcopy_dashboard_runbook_url=$runbook" -e '{"nightcopy_notify_command": "cat >/dev/null"}'
+  -e "{\"nightcopy_notify_url\": $(printf '%s' "$hook_url" | "$NIGHTCOPY_PKG_VENV/bin/python" -c 'import json,sys; print(json.dumps(sys.stdin.read()))')}")
+dashboard() {
+  AWS_DEFAULT_REGION=us-east-1 "$NIGHTCOPY_PKG_VENV/bin/python" - "http://127.0.0.1:$MOTO_PORT" "$@" <<'PYEOF'
+import json, sys, boto3
+cw = boto3.client("cloudwatch", endpoint_url=sys.argv[1], region_name="us-east-1")
+print(cw.get_dashboard(DashboardName=sys.argv[2])["DashboardBody"])
+PYEOF
+}
+if converge prod scratch-watch "$dir/watch.log" "${watch_vars[@]}"; then
+  pass "converge prod with the dashboard and failure notification on"
+  expect "notify: the script, notify.env (root only), the template unit and the nightly unit's drop-in" \
+    "$(tree "$watch" | grep -E 'notify|\.service\.d' | tr '\n' '|')" \
+    "f 600 root root /etc/nightcopy/notify.env|f 644 root root /etc/systemd/system/nightcopy-notify@.service|d 755 root root /etc/systemd/system/nightcopy.service.d|f 644 root root /etc/systemd/system/nightcopy.service.d/notify.conf|f 755 root root /usr/local/lib/nightcopy/notify|"
+  check "notify: the installed script is packaging/systemd/nightcopy-notify" \
+    cmp "$REPO/packaging/systemd/nightcopy-notify" "$watch/usr/local/lib/nightcopy/notify"
+  # systemd reads a double-quoted EnvironmentFile= value as POSIX sh does ("\\", "\"", "\$", "\`").
+  expect "notify.env: the URL and the command come back as given, quoted for systemd" \
+    "$(sh -c 'set -a; . "$1"; printf "%s|%s" "$NIGHTCOPY_NOTIFY_URL" "$NIGHTCOPY_NOTIFY_COMMAND"' sh "$watch/etc/nightcopy/notify.env")" \
+    "$hook_url|cat >/dev/null"
+  check "notify: the webhook's token is nowhere in the play's output" \
+    bash -c "! grep -q '$hook_token' '$dir/watch.log'"
+  expect "notify: the drop-in gives nightcopy.service OnFailure= on the template" \
+    "$(grep -v '^#' "$watch/etc/systemd/system/nightcopy.service.d/notify.conf" | tr '\n' '|')" \
+    "[Unit]|OnFailure=nightcopy-notify@%n.service|"
+  wu="$dir/units-watch"
+  mkdir -p "$wu/nightcopy.service.d"
+  cp "$watch/etc/systemd/system/nightcopy.service" "$watch/etc/systemd/system/nightcopy-notify@.service" "$wu/"
+  cp "$watch/etc/systemd/system/nightcopy.service.d/notify.conf" "$wu/nightcopy.service.d/"
+  sed -i "s#^ExecStart=[^ ]*#ExecStart=$NIGHTCOPY_BIN#" "$wu/nightcopy.service"
+  sed -i "s#^ExecStart=[^ ]*#ExecStart=$REPO/packaging/systemd/nightcopy-notify#" "$wu/nightcopy-notify@.service"
+  check "rendered nightcopy.service, its drop-in and nightcopy-notify@nightcopy.service.service pass verify" bash -c "
+    cd '$wu' && out=\$(systemd-analyze verify ./nightcopy.service ./nightcopy-notify@nightcopy.service.service 2>&1) && [ -z \"\$out\" ] || { echo \"\$out\"; exit 1; }"
+
+  # moto's STS says the account is 123456789012.
+  arns=""
+  for h in fileserver-1.example.internal fileserver-2.example.internal scratch-watch; do
+    arns="$arns --alarm-arn=arn:aws:cloudwatch:us-east-1:123456789012:alarm:nightcopy-last-success-$h"
+  done
+  # shellcheck disable=SC2086 # one --alarm-arn= word per host
+  want_body="$(python3 "$REPO/packaging/aws/render_dashboard.py" --region us-east-1 --namespace Nightcopy \
+    --dimension Environment=prod --runbook-url "$runbook" $arns)"
+  same_json() { "$NIGHTCOPY_PKG_VENV/bin/python" -c 'import json,sys; sys.exit(json.loads(sys.argv[1]) != json.loads(sys.argv[2]))' "$1" "$2"; }
+  check "dashboard: nightcopy-prod in CloudWatch (moto) is render_dashboard.py's, with every prod host's alarm" \
+    same_json "$(dashboard nightcopy-prod 2>&1)" "$want_body"
+
+  if converge prod scratch-watch "$dir/watch-2.log" "${watch_vars[@]}"; then
+    expect "dashboard and notify, second converge: changed=0" "$(recap_changed "$dir/watch-2.log")" 0
+  else
+    fail "dashboard and notify, second converge" "$(tail -30 "$dir/watch-2.log")"
+  fi
+  if converge prod scratch-watch "$dir/watch-check.log" "${watch_vars[@]}" --check \
+    -e nightcopy_dashboard_runbook_url=https://docs.example.internal/nightcopy; then
+    check "dashboard, --check with a new runbook URL: reported as a change, and that it would be replaced" \
+      bash -c "grep -q 'would be replaced (check mode)' '$dir/watch-check.log' && [ \"\$(awk '/ changed=/ {for (i = 1; i <= NF; i++) if (\$i ~ /^changed=/) {split(\$i, a, \"=\"); n += a[2]}} END {print n + 0}' '$dir/watch-check.log')\" -ge 1 ]"
+    check "dashboard, --check: CloudWatch's dashboard unchanged" same_json "$(dashboard nightcopy-prod 2>&1)" "$want_body"
+  else
+    fail "dashboard, --check with a new runbook URL" "$(tail -30 "$dir/watch-check.log")"
+  fi
+
+  # Switched off again: everything notify wrote is gone (the drop-in directory stays).
+  if converge prod scratch-watch "$dir/watch-off.log"; then
+    expect "notify off: script, notify.env, unit and drop-in removed" \
+      "$(tree "$watch" | grep -E 'notify|\.service\.d' | tr '\n' '|')" \
+      "d 755 root root /etc/systemd/system/nightcopy.service.d|"
+  else
+    fail "converge with failure notification switched off again" "$(tail -30 "$dir/watch-off.log")"
+  fi
+else
+  fail "converge prod with the dashboard and failure notification on" "$(tail -30 "$dir/watch.log")"
+fi
+
+if converge prod scratch-watch "$dir/notify-none.log" -e nightcopy_notify_enabled=true; then
+  fail "preflight: failure notification without a URL or command is refused"
+else
+  check "preflight: failure notification without a URL or command is refused" \
+    grep -q "Failure notification needs" "$dir/notify-none.log"
+fi
+if converge prod scratch-watch "$dir/notify-http.log" -e nightcopy_notify_enabled=true \
+  -e nightcopy_notify_url=http://hooks.example.internal/x; then
+  fail "preflight: a plain http:// webhook off loopback is refused"
+else
+  check "preflight: a plain http:// webhook off loopback is refused" grep -q "Failure notification needs" "$dir/notify-http.log"
+fi
+if converge prod scratch-watch "$dir/dashboard-url.log" -e nightcopy_dashboard_enabled=true; then
+  fail "preflight: the dashboard without its runbook URL is refused"
+else
+  check "preflight: the dashboard without its runbook URL is refused" grep -q "nightcopy_dashboard_runbook_url" "$dir/dashboard-url.log"
+fi

@@ -2,7 +2,8 @@
 # Checks that need no running systemd: the units (systemd-analyze verify, security exposure,
 # calendar), the role's templates against packaging/systemd/, the AWS documents (the JSON ones and
 # the scale-out CloudFormation template, with cfn-lint), ansible-lint and a lint of these scripts
-# (shellcheck).
+# (shellcheck); at its end monitoring.sh (the dashboard against moto, the Prometheus rules with
+# promtool, the failure notification).
 # Run by run.sh, which sets up the environment (NIGHTCOPY_BIN, the venv, WORK).
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -23,12 +24,15 @@ render() {
 }
 
 # The binary must exist for verify (it checks ExecStart=), so point the units at the built one
-# (the nightly unit and the worker's, which every rendering has).
+# (the nightly unit and the worker's, which every rendering has), and the failure report's
+# template at the script in the tree.
 point_at_binary() {
   local u
   for u in nightcopy.service nightcopy-worker.service; do
     [ -f "$1/$u" ] && sed -i "s#^ExecStart=[^ ]*#ExecStart=$NIGHTCOPY_BIN#" "$1/$u"
   done
+  [ -f "$1/nightcopy-notify@.service" ] &&
+    sed -i "s#^ExecStart=[^ ]*#ExecStart=$REPO/packaging/systemd/nightcopy-notify#" "$1/nightcopy-notify@.service"
   return 0
 }
 
@@ -51,7 +55,8 @@ exposure() {
 
 mkdir -p "$units/shipped"
 cp "$REPO/packaging/systemd/nightcopy.service" "$REPO/packaging/systemd/nightcopy.timer" \
-  "$REPO/packaging/systemd/nightcopy-worker.service" "$units/shipped/"
+  "$REPO/packaging/systemd/nightcopy-worker.service" "$REPO/packaging/systemd/nightcopy-notify@.service" \
+  "$units/shipped/"
 point_at_binary "$units/shipped"
 check "systemd-analyze verify: packaging/systemd units" verify_units "$units/shipped"
 
@@ -92,7 +97,7 @@ expect "systemd-analyze calendar: the default schedule elapses at 02:00:00" "$ne
 # header comments differ: one says Ansible manages the file).
 body() { sed -n '/^\[Unit\]/,$p' "$1"; }
 if render defaults; then
-  for u in nightcopy.service nightcopy.timer; do
+  for u in nightcopy.service nightcopy.timer nightcopy-notify@.service; do
     check "template equals packaging/systemd/$u with the role's defaults" \
       diff -u <(body "$REPO/packaging/systemd/$u") <(body "$units/defaults/$u")
   done
@@ -183,6 +188,8 @@ check "aws: scale-out roles reuse the instance policy exactly, and only their SQ
 check "aws: scale-out queues redrive after 2 receives, 4/14 days, SSE, TLS; backlog per worker" aws_check scale-out-queues
 
 check "shellcheck: packaging/tests/*.sh" bash -c "cd '$PKG_TESTS_DIR' && shellcheck -x -s bash ./*.sh"
+check "shellcheck: packaging/systemd/nightcopy-notify (POSIX sh, as installed)" \
+  shellcheck -s sh "$REPO/packaging/systemd/nightcopy-notify"
 
 # Ansible: lint (production profile, from packaging/ansible/.ansible-lint) and syntax per inventory.
 lint() { (cd "$REPO/packaging/ansible" && ansible_env ansible-lint --nocolor -q); }
@@ -191,3 +198,7 @@ syntax() { (cd "$REPO/packaging/ansible" && ansible_env ansible-playbook -i "inv
 for inv in beta prod; do
   check "ansible-playbook --syntax-check with inventories/$inv" syntax "$inv"
 done
+
+# The dashboard, the Prometheus rules and the failure notification: their own script, which
+# starts moto and a webhook on 127.0.0.1 and stops them again.
+bash "$PKG_TESTS_DIR/monitoring.sh" || fail "monitoring.sh exited $? before its end"
