@@ -2,8 +2,9 @@
 # Installs the servers the tests and the demo talk to, into a versioned cache outside the clone,
 # so a fresh machine gets them and a warm one skips minutes. Prints nothing on a warm cache.
 #
-#   scripts/test-tools.sh            s3s-fs + the Python venv (moto for CloudWatch)
-#   scripts/test-tools.sh --bench    also the peers (rclone, s5cmd, awscli) and Garage
+#   scripts/test-tools.sh            s3s-fs, Garage, the Python venv (moto for CloudWatch, SQS
+#                                    and S3 versions/classes/Object Lock; rclone)
+#   scripts/test-tools.sh --bench    also the peers (s5cmd, awscli) and the slow mount's tools
 #
 # Everything listens on 127.0.0.1 only; this script only installs.
 set -euo pipefail
@@ -20,6 +21,15 @@ if [ ! -x "$s3s_dir/bin/s3s-fs" ]; then
   echo "installing s3s-fs $S3S_VERSION into $s3s_dir (once, ~2-3 min)" >&2
   cargo install s3s-fs@"$S3S_VERSION" --features binary --locked --root "$s3s_dir.tmp" >&2
   rm -rf "$s3s_dir" && mv "$s3s_dir.tmp" "$s3s_dir"
+fi
+
+# Garage: the benchmark's server, and the tests' server that lists the SHA-256 of each part of
+# an unfinished multipart upload (tests/it/resume.rs), as AWS does.
+garage_dir="$CACHE/garage-$GARAGE_VERSION"
+if [ ! -x "$garage_dir/bin/garage" ]; then
+  echo "installing garage $GARAGE_VERSION into $garage_dir (once, ~7 min)" >&2
+  cargo install garage@"$GARAGE_VERSION" --locked --root "$garage_dir.tmp" >&2
+  rm -rf "$garage_dir" && mv "$garage_dir.tmp" "$garage_dir"
 fi
 
 venv="$CACHE/venv-$VENV_VERSION"
@@ -57,12 +67,6 @@ if [ "${1:-}" = "--bench" ]; then
     echo "installing fuse3 (apt)" >&2
     apt-get update -qq >&2 && apt-get install -y -qq fuse3 >&2
   fi
-  garage_dir="$CACHE/garage-$GARAGE_VERSION"
-  if [ ! -x "$garage_dir/bin/garage" ]; then
-    echo "installing garage $GARAGE_VERSION into $garage_dir (once, ~7 min)" >&2
-    cargo install garage@"$GARAGE_VERSION" --locked --root "$garage_dir.tmp" >&2
-    rm -rf "$garage_dir" && mv "$garage_dir.tmp" "$garage_dir"
-  fi
 fi
 
 # Machine-readable: what the Makefile exports for the test harness.
@@ -70,7 +74,7 @@ echo "NIGHTCOPY_S3S_FS=$s3s_dir/bin/s3s-fs"
 echo "NIGHTCOPY_MOTO=$venv/bin/moto_server"
 echo "NIGHTCOPY_PYTHON=$venv/bin/python"
 echo "NIGHTCOPY_RCLONE=$venv/bin/rclone"
+echo "NIGHTCOPY_GARAGE=$garage_dir/bin/garage"
 if [ "${1:-}" = "--bench" ]; then
-  echo "NIGHTCOPY_GARAGE=$garage_dir/bin/garage"
   echo "NIGHTCOPY_PEERS_BIN=$venv/bin"
 fi

@@ -9,6 +9,7 @@
 use crate::guard::GuardError;
 use crate::state::LockError;
 use crate::stop;
+use crate::store::bucket::BucketError;
 use crate::store::sdk::SetupError;
 use crate::store::StoreError;
 
@@ -24,6 +25,8 @@ pub enum Fatal {
     Setup(#[from] SetupError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Bucket(#[from] BucketError),
     #[error(
         "cannot write the manifest in the state directory {0}: {1}: free space on its filesystem or \
          make it writable (is the disk full or read-only?); nothing is lost: the last complete \

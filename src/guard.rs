@@ -1,6 +1,6 @@
 //! Checks that must pass before anything is read or sent: the source is there and mounted, the
 //! state directory is usable, and the host has CA certificates to check S3's TLS certificate with.
-//! Each failure is fatal and says what to do.
+//! Each failure is fatal and says what to do. (The bucket's own checks are `store::bucket`'s.)
 
 use std::fs;
 use std::io;

@@ -294,6 +294,16 @@ pub fn judge(reference: &Reference, digests: &Digests) -> Verdict {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_unverified_single_part_object_is_never_called_multipart() {
+        let reference = Reference::new(None, Stored::None, None);
+        let why = why_unverified(&reference, false);
+        assert!(
+            why.contains("no SHA-256") && !why.contains("multipart"),
+            "{why}"
+        );
+    }
+
     fn sha(b: &[u8]) -> [u8; 32] {
         Sha256::digest(b).into()
     }

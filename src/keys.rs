@@ -18,6 +18,19 @@ use std::path::Path;
 
 use percent_encoding::{percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
+/// The top-level name under the prefix that holds nightcopy's own objects: never a file's key
+/// (the walk leaves a source's top-level `.nightcopy` out), and left out of every listing of files.
+pub const RESERVED_DIR: &str = ".nightcopy";
+/// Where each run's manifest is kept in the bucket, below the prefix (docs/manifest.md).
+pub const MANIFEST_KEY: &str = ".nightcopy/manifest.gz";
+
+/// Whether a key below the prefix is one of nightcopy's own objects rather than a file's.
+pub fn is_reserved(relative_key: &str) -> bool {
+    relative_key
+        .strip_prefix(RESERVED_DIR)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// S3's limit on a key, prefix included.
 pub const MAX_KEY_BYTES: usize = 1024;
 

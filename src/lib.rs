@@ -4,8 +4,9 @@
 //! check-config); everything below is machinery they share, listed here in the order a nightly
 //! run's data flows through it:
 //! `config` → `guard` → `scan` ∥ `list` → `merge` → `plan` → `upload` → `report` →
-//! `metrics`/`notify`, with `state` (lock, run record, manifest) and `store` (S3 behind a trait
-//! without delete) beside them. The scan and the bucket listing run side by side; the merge joins
+//! `metrics`/`notify`, with `state` (lock, run record, manifest, unfinished uploads), `offsite`
+//! (the manifest's copy in the bucket) and `store` (S3 behind a trait without delete) beside
+//! them. The scan and the bucket listing run side by side; the merge joins
 //! them with the last manifest in key order, so memory stays flat however many files there are.
 //! Machinery never imports a command.
 
@@ -18,6 +19,7 @@ pub mod list;
 pub mod merge;
 pub mod plan;
 pub mod upload;
+pub mod offsite;
 pub mod queue;
 pub mod integrity;
 pub mod report;

@@ -165,6 +165,8 @@ async fn list_range<S: ObjectStore>(
             done |= end < objects.len() || objects.last().is_some_and(|o| o.key == *upto);
             objects.truncate(end);
         }
+        // nightcopy's own objects (the manifest's copy) are no file's.
+        objects.retain(|o| !crate::keys::is_reserved(&o.key));
         stats.listed(objects.len() as u64);
         if tx.send(Ok(objects)).await.is_err() || done {
             return;

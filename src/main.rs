@@ -59,6 +59,10 @@ enum Command {
     CheckConfig {
         #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
         config: PathBuf,
+        /// Also check the bucket with the credentials a run would use: reachable, listable,
+        /// Object Lock enabled if the config asks for it, versioned (a warning if not).
+        #[arg(long)]
+        remote: bool,
     },
     /// Compare the source with the bucket, read-only: files missing, of another size or
     /// content, corrupt objects. One line per problem on stdout.
@@ -160,7 +164,7 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> u8 {
         }
     };
     let async_command = match command {
-        Command::CheckConfig { .. } => return commands::check_config::run(&config),
+        Command::CheckConfig { remote: false, .. } => return commands::check_config::run(&config),
         Command::Status { json, .. } => return commands::status::run(&config, json),
         other => other,
     };
@@ -213,7 +217,8 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> u8 {
             }
             Command::Worker { .. } => commands::worker::run(&config, bar).await,
             Command::Dlq { redrive, .. } => commands::dlq::run(&config, redrive).await,
-            Command::CheckConfig { .. } | Command::Status { .. } => unreachable!("run above"),
+            Command::CheckConfig { .. } => commands::check_config::remote(&config).await,
+            Command::Status { .. } => unreachable!("run above"),
         }
     })
 }
@@ -224,7 +229,7 @@ impl Command {
             Command::Run { config, .. }
             | Command::Worker { config }
             | Command::Dlq { config, .. }
-            | Command::CheckConfig { config }
+            | Command::CheckConfig { config, .. }
             | Command::Verify { config, .. }
             | Command::Restore { config, .. }
             | Command::Status { config, .. } => config,

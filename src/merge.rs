@@ -135,13 +135,23 @@ impl Inputs {
         stats: Arc<Stats>,
         fallback: &str,
     ) -> Result<Inputs, Fatal> {
-        let prefix = config.destination.prefix.as_str().to_owned();
-        let mut manifest = manifest::open_or_warn(
+        let manifest = manifest::open_or_warn(
             &config.state_dir.0,
             &config.destination_id(),
             list::PARTITION_KEYS,
             fallback,
         );
+        Self::with_manifest(config, store, stats, manifest).await
+    }
+
+    /// [`Inputs::open`] with a manifest the caller found (say, the bucket's copy).
+    pub async fn with_manifest<S: ObjectStore>(
+        config: &Config,
+        store: Arc<S>,
+        stats: Arc<Stats>,
+        mut manifest: Option<Reader>,
+    ) -> Result<Inputs, Fatal> {
+        let prefix = config.destination.prefix.as_str().to_owned();
         let cuts = manifest.as_mut().map(Reader::take_cuts).unwrap_or_default();
         let remote = list::start(store, prefix, stats, cuts).await?;
         let scan = ScanOptions::for_config(config).map_err(Fatal::Config)?;

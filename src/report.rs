@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::config::StorageClass;
 use crate::keys::shown;
 
 /// MESSAGE_ID of a backup's summary line in the journal, fixed so `journalctl MESSAGE_ID=…` finds
@@ -40,6 +41,23 @@ pub struct Stats {
     /// Queue polls answered (a coordinator waiting for workers, a worker waiting for work): they
     /// show the process is alive, so the watchdog is fed while it waits.
     polls: AtomicU64,
+    /// Multipart uploads continued from an earlier run, and the bytes their parts already held.
+    resumed_files: AtomicU64,
+    resumed_bytes: AtomicU64,
+    /// Files and bytes per storage class: index 0 is the bucket's default (no class sent), then
+    /// `StorageClass::ALL` in order.
+    by_class: [(AtomicU64, AtomicU64); CLASS_SLOTS],
+}
+
+const CLASS_SLOTS: usize = StorageClass::ALL.len() + 1;
+
+fn class_slot(class: Option<StorageClass>) -> usize {
+    class.map_or(0, |c| {
+        1 + StorageClass::ALL
+            .iter()
+            .position(|x| *x == c)
+            .expect("ALL lists every class")
+    })
 }
 
 /// Why a single file could not be handled. The command goes on; the file is named in the journal
@@ -188,9 +206,19 @@ impl Stats {
         self.checks.fetch_add(1, Relaxed);
     }
 
-    pub fn transferred(&self, path: &Path, key: &str, bytes: u64, reason: &dyn fmt::Display) {
+    pub fn transferred(
+        &self,
+        path: &Path,
+        key: &str,
+        bytes: u64,
+        reason: &dyn fmt::Display,
+        class: Option<StorageClass>,
+    ) {
         self.files_transferred.fetch_add(1, Relaxed);
         self.bytes_transferred.fetch_add(bytes, Relaxed);
+        let (files, class_bytes) = &self.by_class[class_slot(class)];
+        files.fetch_add(1, Relaxed);
+        class_bytes.fetch_add(bytes, Relaxed);
         tracing::debug!(
             path = %path.display(),
             key,
@@ -204,6 +232,23 @@ impl Stats {
 
     pub fn sent(&self, bytes: u64) {
         self.bytes_sent.fetch_add(bytes, Relaxed);
+    }
+
+    /// A multipart upload continued from an earlier run: `bytes` were already in the bucket, in
+    /// parts whose SHA-256 matched the file, and were not sent again.
+    pub fn resumed(&self, key: &str, parts: usize, bytes: u64, sent: u64) {
+        self.resumed_files.fetch_add(1, Relaxed);
+        self.resumed_bytes.fetch_add(bytes, Relaxed);
+        tracing::info!(
+            key,
+            resumed_bytes = bytes,
+            sent_bytes = sent,
+            "continued the interrupted upload of {}: {parts} parts ({}) were already in the \
+             bucket, {} sent now",
+            shown(key),
+            bytesize::ByteSize(bytes).display().iec(),
+            bytesize::ByteSize(sent).display().iec()
+        );
     }
 
     /// A queue poll came back (with messages or empty).
@@ -266,8 +311,28 @@ impl Stats {
             skipped_symlinks: self.skipped_symlinks.load(Relaxed),
             remote_only: self.remote_only.load(Relaxed),
             vanished: self.vanished.load(Relaxed),
+            resumed_files: self.resumed_files.load(Relaxed),
+            resumed_bytes: self.resumed_bytes.load(Relaxed),
+            classes: std::iter::once(None)
+                .chain(StorageClass::ALL.iter().copied().map(Some))
+                .zip(&self.by_class)
+                .filter(|(_, (files, _))| files.load(Relaxed) > 0)
+                .map(|(class, (files, bytes))| ClassFigures {
+                    class: class.map_or("default", |c| c.as_str()).to_owned(),
+                    files: files.load(Relaxed),
+                    bytes: bytes.load(Relaxed),
+                })
+                .collect(),
         }
     }
+}
+
+/// Files and bytes uploaded to one storage class ("default": no class sent, the bucket's).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct ClassFigures {
+    pub class: String,
+    pub files: u64,
+    pub bytes: u64,
 }
 
 /// The figures of a run: the first five (and elapsed) are the ones published as metrics.
@@ -284,6 +349,13 @@ pub struct Figures {
     pub skipped_symlinks: u64,
     pub remote_only: u64,
     pub vanished: u64,
+    #[serde(default)]
+    pub resumed_files: u64,
+    #[serde(default)]
+    pub resumed_bytes: u64,
+    /// Only the classes something went to.
+    #[serde(default)]
+    pub classes: Vec<ClassFigures>,
 }
 
 /// How a command ended, decided once; the exit code, LastSuccess, the summary line, `status` and
@@ -401,6 +473,32 @@ impl fmt::Display for RunReport {
             g.skipped_symlinks,
             g.vanished,
             g.remote_only,
-        )
+        )?;
+        if g.resumed_files > 0 {
+            write!(
+                f,
+                "; {} interrupted uploads continued ({} were already in the bucket)",
+                g.resumed_files,
+                bytesize::ByteSize(g.resumed_bytes).display().iec()
+            )?;
+        }
+        // Said whenever a class other than the bucket's default was used, so the split a
+        // small-files rule made is visible every night (and in a dry run, before it is made).
+        if g.classes.iter().any(|c| c.class != "default") {
+            let split: Vec<String> = g
+                .classes
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} {} files ({})",
+                        c.class,
+                        c.files,
+                        bytesize::ByteSize(c.bytes).display().iec()
+                    )
+                })
+                .collect();
+            write!(f, "; by storage class: {}", split.join(", "))?;
+        }
+        Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! A stop request (SIGTERM from `systemctl stop` or shutdown, SIGINT from a terminal), shared by
 //! every stage of a command: in a backup no new upload starts, multipart uploads in flight are
-//! aborted, what completed is kept in the manifest, and the run ends as a failure that says it was
-//! stopped; a restore cancels its downloads and keeps the files it finished.
+//! kept for the next run to continue (`state::uploads`), what completed is kept in the manifest,
+//! and the run ends as a failure that says it was stopped; a restore cancels its downloads and
+//! keeps the files it finished.
 
 use tokio::sync::watch;
 

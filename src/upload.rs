@@ -10,6 +10,14 @@
 //! hash as the checksum — S3 rejects the upload if the second read differs, so the object can only
 //! ever be what the first read saw. Above the threshold, multipart: parts are read sequentially
 //! (one pass, whole-file hash and part hashes together) and uploaded concurrently.
+//!
+//! A multipart upload that a run leaves unfinished (a stop, a kill, a lost network) is recorded
+//! (`state::uploads`) and continued by the next run: the file is read again whole (the object's
+//! SHA-256 needs every byte), and each part S3 already holds is used only if the SHA-256 S3
+//! reports for it equals the SHA-256 of the bytes read now; the others are sent. An upload whose
+//! file changed is aborted, which removes no object.
+//!
+//! Each object's storage class comes from its size (`config::ClassRule`).
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -22,13 +30,17 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::config::{ClassRule, Config, Sse, StorageClass, MAX_PART_SIZE, MIN_PART_SIZE};
 use crate::fsutil::{self, blocking};
+use crate::keys::shown;
 use crate::plan::Reason;
 use crate::report::{FileErrorKind, Stats};
 use crate::scan::{open_entry, LocalEntry, OpenError};
 use crate::state::manifest::ManifestEntry;
+use crate::state::uploads::{FileIdentity, Pending, Uploads};
 use crate::store::{
-    Body, CompletedPart, ErrorKind, ObjectMeta, ObjectStore, PutRequest, StoreError,
+    etag_md5, Body, CompletedPart, ErrorKind, ListedPart, ObjectMeta, ObjectStore, PutRequest,
+    StoreError,
 };
 
 /// Files up to this size are read into memory once. Bounded by concurrency × this.
@@ -57,6 +69,17 @@ pub struct Uploader<S> {
     /// The bandwidth limiter and its burst (one second's worth of bytes).
     limiter: Option<(Limiter, u32)>,
     stop: crate::stop::Stop,
+    classes: ClassRule,
+    /// Where unfinished multipart uploads are recorded for the next run; `None`: they are aborted.
+    resume: Option<Resume>,
+}
+
+/// What continuing an interrupted multipart upload needs.
+pub struct Resume {
+    pub uploads: Uploads,
+    /// Whether the ETag of a part is the MD5 of its bytes (not with SSE-KMS): how a listed part
+    /// is checked on a server that keeps no SHA-256 for parts.
+    pub etag_is_md5: bool,
 }
 
 /// What became of a planned upload.
@@ -76,6 +99,34 @@ pub enum Skip {
     Replaced(String),
     /// A transfer error.
     Error(FileErrorKind, String),
+}
+
+/// What was read for a single PUT, with the stat before and after the read.
+struct Checked {
+    sha256: [u8; 32],
+    before: Fingerprint,
+    after: Fingerprint,
+}
+
+impl Resume {
+    /// The upload records in `config`'s state directory; `None`, with a warning, when they cannot
+    /// be kept there (interrupted uploads are then aborted, as they would be without this).
+    pub fn for_config(config: &Config) -> Option<Resume> {
+        match Uploads::open(&config.state_dir.0, &config.destination_id()) {
+            Ok(uploads) => Some(Resume {
+                uploads,
+                etag_is_md5: config.destination.sse != Some(Sse::Kms),
+            }),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot keep upload records in {}: {e}; an interrupted multipart upload will \
+                     be sent again from the start",
+                    config.state_dir.0.display()
+                );
+                None
+            }
+        }
+    }
 }
 
 /// What a single upload attempt ran into.
@@ -135,6 +186,7 @@ struct Fingerprint {
     mtime_ns: i64,
     ctime_ns: i64,
     ino: u64,
+    dev: u64,
 }
 
 impl Fingerprint {
@@ -148,8 +200,27 @@ impl Fingerprint {
             mtime_ns: fsutil::ns(m.mtime(), m.mtime_nsec()),
             ctime_ns: fsutil::ns(m.ctime(), m.ctime_nsec()),
             ino: m.ino(),
+            dev: m.dev(),
         }
     }
+
+    fn identity(self) -> FileIdentity {
+        FileIdentity {
+            size: self.size,
+            mtime_ns: self.mtime_ns,
+            ctime_ns: self.ctime_ns,
+            ino: self.ino,
+            dev: self.dev,
+        }
+    }
+}
+
+/// An upload to send parts to: a new one, or one continued with the parts it already holds.
+struct Target {
+    upload_id: String,
+    part_size: u64,
+    /// Sorted by part number.
+    listed: Vec<ListedPart>,
 }
 
 /// The memory multipart parts may hold at once: one part per request slot at the configured part
@@ -188,7 +259,50 @@ impl<S: ObjectStore> Uploader<S> {
             part_budget_kib: budget_kib,
             limiter,
             stop,
+            classes: ClassRule::default(),
+            resume: None,
         }
+    }
+
+    /// Objects take their storage class from `rule`.
+    pub fn with_classes(mut self, rule: ClassRule) -> Self {
+        self.classes = rule;
+        self
+    }
+
+    /// Unfinished multipart uploads are recorded and continued.
+    pub fn resuming(mut self, resume: Resume) -> Self {
+        self.resume = Some(resume);
+        self
+    }
+
+    /// Aborts the recorded uploads not resumed or started since `since` (their files were not
+    /// uploaded by a run that went through the whole tree: deleted, excluded, unchanged since)
+    /// and drops their records. Aborting removes no object.
+    pub async fn abandon_stale(&self, since: std::time::SystemTime) {
+        let Some(resume) = &self.resume else {
+            return;
+        };
+        let stale = match resume.uploads.older_than(since) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot read the upload records: {e}");
+                return;
+            }
+        };
+        for p in stale {
+            tracing::info!(
+                "the upload of {} an earlier run left unfinished is no longer needed: aborted",
+                shown(&p.key)
+            );
+            self.abort(&p.key, &p.upload_id).await;
+            resume.uploads.forget(&p.key);
+        }
+    }
+
+    /// The storage class a file of `size` bytes goes to.
+    pub fn class_for(&self, size: u64) -> Option<StorageClass> {
+        self.classes.for_size(size)
     }
 
     /// The destination prefix keys are uploaded under.
@@ -207,8 +321,9 @@ impl<S: ObjectStore> Uploader<S> {
             }
             match self.attempt(&entry).await {
                 Ok(record) => {
+                    let class = self.class_for(record.size);
                     self.stats
-                        .transferred(&entry.path, &entry.key, record.size, &reason);
+                        .transferred(&entry.path, &entry.key, record.size, &reason, class);
                     return Ok(Upload::Stored(record));
                 }
                 Err(Failure::Changed(why)) => {
@@ -274,15 +389,21 @@ impl<S: ObjectStore> Uploader<S> {
             raw_path: entry.raw_path.clone(),
         };
         let key = format!("{}{}", self.prefix, entry.key);
+        let class = self.class_for(before.size);
         let sha256 = match (small, file) {
             (Some((data, sha256, after)), _) => {
                 let body = Body::Bytes(Bytes::from(data));
-                self.put(&key, body, sha256, before, after, meta).await?
+                let checked = Checked {
+                    sha256,
+                    before,
+                    after,
+                };
+                self.put(&key, body, checked, meta, class).await?
             }
             (None, Some(file)) if before.size > self.threshold => {
-                self.multipart(&key, file, before, &meta).await?
+                self.multipart(&key, file, before, &meta, class).await?
             }
-            (None, Some(file)) => self.streamed(&key, file, before, meta).await?,
+            (None, Some(file)) => self.streamed(&key, file, before, meta, class).await?,
             (None, None) => unreachable!("a file is either read or handed back"),
         };
         Ok(ManifestEntry {
@@ -301,6 +422,7 @@ impl<S: ObjectStore> Uploader<S> {
         file: File,
         before: Fingerprint,
         meta: ObjectMeta,
+        class: Option<StorageClass>,
     ) -> Result<[u8; 32], Failure> {
         let file = Arc::new(file);
         let reader = file.clone();
@@ -323,7 +445,12 @@ impl<S: ObjectStore> Uploader<S> {
             file,
             len: before.size,
         };
-        self.put(key, body, sha256, before, after, meta).await
+        let checked = Checked {
+            sha256,
+            before,
+            after,
+        };
+        self.put(key, body, checked, meta, class).await
     }
 
     /// One PUT of what was read, unless the file changed while it was read.
@@ -331,11 +458,15 @@ impl<S: ObjectStore> Uploader<S> {
         &self,
         key: &str,
         body: Body,
-        sha256: [u8; 32],
-        before: Fingerprint,
-        after: Fingerprint,
+        checked: Checked,
         meta: ObjectMeta,
+        storage_class: Option<StorageClass>,
     ) -> Result<[u8; 32], Failure> {
+        let Checked {
+            sha256,
+            before,
+            after,
+        } = checked;
         if after != before {
             return Err(Failure::Changed(format!(
                 "stat {before:?} became {after:?}"
@@ -349,6 +480,7 @@ impl<S: ObjectStore> Uploader<S> {
                 body,
                 sha256,
                 meta,
+                storage_class,
             })
             .await?;
         self.stats.sent(before.size);
@@ -361,31 +493,153 @@ impl<S: ObjectStore> Uploader<S> {
         file: File,
         before: Fingerprint,
         meta: &ObjectMeta,
+        class: Option<StorageClass>,
     ) -> Result<[u8; 32], Failure> {
-        let upload_id = self.store.create_multipart(key, meta).await?;
-        let result = self.parts(key, &upload_id, file, before).await;
-        if result.is_err() {
-            if let Err(e) = self.store.abort_multipart(key, &upload_id).await {
-                tracing::warn!(key, "could not abort multipart upload {upload_id}: {e}");
+        let target = match self.resumable(key, before).await? {
+            Some(target) => target,
+            None => {
+                let upload_id = self.store.create_multipart(key, meta, class).await?;
+                let part_size = part_size_for(before.size, self.part_size);
+                if let Some(r) = &self.resume {
+                    let destination = r.uploads.destination();
+                    let record =
+                        Pending::new(destination, key, &upload_id, before.identity(), part_size);
+                    if let Err(e) = r.uploads.save(&record) {
+                        tracing::warn!(
+                            "cannot record the upload of {} for resuming ({e}); if this run is \
+                             interrupted, the file is sent again from the start",
+                            shown(key)
+                        );
+                    }
+                }
+                Target {
+                    upload_id,
+                    part_size,
+                    listed: Vec::new(),
+                }
+            }
+        };
+        let result = self.parts(key, &target, file, before).await;
+        let keep = matches!(result, Err(Failure::Stopped | Failure::Store(_)));
+        match &self.resume {
+            // What the upload holds stays valid as long as the file does: the next run continues
+            // it. (The lifecycle rule removes uploads that no run ever comes back to.)
+            Some(_) if keep => {
+                tracing::debug!(
+                    "the upload of {} is kept for the next run to continue",
+                    shown(key)
+                );
+            }
+            _ if result.is_ok() => self.forget(key),
+            _ => {
+                self.abort(key, &target.upload_id).await;
+                self.forget(key);
             }
         }
         result
     }
 
+    fn forget(&self, key: &str) {
+        if let Some(r) = &self.resume {
+            r.uploads.forget(key);
+        }
+    }
+
+    async fn abort(&self, key: &str, upload_id: &str) {
+        if let Err(e) = self.store.abort_multipart(key, upload_id).await {
+            tracing::warn!(
+                "could not abort the multipart upload {upload_id} of {}: {e}",
+                shown(key)
+            );
+        }
+    }
+
+    /// The recorded upload of `key`, with the parts S3 holds, if it can be continued: the file has
+    /// the identity it had when the upload started and the upload still exists. An upload of a
+    /// file that changed since is aborted.
+    async fn resumable(&self, key: &str, before: Fingerprint) -> Result<Option<Target>, Failure> {
+        let Some(resume) = &self.resume else {
+            return Ok(None);
+        };
+        let Some(record) = resume.uploads.find(key) else {
+            return Ok(None);
+        };
+        let usable_layout = (MIN_PART_SIZE..=MAX_PART_SIZE).contains(&record.part_size)
+            && before.size.div_ceil(record.part_size) <= MAX_PARTS;
+        if record.file != before.identity() || !usable_layout {
+            tracing::info!(
+                "{} changed since its upload was started by an earlier run: that upload is \
+                 aborted and the file sent again",
+                shown(key)
+            );
+            self.abort(key, &record.upload_id).await;
+            resume.uploads.forget(key);
+            return Ok(None);
+        }
+        let Some(listed) = self.store.list_parts(key, &record.upload_id).await? else {
+            tracing::info!(
+                "the upload of {} an earlier run started is gone (completed, aborted or expired): \
+                 the file is sent again",
+                shown(key)
+            );
+            resume.uploads.forget(key);
+            return Ok(None);
+        };
+        // Written again so that this run's end sees the record as in use (`Uploads::older_than`).
+        if let Err(e) = resume.uploads.save(&record) {
+            tracing::warn!("cannot refresh the upload record of {}: {e}", shown(key));
+        }
+        Ok(Some(Target {
+            upload_id: record.upload_id,
+            part_size: record.part_size,
+            listed,
+        }))
+    }
+
+    /// The part S3 already holds as number `number`, if it is the bytes just read.
+    fn reusable(
+        &self,
+        target: &Target,
+        number: i32,
+        data: &[u8],
+        sha: &[u8; 32],
+    ) -> Option<String> {
+        let i = target
+            .listed
+            .binary_search_by_key(&number, |p| p.number)
+            .ok()?;
+        let p = &target.listed[i];
+        if p.size != data.len() as u64 {
+            return None;
+        }
+        let same = match p.sha256 {
+            Some(listed) => listed == *sha,
+            // A server that keeps no part checksum: the ETag, when it is the MD5 of the part.
+            None => {
+                let md5 = etag_md5(Some(&p.etag), !self.resume.as_ref()?.etag_is_md5)?;
+                use md5::Digest as _;
+                md5 == <[u8; 16]>::from(md5::Md5::digest(data))
+            }
+        };
+        same.then(|| p.etag.clone())
+    }
+
     async fn parts(
         &self,
         key: &str,
-        upload_id: &str,
+        target: &Target,
         file: File,
         before: Fingerprint,
     ) -> Result<[u8; 32], Failure> {
-        let part_size = part_size_for(before.size, self.part_size);
+        let part_size = target.part_size;
+        let upload_id = target.upload_id.as_str();
         let mut file = Some(file);
         let mut whole = Some(Sha256::new());
         let mut in_flight: JoinSet<Result<CompletedPart, StoreError>> = JoinSet::new();
         let mut done = Vec::new();
         let mut offset = 0u64;
         let mut number = 0i32;
+        let (mut reused_parts, mut reused_bytes) = (0usize, 0u64);
         while offset < before.size {
             // The slot is taken before the part is read, so buffers in memory stay bounded.
             // Waiting for a slot or for memory can take as long as a part's upload: a stop
@@ -431,15 +685,28 @@ impl<S: ObjectStore> Uploader<S> {
             whole = Some(h);
             number += 1;
             offset += want as u64;
+            if let Some(etag) = self.reusable(target, number, &data, &part_sha) {
+                reused_parts += 1;
+                reused_bytes += want as u64;
+                done.push(CompletedPart {
+                    number,
+                    etag,
+                    sha256: part_sha,
+                });
+                continue;
+            }
             self.throttle(want as u64).await;
             let store = self.store.clone();
+            let stats = self.stats.clone();
             let (key, upload_id) = (key.to_owned(), upload_id.to_owned());
             in_flight.spawn(async move {
                 let _slot = slot;
                 let _memory = memory;
-                store
+                let part = store
                     .upload_part(&key, &upload_id, number, data, part_sha)
-                    .await
+                    .await?;
+                stats.sent(want as u64);
+                Ok(part)
             });
             // Reap finished parts as we go, so an early failure stops reading.
             while let Some(r) = in_flight.try_join_next() {
@@ -457,6 +724,10 @@ impl<S: ObjectStore> Uploader<S> {
         }
         done.sort_by_key(|p| p.number);
         self.store.complete_multipart(key, upload_id, done).await?;
+        if !target.listed.is_empty() {
+            self.stats
+                .resumed(key, reused_parts, reused_bytes, before.size - reused_bytes);
+        }
         Ok(whole.expect("hasher").finalize().into())
     }
 
@@ -511,6 +782,220 @@ fn read_retrying(f: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::memory::{MemoryStore, Op};
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn transfer() -> crate::config::Transfer {
+        crate::config::Transfer {
+            multipart_threshold: crate::config::Size(8 * MIB),
+            part_size: crate::config::Size(5 * MIB),
+            ..Default::default()
+        }
+    }
+
+    fn entry_for(path: &std::path::Path, key: &str) -> LocalEntry {
+        let m = std::fs::metadata(path).unwrap();
+        LocalEntry {
+            key: key.into(),
+            path: path.into(),
+            raw_path: None,
+            size: m.len(),
+            mtime_ns: fsutil::ns(m.mtime(), m.mtime_nsec()),
+            mode: m.mode(),
+            uid: m.uid(),
+            gid: m.gid(),
+            dev: m.dev(),
+            ino: m.ino(),
+            followed: false,
+        }
+    }
+
+    fn data(len: u64) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    /// A multipart upload an earlier run started and recorded, holding `parts` parts of `body`
+    /// (part 2 replaced by other bytes when `corrupt_second`).
+    fn interrupted(
+        store: &MemoryStore,
+        uploads: &Uploads,
+        path: &std::path::Path,
+        body: &[u8],
+        parts: usize,
+        corrupt_second: bool,
+    ) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let id = rt
+            .block_on(store.create_multipart("p/big", &ObjectMeta::default(), None))
+            .unwrap();
+        for (i, chunk) in body.chunks(5 * MIB as usize).take(parts).enumerate() {
+            let mut chunk = chunk.to_vec();
+            if corrupt_second && i == 1 {
+                chunk[10] ^= 1;
+            }
+            let sha: [u8; 32] = Sha256::digest(&chunk).into();
+            rt.block_on(store.upload_part("p/big", &id, i as i32 + 1, Bytes::from(chunk), sha))
+                .unwrap();
+        }
+        let m = std::fs::metadata(path).unwrap();
+        let identity = Fingerprint::of_meta(&m).identity();
+        let record = Pending::new(uploads.destination(), "p/big", &id, identity, 5 * MIB);
+        uploads.save(&record).unwrap();
+        id
+    }
+
+    fn uploader(store: &Arc<MemoryStore>, state: &std::path::Path) -> Uploader<MemoryStore> {
+        let resume = Resume {
+            uploads: Uploads::open(state, "dest").unwrap(),
+            etag_is_md5: true,
+        };
+        Uploader::new(
+            store.clone(),
+            Arc::new(Stats::default()),
+            "p/".into(),
+            &transfer(),
+            crate::stop::Stop::never(),
+        )
+        .resuming(resume)
+    }
+
+    fn run(u: &Uploader<MemoryStore>, e: LocalEntry) -> Upload {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(u.upload(e, Reason::New))
+            .unwrap()
+    }
+
+    #[test]
+    fn an_interrupted_upload_is_continued_with_only_the_missing_parts() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("big");
+        let body = data(38 * MIB); // 8 parts: 7 × 5 MiB + 3 MiB
+        std::fs::write(&path, &body).unwrap();
+        let store = Arc::new(MemoryStore::default());
+        let u = uploader(&store, t.path());
+        interrupted(
+            &store,
+            u.resume.as_ref().map(|r| &r.uploads).unwrap(),
+            &path,
+            &body,
+            3,
+            false,
+        );
+
+        let done = run(&u, entry_for(&path, "big"));
+        assert!(matches!(done, Upload::Stored(_)), "{done:?}");
+        assert_eq!(&store.object("p/big").unwrap().body[..], &body[..]);
+        // 3 parts from the setup, 5 sent now; no second upload started.
+        assert_eq!(store.count(Op::UploadPart), 3 + 5);
+        assert_eq!(store.count(Op::CreateMultipart), 1);
+        assert_eq!(store.count(Op::ListParts), 1);
+        let f = u.stats.snapshot(std::time::Duration::ZERO);
+        assert_eq!((f.resumed_files, f.resumed_bytes), (1, 15 * MIB));
+        assert_eq!(u.resume.as_ref().unwrap().uploads.find("p/big"), None);
+        assert_eq!(store.open_uploads(), 0);
+    }
+
+    #[test]
+    fn a_listed_part_that_is_not_the_file_s_bytes_is_sent_again() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("big");
+        let body = data(38 * MIB);
+        std::fs::write(&path, &body).unwrap();
+        let store = Arc::new(MemoryStore::default());
+        let u = uploader(&store, t.path());
+        interrupted(
+            &store,
+            u.resume.as_ref().map(|r| &r.uploads).unwrap(),
+            &path,
+            &body,
+            3,
+            true,
+        );
+
+        assert!(matches!(
+            run(&u, entry_for(&path, "big")),
+            Upload::Stored(_)
+        ));
+        assert_eq!(&store.object("p/big").unwrap().body[..], &body[..]);
+        assert_eq!(store.count(Op::UploadPart), 3 + 6);
+    }
+
+    #[test]
+    fn the_upload_of_a_file_that_changed_since_is_aborted_and_started_over() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("big");
+        let body = data(38 * MIB);
+        std::fs::write(&path, &body).unwrap();
+        let store = Arc::new(MemoryStore::default());
+        let u = uploader(&store, t.path());
+        interrupted(
+            &store,
+            u.resume.as_ref().map(|r| &r.uploads).unwrap(),
+            &path,
+            &body,
+            3,
+            false,
+        );
+        // Same size, new content and mtime: the recorded identity no longer holds.
+        let mut changed = body.clone();
+        changed[0] ^= 1;
+        std::fs::write(&path, &changed).unwrap();
+        let newer = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(newer)
+            .unwrap();
+
+        assert!(matches!(
+            run(&u, entry_for(&path, "big")),
+            Upload::Stored(_)
+        ));
+        assert_eq!(&store.object("p/big").unwrap().body[..], &changed[..]);
+        assert_eq!(store.count(Op::AbortMultipart), 1);
+        assert_eq!(store.count(Op::CreateMultipart), 2);
+        assert_eq!(store.count(Op::UploadPart), 3 + 8);
+        assert_eq!(store.count(Op::ListParts), 0);
+    }
+
+    #[test]
+    fn small_files_go_to_their_class() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Arc::new(MemoryStore::default());
+        let rule = ClassRule {
+            class: Some(StorageClass::DeepArchive),
+            small: crate::config::SmallFiles::default_for(Some(StorageClass::DeepArchive)),
+        };
+        let u = uploader(&store, t.path()).with_classes(rule);
+        for (name, len) in [
+            ("small", 1000u64),
+            ("large", 300 * 1024),
+            ("multi", 9 * MIB),
+        ] {
+            let path = t.path().join(name);
+            std::fs::write(&path, data(len)).unwrap();
+            assert!(matches!(run(&u, entry_for(&path, name)), Upload::Stored(_)));
+        }
+        let class = |k: &str| store.object(k).unwrap().storage_class;
+        assert_eq!(class("p/small").as_deref(), Some("STANDARD"));
+        assert_eq!(class("p/large").as_deref(), Some("DEEP_ARCHIVE"));
+        assert_eq!(class("p/multi").as_deref(), Some("DEEP_ARCHIVE"));
+        let f = u.stats.snapshot(std::time::Duration::ZERO);
+        let split: Vec<_> = f
+            .classes
+            .iter()
+            .map(|c| (c.class.as_str(), c.files))
+            .collect();
+        assert_eq!(split, [("STANDARD", 1), ("DEEP_ARCHIVE", 2)]);
+    }
 
     #[test]
     fn part_size_grows_for_huge_files() {

@@ -31,7 +31,10 @@ use crate::state::manifest::ManifestEntry;
 use crate::stop::Stop;
 use crate::store::s3::S3Store;
 use crate::store::{sdk, StoreError};
-use crate::upload::{Skip, Upload, Uploader};
+use crate::upload::{Resume, Skip, Upload, Uploader};
+
+/// Upload records a worker keeps: as long as the shipped lifecycle rule keeps the upload.
+const STALE_UPLOAD_RECORDS: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
 use crate::{exit, notify};
 
 /// `nightcopy worker` as the command runs it; returns the exit code.
@@ -62,17 +65,33 @@ pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> u8 {
             tracing::warn!("cannot listen for SIGTERM/SIGINT ({e}); a stop will kill the worker");
             Stop::never()
         });
+    let store = Arc::new(S3Store::for_config(&sdk, config));
+    if let Err(e) = crate::store::bucket::check(store.as_ref(), config).await {
+        tracing::error!("worker FAILED: {e}");
+        return exit::FATAL;
+    }
+    let mut uploader = Uploader::new(
+        store,
+        stats.clone(),
+        config.destination.prefix.as_str().to_owned(),
+        &config.transfer,
+        stop.clone(),
+    )
+    .with_classes(config.destination.class_rule());
+    // A worker continues the uploads it was interrupted in when a batch comes back to it; one
+    // that went to another worker is not, so records older than the bucket's lifecycle rule
+    // (which aborts the upload itself after 7 days) are dropped here.
+    if let Some(resume) = Resume::for_config(config) {
+        uploader = uploader.resuming(resume);
+        uploader
+            .abandon_stale(std::time::SystemTime::now() - STALE_UPLOAD_RECORDS)
+            .await;
+    }
     let worker = Worker {
         config,
         d,
         queues,
-        uploader: Uploader::new(
-            Arc::new(S3Store::for_config(&sdk, config)),
-            stats.clone(),
-            config.destination.prefix.as_str().to_owned(),
-            &config.transfer,
-            stop.clone(),
-        ),
+        uploader,
         stats: stats.clone(),
         stop: stop.clone(),
         host: queue::host_name(),

@@ -5,6 +5,7 @@
 //! carry a position too. Credentials are deliberately not configurable here: they come from the
 //! SDK's default chain (the instance role on EC2).
 
+mod classes;
 mod excludes;
 mod units;
 mod url;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{de, Deserialize, Deserializer, Serialize};
 
+pub use classes::{ClassRule, SmallFiles};
 pub use excludes::Excludes;
 pub use units::{HumanDuration, Size};
 pub use url::{is_loopback, EndpointUrl};
@@ -253,11 +255,57 @@ pub struct Destination {
     pub allow_insecure_endpoint: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class: Option<StorageClass>,
+    /// Files below a size go to another class (`classes`). Filled in from the storage class when
+    /// absent; `below: 0` turns the rule off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub small_files: Option<SmallFiles>,
+    /// A retain-until date on every object written (S3 Object Lock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<ObjectLock>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sse: Option<Sse>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sse_kms_key_id: Option<String>,
 }
+
+impl Destination {
+    /// The storage class of each object, by size.
+    pub fn class_rule(&self) -> ClassRule {
+        ClassRule {
+            class: self.storage_class,
+            small: self.small_files.filter(|s| s.below.0 > 0),
+        }
+    }
+}
+
+/// `destination.object-lock`: every object written is retained until `retain` after its upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ObjectLock {
+    pub mode: LockMode,
+    pub retain: HumanDuration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LockMode {
+    /// Users with s3:BypassGovernanceRetention can still shorten or remove the retention.
+    Governance,
+    /// Nobody, the root user included, can delete the object version before the date.
+    Compliance,
+}
+
+impl LockMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMode::Governance => "GOVERNANCE",
+            LockMode::Compliance => "COMPLIANCE",
+        }
+    }
+}
+
+/// The longest Object Lock retention S3 accepts is 100 years.
+const MAX_RETENTION: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -354,6 +402,10 @@ impl Config {
         let mut config: Config =
             serde_saphyr::from_str(text).map_err(|e| invalid(e.to_string()))?;
         config.validate().map_err(invalid)?;
+        let d = &mut config.destination;
+        if d.small_files.is_none() {
+            d.small_files = SmallFiles::default_for(d.storage_class);
+        }
         config.compiled_excludes = Some(std::sync::Arc::new(
             config.compile_excludes().map_err(invalid)?,
         ));
@@ -454,6 +506,15 @@ impl Config {
         ] {
             if let Some(url) = url {
                 self.check_transport(key, url)?;
+            }
+        }
+        if let Some(lock) = &self.destination.object_lock {
+            let r = lock.retain.0;
+            if r < std::time::Duration::from_secs(1) || r > MAX_RETENTION {
+                return Err(format!(
+                    "destination.object-lock.retain: {} is outside 1s to 100 years (e.g. 30d)",
+                    humantime::format_duration(r)
+                ));
             }
         }
         match (&self.destination.sse, &self.destination.sse_kms_key_id) {
@@ -566,6 +627,12 @@ impl Config {
                 ));
             }
         }
+        // The top-level .nightcopy holds nightcopy's own objects in the bucket (the manifest):
+        // a file there would take their keys.
+        patterns.push((
+            format!("/{}/**", crate::keys::RESERVED_DIR),
+            "built-in (reserved for nightcopy's own objects)".into(),
+        ));
         // Half-written files of a restore into the source tree are never backed up.
         patterns.push((
             ".nightcopy-restore-*.part".into(),
@@ -708,6 +775,17 @@ pub enum StorageClass {
 }
 
 impl StorageClass {
+    pub const ALL: [StorageClass; 8] = [
+        StorageClass::Standard,
+        StorageClass::StandardIa,
+        StorageClass::OnezoneIa,
+        StorageClass::IntelligentTiering,
+        StorageClass::GlacierIr,
+        StorageClass::Glacier,
+        StorageClass::DeepArchive,
+        StorageClass::ReducedRedundancy,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             StorageClass::Standard => "STANDARD",

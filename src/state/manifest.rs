@@ -74,14 +74,22 @@ pub fn open(
     destination: &str,
     cut_every: usize,
 ) -> Result<Option<Reader>, Rejected> {
-    let path = state_dir.join(FILE_NAME);
-    let file = match File::open(&path) {
+    open_file(&state_dir.join(FILE_NAME), destination, cut_every)
+}
+
+/// [`open`] for a manifest at another path (a copy fetched from the bucket).
+pub fn open_file(
+    path: &Path,
+    destination: &str,
+    cut_every: usize,
+) -> Result<Option<Reader>, Rejected> {
+    let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let cuts = verify(BufReader::new(file), destination, cut_every.max(1) as u64)?;
-    let mut lines = BufReader::new(File::open(&path)?).lines();
+    let mut lines = BufReader::new(File::open(path)?).lines();
     lines.next(); // header, verified above
     Ok(Some(Reader { lines, cuts }))
 }

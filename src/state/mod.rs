@@ -3,6 +3,7 @@
 //! minimum interval is measured from). The small files are written atomically.
 
 pub mod manifest;
+pub mod uploads;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};

@@ -17,8 +17,9 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Body, CompletedPart, Download, ErrorClass, ErrorKind, HeadInfo, ListPage, ObjectMeta,
-    ObjectStore, PartLayout, PutRequest, RemoteObject, StoreError, VersionMarker, VersionPage,
+    Body, CompletedPart, Download, ErrorClass, ErrorKind, HeadInfo, ListPage, ListedPart,
+    ObjectMeta, ObjectStore, PartLayout, PutRequest, RemoteObject, StoreError, VersionMarker,
+    VersionPage, Versioning,
 };
 
 /// The operations of [`ObjectStore`], for counting.
@@ -27,6 +28,7 @@ pub enum Op {
     List,
     Put,
     CreateMultipart,
+    ListParts,
     UploadPart,
     CompleteMultipart,
     AbortMultipart,
@@ -34,6 +36,8 @@ pub enum Op {
     Get,
     ListVersions,
     PartLayout,
+    Versioning,
+    ObjectLock,
 }
 
 /// One stored object.
@@ -45,6 +49,8 @@ pub struct Object {
     pub checksum: Option<String>,
     pub layout: Option<PartLayout>,
     pub last_modified_ns: i64,
+    /// As it was sent; `None` for the bucket's default.
+    pub storage_class: Option<String>,
 }
 
 impl Object {
@@ -57,6 +63,7 @@ impl Object {
             body,
             layout: None,
             last_modified_ns: 0,
+            storage_class: None,
         }
     }
 }
@@ -64,6 +71,7 @@ impl Object {
 struct Upload {
     key: String,
     meta: HashMap<String, String>,
+    storage_class: Option<String>,
     parts: BTreeMap<i32, (Bytes, [u8; 32])>,
 }
 
@@ -209,12 +217,18 @@ impl ObjectStore for MemoryStore {
                 checksum: Some(b64(&got)),
                 layout: None,
                 last_modified_ns: 0,
+                storage_class: req.storage_class.map(|c| c.as_str().to_owned()),
             },
         );
         Ok(())
     }
 
-    async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String, StoreError> {
+    async fn create_multipart(
+        &self,
+        key: &str,
+        meta: &ObjectMeta,
+        storage_class: Option<crate::config::StorageClass>,
+    ) -> Result<String, StoreError> {
         self.called(Op::CreateMultipart);
         let id = format!("upload-{}", self.next_upload.fetch_add(1, Relaxed));
         self.uploads.lock().unwrap().insert(
@@ -222,10 +236,31 @@ impl ObjectStore for MemoryStore {
             Upload {
                 key: key.to_owned(),
                 meta: meta.to_map(),
+                storage_class: storage_class.map(|c| c.as_str().to_owned()),
                 parts: BTreeMap::new(),
             },
         );
         Ok(id)
+    }
+
+    async fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<Option<Vec<ListedPart>>, StoreError> {
+        self.called(Op::ListParts);
+        let uploads = self.uploads.lock().unwrap();
+        Ok(uploads.get(upload_id).filter(|u| u.key == key).map(|u| {
+            u.parts
+                .iter()
+                .map(|(n, (data, sha))| ListedPart {
+                    number: *n,
+                    size: data.len() as u64,
+                    etag: hex::encode(&sha[..8]),
+                    sha256: Some(*sha),
+                })
+                .collect()
+        }))
     }
 
     async fn upload_part(
@@ -295,6 +330,7 @@ impl ObjectStore for MemoryStore {
             Object {
                 body: Bytes::from(body),
                 meta: upload.meta,
+                storage_class: upload.storage_class,
                 checksum: Some(format!("{}-{}", b64(&outer.finalize()), parts.len())),
                 layout: Some(PartLayout {
                     parts: parts.len() as u32,
@@ -363,6 +399,16 @@ impl ObjectStore for MemoryStore {
         self.called(Op::PartLayout);
         Ok(self.object(key).and_then(|o| o.layout))
     }
+
+    async fn versioning(&self) -> Result<Versioning, StoreError> {
+        self.called(Op::Versioning);
+        Ok(Versioning::Enabled)
+    }
+
+    async fn object_lock_enabled(&self) -> Result<bool, StoreError> {
+        self.called(Op::ObjectLock);
+        Ok(false)
+    }
 }
 
 #[cfg(test)]
@@ -396,6 +442,7 @@ mod tests {
             body: Body::Bytes(Bytes::from_static(b"data")),
             sha256: [0; 32],
             meta: ObjectMeta::default(),
+            storage_class: None,
         }))
         .unwrap_err();
         assert_eq!(err.kind, ErrorKind::DigestMismatch);
@@ -405,7 +452,7 @@ mod tests {
     #[test]
     fn multipart_objects_carry_a_composite_checksum_and_their_layout() {
         let store = MemoryStore::default();
-        let id = block_on(store.create_multipart("k", &ObjectMeta::default())).unwrap();
+        let id = block_on(store.create_multipart("k", &ObjectMeta::default(), None)).unwrap();
         let mut parts = Vec::new();
         for (n, data) in [(1, &b"abcd"[..]), (2, &b"ef"[..])] {
             let sha: [u8; 32] = Sha256::digest(data).into();

@@ -7,6 +7,7 @@
 //! is an in-memory implementation with operation counters for tests, `sdk` loads the AWS SDK's
 //! configuration and proves credentials before anything is read.
 
+pub mod bucket;
 pub mod memory;
 pub mod s3;
 pub mod sdk;
@@ -17,6 +18,8 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use futures::Stream;
+
+use crate::config::StorageClass;
 
 /// One object of the bucket listing, its key relative to the destination prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +74,8 @@ pub enum ErrorKind {
     /// The request would have gone over plain http to a host that is not loopback, and was not
     /// sent (`sdk::TransportGuard`).
     InsecureEndpoint,
+    /// The multipart upload is gone (completed, aborted, or expired by a lifecycle rule).
+    NoSuchUpload,
     Other,
 }
 
@@ -92,6 +97,7 @@ impl ErrorKind {
             | "RequestLimitExceeded"
             | "TooManyRequestsException" => ErrorKind::Throttled,
             "InvalidStorageClass" => ErrorKind::StorageClass,
+            "NoSuchUpload" => ErrorKind::NoSuchUpload,
             "AuthorizationHeaderMalformed"
             | "PermanentRedirect"
             | "IllegalLocationConstraintException" => ErrorKind::WrongRegion,
@@ -108,6 +114,7 @@ impl ErrorKind {
                 | ErrorKind::ChecksumMismatch
                 | ErrorKind::NotImplemented
                 | ErrorKind::Throttled
+                | ErrorKind::NoSuchUpload
                 | ErrorKind::Other
         )
     }
@@ -161,6 +168,7 @@ impl ErrorKind {
             ErrorKind::DigestMismatch
             | ErrorKind::ChecksumMismatch
             | ErrorKind::NotImplemented
+            | ErrorKind::NoSuchUpload
             | ErrorKind::Other => "",
         }
     }
@@ -287,6 +295,29 @@ pub struct PutRequest {
     /// SHA-256 of the body; S3 verifies it on receipt and rejects the upload if it differs.
     pub sha256: [u8; 32],
     pub meta: ObjectMeta,
+    /// `None`: the bucket's default (STANDARD).
+    pub storage_class: Option<StorageClass>,
+}
+
+/// One part of an unfinished multipart upload, as ListParts reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedPart {
+    pub number: i32,
+    pub size: u64,
+    pub etag: String,
+    /// The SHA-256 S3 verified when the part arrived; `None` when the server keeps none (then the
+    /// ETag, if it is a plain MD5, is what the part can be checked by).
+    pub sha256: Option<[u8; 32]>,
+}
+
+/// Whether the bucket keeps old versions of an overwritten object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Versioning {
+    Enabled,
+    /// Was on, now off: new overwrites replace the current version.
+    Suspended,
+    /// Never turned on.
+    Off,
 }
 
 #[derive(Debug, Clone)]
@@ -384,7 +415,16 @@ pub trait ObjectStore: Send + Sync + 'static {
         &self,
         key: &str,
         meta: &ObjectMeta,
+        storage_class: Option<StorageClass>,
     ) -> impl Future<Output = Result<String, StoreError>> + Send;
+
+    /// The parts an unfinished upload holds, in part order (all pages: S3 allows at most 10,000
+    /// parts, so this is bounded); `Ok(None)` when the upload no longer exists.
+    fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> impl Future<Output = Result<Option<Vec<ListedPart>>, StoreError>> + Send;
 
     fn upload_part(
         &self,
@@ -402,11 +442,18 @@ pub trait ObjectStore: Send + Sync + 'static {
         parts: Vec<CompletedPart>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Discards the parts of an unfinished upload; an upload that is already gone is not an error.
     fn abort_multipart(
         &self,
         key: &str,
         upload_id: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The bucket's versioning state (GetBucketVersioning).
+    fn versioning(&self) -> impl Future<Output = Result<Versioning, StoreError>> + Send;
+
+    /// Whether Object Lock is enabled on the bucket (GetObjectLockConfiguration).
+    fn object_lock_enabled(&self) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Size, metadata and stored checksum of one object; `Ok(None)` when it does not exist.
     fn head(&self, key: &str) -> impl Future<Output = Result<Option<HeadInfo>, StoreError>> + Send;

@@ -24,9 +24,11 @@ use aws_sdk_s3::config::{
     ConfigBag, Intercept, RequestChecksumCalculation, ResponseChecksumValidation, RuntimeComponents,
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::DateTime;
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{
-    ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, ServerSideEncryption, StorageClass,
+    BucketVersioningStatus, ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload,
+    ObjectLockEnabled, ObjectLockMode, ServerSideEncryption, StorageClass,
 };
 use aws_sdk_s3::Client;
 use base64::Engine as _;
@@ -34,8 +36,9 @@ use bytes::Bytes;
 use std::os::fd::AsRawFd;
 
 use super::{
-    CompletedPart, Download, ErrorClass, ErrorKind, HeadInfo, ListPage, ObjectMeta, ObjectStore,
-    ObjectVersion, PartLayout, PutRequest, RemoteObject, StoreError, VersionMarker, VersionPage,
+    CompletedPart, Download, ErrorClass, ErrorKind, HeadInfo, ListPage, ListedPart, ObjectMeta,
+    ObjectStore, ObjectVersion, PartLayout, PutRequest, RemoteObject, StoreError, VersionMarker,
+    VersionPage, Versioning,
 };
 use crate::config::Destination;
 
@@ -103,9 +106,10 @@ pub struct S3Store {
     bucket: String,
     /// "s3://bucket at endpoint", for messages.
     place: String,
-    storage_class: Option<StorageClass>,
     sse: Option<ServerSideEncryption>,
     sse_kms_key_id: Option<String>,
+    /// Object Lock mode and retention, for a retain-until date on every object written.
+    lock: Option<(ObjectLockMode, std::time::Duration)>,
 }
 
 impl S3Store {
@@ -155,9 +159,22 @@ impl S3Store {
             client: Client::from_conf(b.build()),
             bucket: dest.bucket.0.clone(),
             place,
-            storage_class: dest.storage_class.map(|s| StorageClass::from(s.as_str())),
+            lock: dest
+                .object_lock
+                .map(|l| (ObjectLockMode::from(l.mode.as_str()), l.retain.0)),
             sse: dest.sse.map(|s| ServerSideEncryption::from(s.as_str())),
             sse_kms_key_id: dest.sse_kms_key_id.clone(),
+        }
+    }
+
+    /// Mode and retain-until date for an object written now.
+    fn retention(&self) -> (Option<ObjectLockMode>, Option<DateTime>) {
+        match &self.lock {
+            Some((mode, retain)) => {
+                let until = std::time::SystemTime::now() + *retain;
+                (Some(mode.clone()), Some(DateTime::from(until)))
+            }
+            None => (None, None),
         }
     }
 
@@ -230,6 +247,10 @@ fn time_ns(t: Option<&aws_sdk_s3::primitives::DateTime>) -> i64 {
     })
 }
 
+fn class(c: Option<crate::config::StorageClass>) -> Option<StorageClass> {
+    c.map(|c| StorageClass::from(c.as_str()))
+}
+
 fn b64(sha: &[u8; 32]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha)
 }
@@ -300,15 +321,22 @@ impl ObjectStore for S3Store {
                 (stream, len)
             }
         };
+        let (lock_mode, retain_until) = self.retention();
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(&req.key)
             .body(body)
             .content_length(len as i64)
+            // The algorithm is named too (x-amz-sdk-checksum-algorithm): S3 requires it, or a
+            // Content-MD5, for a PUT with Object Lock retention. The SDK sends the value given
+            // and computes nothing itself.
+            .checksum_algorithm(ChecksumAlgorithm::Sha256)
             .checksum_sha256(b64(&req.sha256))
             .set_metadata(Some(req.meta.to_map()))
-            .set_storage_class(self.storage_class.clone())
+            .set_storage_class(class(req.storage_class))
+            .set_object_lock_mode(lock_mode)
+            .set_object_lock_retain_until_date(retain_until)
             .set_server_side_encryption(self.sse.clone())
             .set_ssekms_key_id(self.sse_kms_key_id.clone())
             .customize()
@@ -320,7 +348,15 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 
-    async fn create_multipart(&self, key: &str, meta: &ObjectMeta) -> Result<String, StoreError> {
+    async fn create_multipart(
+        &self,
+        key: &str,
+        meta: &ObjectMeta,
+        storage_class: Option<crate::config::StorageClass>,
+    ) -> Result<String, StoreError> {
+        // The retain-until date counts from the start of the upload: a part upload that takes
+        // hours only shortens the retention by that much, it never leaves the object unlocked.
+        let (lock_mode, retain_until) = self.retention();
         let out = self
             .client
             .create_multipart_upload()
@@ -328,7 +364,9 @@ impl ObjectStore for S3Store {
             .key(key)
             .checksum_algorithm(ChecksumAlgorithm::Sha256)
             .set_metadata(Some(meta.to_map()))
-            .set_storage_class(self.storage_class.clone())
+            .set_storage_class(class(storage_class))
+            .set_object_lock_mode(lock_mode)
+            .set_object_lock_retain_until_date(retain_until)
             .set_server_side_encryption(self.sse.clone())
             .set_ssekms_key_id(self.sse_kms_key_id.clone())
             .send()
@@ -359,6 +397,7 @@ impl ObjectStore for S3Store {
             .part_number(number)
             .body(ByteStream::from(data))
             .content_length(len)
+            .checksum_algorithm(ChecksumAlgorithm::Sha256)
             .checksum_sha256(b64(&sha256))
             .customize()
             .disable_payload_signing()
@@ -404,16 +443,109 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 
+    async fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<Option<Vec<ListedPart>>, StoreError> {
+        let mut parts = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let out = match self
+                .client
+                .list_parts()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .set_part_number_marker(marker.take())
+                .send()
+                .await
+            {
+                Ok(out) => out,
+                Err(e) => {
+                    let e = self.error("listing the parts of the upload of", key, e);
+                    return match e.kind {
+                        ErrorKind::NoSuchUpload => Ok(None),
+                        _ => Err(e),
+                    };
+                }
+            };
+            for p in out.parts.unwrap_or_default() {
+                let sha256 = p
+                    .checksum_sha256
+                    .as_deref()
+                    .and_then(|c| base64::engine::general_purpose::STANDARD.decode(c).ok())
+                    .and_then(|d| <[u8; 32]>::try_from(d).ok());
+                parts.push(ListedPart {
+                    number: p.part_number.unwrap_or(0),
+                    size: p.size.unwrap_or(0).max(0) as u64,
+                    etag: p.e_tag.unwrap_or_default(),
+                    sha256,
+                });
+            }
+            // A server that says "truncated" without a marker, or repeats it, would loop forever:
+            // S3's 10,000 parts also bound the pages.
+            let next = out.next_part_number_marker.filter(|m| !m.is_empty());
+            match next {
+                Some(m) if out.is_truncated == Some(true) && parts.len() <= 10_000 => {
+                    marker = Some(m)
+                }
+                _ => break,
+            }
+        }
+        parts.sort_by_key(|p| p.number);
+        parts.dedup_by_key(|p| p.number);
+        Ok(Some(parts))
+    }
+
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
-        self.client
+        match self
+            .client
             .abort_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
             .upload_id(upload_id)
             .send()
             .await
-            .map_err(|e| self.error("aborting multipart upload of", key, e))?;
-        Ok(())
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match self.error("aborting multipart upload of", key, e) {
+                e if e.kind == ErrorKind::NoSuchUpload => Ok(()),
+                e => Err(e),
+            },
+        }
+    }
+
+    async fn versioning(&self) -> Result<Versioning, StoreError> {
+        let out = self
+            .client
+            .get_bucket_versioning()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| self.error("reading the versioning of", "", e))?;
+        Ok(match out.status {
+            Some(BucketVersioningStatus::Enabled) => Versioning::Enabled,
+            Some(BucketVersioningStatus::Suspended) => Versioning::Suspended,
+            _ => Versioning::Off,
+        })
+    }
+
+    async fn object_lock_enabled(&self) -> Result<bool, StoreError> {
+        match self
+            .client
+            .get_object_lock_configuration()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out
+                .object_lock_configuration
+                .and_then(|c| c.object_lock_enabled)
+                == Some(ObjectLockEnabled::Enabled)),
+            Err(e) if e.code() == Some("ObjectLockConfigurationNotFoundError") => Ok(false),
+            Err(e) => Err(self.error("reading the Object Lock configuration of", "", e)),
+        }
     }
 
     async fn head(&self, key: &str) -> Result<Option<HeadInfo>, StoreError> {

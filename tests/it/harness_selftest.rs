@@ -311,7 +311,7 @@ fn proxy_classifies_requests_by_method_and_query() {
         ("PUT",    "/b/k?partNumber=2&uploadId=u",              true,  Op::Other), // UploadPartCopy
         ("POST",   "/b/k?uploadId=u",                           false, Op::CompleteMultipartUpload),
         ("DELETE", "/b/k?uploadId=u",                           false, Op::AbortMultipartUpload),
-        ("GET",    "/b/k?uploadId=u",                           false, Op::Other), // ListParts
+        ("GET",    "/b/k?uploadId=u",                           false, Op::ListParts),
         ("HEAD",   "/b/k",                                      false, Op::HeadObject),
         ("GET",    "/b/k?x-id=GetObject&partNumber=1",          false, Op::GetObject),
         ("GET",    "/b/k?response-content-type=text%2Fplain",   false, Op::GetObject),

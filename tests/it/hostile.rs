@@ -512,8 +512,10 @@ fn a_name_with_a_newline_and_escape_codes_is_one_escaped_line() {
 }
 
 /// Finding 8: "no SHA-256 covers it: a multipart object…" was printed for single-part objects.
+/// Such an object is now checked by its ETag (the MD5 of a single-part upload), and nothing calls
+/// it multipart; the wording for one that nothing covers is checked in `integrity`'s unit tests.
 #[test]
-fn an_unverifiable_single_part_object_is_said_to_be_one() {
+fn a_single_part_object_without_sha256_is_checked_by_its_etag_not_called_multipart() {
     let c = Case::new("unverified-single");
     s3().block_on(
         s3().direct_client()
@@ -528,9 +530,15 @@ fn an_unverifiable_single_part_object_is_said_to_be_one() {
     let out = c.run(&["restore", "--to", to.to_str().unwrap()]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(
-        out.stderr.contains("carries no SHA-256 checksum") && !out.stderr.contains("multipart"),
+        out.stderr.contains("1 files restored")
+            && out.stderr.contains("0 not verifiable by SHA-256")
+            && !out.stderr.contains("multipart"),
         "{}",
         out.stderr
+    );
+    assert_eq!(
+        fs::read(to.join("plain.txt")).unwrap(),
+        b"from another tool"
     );
 }
 

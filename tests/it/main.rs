@@ -5,6 +5,7 @@
 mod common;
 
 mod agent;
+mod bucket;
 mod copy;
 mod distribute;
 mod faults;
@@ -15,7 +16,9 @@ mod kill;
 mod layout;
 mod messages;
 mod moving;
+mod offsite;
 mod rclone;
 mod restore;
+mod resume;
 mod servers_selftest;
 mod verify;

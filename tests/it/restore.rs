@@ -3,7 +3,7 @@
 //!
 //! Most tests run against s3s-fs through the counting proxy (tests/it/common). `--as-of` needs object
 //! versions, which s3s-fs does not keep, so those tests run against moto (in memory, versioning,
-//! but it checks no checksums), started once for this test binary by [`moto`] below.
+//! but it checks no checksums), through the shared harness (`common::s3::moto_s3`).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -11,12 +11,11 @@ use std::fs::{self, FileTimes};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::common::proxy::Op;
 use crate::common::run::{pseudo_random, Case, Output};
-use crate::common::s3::s3;
+use crate::common::s3::{moto_s3, s3};
 use aws_sdk_s3::primitives::ByteStream;
 use sha2::{Digest, Sha256};
 
@@ -461,195 +460,14 @@ fn as_of_on_a_server_without_versions_is_fatal_and_says_why() {
 
 // ---- --as-of against moto ---------------------------------------------------------------------
 
-/// moto, started once for this test binary (it keeps versions; s3s-fs does not).
-struct Moto {
-    endpoint: String,
-}
-
-fn moto() -> &'static Moto {
-    static MOTO: std::sync::OnceLock<Result<Moto, String>> = std::sync::OnceLock::new();
-    match MOTO.get_or_init(start_moto) {
-        Ok(m) => m,
-        Err(e) => panic!("{e}"),
-    }
-}
-
-fn start_moto() -> Result<Moto, String> {
-    let binary = std::env::var_os("NIGHTCOPY_MOTO")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/nightcopy-tools/venv-1/bin/moto_server")
-        });
-    if !binary.is_file() {
-        return Err(format!(
-            "moto_server not found at {}: run scripts/test-tools.sh or set NIGHTCOPY_MOTO",
-            binary.display()
-        ));
-    }
-    let log = std::env::temp_dir().join(format!("nightcopy-moto-s3-{}.log", std::process::id()));
-    for _ in 0..3 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| e.to_string())?
-            .port();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (binary, log) = (binary.clone(), log.clone());
-        // PR_SET_PDEATHSIG fires when the *thread* that forked the child exits: this thread
-        // forks moto and then waits for it as long as the test process lives.
-        std::thread::spawn(move || {
-            use std::os::unix::process::CommandExt;
-            let out = fs::File::create(&log).unwrap();
-            let mut cmd = Command::new(&binary);
-            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                .stdin(std::process::Stdio::null())
-                .stdout(out.try_clone().unwrap())
-                .stderr(out);
-            // SAFETY: only prctl, which is async-signal-safe, runs between fork and exec.
-            unsafe {
-                cmd.pre_exec(|| {
-                    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                        .map_err(std::io::Error::from)
-                });
-            }
-            match cmd.spawn() {
-                Ok(mut child) => {
-                    let _ = tx.send(Ok(()));
-                    let _ = child.wait();
-                    let _ = tx.send(Err("moto exited".to_owned()));
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                }
-            }
-        });
-        rx.recv().map_err(|e| e.to_string())??;
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Err(_)) = rx.try_recv() {
-                break; // exited: port taken, try another
-            }
-            let addr = format!("127.0.0.1:{port}").parse().unwrap();
-            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(Moto {
-                    endpoint: format!("http://127.0.0.1:{port}"),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    Err(format!(
-        "moto did not start; its output:\n{}",
-        fs::read_to_string(&log).unwrap_or_default()
-    ))
-}
-
-const MOTO_ENV: [(&str, &str); 6] = [
-    ("AWS_ACCESS_KEY_ID", "testing"),
-    ("AWS_SECRET_ACCESS_KEY", "testing"),
-    ("AWS_REGION", "us-east-1"),
-    ("AWS_CONFIG_FILE", "/dev/null"),
-    ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
-    ("AWS_EC2_METADATA_DISABLED", "true"),
-];
-
-fn moto_client() -> aws_sdk_s3::Client {
-    let conf = aws_sdk_s3::Config::builder()
-        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-        .region(aws_sdk_s3::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(
-            "testing", "testing", None, None, "moto",
-        ))
-        .endpoint_url(&moto().endpoint)
-        .force_path_style(true)
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
-}
-
-/// A source tree, state and config against a fresh versioned bucket on moto.
-struct MotoCase {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    src: PathBuf,
-    bucket: String,
-    rt: tokio::runtime::Runtime,
-}
-
-impl MotoCase {
-    fn new(hint: &str) -> MotoCase {
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let bucket = format!("{hint}-{}-{n}", std::process::id());
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_owned();
-        let src = root.join("src");
-        fs::create_dir_all(&src).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let client = moto_client();
-        rt.block_on(async {
-            client.create_bucket().bucket(&bucket).send().await.unwrap();
-            client
-                .put_bucket_versioning()
-                .bucket(&bucket)
-                .versioning_configuration(
-                    aws_sdk_s3::types::VersioningConfiguration::builder()
-                        .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
-                        .build(),
-                )
-                .send()
-                .await
-                .unwrap();
-        });
-        MotoCase {
-            _tmp: tmp,
-            root,
-            src,
-            bucket,
-            rt,
-        }
-    }
-
-    fn write(&self, rel: &str, body: &[u8]) -> PathBuf {
-        let p = self.src.join(rel);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(&p, body).unwrap();
-        p
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let config = self.root.join("config.yaml");
-        fs::write(
-            &config,
-            format!(
-                "source:\n  path: {}\n  require-mountpoint: false\n\
-                 destination:\n  bucket: {}\n  prefix: \"\"\n  region: us-east-1\n  \
-                 endpoint-url: {}\n  force-path-style: true\n\
-                 state-dir: {}\nmetrics:\n  cloudwatch: false\nguard:\n  min-interval: 0s\n",
-                self.src.display(),
-                self.bucket,
-                moto().endpoint,
-                self.root.join("state").display()
-            ),
-        )
-        .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nightcopy"));
-        cmd.args(args).arg("--config").arg(&config).env_clear();
-        cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
-        for (k, v) in MOTO_ENV {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().unwrap();
-        Output::from(out)
-    }
+/// A case on moto's S3, in a versioned bucket (s3s-fs keeps no versions).
+fn versioned_case(hint: &str) -> Case {
+    Case::on(moto_s3(), moto_s3().versioned_dest(hint))
 }
 
 #[test]
 fn as_of_restores_the_version_that_was_current_then() {
-    let c = MotoCase::new("as-of");
+    let c = versioned_case("as-of");
     let doc = c.write("docs/report.txt", b"the real report, version 1");
     c.write("docs/stable.txt", b"never changes");
     set_mtime_ns(&doc, 1_700_000_000_111_111_111);
@@ -689,9 +507,9 @@ fn as_of_restores_the_version_that_was_current_then() {
     assert!(!to.join("docs/README-RANSOM.txt").exists());
     assert_eq!(figure(&out, "did not exist at the --as-of time"), 1);
     assert_eq!(figure(&out, "files restored"), 2);
-    // moto stores no checksum and the manifest describes the newer version: the old one cannot
-    // be checked by hash, and the summary says so instead of pretending.
-    assert_eq!(figure(&out, "not verifiable"), 1, "{}", out.stderr);
+    // moto stores no checksum and the manifest describes the newer version: the old one is
+    // checked by its ETag, the MD5 of its single-part upload.
+    assert_eq!(figure(&out, "not verifiable"), 0, "{}", out.stderr);
 
     // Without --as-of: the current versions.
     let to = c.root.join("now");
@@ -729,15 +547,15 @@ fn as_of_restores_the_version_that_was_current_then() {
 
 #[test]
 fn a_key_that_would_leave_the_target_is_refused() {
-    let c = MotoCase::new("evil-key");
+    let c = versioned_case("evil-key");
     c.write("fine.txt", b"fine");
     assert_eq!(c.run(&["run"]).code, 0);
-    let client = moto_client();
-    c.rt.block_on(async {
+    let client = moto_s3().direct_client();
+    moto_s3().block_on(async {
         for key in ["../escaped.txt", "a/../../escaped2.txt"] {
             client
                 .put_object()
-                .bucket(&c.bucket)
+                .bucket(&c.dest.bucket)
                 .key(key)
                 .body(ByteStream::from_static(b"evil"))
                 .send()
@@ -799,6 +617,7 @@ fn without_a_manifest_objects_are_checked_against_their_own_and_composite_checks
         checksum,
         layout,
         last_modified_ns: 0,
+        storage_class: None,
     };
     let store = MemoryStore::default();
     let put = |k: &str, o| store.insert(&format!("p/{k}"), o);

@@ -35,10 +35,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
-use crate::exit;
 use crate::fsutil::{blocking, system_time};
 use crate::integrity::{self as check, Reference, Stored, StreamHasher, Verdict};
-use crate::keys::shown;
+use crate::keys::{self, shown};
 use crate::report::{self, FileErrorKind, Outcome};
 use crate::state::manifest::{self, Cursor, ManifestEntry};
 use crate::stop::{self, Stop};
@@ -47,6 +46,7 @@ use crate::store::sdk::{self, SetupError};
 use crate::store::{
     Download, ErrorKind, ObjectMeta, ObjectStore, StoreError, VersionMarker, META_RAW_PATH,
 };
+use crate::{exit, offsite};
 use select::{AsOfPicker, Pick};
 use target::{Dir, PlaceError, Target};
 
@@ -372,19 +372,16 @@ pub async fn restore<S: ObjectStore>(
     check_target(&opts.to)?;
 
     // The manifest's SHA-256s are the strongest check there is (they cover multipart objects
-    // too); on another host there is none and the objects' own checksums have to do.
-    let manifest = manifest::open_or_warn(
-        &config.state_dir.0,
-        &config.destination_id(),
+    // too); on another host the bucket's copy of it is used (read, not installed: a restore
+    // leaves the backup's state alone), and without either the objects' own checksums have to do.
+    let manifest = offsite::manifest(
+        store.as_ref(),
+        config,
         usize::MAX,
+        false,
         "downloads are checked against the objects' own checksums only",
-    );
-    if manifest.is_none() {
-        tracing::info!(
-            "no manifest for this destination on this host: downloads are checked against the \
-             objects' own checksums only"
-        );
-    }
+    )
+    .await;
 
     // The first page is awaited here, so a missing bucket, denied access or a server without
     // versioning ends the restore before anything is written.
@@ -623,7 +620,7 @@ async fn produce<S: ObjectStore>(
             match c {
                 Candidate::Absent(key) => {
                     let key = format!("{sub}{key}");
-                    if select::in_subpath(&key, &sub) {
+                    if select::in_subpath(&key, &sub) && !keys::is_reserved(&key) {
                         stats.absent(&key);
                     }
                 }
@@ -633,8 +630,9 @@ async fn produce<S: ObjectStore>(
                     version_id,
                 } => {
                     let key = format!("{sub}{key}");
-                    // The listing prefix "home/alice" also lists "home/alice2/…".
-                    if !select::in_subpath(&key, &sub) {
+                    // The listing prefix "home/alice" also lists "home/alice2/…". nightcopy's own
+                    // objects (the manifest's copy) are no file to restore.
+                    if !select::in_subpath(&key, &sub) || keys::is_reserved(&key) {
                         continue;
                     }
                     stats.listed();

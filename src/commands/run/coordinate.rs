@@ -476,8 +476,10 @@ impl Coordinator<'_> {
         match f.outcome {
             FileOutcome::Uploaded => {
                 self.stats.sent(f.size);
+                // Workers share the destination settings, so the class is the one this rule gives.
+                let class = self.config.destination.class_rule().for_size(f.size);
                 self.stats
-                    .transferred(&path, &f.key, f.size, &"by a worker");
+                    .transferred(&path, &f.key, f.size, &"by a worker", class);
             }
             FileOutcome::Vanished => self.stats.vanished(&path),
             FileOutcome::Replaced => self

@@ -11,7 +11,9 @@ use super::RunOptions;
 use crate::config::Config;
 use crate::error::Fatal;
 use crate::keys::shown;
+use crate::list::PARTITION_KEYS;
 use crate::merge::Inputs;
+use crate::offsite;
 use crate::plan::{Planner, Step};
 use crate::queue::Queues;
 use crate::report::{FileErrorKind, Stats};
@@ -19,7 +21,7 @@ use crate::scan;
 use crate::state::manifest::{self, ManifestEntry};
 use crate::stop::Stop;
 use crate::store::{ObjectStore, StoreError};
-use crate::upload::{Upload, Uploader};
+use crate::upload::{Resume, Upload, Uploader};
 
 use super::coordinate::Coordinator;
 
@@ -46,13 +48,17 @@ pub async fn copy<S: ObjectStore>(
     let destination = config.destination_id();
     let manifest_error = |e| Fatal::Manifest(state_dir.display().to_string(), e);
 
-    let inputs = Inputs::open(
+    // A run installs the bucket's copy when the state directory has no manifest; a dry run only
+    // reads it.
+    let manifest = offsite::manifest(
+        store.as_ref(),
         config,
-        store.clone(),
-        stats.clone(),
+        PARTITION_KEYS,
+        !opts.dry_run,
         "deciding by size and upload time this once",
     )
-    .await?;
+    .await;
+    let inputs = Inputs::with_manifest(config, store.clone(), stats.clone(), manifest).await?;
     if inputs.manifest.is_none() {
         tracing::info!(
             "no manifest for this destination yet: comparing with the bucket listing only"
@@ -76,14 +82,30 @@ pub async fn copy<S: ObjectStore>(
         let _ = planner.await;
         return result;
     }
-    let uploader = Arc::new(Uploader::new(
+    let started = std::time::SystemTime::now();
+    let mut uploader = Uploader::new(
         store,
         stats.clone(),
         config.destination.prefix.as_str().to_owned(),
         &config.transfer,
         stop.clone(),
-    ));
-    let result = upload_all(steps, uploader, &stats, opts.dry_run, &stop, &mut writer).await;
+    )
+    .with_classes(config.destination.class_rule());
+    if !opts.dry_run {
+        if let Some(resume) = Resume::for_config(config) {
+            uploader = uploader.resuming(resume);
+        }
+    }
+    let uploader = Arc::new(uploader);
+    let result = upload_all(
+        steps,
+        uploader.clone(),
+        &stats,
+        opts.dry_run,
+        &stop,
+        &mut writer,
+    )
+    .await;
     let _ = planner.await;
     match result {
         // The old manifest stays: what this run uploaded is found by the listing next time.
@@ -99,6 +121,11 @@ pub async fn copy<S: ObjectStore>(
     }
     if let Some(w) = writer {
         w.commit().map_err(manifest_error)?;
+        // The whole tree was gone through: a recorded upload this run did not touch belongs to
+        // a file that needs none. The margin covers filesystems whose timestamps lag the clock.
+        uploader
+            .abandon_stale(started - std::time::Duration::from_secs(2))
+            .await;
     }
     Ok(())
 }
@@ -232,7 +259,8 @@ async fn handle<S: ObjectStore>(
                 shown(&entry.key),
                 shown(&entry.path)
             );
-            stats.transferred(&entry.path, &entry.key, entry.size, &reason);
+            let class = uploader.class_for(entry.size);
+            stats.transferred(&entry.path, &entry.key, entry.size, &reason, class);
             Ok(previous)
         }
         Step::Upload {

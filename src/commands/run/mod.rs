@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::error::Fatal;
 use crate::queue::Queues;
-use crate::report::{Outcome, RunReport, Stats, SUMMARY_MESSAGE_ID};
+use crate::report::{FileErrorKind, Outcome, RunReport, Stats, SUMMARY_MESSAGE_ID};
 use crate::state::{self, RunRecord};
 use crate::stop::Stop;
 use crate::store::s3::S3Store;
 use crate::store::sdk;
-use crate::{exit, fsutil, guard, metrics, notify};
+use crate::{exit, fsutil, guard, metrics, notify, offsite};
 
 pub use copy::copy;
 
@@ -92,6 +92,9 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
     }
 
     let store = Arc::new(S3Store::for_config(&sdk, config));
+    if let Err(e) = crate::store::bucket::check(store.as_ref(), config).await {
+        return ctx.finish(Some(e.into())).await;
+    }
     notify::ready(&format!(
         "backing up {} to s3://{}/{}",
         config.source.path.0.display(),
@@ -99,7 +102,8 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
         config.destination.prefix.as_str()
     ));
     let progress = notify::Progress::start(ctx.stats.clone(), ctx.started, bar);
-    let consequence = "no new uploads, multipart uploads in flight aborted, progress so far kept";
+    let consequence =
+        "no new uploads, multipart uploads in flight kept for the next run to continue, progress so far kept";
     let stop = Stop::on_signals(consequence).unwrap_or_else(|e| {
         tracing::warn!("cannot listen for SIGTERM/SIGINT ({e}); a stop will kill the run");
         Stop::never()
@@ -111,14 +115,45 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
     let result = copy(
         config,
         opts,
-        store,
+        store.clone(),
         ctx.stats.clone(),
-        stop,
+        stop.clone(),
         queues.as_ref(),
     )
     .await;
+    if result.is_ok() && !opts.dry_run {
+        save_manifest_copy(store, config, ctx.started_unix, stop, &ctx.stats).await;
+    }
     drop(progress);
     ctx.finish(result.err()).await
+}
+
+/// The manifest this run completed, copied to the bucket (`offsite`). A copy that fails is a
+/// transfer error like a file's: the backup is whole, but a rebuilt host would not find it.
+async fn save_manifest_copy(
+    store: Arc<S3Store>,
+    config: &Config,
+    started_unix: u64,
+    stop: Stop,
+    stats: &Stats,
+) {
+    let key = offsite::key(config);
+    match offsite::save(store, config, started_unix, stop).await {
+        Ok(size) => tracing::info!(
+            "manifest copied to s3://{}/{} ({})",
+            config.destination.bucket.0,
+            crate::keys::shown(&key),
+            bytesize::ByteSize(size).display().iec()
+        ),
+        Err(why) => stats.file_error(
+            std::path::Path::new(&key),
+            FileErrorKind::Upload,
+            &format_args!(
+                "the manifest's copy in the bucket was not saved ({why}); the backup itself is \
+                 complete, and the next run tries again"
+            ),
+        ),
+    }
 }
 
 fn skip(why: &str) -> u8 {

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod cloudwatch;
+pub mod garage;
 pub mod imds;
 pub mod process;
 pub mod proxy;

@@ -43,13 +43,14 @@ pub enum Op {
     UploadPart,
     CompleteMultipartUpload,
     AbortMultipartUpload,
+    ListParts,
     HeadObject,
     GetObject,
     DeleteObject,
     DeleteObjects,
     CreateBucket,
     HeadBucket,
-    /// Anything else: ListBuckets, ListParts, CopyObject, tagging, ACLs, DeleteBucket, …
+    /// Anything else: ListBuckets, CopyObject, tagging, ACLs, DeleteBucket, …
     Other,
 }
 
@@ -221,6 +222,9 @@ fn classify(r: &Request) -> Op {
         "POST" if has("uploads") => Op::CreateMultipartUpload,
         "POST" if has("uploadId") => Op::CompleteMultipartUpload,
         "DELETE" if has("uploadId") => Op::AbortMultipartUpload,
+        "GET" if has("uploadId") && plain(&["uploadId", "part-number-marker", "max-parts"]) => {
+            Op::ListParts
+        }
         "DELETE" if !has("tagging") => Op::DeleteObject,
         "HEAD" if plain(&["versionId", "partNumber"]) => Op::HeadObject,
         "GET" if plain(&["versionId", "partNumber"]) => Op::GetObject,

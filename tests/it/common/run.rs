@@ -8,10 +8,12 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use super::proxy::Op;
-use super::s3::{s3, Dest};
+use super::s3::{s3, Dest, S3Server};
 
 pub struct Case {
     _tmp: tempfile::TempDir,
+    /// The S3 server the case runs against (s3s-fs unless a test picks another).
+    pub server: &'static S3Server,
     pub root: PathBuf,
     pub src: PathBuf,
     pub dest: Dest,
@@ -23,6 +25,8 @@ pub struct Case {
     pub metrics: String,
     /// Extra lines inside `transfer:` (indented two spaces).
     pub transfer_extra: String,
+    /// Extra lines inside `destination:` (indented two spaces).
+    pub destination_extra: String,
     /// Extra top-level YAML.
     pub top_extra: String,
     /// Extra environment for the child.
@@ -81,23 +85,30 @@ pub fn summary_figure(stderr: &str, is_summary: impl Fn(&str) -> bool, name: &st
 
 impl Case {
     pub fn new(hint: &str) -> Case {
+        Case::on(s3(), s3().dest(hint))
+    }
+
+    /// A case against `server`, writing to `dest` (one of its destinations).
+    pub fn on(server: &'static S3Server, dest: Dest) -> Case {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_owned();
         let src = root.join("src");
         fs::create_dir_all(&src).unwrap();
         Case {
-            dest: s3().dest(hint),
+            server,
+            dest,
             _tmp: tmp,
             root,
             src,
             require_mountpoint: false,
             source_extra: String::new(),
             transfer_extra: String::new(),
+            destination_extra: String::new(),
             metrics: "metrics:\n  cloudwatch: false\n".into(),
             top_extra: "guard:\n  min-interval: 0s\n".into(),
             env: Vec::new(),
             env_remove: Vec::new(),
-            region: Some(s3().region.clone()),
+            region: Some(server.region.clone()),
         }
     }
 
@@ -113,11 +124,11 @@ impl Case {
     }
 
     pub fn config_path(&self) -> PathBuf {
-        let server = s3();
+        let server = self.server;
         let text = format!(
             "source:\n  path: {src}\n  require-mountpoint: {mount}\n{extra}\
              destination:\n  bucket: {bucket}\n  prefix: \"{prefix}\"\n{region}  \
-             endpoint-url: {endpoint}\n  force-path-style: true\n\
+             endpoint-url: {endpoint}\n  force-path-style: true\n{destination}\
              transfer:\n  multipart-threshold: 6MiB\n  part-size: 5MiB\n{transfer}\
              state-dir: {state}\n{metrics}{top}",
             src = self.src.display(),
@@ -131,6 +142,7 @@ impl Case {
                 .map(|r| format!("  region: {r}\n"))
                 .unwrap_or_default(),
             endpoint = server.endpoint,
+            destination = self.destination_extra,
             state = self.state_dir().display(),
             transfer = self.transfer_extra,
             metrics = self.metrics,
@@ -171,7 +183,7 @@ impl Case {
         cmd.args(args).arg("--config").arg(config);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default());
-        for (k, v) in s3().env() {
+        for (k, v) in self.server.env() {
             cmd.env(k, v);
         }
         for k in &self.env_remove {
@@ -197,22 +209,24 @@ impl Case {
 
     pub fn ops(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
-        for r in s3().requests(&self.dest) {
+        for r in self.server.requests(&self.dest) {
             *m.entry(format!("{:?}", r.op)).or_default() += 1;
         }
         m
     }
 
     pub fn count(&self, op: Op) -> usize {
-        s3().requests(&self.dest)
+        self.server
+            .requests(&self.dest)
             .iter()
             .filter(|r| r.op == op)
             .count()
     }
 
     pub fn assert_no_delete(&self) {
-        let deletes: Vec<_> = s3()
-            .requests(&self.dest)
+        let deletes: Vec<_> = self
+            .server
+            .requests_with_own(&self.dest)
             .into_iter()
             .filter(|r| matches!(r.op, Op::DeleteObject | Op::DeleteObjects))
             .map(|r| format!("{} {}?{}", r.method, r.path, r.query))

@@ -67,6 +67,55 @@ pub fn s3() -> &'static S3Server {
     }
 }
 
+/// moto's S3 (the moto that serves CloudWatch and SQS), behind its own counting proxy: what the
+/// tests use where s3s-fs falls short — versions, storage classes, Object Lock.
+pub fn moto_s3() -> &'static S3Server {
+    static SERVER: OnceLock<Result<S3Server, String>> = OnceLock::new();
+    let started = SERVER.get_or_init(|| {
+        let target = Target {
+            endpoint: super::cloudwatch::cloudwatch().moto_endpoint.clone(),
+            region: "us-east-1".to_owned(),
+            shared_bucket: None,
+            // moto accepts any credentials; fixed ones keep its state per test run apart
+            // from nothing else.
+            access_key: "testing".to_owned(),
+            secret_key: "testing".to_owned(),
+            session_token: None,
+        };
+        S3Server::start_with(target, None)
+    });
+    match started {
+        Ok(server) => server,
+        Err(message) => panic!("{message}"),
+    }
+}
+
+/// Garage (scripts/test-tools.sh installs it), behind its own counting proxy: an S3 server that
+/// keeps the SHA-256 of every part and lists it in ListParts, as AWS does.
+pub fn garage() -> &'static S3Server {
+    static SERVER: OnceLock<Result<S3Server, String>> = OnceLock::new();
+    let started = SERVER.get_or_init(|| {
+        let server = super::garage::Garage::start()?;
+        let target = Target {
+            endpoint: server.endpoint.clone(),
+            region: "us-east-1".to_owned(),
+            shared_bucket: None,
+            access_key: server.access_key.clone(),
+            secret_key: server.secret_key.clone(),
+            session_token: None,
+        };
+        let log = server.log.clone();
+        let mut started = S3Server::start_with(target, None)?;
+        started.log = Some(log);
+        std::mem::forget(server);
+        Ok(started)
+    });
+    match started {
+        Ok(server) => server,
+        Err(message) => panic!("{message}"),
+    }
+}
+
 /// Where a test's objects go: its own bucket (prefix empty) or, against an external endpoint, its
 /// own prefix in the shared bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,8 +161,8 @@ pub struct S3Server {
     proxy: Proxy,
     /// Bypasses the proxy, so assertions do not show up in the request log.
     direct: Client,
-    /// `None` in external mode.
-    local: Option<LocalServer>,
+    /// The server's log, when this harness started it.
+    log: Option<PathBuf>,
 }
 
 impl S3Server {
@@ -135,7 +184,10 @@ impl S3Server {
                 (target, Some(server))
             }
         };
+        S3Server::start_with(target, server.map(|s| s.log))
+    }
 
+    fn start_with(target: Target, log: Option<PathBuf>) -> Result<S3Server, String> {
         // Built only now: a runtime dropped on an error path above would panic when the first
         // caller is an async test.
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -169,7 +221,7 @@ impl S3Server {
             next_dest: AtomicU64::new(0),
             runtime,
             proxy,
-            local: server,
+            log,
         })
     }
 
@@ -188,6 +240,49 @@ impl S3Server {
         }
         // Created behind the proxy's back so that a test's request log holds only its own work.
         let created = self.block_on(self.direct.create_bucket().bucket(&name).send());
+        if let Err(e) = created {
+            panic!("cannot create bucket {name}: {}", DisplayErrorContext(&e));
+        }
+        Dest {
+            bucket: name,
+            prefix: String::new(),
+        }
+    }
+
+    /// [`S3Server::dest`] with versioning on (moto).
+    pub fn versioned_dest(&self, hint: &str) -> Dest {
+        let dest = self.dest(hint);
+        let status = aws_sdk_s3::types::VersioningConfiguration::builder()
+            .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+            .build();
+        let set = self.block_on(
+            self.direct
+                .put_bucket_versioning()
+                .bucket(&dest.bucket)
+                .versioning_configuration(status)
+                .send(),
+        );
+        if let Err(e) = set {
+            panic!(
+                "cannot version {}: {}",
+                dest.bucket,
+                DisplayErrorContext(&e)
+            );
+        }
+        dest
+    }
+
+    /// A bucket created with Object Lock enabled (and so versioned), as AWS requires (moto).
+    pub fn locked_dest(&self, hint: &str) -> Dest {
+        let n = self.next_dest.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}-{}-{n}", bucket_safe(hint), self.run_id);
+        let created = self.block_on(
+            self.direct
+                .create_bucket()
+                .bucket(&name)
+                .object_lock_enabled_for_bucket(true)
+                .send(),
+        );
         if let Err(e) = created {
             panic!("cannot create bucket {name}: {}", DisplayErrorContext(&e));
         }
@@ -268,7 +363,26 @@ impl S3Server {
     /// up twice): requests for its bucket, and in external mode only those whose key or list
     /// prefix lies under its prefix (bucket-level requests such as HeadBucket cannot be told
     /// apart there and are left out).
+    ///
+    /// Requests for nightcopy's own objects (the manifest's copy under `.nightcopy/`) are left
+    /// out: tests count the requests for files. [`S3Server::own_requests`] has those.
     pub fn requests(&self, dest: &Dest) -> Vec<Request> {
+        self.requests_with_own(dest)
+            .into_iter()
+            .filter(|r| !is_own_key(dest, &r.key))
+            .collect()
+    }
+
+    /// The requests for nightcopy's own objects under `dest` (the manifest's copy).
+    pub fn own_requests(&self, dest: &Dest) -> Vec<Request> {
+        self.requests_with_own(dest)
+            .into_iter()
+            .filter(|r| is_own_key(dest, &r.key))
+            .collect()
+    }
+
+    /// Every request for `dest`, nightcopy's own objects included.
+    pub fn requests_with_own(&self, dest: &Dest) -> Vec<Request> {
         self.proxy
             .requests()
             .into_iter()
@@ -291,7 +405,7 @@ impl S3Server {
     /// `RUST_LOG` for the server comes from `NIGHTCOPY_S3S_LOG` (default `warn`). `None` in
     /// external mode.
     pub fn server_log(&self) -> Option<&Path> {
-        self.local.as_ref().map(|server| server.log.as_path())
+        self.log.as_deref()
     }
 
     /// Every request the proxy has seen from any test of this binary.
@@ -299,8 +413,16 @@ impl S3Server {
         self.proxy.requests()
     }
 
-    /// All keys under the destination, full keys, sorted. Not recorded by the proxy.
+    /// The keys of the files under the destination (nightcopy's own objects left out), full
+    /// keys, sorted. Not recorded by the proxy.
     pub fn list_keys(&self, dest: &Dest) -> Vec<String> {
+        let mut keys = self.list_all_keys(dest);
+        keys.retain(|k| !is_own_key(dest, k));
+        keys
+    }
+
+    /// Every key under the destination, nightcopy's own objects included.
+    pub fn list_all_keys(&self, dest: &Dest) -> Vec<String> {
         let listed = self.block_on(async {
             let mut keys = Vec::new();
             let mut pages = self
@@ -358,6 +480,12 @@ impl S3Server {
         });
         fetched.unwrap_or_else(|e| panic!("cannot get s3://{}/{key}: {e}", dest.bucket))
     }
+}
+
+/// Whether `key` (full) is one of nightcopy's own objects under `dest`, not a file's.
+fn is_own_key(dest: &Dest, key: &str) -> bool {
+    key.strip_prefix(&dest.prefix)
+        .is_some_and(nightcopy::keys::is_reserved)
 }
 
 fn make_client(endpoint: &str, region: &str, credentials: &Credentials) -> Client {
@@ -422,6 +550,10 @@ impl Target {
 struct LocalServer {
     addr: SocketAddr,
     log: PathBuf,
+}
+
+pub(super) fn new_random_hex(bytes: usize) -> String {
+    random_hex(bytes)
 }
 
 impl LocalServer {
@@ -613,12 +745,17 @@ fn free_port() -> Result<SocketAddr, String> {
 /// server is killed, not stopped). Instead each start removes the folders of test processes that
 /// no longer run; the pid is part of the folder name.
 fn sweep_stale_state_dirs() {
+    sweep_stale_dirs(STATE_DIR_PREFIX);
+}
+
+/// Removes the temp folders named `<prefix><pid>-…` of test processes that no longer run.
+pub(super) fn sweep_stale_dirs(prefix: &str) {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(STATE_DIR_PREFIX)) else {
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
             continue;
         };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
