@@ -53,6 +53,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -514,6 +515,34 @@ metrics:
         }
 
 
+def dir_bytes(path):
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+class PeakSize(threading.Thread):
+    """The largest a directory's files grew while a run lasted, sampled twice a second."""
+
+    def __init__(self, path):
+        super().__init__(daemon=True)
+        self.path, self.peak, self.done = path, 0, threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.5):
+            self.peak = max(self.peak, dir_bytes(self.path))
+
+    def stop(self):
+        self.done.set()
+        self.join()
+        self.peak = max(self.peak, dir_bytes(self.path))
+
+
 def measure(argv, env, log, garage=None):
     """Runs argv under GNU time: its peak RSS is the tool's own. (wait4 from here would count
     this Python process too: a forked child's peak RSS includes what it had before exec.)"""
@@ -732,11 +761,22 @@ class Bench:
         bucket = self.garage.bucket("scale-million")
         argv, env = self.tools.command("nightcopy", tree, bucket, self.garage.endpoint,
                                        distribute=distribute, args=("run", "--force", "-q"))
+        # What the coordinator keeps on disk instead of in memory: its state directory (plan,
+        # reports, index, then the manifest), sampled while it runs.
+        state = self.work / "nightcopy-state" / bucket
+        peak = PeakSize(state)
+        peak.start()
         r = measure(argv, env, self.work / "coordinator-million.log", self.garage)
+        peak.stop()
         r["files"] = spec["files"]
+        r["state_peak_mib"] = peak.peak / 2**20
+        r["state_end_mib"] = dir_bytes(state) / 2**20
         self.results.setdefault("scaleout-coordinator-1M-files", {})["nightcopy"] = [r]
+        self.notes["coordinator-disk"] = dict(peak_mib=r["state_peak_mib"],
+                                              end_mib=r["state_end_mib"], files=spec["files"])
         say(f"  coordinator, 1M files: {r['wall']:.1f}s wall {r['cpu']:.1f}s cpu "
-            f"{r['rss_mib']:.1f} MiB peak RSS rc={r['rc']}")
+            f"{r['rss_mib']:.1f} MiB peak RSS, state directory at most {r['state_peak_mib']:.0f} "
+            f"MiB ({r['state_end_mib']:.0f} MiB after) rc={r['rc']}")
 
     def million(self):
         tree, spec = self.tree("million")
@@ -873,6 +913,12 @@ def report(bench, command, started):
             lines.append(row)
         lines.append("")
         lines += bounds(bench, scenario, by_tool)
+        disk = bench.notes.get("coordinator-disk")
+        if scenario == "scaleout-coordinator-1M-files" and disk:
+            lines += [f"The coordinator's state directory held at most {disk['peak_mib']:,.0f} MiB "
+                      f"while it ran ({disk['peak_mib'] * 2**20 / disk['files']:,.0f} bytes per "
+                      f"file: plan, reports, index, manifest) and {disk['end_mib']:,.0f} MiB after.",
+                      ""]
     return "\n".join(lines)
 
 

@@ -21,7 +21,8 @@ use percent_encoding::{percent_encode, AsciiSet, NON_ALPHANUMERIC};
 /// The top-level name under the prefix that holds nightcopy's own objects: never a file's key
 /// (the walk leaves a source's top-level `.nightcopy` out), and left out of every listing of files.
 pub const RESERVED_DIR: &str = ".nightcopy";
-/// Where each run's manifest is kept in the bucket, below the prefix (docs/manifest.md).
+/// Where each run's manifest is kept in the bucket, below the prefix (docs/design.md, "The
+/// manifest's copy").
 pub const MANIFEST_KEY: &str = ".nightcopy/manifest.gz";
 
 /// Whether a key below the prefix is one of nightcopy's own objects rather than a file's.

@@ -576,6 +576,11 @@ impl<S: ObjectStore> Uploader<S> {
             resume.uploads.forget(key);
             return Ok(None);
         }
+        // Written again so that this run's end sees the record as in use (`Uploads::older_than`),
+        // even if the listing below fails and the upload is left for another night.
+        if let Err(e) = resume.uploads.save(&record) {
+            tracing::warn!("cannot refresh the upload record of {}: {e}", shown(key));
+        }
         let Some(listed) = self.store.list_parts(key, &record.upload_id).await? else {
             tracing::info!(
                 "the upload of {} an earlier run started is gone (completed, aborted or expired): \
@@ -585,10 +590,6 @@ impl<S: ObjectStore> Uploader<S> {
             resume.uploads.forget(key);
             return Ok(None);
         };
-        // Written again so that this run's end sees the record as in use (`Uploads::older_than`).
-        if let Err(e) = resume.uploads.save(&record) {
-            tracing::warn!("cannot refresh the upload record of {}: {e}", shown(key));
-        }
         Ok(Some(Target {
             upload_id: record.upload_id,
             part_size: record.part_size,
@@ -964,6 +965,39 @@ mod tests {
         assert_eq!(store.count(Op::CreateMultipart), 2);
         assert_eq!(store.count(Op::UploadPart), 3 + 8);
         assert_eq!(store.count(Op::ListParts), 0);
+    }
+
+    #[test]
+    fn a_recorded_upload_no_run_touched_is_aborted_at_the_end_of_a_whole_run() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("big");
+        let body = data(12 * MIB);
+        std::fs::write(&path, &body).unwrap();
+        let store = Arc::new(MemoryStore::default());
+        let u = uploader(&store, t.path());
+        interrupted(
+            &store,
+            &u.resume.as_ref().unwrap().uploads,
+            &path,
+            &body,
+            1,
+            false,
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // Written before this "run" began: kept.
+        rt.block_on(
+            u.abandon_stale(std::time::SystemTime::now() - std::time::Duration::from_secs(60)),
+        );
+        assert_eq!(store.count(Op::AbortMultipart), 0);
+        // Not touched since the run began: its file needs no upload any more.
+        rt.block_on(
+            u.abandon_stale(std::time::SystemTime::now() + std::time::Duration::from_secs(1)),
+        );
+        assert_eq!(store.count(Op::AbortMultipart), 1);
+        assert_eq!(store.open_uploads(), 0);
+        assert_eq!(u.resume.as_ref().unwrap().uploads.find("p/big"), None);
     }
 
     #[test]
