@@ -3,10 +3,14 @@
 test). Exit 0 when the property holds, else 1 with the reason on stderr.
 
   check_aws.py parse                 every *.json parses
-  check_aws.py no-delete             no Allow statement of any policy grants a delete, s3:* or *
+  check_aws.py no-delete             no Allow statement of any policy grants a delete, a way
+                                     around a retention, s3:* or *
   check_aws.py instance-policy       least privilege: exactly the actions a run uses, on the prefix
-  check_aws.py bucket-policy         TLS required, only the role writes, levels split
+  check_aws.py bucket-policy         TLS required, only the role writes, levels split, the role
+                                     can set a retention (bounded) but never lift one
   check_aws.py lifecycle             incomplete multipart uploads aborted after 7 days
+  check_aws.py bucket-template       bucket.yaml: versioning, Object Lock, no public access,
+                                     default encryption, lifecycle.json's rule, kept on delete
   check_aws.py alarm                 the alarm of docs/metrics.md, within CloudWatch's limits
   check_aws.py scale-out-roles       scale-out.yaml: both roles reuse the instance policy's S3 and
                                      CloudWatch statements exactly, and have only their SQS calls
@@ -14,9 +18,10 @@ test). Exit 0 when the property holds, else 1 with the reason on stderr.
                                      and the scaling policy's backlog per worker
 
 The prefix and names are the ones of config/nightcopy.example.yaml (see packaging/aws/README.md).
-scale-out.yaml is a CloudFormation template (YAML with !Ref, !Sub … tags): it needs PyYAML, so
-static.sh runs this script with the packaging venv's Python. Its statements are compared with the
-JSON documents after its parameters are replaced by their defaults.
+scale-out.yaml and bucket.yaml are CloudFormation templates (YAML with !Ref, !Sub … tags): they
+need PyYAML, so static.sh runs this script with the packaging venv's Python. Their statements and
+settings are compared with the JSON documents after their parameters are replaced by their
+defaults.
 """
 
 import fnmatch
@@ -32,6 +37,24 @@ NAMESPACE = "Nightcopy"
 ROLE = "arn:aws:iam::111122223333:role/nightcopy-backup"
 POLICIES = ["iam-instance-policy.json", "iam-restore-policy.json", "bucket-policy.json"]
 TEMPLATE = "scale-out.yaml"
+BUCKET_TEMPLATE = "bucket.yaml"
+# What the instance policy grants, per resource: the bucket, the objects under the prefix, and the
+# manifest's copy (offsite.rs; `<prefix>.nightcopy/manifest.gz`), which a host with an empty state
+# directory reads back. Nothing else is read: the backed-up objects are the restore role's.
+BUCKET_ARN = f"arn:aws:s3:::{BUCKET}"
+PREFIX_ARN = f"arn:aws:s3:::{BUCKET}/{PREFIX}*"
+MANIFEST_ARN = f"arn:aws:s3:::{BUCKET}/{PREFIX}.nightcopy/manifest.gz"
+INSTANCE_WANT = {
+    "s3:ListBucket": BUCKET_ARN,
+    "s3:GetBucketVersioning": BUCKET_ARN,
+    "s3:GetBucketObjectLockConfiguration": BUCKET_ARN,
+    "s3:PutObject": PREFIX_ARN,
+    "s3:PutObjectRetention": PREFIX_ARN,
+    "s3:ListMultipartUploadParts": PREFIX_ARN,
+    "s3:AbortMultipartUpload": PREFIX_ARN,
+    "s3:GetObject": MANIFEST_ARN,
+    "cloudwatch:PutMetricData": "*",
+}
 # Pseudo parameters, as in the example account of packaging/aws/README.md.
 PSEUDO = {"AWS::Partition": "aws", "AWS::Region": "eu-west-1", "AWS::AccountId": "111122223333",
           "AWS::StackName": "nightcopy"}
@@ -80,8 +103,8 @@ def check_parse():
             fail(f"{path}: {e}")
 
 
-def load_template():
-    """scale-out.yaml with each short-form intrinsic function as its long form ({"Ref": …})."""
+def load_template(name=TEMPLATE):
+    """A template with each short-form intrinsic function as its long form ({"Ref": …})."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -101,7 +124,7 @@ def load_template():
         return {f"Fn::{suffix}": value}
 
     Loader.add_multi_constructor("!", intrinsic)
-    with open(os.path.join(AWS_DIR, TEMPLATE), encoding="utf-8") as f:
+    with open(os.path.join(AWS_DIR, name), encoding="utf-8") as f:
         return yaml.load(f, Loader=Loader)  # noqa: S506 - SafeLoader plus the CloudFormation tags
 
 
@@ -124,17 +147,17 @@ def resolve(value, params):
     return value
 
 
-def template_policies(t):
+def template_policies(t, where=TEMPLATE):
     """(where, policy document) of every IAM and resource policy in the template."""
     out = []
     for name, r in t["Resources"].items():
         props = r.get("Properties", {})
         for p in props.get("Policies", []):
-            out.append((f"{TEMPLATE} {name} {p.get('PolicyName')}", p["PolicyDocument"]))
+            out.append((f"{where} {name} {p.get('PolicyName')}", p["PolicyDocument"]))
         if "PolicyDocument" in props:
-            out.append((f"{TEMPLATE} {name}", props["PolicyDocument"]))
+            out.append((f"{where} {name}", props["PolicyDocument"]))
         if "ManagedPolicyArns" in props:
-            fail(f"{TEMPLATE} {name}: attaches managed policies {props['ManagedPolicyArns']}")
+            fail(f"{where} {name}: attaches managed policies {props['ManagedPolicyArns']}")
     return out
 
 
@@ -149,6 +172,13 @@ def grants_delete(action):
     return a.startswith("s3:delete") or any(fnmatch.fnmatchcase(d, a) for d in deletes)
 
 
+def grants_unlock(action):
+    """True when an IAM action pattern could shorten or lift a retention or a legal hold."""
+    a = action.lower()
+    unlocks = ["s3:bypassgovernanceretention", "s3:putobjectlegalhold"]
+    return any(fnmatch.fnmatchcase(u, a) for u in unlocks)
+
+
 def grants_queue_change(action):
     """True when an IAM action pattern could purge, delete or reconfigure a queue (or all SQS)."""
     a = action.lower()
@@ -160,6 +190,7 @@ def grants_queue_change(action):
 def check_no_delete():
     documents = [(name, load(name)) for name in POLICIES]
     documents += template_policies(load_template())
+    documents += template_policies(load_template(BUCKET_TEMPLATE), BUCKET_TEMPLATE)
     for name, doc in documents:
         for st in statements(doc):
             if st["Effect"] != "Allow":
@@ -169,6 +200,8 @@ def check_no_delete():
             for action in as_list(st["Action"]):
                 if grants_delete(action):
                     fail(f"{name} {st.get('Sid')}: Allow {action} could delete")
+                if grants_unlock(action):
+                    fail(f"{name} {st.get('Sid')}: Allow {action} could lift a retention")
                 if grants_queue_change(action):
                     fail(f"{name} {st.get('Sid')}: Allow {action} could purge or change a queue")
 
@@ -181,19 +214,16 @@ def check_instance_policy():
             fail(f"unexpected {st['Effect']} statement {st.get('Sid')}")
         for action in as_list(st["Action"]):
             allowed.setdefault(action, []).append(st)
-    want = {"s3:ListBucket", "s3:PutObject", "s3:AbortMultipartUpload", "cloudwatch:PutMetricData"}
-    if set(allowed) != want:
-        fail(f"actions are {sorted(allowed)}, want exactly {sorted(want)}")
+    if set(allowed) != set(INSTANCE_WANT):
+        fail(f"actions are {sorted(allowed)}, want exactly {sorted(INSTANCE_WANT)}")
+    for action, resource in INSTANCE_WANT.items():
+        for st in allowed[action]:
+            if as_list(st["Resource"]) != [resource]:
+                fail(f"{action} on {st['Resource']}, want only {resource}")
     for st in allowed["s3:ListBucket"]:
-        if as_list(st["Resource"]) != [f"arn:aws:s3:::{BUCKET}"]:
-            fail(f"ListBucket on {st['Resource']}, want the bucket ARN")
         prefixes = as_list(st.get("Condition", {}).get("StringLike", {}).get("s3:prefix", []))
         if not prefixes or any(not p.startswith(PREFIX) for p in prefixes):
             fail(f"ListBucket is not limited to the prefix {PREFIX}: {prefixes}")
-    for action in ("s3:PutObject", "s3:AbortMultipartUpload"):
-        for st in allowed[action]:
-            if as_list(st["Resource"]) != [f"arn:aws:s3:::{BUCKET}/{PREFIX}*"]:
-                fail(f"{action} on {st['Resource']}, want only arn:aws:s3:::{BUCKET}/{PREFIX}*")
     for st in allowed["cloudwatch:PutMetricData"]:
         ns = st.get("Condition", {}).get("StringEquals", {}).get("cloudwatch:namespace")
         if ns != NAMESPACE:
@@ -211,14 +241,29 @@ def check_bucket_policy():
               and ROLE in as_list(s.get("Condition", {}).get("ArnNotEquals", {}).get("aws:PrincipalArn", []))]
     if not others:
         fail("no statement denies PutObject to every principal but the backup role")
+    for s in sts:
+        if (s["Effect"] == "Deny" and s.get("Principal") == {"AWS": ROLE} and "Condition" not in s
+                and "s3:PutObjectRetention" in as_list(s["Action"])):
+            fail(f"{s.get('Sid')} denies the backup role s3:PutObjectRetention outright: "
+                 "destination.object-lock could not write a single object")
     denied_to_role = set()
     for s in sts:
-        if s["Effect"] == "Deny" and s.get("Principal") == {"AWS": ROLE}:
+        if s["Effect"] == "Deny" and s.get("Principal") == {"AWS": ROLE} and "Condition" not in s:
             denied_to_role.update(as_list(s["Action"]))
     for must in ("s3:DeleteObject", "s3:DeleteObjectVersion", "s3:PutBucketPolicy",
-                 "s3:PutLifecycleConfiguration", "s3:PutBucketVersioning"):
+                 "s3:PutLifecycleConfiguration", "s3:PutBucketVersioning",
+                 "s3:BypassGovernanceRetention", "s3:PutObjectLegalHold",
+                 "s3:PutBucketObjectLockConfiguration"):
         if must not in denied_to_role:
             fail(f"the backup role is not explicitly denied {must}")
+    # A retention can only be lengthened without s3:BypassGovernanceRetention; what bounds how
+    # far is a deny above a number of days.
+    caps = [s for s in sts if s["Effect"] == "Deny" and s.get("Principal") == {"AWS": ROLE}
+            and as_list(s["Action"]) == ["s3:PutObjectRetention"]
+            and "s3:object-lock-remaining-retention-days"
+            in s.get("Condition", {}).get("NumericGreaterThan", {})]
+    if not caps:
+        fail("no statement bounds the retention the backup role may set")
     # Bucket-level and object-level resources never share a statement.
     for s in sts:
         resources = as_list(s["Resource"])
@@ -244,6 +289,57 @@ def check_lifecycle():
         fail(f"no enabled bucket-wide rule aborts incomplete multipart uploads after 7 days: {rules}")
     if any("Expiration" in r or "NoncurrentVersionExpiration" in r for r in rules):
         fail("the lifecycle deletes objects; it must only abort incomplete uploads")
+
+
+def check_bucket_template():
+    t = load_template(BUCKET_TEMPLATE)
+    params = t["Parameters"]
+    buckets = {n: r for n, r in t["Resources"].items() if r["Type"] == "AWS::S3::Bucket"}
+    if len(buckets) != 1:
+        fail(f"{BUCKET_TEMPLATE}: want exactly one bucket, found {sorted(buckets)}")
+    name, r = next(iter(buckets.items()))
+    # The backups outlive the stack: deleting it, or a change that replaces the bucket, keeps it.
+    if r.get("DeletionPolicy") != "Retain" or r.get("UpdateReplacePolicy") != "Retain":
+        fail(f"{name}: DeletionPolicy and UpdateReplacePolicy must both be Retain")
+    props = r["Properties"]
+    if props.get("VersioningConfiguration", {}).get("Status") != "Enabled":
+        fail(f"{name}: versioning is not enabled")
+    if props.get("ObjectLockEnabled") is not True:
+        fail(f"{name}: Object Lock is not enabled at creation (ObjectLockEnabled: true)")
+    block = props.get("PublicAccessBlockConfiguration", {})
+    for k in ("BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets"):
+        if block.get(k) is not True:
+            fail(f"{name}: {k} is not true")
+    sse = props.get("BucketEncryption", {}).get("ServerSideEncryptionConfiguration", [])
+    if not sse or "ServerSideEncryptionByDefault" not in sse[0]:
+        fail(f"{name}: no default encryption")
+    # Default retention and noncurrent-version expiration are off unless asked for: with the
+    # defaults, nothing is locked by the bucket and nothing is ever deleted.
+    lock = resolve(props.get("ObjectLockConfiguration"), params)
+    cond = t["Conditions"]
+    if params["DefaultRetentionMode"].get("Default") != "" or not (
+            isinstance(lock, dict) and lock.get("Fn::If", [None])[0] == "HasDefaultRetention"
+            and lock["Fn::If"][2] == {"Ref": "AWS::NoValue"}):
+        fail(f"{name}: the default retention must be off by default (DefaultRetentionMode '')")
+    if cond.get("HasDefaultRetention") != {"Fn::Not": [{"Fn::Equals": [{"Ref": "DefaultRetentionMode"}, ""]}]}:
+        fail(f"{name}: HasDefaultRetention is not 'DefaultRetentionMode is set'")
+    rules = props.get("LifecycleConfiguration", {}).get("Rules", [])
+    plain = [x for x in rules if "Fn::If" not in x]
+    conditional = [x for x in rules if "Fn::If" in x]
+    want = load("lifecycle.json")["Rules"]
+    got = [{"ID": x.get("Id"), "Status": x.get("Status"), "Filter": {"Prefix": x.get("Prefix", "")},
+            "AbortIncompleteMultipartUpload": x.get("AbortIncompleteMultipartUpload")}
+           for x in plain]
+    if got != want:
+        fail(f"{name}: the unconditional lifecycle rules are not lifecycle.json's:\n{json.dumps(got, indent=1)}")
+    for x in conditional:
+        c, rule, other = x["Fn::If"]
+        if other != {"Ref": "AWS::NoValue"} or set(rule) - {"Id", "Status", "NoncurrentVersionExpiration"}:
+            fail(f"{name}: an optional lifecycle rule may only expire noncurrent versions: {x}")
+        if cond.get(c) != {"Fn::Not": [{"Fn::Equals": [{"Ref": "NoncurrentVersionExpirationDays"}, "0"]}]}:
+            fail(f"{name}: the noncurrent-version rule is not conditional on NoncurrentVersionExpirationDays")
+    if str(params["NoncurrentVersionExpirationDays"].get("Default")) != "0":
+        fail(f"{name}: noncurrent versions must be kept by default (NoncurrentVersionExpirationDays 0)")
 
 
 def check_alarm():
@@ -365,6 +461,7 @@ CHECKS = {
     "instance-policy": check_instance_policy,
     "bucket-policy": check_bucket_policy,
     "lifecycle": check_lifecycle,
+    "bucket-template": check_bucket_template,
     "alarm": check_alarm,
     "scale-out-roles": check_scale_out_roles,
     "scale-out-queues": check_scale_out_queues,

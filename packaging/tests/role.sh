@@ -148,6 +148,20 @@ print(json.dumps({
 expect "config: prod's values, as nightcopy reads them" "$(effective "$prod/etc/nightcopy/config.yaml")" \
   '{"bucket": "example-backups-prod", "bw": "0", "class": "STANDARD_IA", "concurrency": 32, "dims": {"Environment": "prod"}, "exclude": ["**/.snapshot/**", "*.tmp", "*.swp"], "min": "20h", "part": "32MiB", "prefix": "scratch-prod/", "region": "eu-west-1", "source": "/srv/data", "state": "/var/lib/nightcopy", "threshold": "128MiB"}'
 
+# prod leaves nightcopy_small_files empty: nightcopy's own rule for STANDARD_IA applies, and the
+# file says nothing about it; Object Lock is off (commented out in prod's group_vars).
+small_and_lock() {
+  "$NIGHTCOPY_BIN" check-config --config "$1" | "$NIGHTCOPY_PKG_VENV/bin/python" -c '
+import json, sys, yaml
+d = yaml.safe_load(sys.stdin)["destination"]
+print(json.dumps({k: d.get(k) for k in ("small-files", "object-lock")}, sort_keys=True))'
+}
+expect "config: prod's small files by nightcopy's own rule for STANDARD_IA, no Object Lock" \
+  "$(small_and_lock "$prod/etc/nightcopy/config.yaml" 2>&1)" \
+  '{"object-lock": null, "small-files": {"below": "89KiB", "storage-class": "STANDARD"}}'
+check "config: prod's file has no small-files: or object-lock: section" \
+  bash -c "! grep -qE '^  (small-files|object-lock):' '$prod/etc/nightcopy/config.yaml'"
+
 # Unit lines that carry the variables (the rest is compared with packaging/systemd/ by static.sh).
 unit_lines() {
   grep -E '^(Description|RequiresMountsFor|ExecStart|User|Group|AmbientCapabilities|StateDirectory|ProtectHome|WatchdogSec|RuntimeMaxSec|TimeoutStartSec|TimeoutStopSec|SuccessExitStatus|Type|MemoryHigh|MemoryMax|CPUQuota|Nice|IOSchedulingClass|TasksMax|OnCalendar|RandomizedDelaySec|FixedRandomDelay|Persistent|AccuracySec|WantedBy)=' "$@"
@@ -253,6 +267,24 @@ if converge prod scratch-prod "$dir/argspec.log" -e nightcopy_run_as=sudo; then
 else
   check "argument spec: an unknown nightcopy_run_as is refused" grep -q "nightcopy_run_as" "$dir/argspec.log"
 fi
+if converge prod scratch-prod "$dir/lock-mode.log" -e '{"nightcopy_object_lock": {"mode": "governance", "retain": "30d"}}'; then
+  fail "argument spec: an Object Lock mode other than GOVERNANCE or COMPLIANCE is refused"
+else
+  check "argument spec: an Object Lock mode other than GOVERNANCE or COMPLIANCE is refused" \
+    grep -q "mode must be one of: GOVERNANCE, COMPLIANCE.*nightcopy_object_lock" "$dir/lock-mode.log"
+fi
+if converge prod scratch-prod "$dir/lock-retain.log" -e '{"nightcopy_object_lock": {"mode": "GOVERNANCE"}}'; then
+  fail "preflight: Object Lock without a retain is refused"
+else
+  check "preflight: Object Lock without a retain is refused" \
+    grep -q "nightcopy_object_lock is empty or has mode GOVERNANCE or COMPLIANCE and retain" "$dir/lock-retain.log"
+fi
+if converge prod scratch-prod "$dir/small-below.log" -e '{"nightcopy_small_files": {"storage_class": "STANDARD"}}'; then
+  fail "preflight: small files without below are refused"
+else
+  check "preflight: small files without below are refused" \
+    grep -q "nightcopy_small_files is empty or has below" "$dir/small-below.log"
+fi
 # 0 passes every Ansible type check; only nightcopy's own validation knows concurrency is 1-256.
 if converge prod scratch-prod "$dir/validate.log" -e nightcopy_concurrency=0; then
   fail "validate: a config nightcopy rejects is not installed"
@@ -261,6 +293,19 @@ else
 fi
 expect "refused runs changed no file" "$(tree "$prod")" "$before_tree"
 expect "refused runs left the config as it was" "$(sha256sum "$prod/etc/nightcopy/config.yaml")" "$before_config"
+
+# --- small files and Object Lock: the config validate: accepts, with both sections --------------
+if converge prod scratch-prod "$dir/lock.log" \
+  -e '{"nightcopy_small_files": {"below": "128KiB"}, "nightcopy_object_lock": {"mode": "GOVERNANCE", "retain": "30d"}}'; then
+  pass "converge prod with small files below 128KiB and Object Lock GOVERNANCE 30d"
+  check "small files and Object Lock: nightcopy check-config accepts the installed config" \
+    "$NIGHTCOPY_BIN" check-config --config "$prod/etc/nightcopy/config.yaml"
+  expect "small files and Object Lock: as nightcopy reads them" "$(small_and_lock "$prod/etc/nightcopy/config.yaml" 2>&1)" \
+    '{"object-lock": {"mode": "GOVERNANCE", "retain": "30days"}, "small-files": {"below": "128KiB", "storage-class": "STANDARD"}}'
+  expect "small files and Object Lock: only the config changed" "$(recap_changed "$dir/lock.log")" 1
+else
+  fail "converge prod with small files and Object Lock" "$(tail -30 "$dir/lock.log")"
+fi
 
 # --- beta: same role and templates, other values ------------------------------------------------
 beta="$dir/beta-root"

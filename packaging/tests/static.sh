@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks that need no running systemd: the units (systemd-analyze verify, security exposure,
-# calendar), the role's templates against packaging/systemd/, the AWS documents (the JSON ones and
-# the scale-out CloudFormation template, with cfn-lint), ansible-lint and a lint of these scripts
+# calendar), the role's templates against packaging/systemd/ and the config template's optional
+# sections, the AWS documents (the JSON ones and the CloudFormation templates of the bucket and of
+# scale-out, with cfn-lint), ansible-lint and a lint of these scripts
 # (shellcheck); at its end monitoring.sh (the dashboard against moto, the Prometheus rules with
 # promtool, the failure notification).
 # Run by run.sh, which sets up the environment (NIGHTCOPY_BIN, the venv, WORK).
@@ -103,6 +104,8 @@ if render defaults; then
   done
   check "single mode: the config has no distribute: section" \
     bash -c "! grep -q '^distribute:' '$units/defaults/config.yaml'"
+  check "defaults: the config has no small-files: or object-lock: (nightcopy's own rule, no lock)" \
+    bash -c "! grep -qE '^  (small-files|object-lock):' '$units/defaults/config.yaml'"
 else
   fail "render the role's templates with its defaults"
 fi
@@ -125,6 +128,34 @@ if render worker -e nightcopy_mode=worker -e "nightcopy_distribute_queue_url=$qu
   check "systemd-analyze verify: the worker's rendering" verify_units "$units/worker"
 else
   fail "render the templates with nightcopy_mode=worker"
+fi
+
+# The storage class of small files and Object Lock: rendered only when set, every key written
+# (storage-class too when left out), and read back by nightcopy as given.
+destination() {
+  "$NIGHTCOPY_BIN" check-config --config "$1" | "$NIGHTCOPY_PKG_VENV/bin/python" -c '
+import json, sys, yaml
+d = yaml.safe_load(sys.stdin)["destination"]
+print(json.dumps({k: d.get(k) for k in ("storage-class", "small-files", "object-lock")}, sort_keys=True))'
+}
+if render lock -e '{"nightcopy_storage_class": "GLACIER_IR", "nightcopy_small_files": {"below": "256KiB", "storage_class": "STANDARD_IA"}, "nightcopy_object_lock": {"mode": "COMPLIANCE", "retain": "30d"}}'; then
+  check "small files and Object Lock: nightcopy check-config accepts the config" \
+    "$NIGHTCOPY_BIN" check-config --config "$units/lock/config.yaml"
+  expect "small files and Object Lock: both sections in the file, strings as JSON" \
+    "$(grep -E '^  (small-files|object-lock):|^    (below|storage-class|mode|retain):' "$units/lock/config.yaml" | tr '\n' '|')" \
+    '  small-files:|    below: "256KiB"|    storage-class: "STANDARD_IA"|  object-lock:|    mode: "COMPLIANCE"|    retain: "30d"|'
+  expect "small files and Object Lock: as nightcopy reads them" "$(destination "$units/lock/config.yaml" 2>&1)" \
+    '{"object-lock": {"mode": "COMPLIANCE", "retain": "30days"}, "small-files": {"below": "256KiB", "storage-class": "STANDARD_IA"}, "storage-class": "GLACIER_IR"}'
+else
+  fail "render the config with small files and Object Lock"
+fi
+if render small-off -e nightcopy_storage_class=STANDARD_IA -e '{"nightcopy_small_files": {"below": 0}}'; then
+  expect "small files below 0: the rule off, not nightcopy's 89KiB; no Object Lock" "$(destination "$units/small-off/config.yaml" 2>&1)" \
+    '{"object-lock": null, "small-files": {"below": "0", "storage-class": "STANDARD"}, "storage-class": "STANDARD_IA"}'
+  check "small files without storage_class: STANDARD written into the file" \
+    grep -qx '    storage-class: "STANDARD"' "$units/small-off/config.yaml"
+else
+  fail "render the config with small files below 0"
 fi
 
 # Variants the role can render: each must still verify, and the sandbox must follow the source.
@@ -173,17 +204,20 @@ else
   fail "render the templates with source /"
 fi
 
-# The AWS documents. The venv's Python: reading the CloudFormation template needs PyYAML.
+# The AWS documents. The venv's Python: reading the CloudFormation templates needs PyYAML.
 aws_check() { "$NIGHTCOPY_PKG_VENV/bin/python" "$PKG_TESTS_DIR/check_aws.py" "$1"; }
 check "aws: every JSON document parses" aws_check parse
-check "aws: no policy (JSON or scale-out.yaml) allows s3:Delete*, s3:*, sqs:*, a queue change or *" aws_check no-delete
+check "aws: no policy (JSON or the templates) allows s3:Delete*, a retention bypass, s3:*, sqs:*, a queue change or *" aws_check no-delete
 check "aws: instance policy is least privilege and names the prefix" aws_check instance-policy
-check "aws: bucket policy requires TLS, only the role writes, levels split" aws_check bucket-policy
+check "aws: bucket policy requires TLS, only the role writes, levels split, retention set but never lifted" aws_check bucket-policy
 check "aws: lifecycle aborts incomplete multipart uploads after 7 days" aws_check lifecycle
+check "aws: bucket.yaml is versioned, Object Lock, private, encrypted, lifecycle.json's rule, retained" aws_check bucket-template
 check "aws: alarm JSON is docs/metrics.md's alarm, within CloudWatch limits" aws_check alarm
 # cfn-lint exits non-zero on warnings as well as errors (its exit code is a bit mask).
-check "cfn-lint: packaging/aws/scale-out.yaml, no error or warning" \
-  "$NIGHTCOPY_PKG_VENV/bin/cfn-lint" --format parseable "$REPO/packaging/aws/scale-out.yaml"
+for template in bucket.yaml scale-out.yaml; do
+  check "cfn-lint: packaging/aws/$template, no error or warning" \
+    "$NIGHTCOPY_PKG_VENV/bin/cfn-lint" --format parseable "$REPO/packaging/aws/$template"
+done
 check "aws: scale-out roles reuse the instance policy exactly, and only their SQS calls" aws_check scale-out-roles
 check "aws: scale-out queues redrive after 2 receives, 4/14 days, SSE, TLS; backlog per worker" aws_check scale-out-queues
 
