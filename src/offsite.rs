@@ -15,7 +15,6 @@
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -26,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
-use crate::fsutil::{self, blocking, AtomicFile};
+use crate::fsutil::{blocking, AtomicFile};
 use crate::keys::{shown, MANIFEST_KEY};
 use crate::plan::Reason;
 use crate::report::Stats;
@@ -168,19 +167,12 @@ fn compress(
         .map_err(io::IntoInnerError::into_error)?;
     file.commit()?;
     let m = std::fs::metadata(out)?;
-    Ok(LocalEntry {
-        key: MANIFEST_KEY.to_owned(),
-        path: out.to_owned(),
-        raw_path: None,
-        size: m.len(),
-        mtime_ns: fsutil::ns(m.mtime(), m.mtime_nsec()),
-        mode: m.mode(),
-        uid: m.uid(),
-        gid: m.gid(),
-        dev: m.dev(),
-        ino: m.ino(),
-        followed: false,
-    })
+    Ok(LocalEntry::from_metadata(
+        MANIFEST_KEY.to_owned(),
+        out.to_owned(),
+        None,
+        &m,
+    ))
 }
 
 /// Why a copy was not used.

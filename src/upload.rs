@@ -264,6 +264,24 @@ impl<S: ObjectStore> Uploader<S> {
         }
     }
 
+    /// The uploader a command builds from its config: the destination's prefix and storage
+    /// classes, the transfer settings.
+    pub fn for_config(
+        store: Arc<S>,
+        stats: Arc<Stats>,
+        config: &Config,
+        stop: crate::stop::Stop,
+    ) -> Self {
+        Uploader::new(
+            store,
+            stats,
+            config.destination.prefix.as_str().to_owned(),
+            &config.transfer,
+            stop,
+        )
+        .with_classes(config.destination.class_rule())
+    }
+
     /// Objects take their storage class from `rule`.
     pub fn with_classes(mut self, rule: ClassRule) -> Self {
         self.classes = rule;
@@ -797,19 +815,7 @@ mod tests {
 
     fn entry_for(path: &std::path::Path, key: &str) -> LocalEntry {
         let m = std::fs::metadata(path).unwrap();
-        LocalEntry {
-            key: key.into(),
-            path: path.into(),
-            raw_path: None,
-            size: m.len(),
-            mtime_ns: fsutil::ns(m.mtime(), m.mtime_nsec()),
-            mode: m.mode(),
-            uid: m.uid(),
-            gid: m.gid(),
-            dev: m.dev(),
-            ino: m.ino(),
-            followed: false,
-        }
+        LocalEntry::from_metadata(key.into(), path.into(), None, &m)
     }
 
     fn data(len: u64) -> Vec<u8> {

@@ -15,7 +15,7 @@
 //! and ends the worker with exit 1 (systemd restarts it; a batch that fails twice goes to the
 //! dead-letter queue). SIGTERM: no new batch is taken, the one in work is given back, exit 0.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::FileTypeExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,14 +70,7 @@ pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> u8 {
         tracing::error!("worker FAILED: {e}");
         return exit::FATAL;
     }
-    let mut uploader = Uploader::new(
-        store,
-        stats.clone(),
-        config.destination.prefix.as_str().to_owned(),
-        &config.transfer,
-        stop.clone(),
-    )
-    .with_classes(config.destination.class_rule());
+    let mut uploader = Uploader::for_config(store, stats.clone(), config, stop.clone());
     // A worker continues the uploads it was interrupted in when a batch comes back to it; one
     // that went to another worker is not, so records older than the bucket's lifecycle rule
     // (which aborts the upload itself after 7 days) are dropped here.
@@ -299,19 +292,8 @@ impl Worker<'_> {
             self.stats.replaced(&path, by);
             return Ok(Some(report(FileOutcome::Replaced, Some(by.into()), None)));
         }
-        let entry = LocalEntry {
-            key: f.key.clone(),
-            path,
-            raw_path: f.escaped.then(|| f.path.clone()),
-            size: meta.len(),
-            mtime_ns: crate::fsutil::ns(meta.mtime(), meta.mtime_nsec()),
-            mode: meta.mode(),
-            uid: meta.uid(),
-            gid: meta.gid(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-            followed: false,
-        };
+        let raw_path = f.escaped.then(|| f.path.clone());
+        let entry = LocalEntry::from_metadata(f.key.clone(), path, raw_path, &meta);
         let reason = Reason::from_name(&f.reason).unwrap_or(Reason::New);
         Ok(Some(match self.uploader.upload(entry, reason).await? {
             Upload::Stored(record) => uploaded(f, &record),

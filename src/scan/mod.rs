@@ -38,6 +38,32 @@ pub struct LocalEntry {
     pub followed: bool,
 }
 
+impl LocalEntry {
+    /// The entry for a file stat'ed by other means than the walk (a worker's file, the manifest's
+    /// copy): `key` below the prefix, never reached through a symlink.
+    pub fn from_metadata(
+        key: String,
+        path: PathBuf,
+        raw_path: Option<String>,
+        m: &std::fs::Metadata,
+    ) -> LocalEntry {
+        use std::os::unix::fs::MetadataExt;
+        LocalEntry {
+            key,
+            path,
+            raw_path,
+            size: m.len(),
+            mtime_ns: crate::fsutil::ns(m.mtime(), m.mtime_nsec()),
+            mode: m.mode(),
+            uid: m.uid(),
+            gid: m.gid(),
+            dev: m.dev(),
+            ino: m.ino(),
+            followed: false,
+        }
+    }
+}
+
 /// Why a scanned file could not be opened as what the walk saw.
 #[derive(Debug)]
 pub enum OpenError {

@@ -83,14 +83,7 @@ pub async fn copy<S: ObjectStore>(
         return result;
     }
     let started = std::time::SystemTime::now();
-    let mut uploader = Uploader::new(
-        store,
-        stats.clone(),
-        config.destination.prefix.as_str().to_owned(),
-        &config.transfer,
-        stop.clone(),
-    )
-    .with_classes(config.destination.class_rule());
+    let mut uploader = Uploader::for_config(store, stats.clone(), config, stop.clone());
     if !opts.dry_run {
         if let Some(resume) = Resume::for_config(config) {
             uploader = uploader.resuming(resume);
