@@ -838,6 +838,11 @@ def report(bench, command, started):
         except (OSError, IndexError, subprocess.TimeoutExpired):
             versions[tool] = "?"
     nc = subprocess.run([bench.tools.nightcopy, "--version"], capture_output=True, text=True).stdout.strip()
+    # Which source the figures belong to; "+changes" when the tree had uncommitted edits.
+    commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty=+changes"],
+                            capture_output=True, text=True).stdout.strip()
+    if commit and args.nightcopy == str(REPO / "target/release/nightcopy"):
+        nc += f" (commit {commit})"
     garage = subprocess.run([args.garage, "--version"], capture_output=True, text=True).stdout.strip()
     lines += [
         f"Command: `{command}` — {time.strftime('%Y-%m-%d', time.gmtime(started))}, "
@@ -947,9 +952,16 @@ def bounds(bench, scenario, by_tool):
             f"= {daemon:.2f} s. nightcopy took {wall:.2f} s, {wall / bound:.1f}× the higher bound.", ""]
 
 
-def write_doc(path, block, quick):
+ALL_SCENARIOS = "small,large,incr,million,slowmount,scaleout"
+
+
+def write_doc(path, block, quick, only):
+    """Each set of scenarios has a block of its own, so that a run of some of them (`--only`)
+    replaces its own earlier figures and leaves the others' standing."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
     tag = "quick" if quick else "full"
+    if only != set(ALL_SCENARIOS.split(",")):
+        tag += ":" + "+".join(s for s in ALL_SCENARIOS.split(",") if s in only)
     begin, end = f"<!-- bench:{tag}:begin -->", f"<!-- bench:{tag}:end -->"
     new = f"{begin}\n{block}\n{end}"
     if begin in text and end in text:
@@ -972,7 +984,7 @@ def main():
     ap.add_argument("--concurrency", type=int, default=CONCURRENCY,
                     help="transfers in flight, the same for every tool")
     ap.add_argument("--tools", help="comma-separated subset of the tools to run")
-    ap.add_argument("--only", default="small,large,incr,million,slowmount,scaleout",
+    ap.add_argument("--only", default=ALL_SCENARIOS,
                     help="comma-separated scenarios: small,large,incr,million,slowmount,scaleout")
     ap.add_argument("--mount-delays", default="1,5",
                     help="milliseconds per metadata operation on the slow mount (quick: 1)")
@@ -1026,7 +1038,7 @@ def main():
     print()
     print(block)
     if not args.no_doc:
-        write_doc(Path(args.out), block, args.quick)
+        write_doc(Path(args.out), block, args.quick, set(args.only.split(",")))
         say(f"\nwritten to {args.out} and {json_path}")
 
 

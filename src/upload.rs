@@ -822,16 +822,27 @@ mod tests {
         (0..len).map(|i| (i * 7 % 251) as u8).collect()
     }
 
-    /// A multipart upload an earlier run started and recorded, holding `parts` parts of `body`
-    /// (part 2 replaced by other bytes when `corrupt_second`).
+    /// A file `big` of `len` bytes in a fresh state directory, and the multipart upload of it
+    /// that an earlier run started and recorded, holding `parts` parts of it (part 2 replaced by
+    /// other bytes when `corrupt_second`); with the uploader of the next run.
     fn interrupted(
-        store: &MemoryStore,
-        uploads: &Uploads,
-        path: &std::path::Path,
-        body: &[u8],
+        len: u64,
         parts: usize,
         corrupt_second: bool,
-    ) -> String {
+    ) -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        Vec<u8>,
+        Arc<MemoryStore>,
+        Uploader<MemoryStore>,
+    ) {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("big");
+        let body = data(len);
+        std::fs::write(&path, &body).unwrap();
+        let store = Arc::new(MemoryStore::default());
+        let u = uploader(&store, t.path());
+        let uploads = &u.resume.as_ref().unwrap().uploads;
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -847,11 +858,11 @@ mod tests {
             rt.block_on(store.upload_part("p/big", &id, i as i32 + 1, Bytes::from(chunk), sha))
                 .unwrap();
         }
-        let m = std::fs::metadata(path).unwrap();
+        let m = std::fs::metadata(&path).unwrap();
         let identity = Fingerprint::of_meta(&m).identity();
         let record = Pending::new(uploads.destination(), "p/big", &id, identity, 5 * MIB);
         uploads.save(&record).unwrap();
-        id
+        (t, path, body, store, u)
     }
 
     fn uploader(store: &Arc<MemoryStore>, state: &std::path::Path) -> Uploader<MemoryStore> {
@@ -881,20 +892,7 @@ mod tests {
 
     #[test]
     fn an_interrupted_upload_is_continued_with_only_the_missing_parts() {
-        let t = tempfile::tempdir().unwrap();
-        let path = t.path().join("big");
-        let body = data(38 * MIB); // 8 parts: 7 × 5 MiB + 3 MiB
-        std::fs::write(&path, &body).unwrap();
-        let store = Arc::new(MemoryStore::default());
-        let u = uploader(&store, t.path());
-        interrupted(
-            &store,
-            u.resume.as_ref().map(|r| &r.uploads).unwrap(),
-            &path,
-            &body,
-            3,
-            false,
-        );
+        let (_t, path, body, store, u) = interrupted(38 * MIB, 3, false); // 8 parts: 7 × 5 MiB + 3 MiB
 
         let done = run(&u, entry_for(&path, "big"));
         assert!(matches!(done, Upload::Stored(_)), "{done:?}");
@@ -911,20 +909,7 @@ mod tests {
 
     #[test]
     fn a_listed_part_that_is_not_the_file_s_bytes_is_sent_again() {
-        let t = tempfile::tempdir().unwrap();
-        let path = t.path().join("big");
-        let body = data(38 * MIB);
-        std::fs::write(&path, &body).unwrap();
-        let store = Arc::new(MemoryStore::default());
-        let u = uploader(&store, t.path());
-        interrupted(
-            &store,
-            u.resume.as_ref().map(|r| &r.uploads).unwrap(),
-            &path,
-            &body,
-            3,
-            true,
-        );
+        let (_t, path, body, store, u) = interrupted(38 * MIB, 3, true);
 
         assert!(matches!(
             run(&u, entry_for(&path, "big")),
@@ -936,20 +921,7 @@ mod tests {
 
     #[test]
     fn the_upload_of_a_file_that_changed_since_is_aborted_and_started_over() {
-        let t = tempfile::tempdir().unwrap();
-        let path = t.path().join("big");
-        let body = data(38 * MIB);
-        std::fs::write(&path, &body).unwrap();
-        let store = Arc::new(MemoryStore::default());
-        let u = uploader(&store, t.path());
-        interrupted(
-            &store,
-            u.resume.as_ref().map(|r| &r.uploads).unwrap(),
-            &path,
-            &body,
-            3,
-            false,
-        );
+        let (_t, path, body, store, u) = interrupted(38 * MIB, 3, false);
         // Same size, new content and mtime: the recorded identity no longer holds.
         let mut changed = body.clone();
         changed[0] ^= 1;
@@ -975,20 +947,7 @@ mod tests {
 
     #[test]
     fn a_recorded_upload_no_run_touched_is_aborted_at_the_end_of_a_whole_run() {
-        let t = tempfile::tempdir().unwrap();
-        let path = t.path().join("big");
-        let body = data(12 * MIB);
-        std::fs::write(&path, &body).unwrap();
-        let store = Arc::new(MemoryStore::default());
-        let u = uploader(&store, t.path());
-        interrupted(
-            &store,
-            &u.resume.as_ref().unwrap().uploads,
-            &path,
-            &body,
-            1,
-            false,
-        );
+        let (_t, _, _, store, u) = interrupted(12 * MIB, 1, false);
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use crate::common::proxy::Op;
-use crate::common::run::{pseudo_random, unprivileged, Case};
+use crate::common::run::{pseudo_random, unprivileged, Case, AWKWARD_NAMES};
 use crate::common::s3::s3;
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
@@ -20,17 +20,7 @@ fn sha(b: &[u8]) -> Vec<u8> {
 #[test]
 fn fresh_copy_of_a_mixed_tree_then_a_rerun_sends_no_put() {
     let c = Case::new("mixed");
-    let files: &[(&str, &[u8])] = &[
-        ("empty", b""),
-        ("top.txt", b"top"),
-        ("a/b/c/deep.txt", b"deep"),
-        ("with space/and space.txt", b"spaces"),
-        ("plus+sign/a+b.txt", b"plus"),
-        ("percent%/100%.txt", b"percent"),
-        ("ünïcödé/日本語.txt", "unicode".as_bytes()),
-        ("a-b", b"sorts before a/"),
-        ("a.txt", b"also before a/"),
-    ];
+    let files = AWKWARD_NAMES;
     for (rel, body) in files {
         c.write(rel, body);
     }

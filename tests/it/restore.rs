@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::common::proxy::Op;
-use crate::common::run::{pseudo_random, Case, Output};
+use crate::common::run::{pseudo_random, Case, Output, AWKWARD_NAMES};
 use crate::common::s3::{moto_s3, s3};
 use aws_sdk_s3::primitives::ByteStream;
 use sha2::{Digest, Sha256};
@@ -131,21 +131,12 @@ fn base64_sha(b: &[u8]) -> String {
 /// Builds a mixed tree: plain, nested, awkward and non-UTF-8 names, an empty file, a multipart
 /// file, modes, nanosecond mtimes and (as root) another owner. Returns the source's state.
 fn mixed_tree(c: &Case) -> BTreeMap<Vec<u8>, FileState> {
-    let small: &[(&str, &[u8])] = &[
-        ("empty", b""),
-        ("top.txt", b"top"),
-        ("a/b/c/deep.txt", b"deep"),
-        ("with space/and space.txt", b"spaces"),
-        ("plus+sign/a+b.txt", b"plus"),
-        ("percent%/100%.txt", b"percent"),
-        ("ünïcödé/日本語.txt", "unicode".as_bytes()),
-        ("a-b", b"sorts before a/"),
-        ("a.txt", b"also before a/"),
+    let more: &[(&str, &[u8])] = &[
         ("script.sh", b"#!/bin/sh\necho hi\n"),
         ("private/secret", b"0600"),
         ("readonly.txt", b"0444"),
     ];
-    for (rel, body) in small {
+    for (rel, body) in AWKWARD_NAMES.iter().chain(more) {
         c.write(rel, body);
     }
     c.write("big.bin", &pseudo_random(13 * 1024 * 1024 + 17, 5)); // multipart: 3 parts

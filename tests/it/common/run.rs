@@ -285,6 +285,21 @@ pub fn mount_tmpfs_with(target: &std::ffi::CStr, options: &std::ffi::CStr) -> ni
     )
 }
 
+/// Names that have broken S3 clients: empty file, deep nesting, spaces, `+` and `%` (both mean
+/// something in URLs), non-ASCII, and names that sort before `a/` in key order but after it as
+/// paths. Each with a body of its own.
+pub const AWKWARD_NAMES: &[(&str, &[u8])] = &[
+    ("empty", b""),
+    ("top.txt", b"top"),
+    ("a/b/c/deep.txt", b"deep"),
+    ("with space/and space.txt", b"spaces"),
+    ("plus+sign/a+b.txt", b"plus"),
+    ("percent%/100%.txt", b"percent"),
+    ("ünïcödé/日本語.txt", "unicode".as_bytes()),
+    ("a-b", b"sorts before a/"),
+    ("a.txt", b"also before a/"),
+];
+
 pub fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
     let mut x = u32::from(seed) | 1;
     (0..len)
