@@ -273,20 +273,31 @@ class DelayProxy:
     latency per request, as between an EC2 host and S3. A request starts when the client writes
     after the server has answered (keep-alive, no pipelining: what every tool here does)."""
 
-    def __init__(self, upstream_port, ms):
+    def __init__(self, upstream_port, ms, count_to=None):
         self.port = free_port()
+        self.count_to = count_to
         self.proc = subprocess.Popen([sys.executable, __file__, "_proxy", str(self.port),
-                                      str(upstream_port), str(ms)])
+                                      str(upstream_port), str(ms), str(count_to or "")])
         wait_port(self.port, "delay proxy", self.proc)
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def stop(self):
+        """Ends the proxy; with `count_to`, returns the requests it passed by X-Amz-Target
+        action (SQS's JSON protocol names the call there)."""
         self.proc.terminate()
         self.proc.wait()
+        if self.count_to:
+            return json.loads(Path(self.count_to).read_text())
+        return None
 
 
-def run_proxy(listen, upstream, ms):
+# The action of an AWS JSON-protocol request: `X-Amz-Target: AmazonSQS.ReceiveMessage`.
+TARGET = re.compile(rb"(?im)^x-amz-target:\s*[\w.]*?\.(\w+)\s*$")
+
+
+def run_proxy(listen, upstream, ms, count_to=""):
     delay = ms / 1000
+    counts = {}
 
     async def handle(creader, cwriter):
         try:
@@ -300,6 +311,12 @@ def run_proxy(listen, upstream, ms):
             while data := await creader.read(1 << 16):
                 if state["answered"]:
                     state["answered"] = False
+                    if count_to:
+                        # The headers come in the request's first read (they are a few hundred
+                        # bytes); a request without the header counts as "other".
+                        m = TARGET.search(data.split(b"\r\n\r\n", 1)[0])
+                        action = m.group(1).decode() if m else "other"
+                        counts[action] = counts.get(action, 0) + 1
                     await asyncio.sleep(delay)
                 swriter.write(data)
                 await swriter.drain()
@@ -325,7 +342,12 @@ def run_proxy(listen, upstream, ms):
         async with server:
             await server.serve_forever()
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    def stop(*_):
+        if count_to:
+            Path(count_to).write_text(json.dumps(counts))
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     asyncio.run(main())
 
 
@@ -718,9 +740,12 @@ class Bench:
     def distributed_copy(self, moto, tree, spec, workers, rep):
         name = f"scale-{workers}w-{rep}"
         q = moto.queues(name)
+        # Every SQS request of the run, coordinator's and workers', by action, through a
+        # counting proxy that adds no delay.
+        sqs = DelayProxy(moto.port, 0, count_to=self.work / f"{name}-sqs.json")
         distribute = {"queue-url": q["work"], "results-queue-url": q["results"],
                       "dead-letter-queue-url": q["dlq"], "batch-files": 20, "deadline": "30min",
-                      "visibility-timeout": "2min", "endpoint-url": moto.endpoint}
+                      "visibility-timeout": "2min", "endpoint-url": sqs.endpoint}
         bucket = self.garage.bucket(name)
         argv, env = self.tools.command("nightcopy", tree, bucket, self.proxy.endpoint,
                                        distribute=distribute, concurrency=4, args=("worker", "-q"))
@@ -740,6 +765,8 @@ class Bench:
                     p.wait(30)
                 except subprocess.TimeoutExpired:
                     p.kill()
+            r_sqs = sqs.stop()
+        r["sqs"] = r_sqs
         m = re.findall(r"(\d+) batches sent in (\d+) messages", Path(self.log).read_text())
         if m:
             r["batches"], r["messages"] = int(m[-1][0]), int(m[-1][1])
@@ -748,7 +775,8 @@ class Bench:
         scenario = f"scaleout-{workers}-workers"
         self.results.setdefault(scenario, {}).setdefault("nightcopy", []).append(r)
         say(f"  {scenario:<22} {r['wall']:7.2f}s wall {r['cpu']:7.2f}s cpu (coordinator) "
-            f"{r['rss_mib']:7.1f} MiB  {r['files_per_s']:.0f} files/s  rc={r['rc']}")
+            f"{r['rss_mib']:7.1f} MiB  {r['files_per_s']:.0f} files/s  "
+            f"{sum(r_sqs.values())} SQS requests  rc={r['rc']}")
 
     def coordinator_memory(self, moto):
         """The coordinator alone over a million files: it plans, spools, sends 50,000 batches
@@ -918,6 +946,7 @@ def report(bench, command, started):
             lines.append(row)
         lines.append("")
         lines += bounds(bench, scenario, by_tool)
+        lines += sqs_requests(bench, scenario, by_tool)
         disk = bench.notes.get("coordinator-disk")
         if scenario == "scaleout-coordinator-1M-files" and disk:
             lines += [f"The coordinator's state directory held at most {disk['peak_mib']:,.0f} MiB "
@@ -925,6 +954,20 @@ def report(bench, command, started):
                       f"file: plan, reports, index, manifest) and {disk['end_mib']:,.0f} MiB after.",
                       ""]
     return "\n".join(lines)
+
+
+def sqs_requests(bench, scenario, by_tool):
+    """The SQS requests of a distributed copy (coordinator and workers together), by action,
+    medians over the runs, and per file: what SQS bills."""
+    runs = [r for r in by_tool.get("nightcopy", []) if r.get("sqs") and r["rc"] == 0]
+    files = bench.notes.get("scale", {}).get("files")
+    if not scenario.startswith("scaleout-") or not runs or not files:
+        return []
+    actions = sorted({a for r in runs for a in r["sqs"]})
+    per = {a: statistics.median(r["sqs"].get(a, 0) for r in runs) for a in actions}
+    total = statistics.median(sum(r["sqs"].values()) for r in runs)
+    return [f"SQS requests (coordinator and workers): {int(total):,} = {total / files:.3f} per "
+            "file; " + ", ".join(f"{a} {int(n):,}" for a, n in per.items()) + ".", ""]
 
 
 def bounds(bench, scenario, by_tool):
@@ -974,7 +1017,8 @@ def write_doc(path, block, quick, only):
 def main():
     global CONCURRENCY
     if len(sys.argv) > 1 and sys.argv[1] == "_proxy":
-        run_proxy(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+        run_proxy(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]),
+                  sys.argv[5] if len(sys.argv) > 5 else "")
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="trees ÷ 10, no million-file run")
