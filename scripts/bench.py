@@ -242,11 +242,16 @@ metrics_token = "{self.metrics_token}"
         return counts
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        terminate(self.proc)
+
+
+def terminate(proc):
+    """SIGTERM, and SIGKILL after 10 s: a server must not outlive the bench."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def request_kinds(before, after):
@@ -381,11 +386,7 @@ class Moto:
         return dict(work=work, results=results, dlq=dlq)
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        terminate(self.proc)
 
 
 class SlowMount:

@@ -11,26 +11,13 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::common::proxy::{Op, Request};
+use crate::common::run::pseudo_random;
 use crate::common::s3::s3;
 
 const MIB: usize = 1024 * 1024;
 
 fn sha256_base64(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Sha256::digest(data))
-}
-
-/// Deterministic bytes that do not compress to nothing (xorshift), so a truncated or reordered
-/// part cannot pass for the right one.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
 }
 
 #[test]
@@ -61,14 +48,14 @@ fn put_multipart_list_get_pass_through_the_proxy_and_are_recorded() {
 
     let small = b"hello, nightcopy\n".to_vec();
     let parts = [
-        pattern(5 * MIB, 1),
-        pattern(5 * MIB, 2),
-        pattern(MIB + 17, 3),
+        pseudo_random(5 * MIB, 1),
+        pseudo_random(5 * MIB, 2),
+        pseudo_random(MIB + 17, 3),
     ];
     let whole: Vec<u8> = parts.concat();
     let dir = tempfile::tempdir().expect("temp dir");
     let streamed_path = dir.path().join("streamed.bin");
-    let streamed = pattern(3 * MIB, 4);
+    let streamed = pseudo_random(3 * MIB, 4);
     std::fs::write(&streamed_path, &streamed).expect("write the temp file");
 
     s3.block_on(async {

@@ -241,8 +241,7 @@ fn restore_strips_set_id_bits_unless_asked() {
         )
         .unwrap();
     }
-    let to = c.root.join("restored");
-    let out = c.run(&["restore", "--to", to.to_str().unwrap()]);
+    let (to, out) = c.restore_into("restored");
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(
         fs::metadata(to.join("suid")).unwrap().mode() & 0o7777,
@@ -526,8 +525,7 @@ fn a_single_part_object_without_sha256_is_checked_by_its_etag_not_called_multipa
             .send(),
     )
     .unwrap();
-    let to = c.root.join("restored");
-    let out = c.run(&["restore", "--to", to.to_str().unwrap()]);
+    let (to, out) = c.restore_into("restored");
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(
         out.stderr.contains("1 files restored")

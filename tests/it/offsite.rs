@@ -147,8 +147,7 @@ fn restore_and_verify_never_see_the_copy_as_a_file() {
     let out = c.run(&["verify"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(!out.stdout.contains("manifest.gz"), "{}", out.stdout);
-    let to = c.root.join("restored");
-    let out = c.run(&["restore", "--to", to.to_str().unwrap()]);
+    let (to, out) = c.restore_into("restored");
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(!to.join(".nightcopy").exists());
     assert_eq!(fs::read(to.join("a.txt")).unwrap(), b"a");

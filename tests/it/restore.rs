@@ -360,8 +360,7 @@ fn a_corrupted_object_is_detected_counted_named_and_not_left_under_its_name() {
     corrupt_object(&c, "bad.txt", false);
     corrupt_object(&c, "big.bin", true);
 
-    let to = c.root.join("restored");
-    let out = c.run(&["restore", "--to", to.to_str().unwrap()]);
+    let (to, out) = c.restore_into("restored");
     assert_eq!(out.code, 2, "per-file errors exit 2:\n{}", out.stderr);
     assert_eq!(figure(&out, "errors"), 2);
     assert_eq!(figure(&out, "files restored"), 1);
@@ -503,8 +502,7 @@ fn as_of_restores_the_version_that_was_current_then() {
     assert_eq!(figure(&out, "not verifiable"), 0, "{}", out.stderr);
 
     // Without --as-of: the current versions.
-    let to = c.root.join("now");
-    let out = c.run(&["restore", "--to", to.to_str().unwrap()]);
+    let (to, out) = c.restore_into("now");
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(
         fs::read(to.join("docs/report.txt")).unwrap(),
@@ -554,8 +552,7 @@ fn a_key_that_would_leave_the_target_is_refused() {
                 .unwrap();
         }
     });
-    let to = c.root.join("deep/target");
-    let out = c.run(&["restore", "--to", to.to_str().unwrap()]);
+    let (to, out) = c.restore_into("deep/target");
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert_eq!(figure(&out, "errors"), 2);
     assert!(

@@ -55,6 +55,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import cbor2
 
+from listen import parse_listen  # tests/servers/listen.py, beside this file
+
 PREFIX = "/service/GraniteServiceVersion20100801/operation/"
 TARGET_PREFIX = "GraniteServiceVersion20100801."
 
@@ -270,13 +272,6 @@ class Handler(BaseHTTPRequestHandler):
     def reject(self, op, message):
         self.server.log.add(op, 400, None, 0)
         self.send_error_cbor(400, "ValidationError", message)
-
-
-def parse_listen(value):
-    host, _, port = value.rpartition(":")
-    if host != "127.0.0.1":
-        raise argparse.ArgumentTypeError("only 127.0.0.1 is allowed as a listen address")
-    return host, int(port)
 
 
 def main():

@@ -41,6 +41,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from listen import parse_listen  # tests/servers/listen.py, beside this file
+
 TOKEN_PATH = "/latest/api/token"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
@@ -182,13 +184,6 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(405)
 
     do_POST = do_DELETE = do_PATCH = refuse
-
-
-def parse_listen(value):
-    host, _, port = value.rpartition(":")
-    if host != "127.0.0.1":
-        raise argparse.ArgumentTypeError("only 127.0.0.1 is allowed as a listen address")
-    return host, int(port)
 
 
 def main():

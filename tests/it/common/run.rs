@@ -203,6 +203,13 @@ impl Case {
         self.run_with(args, None)
     }
 
+    /// `nightcopy restore --to ROOT/dir` of everything: the target and what the run said.
+    pub fn restore_into(&self, dir: &str) -> (PathBuf, Output) {
+        let to = self.root.join(dir);
+        let out = self.run(&["restore", "--to", to.to_str().unwrap()]);
+        (to, out)
+    }
+
     pub fn key(&self, rel: &str) -> String {
         format!("{}{}", self.dest.prefix, rel)
     }

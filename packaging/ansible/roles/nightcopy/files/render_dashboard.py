@@ -7,7 +7,8 @@ alerts"), into the body PutDashboard takes, on stdout:
   aws cloudwatch put-dashboard --dashboard-name nightcopy-prod --dashboard-body file://body.json
 
 Python's standard library only, so it runs wherever the aws cli or Ansible does; the role runs
-this same file (roles/nightcopy/files/render_dashboard.py, a copy static.sh compares).
+this same file: it lives in the role (roles/nightcopy/files/, so that the role is whole by itself),
+and packaging/aws/render_dashboard.py and dashboard.json are links to it.
 
 The template is JSON with placeholders in its strings, so it parses as it is (check_aws.py parse):
 
