@@ -1,13 +1,13 @@
 //! The `nightcopy` command: parses the command line, sets up logging (journald under systemd,
 //! readable lines plus a progress line on a terminal), calls the library and returns its exit code.
-//! Nothing else lives here.
+//! Nothing else lives here, but the manual page rendered from this same definition.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::OnceLock;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use nightcopy::commands;
 use nightcopy::commands::restore::{self, RestoreOptions};
 use nightcopy::commands::run::RunOptions;
@@ -127,6 +127,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the manual page (roff) on stdout; the .deb installs it as nightcopy(1).
+    #[command(hide = true)]
+    GenerateMan,
 }
 
 fn main() -> ExitCode {
@@ -141,6 +144,10 @@ fn main() -> ExitCode {
             });
         }
     };
+    // Reads no config and logs nothing: it runs at build time, on the build host.
+    if matches!(cli.command, Command::GenerateMan) {
+        return ExitCode::from(print_man_page());
+    }
     let show_bar = matches!(
         cli.command,
         Command::Run { .. } | Command::Restore { .. } | Command::Worker { .. }
@@ -218,7 +225,7 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> u8 {
             Command::Worker { .. } => commands::worker::run(&config, bar).await,
             Command::Dlq { redrive, .. } => commands::dlq::run(&config, redrive).await,
             Command::CheckConfig { .. } => commands::check_config::remote(&config).await,
-            Command::Status { .. } => unreachable!("run above"),
+            Command::Status { .. } | Command::GenerateMan => unreachable!("run above"),
         }
     })
 }
@@ -233,6 +240,93 @@ impl Command {
             | Command::Verify { config, .. }
             | Command::Restore { config, .. }
             | Command::Status { config, .. } => config,
+            Command::GenerateMan => Path::new(DEFAULT_PATH),
+        }
+    }
+}
+
+/// One page for the whole command, as `--help` of each subcommand would read in a terminal: clap's
+/// own sections for the top level, then one subsection per subcommand (its synopsis, description
+/// and options, also rendered by clap_mangen), then the exit codes and the files. A page per
+/// subcommand (clap_mangen's default, nightcopy-run(1) …) would be eight pages for one program.
+fn print_man_page() -> u8 {
+    use clap_mangen::roff::{bold, roman, Roff};
+    use clap_mangen::Man;
+    use std::io::Write;
+
+    let cmd = Cli::command();
+    // clap_mangen renders whole sections; inside a subsection their .SH lines are dropped.
+    fn body(render: impl Fn(&mut Vec<u8>) -> std::io::Result<()>) -> std::io::Result<String> {
+        let mut out = Vec::new();
+        render(&mut out)?;
+        Ok(String::from_utf8_lossy(&out)
+            .lines()
+            .filter(|l| !l.starts_with(".SH "))
+            .map(|l| format!("{l}\n"))
+            .collect())
+    }
+    let render = || -> std::io::Result<Vec<u8>> {
+        let man = Man::new(cmd.clone());
+        let mut page = Vec::new();
+        man.render_title(&mut page)?;
+        man.render_name_section(&mut page)?;
+        man.render_synopsis_section(&mut page)?;
+        man.render_description_section(&mut page)?;
+        man.render_options_section(&mut page)?;
+        page.extend_from_slice(b".SH COMMANDS\n");
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let name = format!("nightcopy {}", sub.get_name());
+            let sub_man = Man::new(sub.clone().bin_name(&name));
+            let mut roff = Roff::new();
+            roff.control("SS", [name.as_str()]);
+            roff.to_writer(&mut page)?;
+            page.extend_from_slice(body(|w| sub_man.render_synopsis_section(w))?.as_bytes());
+            page.extend_from_slice(b".PP\n");
+            page.extend_from_slice(body(|w| sub_man.render_description_section(w))?.as_bytes());
+            page.extend_from_slice(body(|w| sub_man.render_options_section(w))?.as_bytes());
+        }
+        // EXIT_CODES is laid out for a terminal: "  CODE  text" lines, continued by indented ones.
+        let mut roff = Roff::new();
+        roff.control("SH", ["EXIT STATUS"]);
+        for line in EXIT_CODES.lines().skip(1) {
+            let text = line.trim_start();
+            match text.split_once(char::is_whitespace) {
+                Some((code, rest)) if code.chars().all(|c| c.is_ascii_digit()) => {
+                    roff.control("TP", []);
+                    roff.text([bold(code)]);
+                    roff.text([roman(rest.trim_start())]);
+                }
+                _ => {
+                    roff.text([roman(text)]);
+                }
+            }
+        }
+        roff.control("SH", ["FILES"]);
+        roff.control("TP", []);
+        roff.text([bold(DEFAULT_PATH)]);
+        roff.text([roman(
+            "The config file (or --config, or $NIGHTCOPY_CONFIG); every key is explained in \
+             /usr/share/doc/nightcopy/examples/nightcopy.example.yaml.",
+        )]);
+        roff.control("TP", []);
+        roff.text([bold("/var/lib/nightcopy")]);
+        roff.text([roman(
+            "The state directory (state-dir): manifest, lock and the last run's record.",
+        )]);
+        roff.control("SH", ["SEE ALSO"]);
+        roff.text([roman(
+            "systemctl(1), journalctl(1); /usr/share/doc/nightcopy/operations.md (the runbook), \
+             exit-codes.md, restore.md and the other documents beside it.",
+        )]);
+        roff.to_writer(&mut page)?;
+        man.render_version_section(&mut page)?;
+        Ok(page)
+    };
+    match render().and_then(|page| std::io::stdout().write_all(&page)) {
+        Ok(()) => exit::SUCCESS,
+        Err(e) => {
+            eprintln!("cannot write the manual page: {e}; check that stdout is writable");
+            exit::FATAL
         }
     }
 }

@@ -6,6 +6,7 @@ mod common;
 
 mod agent;
 mod bucket;
+mod cli;
 mod copy;
 mod distribute;
 mod faults;
