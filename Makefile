@@ -1,7 +1,8 @@
 # nightcopy — the entry points a newcomer needs (README.md):
 #   make demo   back up a generated sample tree into a local S3-compatible server, end to end
 #   make test   every test, against real local servers (installed on first use)
-.PHONY: build test demo lint fmt tools clean bench bench-quick
+#   make deb    the Debian package, target/debian/nightcopy_VERSION-1_amd64.deb (docs/packaging.md)
+.PHONY: build test demo lint fmt tools clean bench bench-quick deb
 
 # Paths of the local servers, installed into ~/.cache on first use (scripts/test-tools.sh).
 TOOLS_ENV = eval "$$(scripts/test-tools.sh | sed 's/^/export /')"
@@ -17,6 +18,11 @@ test:
 .PHONY: test-packaging
 test-packaging:
 	packaging/tests/run.sh
+
+# cargo-deb (pinned, into ~/.cache on first use) packs the release binary, the units, the man
+# page and the docs ([package.metadata.deb] in Cargo.toml, packaging/deb/).
+deb:
+	packaging/deb/build.sh
 
 demo: build
 	@$(TOOLS_ENV); scripts/demo.sh
