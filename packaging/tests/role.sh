@@ -285,6 +285,26 @@ else
   check "preflight: small files without below are refused" \
     grep -q "nightcopy_small_files is empty or has below" "$dir/small-below.log"
 fi
+# deb mode (nightcopy_install_method: deb) installs with apt into the host's own root, so it is
+# converged in e2e.sh's booted system; here only its refusals, which come before any change.
+if converge prod scratch-prod "$dir/method.log" -e nightcopy_install_method=rpm; then
+  fail "argument spec: an unknown nightcopy_install_method is refused"
+else
+  check "argument spec: an unknown nightcopy_install_method is refused" \
+    grep -q "value of nightcopy_install_method must be one of: binary, deb" "$dir/method.log"
+fi
+if converge prod scratch-prod "$dir/deb-pin.log" -e nightcopy_install_method=deb; then
+  fail "preflight: deb mode without the .deb's SHA-256 is refused"
+else
+  check "preflight: deb mode without the .deb's SHA-256 is refused, naming the variable" \
+    grep -q "nightcopy_deb_sha256 must be the 64 hex digits" "$dir/deb-pin.log"
+fi
+if converge prod scratch-prod "$dir/deb-destdir.log" -e nightcopy_install_method=deb -e "nightcopy_deb_sha256=$sha"; then
+  fail "preflight: deb mode into a scratch root is refused"
+else
+  check "preflight: deb mode into a scratch root is refused (apt installs into /)" \
+    grep -q "nightcopy_install_method deb installs with apt into /" "$dir/deb-destdir.log"
+fi
 # 0 passes every Ansible type check; only nightcopy's own validation knows concurrency is 1-256.
 if converge prod scratch-prod "$dir/validate.log" -e nightcopy_concurrency=0; then
   fail "validate: a config nightcopy rejects is not installed"
