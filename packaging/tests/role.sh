@@ -4,7 +4,9 @@
 # alarm created in moto on 127.0.0.1. Checks every file the role writes, idempotence, that a
 # wrong checksum or version leaves the installed binary alone, that preflight and `validate:`
 # refuse bad values, that beta and prod differ only in their variables, and the scale-out modes
-# (a worker converged, idempotent, without alarm, and switched back to single).
+# (a worker converged, idempotent, without alarm, and switched back to single). The .deb install
+# (nightcopy_install_method: deb) needs apt and dpkg's database in the host's own root, so only its
+# refusals are here; e2e.sh converges it in the booted system.
 #
 # The role creates its system user for real; here it is `nightcopy-pkgtest` (not `nightcopy`),
 # removed again at the end if this script created it.
