@@ -3,8 +3,11 @@
 # is booted with systemd as PID 1 in new PID/mount/UTS/IPC/cgroup namespaces sharing this
 # machine's network, so it reaches the servers this script starts on 127.0.0.1: s3s-fs (S3),
 # moto behind the CBOR proxy (CloudWatch), the IMDSv2 stand-in (instance-role credentials, region
-# and instance ID) and the artifact server. The Ansible role installs nightcopy into it with the
-# beta inventory, and the checks talk to that systemd through systemctl and journalctl -o json.
+# and instance ID) and the artifact server. The .deb of `make deb` ($NIGHTCOPY_PKG_DEB) is installed
+# and purged with dpkg by itself first (nothing enabled, the user and directories made, purge
+# removes the state); then the Ansible role installs it with the beta inventory and
+# nightcopy_install_method: deb, and the checks talk to that systemd through systemctl and
+# journalctl -o json. At the end the package is removed again (the timer stops).
 #
 # The root is an overlay over the cached one, so every run starts from the same fresh system and
 # the cache stays as debootstrap made it. Systemd gets its own cgroup namespace rooted in a child
@@ -16,6 +19,7 @@ source "$(dirname "$0")/lib.sh"
 echo "== e2e: the role and nightcopy under systemd as PID 1"
 
 : "${NIGHTCOPY_ROOTFS:?}"
+: "${NIGHTCOPY_PKG_DEB:?}"
 dir="$WORK/e2e"
 root="$dir/root"
 mkdir -p "$dir/upper" "$dir/ovl-work" "$root" "$dir/s3data/e2e-backups" "$dir/artifacts"
@@ -119,9 +123,12 @@ IMDS_ACCESS_KEY_ID="$key" IMDS_SECRET_ACCESS_KEY="$secret" IMDS_SESSION_TOKEN="$
   --role nightcopy-backup --instance-id "$instance_id" --region us-east-1 >"$dir/imds.port" 2>"$dir/imds.err" &
 IMDS_PID=$!
 
-version="$("$NIGHTCOPY_BIN" --version | awk '{print $2}')"
-cp "$NIGHTCOPY_BIN" "$dir/artifacts/nightcopy-$version-x86_64-linux"
-sha="$(sha256sum "$dir/artifacts/nightcopy-$version-x86_64-linux" | cut -d' ' -f1)"
+# The package under its name on a mirror, nightcopy_VERSION-REVISION_ARCH.deb.
+deb_version="$(dpkg-deb -f "$NIGHTCOPY_PKG_DEB" Version)"
+version="${deb_version%-*}"
+deb_name="nightcopy_${deb_version}_$(dpkg-deb -f "$NIGHTCOPY_PKG_DEB" Architecture).deb"
+cp "$NIGHTCOPY_PKG_DEB" "$dir/artifacts/$deb_name"
+sha="$(sha256sum "$dir/artifacts/$deb_name" | cut -d' ' -f1)"
 serve_dir "$dir/artifacts" || { fail "start the artifact server"; exit 0; }
 
 if wait_for 30 bash -c "exec 3<>/dev/tcp/127.0.0.1/$s3_port" && wait_for 30 test -s "$dir/cw.port" &&
@@ -245,8 +252,9 @@ nightcopy:
       ansible_python_interpreter: /usr/bin/python3
       ansible_become: false
       nightcopy_version: "$version"
-      nightcopy_artifact_url: "http://127.0.0.1:$HTTP_PORT/nightcopy-{{ nightcopy_version }}-x86_64-linux"
-      nightcopy_artifact_sha256: "$sha"
+      nightcopy_install_method: deb
+      nightcopy_deb_url: "http://127.0.0.1:$HTTP_PORT/$deb_name"
+      nightcopy_deb_sha256: "$sha"
       nightcopy_bucket: e2e-backups
       # Region and credentials come from the IMDSv2 stand-in, as on EC2.
       nightcopy_region: ""
@@ -271,11 +279,53 @@ if converge_e2e "$dir/check-fresh.log" --check; then
 else
   fail "role --check on a fresh host" "$(grep -E 'FAILED|fatal|ERROR' -A3 "$dir/check-fresh.log" | tail -20)"
 fi
-check "role --check on a fresh host: no binary installed" root_lacks /usr/local/bin/nightcopy
+check "role --check on a fresh host: no package installed" root_lacks /usr/bin/nightcopy
 check "role --check on a fresh host: no unit written" root_lacks /etc/systemd/system/nightcopy.service
 
+# --- the package by itself: dpkg -i, then --purge -------------------------------------------------
+in_root sh -c 'cat >/root/nightcopy.deb' <"$NIGHTCOPY_PKG_DEB"
+if out="$(in_root dpkg -i /root/nightcopy.deb 2>&1)"; then
+  pass "dpkg -i: the package installs on a fresh bookworm"
+else
+  fail "dpkg -i: the package installs on a fresh bookworm" "$(tail -15 <<<"$out")"
+fi
+expect "dpkg -i: postinst made the system user nightcopy, no shell, the state directory as home" \
+  "$(in_root getent passwd nightcopy | awk -F: '{ print ($3 < 1000 ? "system" : "uid " $3), $6, $7 }')" \
+  "system /var/lib/nightcopy /usr/sbin/nologin"
+expect "dpkg -i: /var/lib/nightcopy 0700 nightcopy, /etc/nightcopy 0750 root:nightcopy and empty" \
+  "$(in_root stat -c '%a %U:%G %n' /var/lib/nightcopy /etc/nightcopy | tr '\n' '|')$(in_root ls -A /etc/nightcopy | wc -l)" \
+  "700 nightcopy:nightcopy /var/lib/nightcopy|750 root:nightcopy /etc/nightcopy|0"
+# is-enabled: "static" for a unit without WantedBy= (nightcopy.service is started by the timer).
+unit_states() {
+  local u
+  for u in nightcopy.service nightcopy.timer nightcopy-worker.service nightcopy-notify@nightcopy.service.service; do
+    echo "$u $(in_root systemctl is-enabled "$u" 2>&1) $(in_root systemctl is-active "$u" 2>&1)"
+  done | tr '\n' '|'
+}
+expect "dpkg -i: systemd knows the units, none enabled, none started" "$(unit_states)" \
+  "nightcopy.service static inactive|nightcopy.timer disabled inactive|nightcopy-worker.service disabled inactive|nightcopy-notify@nightcopy.service.service static inactive|"
+check "dpkg -i: the package's nightcopy.service runs /usr/bin/nightcopy, from /lib/systemd/system" bash -c "
+  [[ \"\$1\" =~ ^(/usr)?/lib/systemd/system/nightcopy.service\$ ]] && grep -q 'path=/usr/bin/nightcopy ' <<<\"\$2\"" _ \
+  "$(unit_prop FragmentPath)" "$(unit_prop ExecStart)"
+expect "dpkg -i: /usr/bin/nightcopy runs" "$(in_root /usr/bin/nightcopy --version 2>&1)" "nightcopy $version"
+uid_first="$(in_root id -u nightcopy)"
+if out="$(in_root dpkg --purge nightcopy 2>&1)"; then
+  pass "dpkg --purge: succeeds"
+else
+  fail "dpkg --purge: succeeds" "$(tail -15 <<<"$out")"
+fi
+present() {
+  local p
+  for p in "$@"; do if in_root test -e "$p"; then echo "$p kept"; else echo "$p gone"; fi; done | tr '\n' '|'
+}
+expect "dpkg --purge: binary, units and state directory gone; the user and /etc/nightcopy kept" \
+  "$(present /usr/bin/nightcopy /lib/systemd/system/nightcopy.timer /var/lib/nightcopy /etc/nightcopy) uid $(in_root id -u nightcopy 2>&1)" \
+  "/usr/bin/nightcopy gone|/lib/systemd/system/nightcopy.timer gone|/var/lib/nightcopy gone|/etc/nightcopy kept| uid $uid_first"
+expect "dpkg --purge: systemd no longer knows the timer (postrm's daemon-reload)" \
+  "$(in_root systemctl show -p LoadState --value nightcopy.timer)" "not-found"
+
 if converge_e2e "$dir/converge-1.log"; then
-  pass "role converges into the booted system (inventories/beta)"
+  pass "role converges into the booted system (inventories/beta, nightcopy_install_method: deb)"
 else
   fail "role converges into the booted system" "$(grep -E 'FAILED|fatal|ERROR' -A5 "$dir/converge-1.log" | tail -30)"
   exit 0
@@ -285,6 +335,56 @@ if converge_e2e "$dir/converge-2.log"; then
 else
   fail "second converge under systemd" "$(tail -20 "$dir/converge-2.log")"
 fi
+
+# shellcheck disable=SC2016 # dpkg-query's own ${field} format
+expect "deb mode: the package installed by apt, its .deb kept in /var/cache/nightcopy" \
+  "$(in_root dpkg-query -W -f '${Status} ${Version}' nightcopy) $(root_sha256 "/var/cache/nightcopy/$deb_name")" \
+  "install ok installed $deb_version $sha"
+expect "deb mode: the user made by the first install kept its uid" "$(in_root id -u nightcopy)" "$uid_first"
+expect "deb mode: the role's units take precedence, and run /usr/bin/nightcopy" \
+  "$(unit_prop FragmentPath) $(in_root systemctl show nightcopy.timer -p FragmentPath --value) $(unit_prop ExecStart | grep -o 'path=[^ ]*')" \
+  "/etc/systemd/system/nightcopy.service /etc/systemd/system/nightcopy.timer path=/usr/bin/nightcopy"
+
+# --- a .deb that does not match its pin leaves the installed package alone -----------------------
+pkg_state() {
+  # shellcheck disable=SC2016 # dpkg-query's own ${field} format
+  echo "$(in_root dpkg-query -W -f '${Version}' nightcopy) $(root_sha256 /usr/bin/nightcopy) $(in_root ls /var/cache/nightcopy | tr '\n' ' ')"
+}
+before_pkg="$(pkg_state)"
+# Tampered: one byte more, under a new name, with the pinned checksum of the real one.
+tampered="nightcopy_${version}-2_amd64.deb"
+cp "$NIGHTCOPY_PKG_DEB" "$dir/artifacts/$tampered"
+printf x >>"$dir/artifacts/$tampered"
+if converge_e2e "$dir/deb-tampered.log" -e "nightcopy_deb_url=http://127.0.0.1:$HTTP_PORT/$tampered"; then
+  fail "deb mode, tampered .deb: the play fails"
+else
+  check "deb mode, tampered .deb: the play fails, saying the package was left alone" \
+    grep -q "was NOT installed, and the installed nightcopy package" "$dir/deb-tampered.log"
+fi
+if converge_e2e "$dir/deb-wrong-pin.log" -e "nightcopy_deb_sha256=$(printf '0%.0s' $(seq 1 64))"; then
+  fail "deb mode, wrong pinned checksum for the cached .deb: the play fails"
+else
+  check "deb mode, wrong pinned checksum for the cached .deb: the play fails" \
+    grep -q "was NOT installed" "$dir/deb-wrong-pin.log"
+fi
+expect "deb mode: after those, the same package, the same binary, and nothing new in the cache" \
+  "$(pkg_state)" "$before_pkg"
+# The right checksum, but another version inside (the control file's Version changed). It matched
+# its pin, so it stays in the cache; apt never sees it.
+other="nightcopy_${version}-3_amd64.deb"
+dpkg-deb -R "$NIGHTCOPY_PKG_DEB" "$dir/other-pkg"
+sed -i 's/^Version: .*/Version: 9.9.8-1/' "$dir/other-pkg/DEBIAN/control"
+dpkg-deb -Znone -b "$dir/other-pkg" "$dir/artifacts/$other" >/dev/null
+rm -rf "$dir/other-pkg"
+if converge_e2e "$dir/deb-other-version.log" -e "nightcopy_deb_url=http://127.0.0.1:$HTTP_PORT/$other" \
+  -e "nightcopy_deb_sha256=$(sha256sum "$dir/artifacts/$other" | cut -d' ' -f1)"; then
+  fail "deb mode, another version inside: the play fails"
+else
+  check "deb mode, another version inside: the play fails before apt, saying so" \
+    grep -q "is 'nightcopy 9.9.8-1', not" "$dir/deb-other-version.log"
+fi
+expect "deb mode, another version inside: the same package and binary" \
+  "$(pkg_state | cut -d' ' -f1-2)" "$(cut -d' ' -f1-2 <<<"$before_pkg")"
 
 expect "timer: enabled and active" "$(in_root systemctl is-enabled nightcopy.timer) $(in_root systemctl is-active nightcopy.timer)" "enabled active"
 expect "service: loaded, inactive until the timer fires" "$(unit_prop LoadState) $(unit_prop ActiveState)" "loaded inactive"
@@ -401,7 +501,7 @@ in_root sh -c 'echo new >/srv/data/new-file.txt'
 dry="$(in_root systemd-run --quiet --wait --pipe --collect -p User=nightcopy \
   -p AmbientCapabilities=CAP_DAC_READ_SEARCH \
   -p "Environment=AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:$imds_port" \
-  /usr/local/bin/nightcopy run --dry-run --config /etc/nightcopy/config.yaml 2>&1)"
+  /usr/bin/nightcopy run --dry-run --config /etc/nightcopy/config.yaml 2>&1)"
 dry_rc=$?
 if [ "$dry_rc" = 0 ] && grep -q 'new-file.txt' <<<"$dry"; then
   pass "dry run via systemd-run as the nightcopy user: plans the new file"
@@ -422,7 +522,7 @@ in_root mkdir -p /run/systemd/system/nightcopy.service.d
 in_root sh -c 'cat >/run/systemd/system/nightcopy.service.d/e2e.conf <<EOF
 [Service]
 ExecStart=
-ExecStart=/usr/local/bin/nightcopy run --force --config /etc/nightcopy/config.yaml
+ExecStart=/usr/bin/nightcopy run --force --config /etc/nightcopy/config.yaml
 WatchdogSec=5s
 EOF'
 in_root systemctl daemon-reload
@@ -489,3 +589,15 @@ else
 fi
 expect "role --check: the timer unit is unchanged" "$(root_sha256 /etc/systemd/system/nightcopy.timer)" "$timer_sum"
 expect "role --check: the next elapse is unchanged" "$(next_elapse)" "$next"
+
+# --- removing the package ----------------------------------------------------------------------------
+# prerm stops the timer (whichever unit file defines it: here the role's), so nothing starts the
+# binary that is gone; the role's units, the config and the state directory stay.
+if out="$(in_root dpkg --remove nightcopy 2>&1)"; then
+  pass "dpkg --remove: succeeds"
+else
+  fail "dpkg --remove: succeeds" "$(tail -15 <<<"$out")"
+fi
+expect "dpkg --remove: the timer stopped; the role's units, the config and the state kept" \
+  "$(in_root systemctl is-active nightcopy.timer 2>&1) $(present /usr/bin/nightcopy /etc/systemd/system/nightcopy.timer /etc/nightcopy/config.yaml /var/lib/nightcopy)" \
+  "inactive /usr/bin/nightcopy gone|/etc/systemd/system/nightcopy.timer kept|/etc/nightcopy/config.yaml kept|/var/lib/nightcopy kept|"

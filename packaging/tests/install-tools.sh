@@ -10,7 +10,9 @@
 #   - two collections taken from the `ansible` wheel on PyPI: amazon.aws (the alarm task) and
 #     community.general (its chroot connection drives the role into the booted test root).
 #     Ansible Galaxy is not reachable from these machines; the wheel carries both collections.
-#   - Debian packages: systemd (systemd-analyze), shellcheck (for these scripts), debootstrap
+#   - Debian packages: systemd (systemd-analyze), shellcheck (for these scripts), debootstrap,
+#     and for the .deb (packaging/deb/build.sh, deb.sh): dpkg-dev (dpkg-shlibdeps, which fills in
+#     the package's Depends), lintian, groff-base (the manual page's check) and file
 #   - promtool (the Prometheus rules and textfile), taken out of Debian's `prometheus` package
 #     unless one is on PATH
 #   - a Debian bookworm root with systemd and python3, made by debootstrap, booted by e2e.sh
@@ -71,6 +73,10 @@ apt_install() {
 }
 command -v systemd-analyze >/dev/null || apt_install systemd
 command -v shellcheck >/dev/null || apt_install shellcheck
+command -v dpkg-shlibdeps >/dev/null || apt_install dpkg-dev
+command -v lintian >/dev/null || apt_install lintian
+command -v groff >/dev/null || apt_install groff-base
+command -v file >/dev/null || apt_install file
 if [ "$want_rootfs" = 1 ]; then
   command -v debootstrap >/dev/null || apt_install debootstrap
 fi

@@ -7,15 +7,19 @@
 #               AWS documents, ansible-lint            (no systemd needed)
 #   role.sh     the role converged into scratch roots on this machine: every file, idempotence,
 #               wrong checksums, beta vs prod, the alarm against moto
-#   e2e.sh      a debootstrapped Debian booted with systemd as PID 1: the role installs into it,
-#               nightcopy backs up to s3s-fs and publishes to CloudWatch (moto), all on 127.0.0.1
+#   deb.sh      the .deb of `make deb` (built once here, for deb.sh and e2e.sh): lintian, its
+#               files, units and control fields, the maintainer scripts
+#   e2e.sh      a debootstrapped Debian booted with systemd as PID 1: the .deb installed, purged,
+#               then installed by the role (nightcopy_install_method: deb); nightcopy backs up to
+#               s3s-fs and publishes to CloudWatch (moto), all on 127.0.0.1
 #
 # and ends with one line "N passed, M failed"; the exit code is non-zero on any failure.
 #   packaging/tests/run.sh                 everything
 #   packaging/tests/run.sh static role     only those parts
 # Needs root (users, mounts, namespaces) and about 700 MB in the cache on first use.
 # NIGHTCOPY_PKG_KEEP=1 keeps the work directory for a look after a failure;
-# NIGHTCOPY_PKG_BIN=PATH tests that binary instead of building one (e.g. a release artifact).
+# NIGHTCOPY_PKG_BIN=PATH tests that binary instead of building one (e.g. a release artifact);
+# NIGHTCOPY_PKG_DEB=PATH that .deb instead of `make deb` (the package a mirror will serve).
 set -uo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -24,7 +28,7 @@ cd "$repo" || exit 1
 started=$SECONDS
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(static role e2e)
+[ ${#parts[@]} -eq 0 ] && parts=(static role deb e2e)
 
 WORK="$(mktemp -d /tmp/nightcopy-pkgtest.XXXXXX)"
 export WORK
@@ -98,11 +102,31 @@ else
   echo "   $NIGHTCOPY_BIN ($((SECONDS - t)) s)"
 fi
 
+# The .deb, once, for deb.sh and e2e.sh: `make deb` is a release build of its own (the binary
+# above is a debug one), so it is made only when one of them runs.
+want_deb=0
+for p in "${parts[@]}"; do case "$p" in deb | e2e) want_deb=1 ;; esac; done
+if [ "$want_deb" = 1 ] && [ -n "${NIGHTCOPY_PKG_DEB:-}" ]; then
+  export NIGHTCOPY_PKG_DEB
+  echo "== testing the given package $NIGHTCOPY_PKG_DEB"
+elif [ "$want_deb" = 1 ]; then
+  echo "== building the .deb (make deb: packaging/deb/build.sh)"
+  t=$SECONDS
+  if deb="$("$repo/packaging/deb/build.sh" 2>"$WORK/deb-build.log" | tail -1)" && [ -f "$deb" ]; then
+    export NIGHTCOPY_PKG_DEB="$deb"
+    echo "   $deb ($((SECONDS - t)) s)"
+    echo "make deb $((SECONDS - t)) s" >>"$WORK/measurements"
+  else
+    echo "FAIL make deb (packaging/deb/build.sh)" >>"$NIGHTCOPY_PKG_RESULTS"
+    tail -n 30 "$WORK/deb-build.log"
+  fi
+fi
+
 for part in "${parts[@]}"; do
   case "$part" in
-    static | role | e2e) ;;
+    static | role | deb | e2e) ;;
     *)
-      echo "FAIL unknown part '$part' (static, role, e2e)" >>"$NIGHTCOPY_PKG_RESULTS"
+      echo "FAIL unknown part '$part' (static, role, deb, e2e)" >>"$NIGHTCOPY_PKG_RESULTS"
       continue
       ;;
   esac
