@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The packaging tests: the systemd units, the Ansible role, the AWS documents, and the whole
 # thing end to end under a real systemd. Installs what it needs (packaging/tests/install-tools.sh,
-# into ~/.cache/nightcopy-tools), builds the binary, runs
+# into ~/.cache/nightcopy-tools), builds the .deb (when deb or e2e runs; its release binary is
+# then the one every part tests) or else a debug binary, runs
 #
 #   static.sh   systemd-analyze verify/security/calendar, templates vs packaging/systemd/,
 #               AWS documents, ansible-lint            (no systemd needed)
@@ -84,27 +85,13 @@ while IFS='=' read -r key value; do
 done <<<"$tools"
 echo "   ($((SECONDS - t)) s)"
 
-if [ -n "${NIGHTCOPY_PKG_BIN:-}" ]; then
-  # A given binary (a release build, the artifact a mirror will serve) instead of building one.
-  export NIGHTCOPY_BIN="$NIGHTCOPY_PKG_BIN"
-  echo "== testing the given binary $NIGHTCOPY_BIN"
-else
-  echo "== building nightcopy (cargo build --locked)"
-  t=$SECONDS
-  if ! cargo build --locked --quiet; then
-    echo "FAIL cargo build --locked" >>"$NIGHTCOPY_PKG_RESULTS"
-    finish
-    exit 1
-  fi
-  target_dir="$(cargo metadata --format-version 1 --no-deps --locked |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
-  export NIGHTCOPY_BIN="$target_dir/debug/nightcopy"
-  echo "   $NIGHTCOPY_BIN ($((SECONDS - t)) s)"
-fi
+target_dir="$(cargo metadata --format-version 1 --no-deps --locked |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
 
-# The .deb, once, for deb.sh and e2e.sh: `make deb` is a release build of its own (the binary
-# above is a debug one), so it is made only when one of them runs.
+# The .deb, once, for deb.sh and e2e.sh, made only when one of them runs: `make deb` is a
+# release build (about 10 minutes from a fresh clone, docs/packaging.md).
 want_deb=0
+built_deb=0
 for p in "${parts[@]}"; do case "$p" in deb | e2e) want_deb=1 ;; esac; done
 if [ "$want_deb" = 1 ] && [ -n "${NIGHTCOPY_PKG_DEB:-}" ]; then
   export NIGHTCOPY_PKG_DEB
@@ -114,12 +101,35 @@ elif [ "$want_deb" = 1 ]; then
   t=$SECONDS
   if deb="$("$repo/packaging/deb/build.sh" 2>"$WORK/deb-build.log" | tail -1)" && [ -f "$deb" ]; then
     export NIGHTCOPY_PKG_DEB="$deb"
+    built_deb=1
     echo "   $deb ($((SECONDS - t)) s)"
     echo "make deb $((SECONDS - t)) s" >>"$WORK/measurements"
   else
     echo "FAIL make deb (packaging/deb/build.sh)" >>"$NIGHTCOPY_PKG_RESULTS"
     tail -n 30 "$WORK/deb-build.log"
   fi
+fi
+
+if [ -n "${NIGHTCOPY_PKG_BIN:-}" ]; then
+  # A given binary (a release build, the artifact a mirror will serve) instead of building one.
+  export NIGHTCOPY_BIN="$NIGHTCOPY_PKG_BIN"
+  echo "== testing the given binary $NIGHTCOPY_BIN"
+elif [ "$built_deb" = 1 ] && [ -x "$target_dir/release/nightcopy" ]; then
+  # The binary the package was just made from (before its strip): the other parts test the
+  # shipped build too, and no debug build is needed (after `make test` it is not free either:
+  # without the dev-dependencies' features cargo rebuilds part of the tree, ~2 min in CI).
+  export NIGHTCOPY_BIN="$target_dir/release/nightcopy"
+  echo "== testing the release binary of the .deb, $NIGHTCOPY_BIN"
+else
+  echo "== building nightcopy (cargo build --locked)"
+  t=$SECONDS
+  if ! cargo build --locked --quiet; then
+    echo "FAIL cargo build --locked" >>"$NIGHTCOPY_PKG_RESULTS"
+    finish
+    exit 1
+  fi
+  export NIGHTCOPY_BIN="$target_dir/debug/nightcopy"
+  echo "   $NIGHTCOPY_BIN ($((SECONDS - t)) s)"
 fi
 
 for part in "${parts[@]}"; do
