@@ -483,7 +483,10 @@ class Tools:
             dist = ""
             if distribute:
                 dist = ("distribute:\n" + "".join(f"  {k}: {v}\n" for k, v in distribute.items()))
-            cfg.write_text(f"""source:
+            # Written whole, then renamed: workers already started read the same file while the
+            # coordinator's command writes it again, and must never see it half written.
+            part = cfg.with_suffix(".yaml.new")
+            part.write_text(f"""source:
   path: {tree}
   require-mountpoint: false{walk}
 destination:
@@ -498,6 +501,7 @@ state-dir: {state}
 metrics:
   cloudwatch: false
 {dist}""")
+            part.replace(cfg)
             return [self.nightcopy, *args[:1], "--config", str(cfg), *args[1:]], env
         if tool.startswith("rclone"):
             env.update(RCLONE_CONFIG_B_TYPE="s3", RCLONE_CONFIG_B_PROVIDER="Other",
@@ -587,7 +591,9 @@ def measure(argv, env, log, garage=None):
         wall = time.monotonic() - t0
     if rc == "timeout":
         return dict(wall=wall, cpu=0.0, rss_mib=0.0, rc=rc)
-    user, system, rss_kib = usage.read_text().split("\n")[-2].split()
+    # time(1) puts "Command terminated by signal N" first when the tool died of a signal; the
+    # figures are always the last line.
+    user, system, rss_kib = usage.read_text().strip().splitlines()[-1].split()
     r = dict(wall=wall, cpu=float(user) + float(system), rss_mib=int(rss_kib) / 1024, rc=rc)
     if garage:
         r["requests"] = request_kinds(before, garage.requests())
@@ -999,6 +1005,16 @@ def bounds(bench, scenario, by_tool):
 ALL_SCENARIOS = "small,large,incr,million,slowmount,scaleout"
 
 
+def scenario_group(scenario):
+    """The --only name a results key belongs to."""
+    for prefix, group in [("full-slow", "slowmount"), ("nothing-slow", "slowmount"),
+                          ("scaleout", "scaleout"), ("full-small", "small"), ("full-large", "large"),
+                          ("first-copy-million", "million"), ("incr-nothing-million", "million")]:
+        if scenario.startswith(prefix):
+            return group
+    return "incr"
+
+
 def write_doc(path, block, quick, only):
     """Each set of scenarios has a block of its own, so that a run of some of them (`--only`)
     replaces its own earlier figures and leaves the others' standing."""
@@ -1046,6 +1062,9 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
     ap.add_argument("--no-doc", action="store_true", help="print the table, do not touch docs/")
+    ap.add_argument("--merge-results", help="target/bench/results.json of an earlier run (same "
+                    "machine, same flags): its scenarios that this run does not repeat go into "
+                    "this run's block and take part in its name")
     args = ap.parse_args()
     if not args.garage or not args.peers_bin:
         sys.exit("run through `make bench` (it installs Garage and the peers first)")
@@ -1055,11 +1074,21 @@ def main():
     if args.quick and args.mount_delays == "1,5":
         args.mount_delays = "1"
     only = set(args.only.split(","))
+    merged = set()
     if args.quick:
         only.discard("million")
     command = "make bench" + (" BENCH_ARGS='" + " ".join(sys.argv[1:]) + "'" if sys.argv[1:] else "")
     started = time.time()
     bench = Bench(args)
+    if args.merge_results:
+        earlier = json.loads(Path(args.merge_results).read_text())
+        for scenario, runs in earlier["results"].items():
+            group = scenario_group(scenario)
+            if group not in only:
+                bench.results[scenario] = runs
+                merged.add(group)
+        for key, note in earlier["notes"].items():
+            bench.notes.setdefault(key, note)
     say(f"work directory {bench.work}; Garage on 127.0.0.1:{bench.garage.s3_port}; log {bench.log}")
     try:
         if "small" in only:
@@ -1083,7 +1112,7 @@ def main():
     print()
     print(block)
     if not args.no_doc:
-        write_doc(Path(args.out), block, args.quick, set(args.only.split(",")))
+        write_doc(Path(args.out), block, args.quick, set(args.only.split(",")) | merged)
         say(f"\nwritten to {args.out} and {json_path}")
 
 
