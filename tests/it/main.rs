@@ -16,6 +16,7 @@ mod journal;
 mod kill;
 mod layout;
 mod messages;
+mod mount;
 mod moving;
 mod offsite;
 mod rclone;

@@ -12,4 +12,5 @@ pub mod process;
 pub mod proxy;
 pub mod run;
 pub mod s3;
+pub mod slowfs;
 pub mod sqs;

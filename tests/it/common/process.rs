@@ -57,11 +57,28 @@ pub fn spawn_server(mut cmd: Command, output: &Output, name: &str) -> io::Result
 }
 
 /// Spawns a server that prints its port as the first stdout line, and waits (bounded) for it.
-pub fn spawn_with_port_line(
+pub fn spawn_with_port_line(cmd: Command, output: &Output, name: &str) -> io::Result<(Child, u16)> {
+    let (mut child, first) = spawn_with_first_line(cmd, output, name, "its port")?;
+    match first.trim().parse() {
+        Ok(port) => Ok((child, port)),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(io::Error::other(format!(
+                "{name} printed {first:?} instead of a port"
+            )))
+        }
+    }
+}
+
+/// Spawns a server and waits (bounded) for the first line of its stdout (`what` names it in
+/// errors); the rest of its output goes to `output`.
+pub fn spawn_with_first_line(
     mut cmd: Command,
     output: &Output,
     name: &str,
-) -> io::Result<(Child, u16)> {
+    what: &str,
+) -> io::Result<(Child, String)> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -78,32 +95,22 @@ pub fn spawn_with_port_line(
             out.push(&tag, &line);
         }
     });
-    let first = match rx.recv_timeout(STARTUP_TIMEOUT) {
-        Ok(Ok(Some(line))) => line,
+    match rx.recv_timeout(STARTUP_TIMEOUT) {
+        Ok(Ok(Some(line))) => Ok((child, line)),
         Ok(Ok(None)) => {
             let _ = child.wait();
             // Let the traceback reach the buffer before the caller quotes it.
             let _ = stderr_done.recv_timeout(Duration::from_secs(2));
-            return Err(io::Error::other(format!(
-                "{name} exited before printing its port"
-            )));
+            Err(io::Error::other(format!(
+                "{name} exited before printing {what}"
+            )))
         }
-        Ok(Err(e)) => return Err(e),
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(io::Error::other(format!(
-                "{name} printed no port within {STARTUP_TIMEOUT:?}"
-            )));
-        }
-    };
-    match first.trim().parse() {
-        Ok(port) => Ok((child, port)),
+        Ok(Err(e)) => Err(e),
         Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
             Err(io::Error::other(format!(
-                "{name} printed {first:?} instead of a port"
+                "{name} did not print {what} within {STARTUP_TIMEOUT:?}"
             )))
         }
     }
