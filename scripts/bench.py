@@ -853,6 +853,22 @@ def fmt(v, digits=2):
     return "failed" if v is None else f"{v:.{digits}f}"
 
 
+def take_earlier_rows(bench, earlier, only, source):
+    """In a scenario this run repeated with a subset of the tools (--tools), the other tools' rows
+    come from the earlier run, and the block says which ones: their figures do not depend on
+    nightcopy's build, and re-running them costs most of the bench's time."""
+    taken = []
+    for scenario, runs in earlier["results"].items():
+        if scenario_group(scenario) not in only or scenario not in bench.results:
+            continue
+        for tool, tool_runs in runs.items():
+            if tool not in bench.results[scenario]:
+                bench.results[scenario][tool] = tool_runs
+                taken.append(f"{tool} in {scenario}")
+    if taken:
+        bench.notes["earlier-rows"] = dict(files=0, source=Path(source).name, rows=taken)
+
+
 def report(bench, command, started):
     args = bench.args
     lines = []
@@ -899,6 +915,10 @@ def report(bench, command, started):
             lines.append(f"- **slow-mount scenarios SKIPPED**: {note['why']}")
             continue
         if key.startswith("bound-"):
+            continue
+        if key == "earlier-rows":
+            lines.append(f"- rows not run again, taken from the earlier run `{note['source']}` "
+                         f"(--merge-results): {', '.join(note['rows'])}")
             continue
         desc = f"{note['files']:,} files"
         if "bytes" in note:
@@ -1064,7 +1084,8 @@ def main():
     ap.add_argument("--no-doc", action="store_true", help="print the table, do not touch docs/")
     ap.add_argument("--merge-results", help="target/bench/results.json of an earlier run (same "
                     "machine, same flags): its scenarios that this run does not repeat go into "
-                    "this run's block and take part in its name")
+                    "this run's block and take part in its name; in a scenario "
+                    "repeated with --tools, the other tools' rows are taken from it (and named)")
     args = ap.parse_args()
     if not args.garage or not args.peers_bin:
         sys.exit("run through `make bench` (it installs Garage and the peers first)")
@@ -1104,6 +1125,8 @@ def main():
         if "scaleout" in only:
             bench.scaleout()
     finally:
+        if args.merge_results:
+            take_earlier_rows(bench, earlier, only, args.merge_results)
         block = report(bench, command, started)
         json_path = REPO / "target/bench/results.json"
         json_path.parent.mkdir(parents=True, exist_ok=True)
