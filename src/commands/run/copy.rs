@@ -217,8 +217,8 @@ pub(super) fn duplicate_key(stats: &Stats, prefix: &str, entry: &crate::scan::Lo
     );
 }
 
-/// One planned step: upload it (on its own task, so signing and I/O of many small files run in
-/// parallel), or pass its record through.
+/// One planned step: upload it (on a task of its own once it has a slot,
+/// `Uploader::upload_on_task`), or pass its record through.
 async fn handle<S: ObjectStore>(
     step: StepResult,
     uploader: &Arc<Uploader<S>>,
@@ -261,11 +261,7 @@ async fn handle<S: ObjectStore>(
             reason,
             previous,
         } => {
-            let uploader = uploader.clone();
-            let done = tokio::spawn(async move { uploader.upload(entry, reason).await })
-                .await
-                .expect("upload task panicked")?;
-            Ok(match done {
+            Ok(match uploader.upload_on_task(entry, reason).await? {
                 Upload::Stored(record) => Some(record),
                 // The old record still describes what the bucket holds.
                 Upload::Skipped(_) => previous,
