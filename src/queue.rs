@@ -12,7 +12,9 @@
 
 use std::time::Duration;
 
-use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+use aws_sdk_sqs::types::{
+    BatchResultErrorEntry, DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry,
+};
 use aws_sdk_sqs::Client;
 use serde::{Deserialize, Serialize};
 
@@ -180,15 +182,7 @@ impl Queues {
             .send()
             .await
             .map_err(|e| error("sending to", queue, e))?;
-        match out.failed.first() {
-            None => Ok(()),
-            Some(f) => Err(QueueError(format!(
-                "sending to {queue} failed for {} of the messages: {} ({})",
-                out.failed.len(),
-                f.message.as_deref().unwrap_or("no message"),
-                f.code
-            ))),
-        }
+        all_done(&out.failed, "sending to", queue)
     }
 
     /// Waits up to `wait` for up to `max` messages; each is invisible to others for `visibility`.
@@ -246,6 +240,35 @@ impl Queues {
         Ok(())
     }
 
+    /// Removes up to ten messages whose work is done in one request (DeleteMessageBatch), as
+    /// the coordinator does with the reports of one receive: one request instead of one per
+    /// report. A message that could not be deleted is an error, as with [`Queues::delete`].
+    pub async fn delete_all(&self, queue: &str, receipts: Vec<String>) -> Result<(), QueueError> {
+        if receipts.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<DeleteMessageBatchRequestEntry> = receipts
+            .into_iter()
+            .enumerate()
+            .map(|(i, receipt)| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(receipt)
+                    .build()
+                    .expect("id and receipt handle are set")
+            })
+            .collect();
+        let out = self
+            .client
+            .delete_message_batch()
+            .queue_url(queue)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| error("deleting messages of", queue, e))?;
+        all_done(&out.failed, "deleting messages of", queue)
+    }
+
     /// Keeps a message invisible for `visibility` from now (0: hand it out again at once).
     pub async fn extend(
         &self,
@@ -262,6 +285,19 @@ impl Queues {
             .await
             .map_err(|e| error("changing a message's visibility in", queue, e))?;
         Ok(())
+    }
+}
+
+/// A batch request's verdict: an error naming how many of its entries failed, and why the first.
+fn all_done(failed: &[BatchResultErrorEntry], what: &str, queue: &str) -> Result<(), QueueError> {
+    match failed.first() {
+        None => Ok(()),
+        Some(f) => Err(QueueError(format!(
+            "{what} {queue} failed for {} of the messages: {} ({})",
+            failed.len(),
+            f.message.as_deref().unwrap_or("no message"),
+            f.code
+        ))),
     }
 }
 

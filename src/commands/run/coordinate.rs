@@ -419,15 +419,19 @@ impl Coordinator<'_> {
             // Nothing came: the workers are busy, or stuck on a batch; a good time to look at
             // the dead-letter queue too.
             let idle = received.is_empty();
+            let mut done = Vec::with_capacity(received.len());
             for m in received {
                 if self.take_report(run, total, &m.body, spool)? {
                     accounted += 1;
                 }
-                self.queues
-                    .delete(&self.queues.results, &m.receipt)
-                    .await
-                    .map_err(queue_error)?;
+                done.push(m.receipt);
             }
+            // Deleted once recorded, all of one receive in one request: a report whose delete
+            // is lost comes again and is dropped as a repeat.
+            self.queues
+                .delete_all(&self.queues.results, done)
+                .await
+                .map_err(queue_error)?;
             if idle || Instant::now() >= next_dlq {
                 accounted += self.look_at_dead_letters(run, total, spool).await?;
                 next_dlq = Instant::now() + DLQ_EVERY;
