@@ -106,7 +106,10 @@ enum Kind {
 /// What the pool found for an entry.
 enum Found {
     File(Meta),
-    Dir(Arc<Listing>),
+    /// A directory's listing, until the consumer enters it and takes it: a parent that kept its
+    /// children's listings would keep every listing below it, and the root the whole tree (about
+    /// 130 bytes per entry, 222 MiB for a million files) for as long as the walk lasts.
+    Dir(Mutex<Option<Arc<Listing>>>),
     Vanished,
     Error(String),
     OtherFilesystem,
@@ -469,7 +472,11 @@ impl Walk {
     /// What a directory slot (or the root) led to.
     fn descend(&mut self, found: &Found, path: &Path) {
         match found {
-            Found::Dir(child) => self.stack.push((child.clone(), 0)),
+            Found::Dir(child) => {
+                let child = child.lock().unwrap().take();
+                self.stack
+                    .push((child.expect("a directory is entered once"), 0));
+            }
             Found::Vanished => self.stats.vanished(path),
             Found::Error(e) => self.stats.file_error(path, FileErrorKind::Walk, e),
             Found::Loop => {
@@ -793,7 +800,7 @@ impl Shared {
             slots,
         });
         self.schedule(&listing);
-        self.publish(place, Found::Dir(listing));
+        self.publish(place, Found::Dir(Mutex::new(Some(listing))));
     }
 
     fn publish(&self, place: &Place, found: Found) {
