@@ -475,4 +475,31 @@ mod walk_tests {
         let rest: Vec<_> = walk.collect();
         assert_eq!(rest.len(), 2999);
     }
+
+    /// Memory does not grow with the tree: a directory's listing is let go once the walk has
+    /// passed it, so what is held stays near the read-ahead bound plus the directories on the
+    /// consumer's path, however many directories the tree has.
+    #[test]
+    fn listings_passed_are_let_go() {
+        let t = tempfile::tempdir().unwrap();
+        for d in 0..300 {
+            let dir = t.path().join(format!("d{d:03}"));
+            fs::create_dir(&dir).unwrap();
+            for i in 0..20 {
+                fs::write(dir.join(format!("f{i:02}")), b"z").unwrap();
+            }
+        }
+        let opts = options(t.path(), &[], SymlinkPolicy::Skip, 4);
+        let stats = Arc::new(Stats::default());
+        let mut walk = walk::Walk::with_ahead(&opts, stats, 200);
+        let (mut files, mut most) = (0, 0);
+        while walk.next().is_some() {
+            files += 1;
+            most = most.max(walk.entries_held());
+        }
+        assert_eq!(files, 6000);
+        // The read-ahead (200), the reads in flight when it filled (4 × 20), the root's 300
+        // entries and the directory being passed (20). Keeping what was passed: 6,300.
+        assert!(most <= 200 + 4 * 20 + 300 + 20, "{most} entries held");
+    }
 }

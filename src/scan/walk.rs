@@ -172,6 +172,14 @@ struct Listing {
     /// Stat tasks and subdirectory reads not yet done.
     pending: AtomicUsize,
     slots: Vec<Slot>,
+    /// `Shared::held`, which this listing's entries count in while it lives.
+    held: Arc<AtomicUsize>,
+}
+
+impl Drop for Listing {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.slots.len(), SeqCst);
+    }
 }
 
 impl Listing {
@@ -282,6 +290,8 @@ struct Shared {
     opts: Opts,
     /// The root directory's listing, once read.
     root: OnceLock<Found>,
+    /// Entries of the listings alive, passed or not: what the walk's memory is made of.
+    held: Arc<AtomicUsize>,
 }
 
 /// What the workers need of the scan options.
@@ -325,6 +335,7 @@ impl Walk {
                     threads: opts.walk_concurrency.max(1),
                 },
                 root: OnceLock::new(),
+                held: Arc::new(AtomicUsize::new(0)),
             }),
             stack: Vec::new(),
             started: false,
@@ -379,6 +390,12 @@ impl Walk {
     pub(super) fn entries_read(&self) -> usize {
         let q = self.shared.queue.lock().unwrap();
         q.ahead + q.passed
+    }
+
+    /// Entries of the listings still in memory (for the memory test).
+    #[cfg(test)]
+    pub(super) fn entries_held(&self) -> usize {
+        self.shared.held.load(SeqCst)
     }
 
     fn path_of(&self, listing: &Listing, slot: &Slot) -> PathBuf {
@@ -798,7 +815,9 @@ impl Shared {
             fd: Mutex::new(fd),
             pending: AtomicUsize::new(pending),
             slots,
+            held: self.held.clone(),
         });
+        self.held.fetch_add(listing.slots.len(), SeqCst);
         self.schedule(&listing);
         self.publish(place, Found::Dir(Mutex::new(Some(listing))));
     }
