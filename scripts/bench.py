@@ -928,6 +928,10 @@ def take_earlier_rows(bench, earlier, only, source):
                 bench.results[scenario][tool] = tool_runs
                 taken.append(f"{tool} in {scenario}")
     if taken:
+        # An earlier run may itself have taken rows from one before it: both are named.
+        prior = bench.notes.get("earlier-rows")
+        if prior:
+            taken += [f"{row} (via {prior['source']})" for row in prior["rows"]]
         bench.notes["earlier-rows"] = dict(files=0, source=Path(source).name, rows=taken)
 
 
