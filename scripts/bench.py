@@ -931,7 +931,9 @@ def take_earlier_rows(bench, earlier, only, source):
         # An earlier run may itself have taken rows from one before it: both are named.
         prior = bench.notes.get("earlier-rows")
         if prior:
-            taken += [f"{row} (via {prior['source']})" for row in prior["rows"]]
+            # Kept only where this run took the scenario whole (`<tool> in <scenario>`).
+            taken += [f"{row} (via {prior['source']})" for row in prior["rows"]
+                      if scenario_group(row.split(" in ", 1)[-1]) not in only]
         bench.notes["earlier-rows"] = dict(files=0, source=Path(source).name, rows=taken)
 
 
