@@ -751,7 +751,7 @@ class Bench:
             self.notes["slowmount-skipped"] = dict(files=0, why=why)
             return
         delays = [float(d) for d in self.args.mount_delays.split(",")]
-        for name in ["slow-a", "slow-b", "slow-c"]:
+        for name in self.args.slow_trees.split(","):
             tree, spec = self.tree(name)
             self.notes[name] = dict(files=spec["files"], bytes=tree_bytes(tree))
             # The 100,000-file tree is for memory: once, at the smallest delay.
@@ -1155,6 +1155,8 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--out", default=str(REPO / "docs/benchmarks.md"))
     ap.add_argument("--no-doc", action="store_true", help="print the table, do not touch docs/")
+    ap.add_argument("--slow-trees", default="slow-a,slow-b,slow-c",
+                    help="the slow mount's trees to run (comma-separated)")
     ap.add_argument("--coordinator-limit", type=int, default=0,
                     help="seconds the coordinator's million-file run may take (default 0: not "
                     f"run; e.g. {LONG_LIMIT}): moto answered about 9 batches a second there, so "
