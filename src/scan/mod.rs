@@ -449,18 +449,26 @@ mod walk_tests {
         );
     }
 
+    /// `dirs` directories of `files` one-byte files each, named so that they sort as numbered:
+    /// `d00/f000` … for 30 × 100.
+    fn dirs_of_files(dirs: usize, files: usize) -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        let (dw, fw) = (dirs.to_string().len(), files.to_string().len());
+        for d in 0..dirs {
+            let dir = t.path().join(format!("d{d:0dw$}"));
+            fs::create_dir(&dir).unwrap();
+            for i in 0..files {
+                fs::write(dir.join(format!("f{i:0fw$}")), b"z").unwrap();
+            }
+        }
+        t
+    }
+
     /// The read-ahead is bounded in entries: with a consumer that does not take anything, the
     /// pool reads no further directory once the bound is reached.
     #[test]
     fn read_ahead_stops_at_its_bound_in_entries() {
-        let t = tempfile::tempdir().unwrap();
-        for d in 0..30 {
-            let dir = t.path().join(format!("d{d:02}"));
-            fs::create_dir(&dir).unwrap();
-            for i in 0..100 {
-                fs::write(dir.join(format!("f{i:03}")), b"z").unwrap();
-            }
-        }
+        let t = dirs_of_files(30, 100);
         let opts = options(t.path(), &[], SymlinkPolicy::Skip, 8);
         let stats = Arc::new(Stats::default());
         let mut walk = walk::Walk::with_ahead(&opts, stats, 250);
@@ -481,14 +489,7 @@ mod walk_tests {
     /// consumer's path, however many directories the tree has.
     #[test]
     fn listings_passed_are_let_go() {
-        let t = tempfile::tempdir().unwrap();
-        for d in 0..300 {
-            let dir = t.path().join(format!("d{d:03}"));
-            fs::create_dir(&dir).unwrap();
-            for i in 0..20 {
-                fs::write(dir.join(format!("f{i:02}")), b"z").unwrap();
-            }
-        }
+        let t = dirs_of_files(300, 20);
         let opts = options(t.path(), &[], SymlinkPolicy::Skip, 4);
         let stats = Arc::new(Stats::default());
         let mut walk = walk::Walk::with_ahead(&opts, stats, 200);
