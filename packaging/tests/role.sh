@@ -368,8 +368,8 @@ if converge prod scratch-worker "$dir/worker.log" -e nightcopy_mode=worker; then
     "$("$NIGHTCOPY_BIN" check-config --config "$worker/etc/nightcopy/config.yaml" | "$NIGHTCOPY_PKG_VENV/bin/python" -c '
 import sys, yaml
 d = yaml.safe_load(sys.stdin)["distribute"]
-print(d["queue-url"], d["results-queue-url"], d["dead-letter-queue-url"], d["batch-files"], d["batch-bytes"])')" \
-    "https://sqs.eu-west-1.amazonaws.com/111122223333/nightcopy-prod-work https://sqs.eu-west-1.amazonaws.com/111122223333/nightcopy-prod-results https://sqs.eu-west-1.amazonaws.com/111122223333/nightcopy-prod-work-dlq 20 1GiB"
+print(d["queue-url"], d["results-queue-url"], d["dead-letter-queue-url"], d["batch-files"], d["batch-bytes"], d["max-queued"])')" \
+    "https://sqs.eu-west-1.amazonaws.com/111122223333/nightcopy-prod-work https://sqs.eu-west-1.amazonaws.com/111122223333/nightcopy-prod-results https://sqs.eu-west-1.amazonaws.com/111122223333/nightcopy-prod-work-dlq 20 1GiB 2000"
   expect "worker unit: prod's values, long-running" "$(unit_lines "$worker/etc/systemd/system/nightcopy-worker.service" | tr '\n' '|')" \
     "Description=nightcopy worker: uploads batches of /srv/data from the SQS work queue to S3|RequiresMountsFor=/srv/data|Type=notify|ExecStart=/usr/local/bin/nightcopy worker --config /etc/nightcopy/config.yaml|SuccessExitStatus=143|TimeoutStartSec=5min|WatchdogSec=40min|TimeoutStopSec=2min|User=$user|Group=$user|AmbientCapabilities=CAP_DAC_READ_SEARCH|StateDirectory=nightcopy|ProtectHome=yes|Nice=5|IOSchedulingClass=idle|MemoryHigh=1280M|MemoryMax=1536M|CPUQuota=200%|TasksMax=256|WantedBy=multi-user.target|"
   wunits="$dir/units-worker"

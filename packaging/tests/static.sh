@@ -119,7 +119,7 @@ if render worker -e nightcopy_mode=worker -e "nightcopy_distribute_queue_url=$qu
     diff -u <(body "$REPO/packaging/systemd/nightcopy-worker.service") <(body "$units/worker/nightcopy-worker.service")
   expect "worker config: the distribute: section, every key, strings as JSON" \
     "$("$NIGHTCOPY_PKG_VENV/bin/python" -c 'import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))["distribute"], sort_keys=True))' "$units/worker/config.yaml")" \
-    "{\"batch-bytes\": \"1GiB\", \"batch-files\": 20, \"dead-letter-queue-url\": \"$queue-work-dlq\", \"deadline\": \"6h\", \"queue-url\": \"$queue-work\", \"results-queue-url\": \"$queue-results\", \"visibility-timeout\": \"5min\"}"
+    "{\"batch-bytes\": \"1GiB\", \"batch-files\": 20, \"dead-letter-queue-url\": \"$queue-work-dlq\", \"deadline\": \"6h\", \"max-queued\": 10000, \"queue-url\": \"$queue-work\", \"results-queue-url\": \"$queue-results\", \"visibility-timeout\": \"5min\"}"
   # Needs a binary that knows distribute: (the scale-out release on); the role's validate: runs
   # the same command before it installs this file on a coordinator or worker.
   check "worker config: nightcopy check-config accepts it" \

@@ -87,10 +87,16 @@ pub struct Distribute {
     /// Bytes per work message at most (a larger file goes alone).
     #[serde(default = "default_batch_bytes")]
     pub batch_bytes: Size,
-    /// How long the coordinator waits for reports once the last batch is sent; files not
-    /// reported by then are transfer errors.
+    /// How long after it starts the coordinator sends batches and waits for their reports;
+    /// files not reported by then are transfer errors.
     #[serde(default = "default_deadline")]
     pub deadline: HumanDuration,
+    /// Batches sent and not yet reported at most; the coordinator sends more as reports come.
+    /// A stop or the deadline then leaves at most this many behind in the queue, and the
+    /// results queue is drained while the walk goes on. The default, 10,000, keeps the backlog
+    /// that Auto Scaling tracks (about 100 per worker) for up to 100 workers.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: u64,
     /// What a worker asks for when it takes a batch, and extends while it works on it: a worker
     /// that dies gives its batch back after this long.
     #[serde(default = "default_visibility")]
@@ -108,6 +114,9 @@ fn default_batch_bytes() -> Size {
 }
 fn default_deadline() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(6 * 3600))
+}
+fn default_max_queued() -> u64 {
+    10_000
 }
 fn default_visibility() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(300))
@@ -464,6 +473,9 @@ impl Config {
             }
             if d.deadline.0 < std::time::Duration::from_secs(5) {
                 return Err("distribute.deadline: at least 5s (default 6h)".into());
+            }
+            if d.max_queued == 0 {
+                return Err("distribute.max-queued: at least 1 (default 10000)".into());
             }
         }
         if self.source.max_file_size.0 > MAX_OBJECT_SIZE {

@@ -122,7 +122,9 @@ fn manifest_keys(c: &Case) -> Vec<String> {
 
 #[test]
 fn a_coordinator_and_three_workers_copy_a_tree_byte_exact() {
-    let (c, q) = distributed("dist-copy", 5, "5min");
+    let (mut c, q) = distributed("dist-copy", 5, "5min");
+    // Nine batches, at most two awaited at once: the coordinator collects reports as it sends.
+    c.top_extra.push_str("  max-queued: 2\n");
     let files = tree(&c);
     let mut workers: Vec<Worker> = (0..3).map(|n| Worker::start(&c, None, n)).collect();
     let out = run_coordinator(&c, Duration::from_secs(180));
@@ -384,5 +386,45 @@ fn without_workers_the_deadline_ends_the_run_with_every_file_named_and_last_succ
     // Nothing was uploaded, and the batches still wait for a worker.
     assert!(s3().list_keys(&c.dest).is_empty());
     assert_eq!(q.depth(&q.work), 2);
+    c.assert_no_delete();
+}
+
+#[test]
+fn past_the_deadline_nothing_more_is_sent_and_the_rest_of_the_plan_is_kept_or_named() {
+    let (mut c, q) = distributed("dist-full", 1, "5s");
+    c.top_extra.push_str("  max-queued: 2\n");
+    c.write("z.txt", b"unchanged");
+    {
+        let _worker = Worker::start(&c, None, 0);
+        let first = run_coordinator(&c, Duration::from_secs(90));
+        assert_eq!(first.code, 0, "{}", first.stderr);
+    }
+    // Twelve batches of one file, no worker: two are sent, the deadline passes while the
+    // coordinator waits for room, and z.txt (after them in key order) is planned after that.
+    for i in 0..12 {
+        c.write(&format!("f{i:02}.txt"), b"waiting");
+    }
+    let out = run_coordinator(&c, Duration::from_secs(90));
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert_eq!(out.figure("transfer errors"), 12, "{}", out.stderr);
+    assert_eq!(out.figure("checks"), 1, "{}", out.stderr);
+    for i in 0..12 {
+        let why = if i < 2 {
+            "not accounted for by the deadline (5s)"
+        } else {
+            "not sent by the deadline (5s)"
+        };
+        assert!(
+            out.stderr.contains(&format!("f{i:02}.txt: {why}")),
+            "f{i:02}.txt: {why}\n{}",
+            out.stderr
+        );
+    }
+    assert_eq!(
+        q.depth(&q.work),
+        2,
+        "no more than max-queued batches were sent"
+    );
+    assert_eq!(manifest_keys(&c), vec![c.key("z.txt")]);
     c.assert_no_delete();
 }

@@ -1,9 +1,13 @@
 //! `nightcopy run` with `distribute:`: the coordinator. It walks, lists and plans exactly as a
 //! single host does, but sends the planned uploads in batches to the work queue instead of
-//! uploading them, then collects the workers' reports (and counts what fell into the dead-letter
+//! uploading them, and collects the workers' reports (and counts what fell into the dead-letter
 //! queue) until every batch is accounted for or the deadline passes. Only then does it write the
 //! manifest, so the summary line, the run record and the six metrics describe the whole run, over
 //! all workers, exactly as for a single host.
+//!
+//! At most `distribute.max-queued` batches are awaited at once: with that many sent and not
+//! reported, the coordinator collects reports before it sends more, and the walk waits. A stop or
+//! the deadline then leaves a bounded backlog behind, and reports never pile up unread.
 //!
 //! Memory stays flat in the number of files: the plan is spooled to the state directory as it is
 //! made (one line per file, in key order), reports are appended to a second file as they come,
@@ -161,26 +165,29 @@ struct Sender<'a> {
     next: u64,
     current: Vec<WorkFile>,
     current_bytes: u64,
-    ready: Vec<String>,
-    sent_messages: u64,
+    ready: std::collections::VecDeque<String>,
+    /// Batches sent, which are batches `0..sent`: they are numbered and sent in order.
+    sent: u64,
+    /// Past the deadline: batches are still numbered (the plan names them) but never sent.
+    closed: bool,
 }
 
 impl Sender<'_> {
     /// Adds a file; returns its batch and place in it.
-    async fn add(&mut self, file: WorkFile) -> Result<(u64, usize), Fatal> {
+    fn add(&mut self, file: WorkFile) -> (u64, usize) {
         let fits = self.current.len() < self.d.batch_files.0
             && (self.current.is_empty() || self.current_bytes + file.size <= self.d.batch_bytes.0);
         if !fits {
-            self.close_batch().await?;
+            self.close_batch();
         }
         self.current_bytes += file.size;
         self.current.push(file);
-        Ok((self.next, self.current.len() - 1))
+        (self.next, self.current.len() - 1)
     }
 
-    async fn close_batch(&mut self) -> Result<(), Fatal> {
+    fn close_batch(&mut self) {
         if self.current.is_empty() {
-            return Ok(());
+            return;
         }
         let batch = WorkBatch {
             run: self.run.clone(),
@@ -190,27 +197,33 @@ impl Sender<'_> {
         };
         self.next += 1;
         self.current_bytes = 0;
-        self.ready
-            .push(serde_json::to_string(&batch).expect("a batch serializes"));
-        if self.ready.len() == MAX_PER_CALL {
-            self.flush().await?;
+        if !self.closed {
+            self.ready
+                .push_back(serde_json::to_string(&batch).expect("a batch serializes"));
         }
-        Ok(())
     }
 
-    /// Sends what is ready, in calls of at most ten messages and 256 KiB.
-    async fn flush(&mut self) -> Result<(), Fatal> {
-        let mut bodies = std::mem::take(&mut self.ready).into_iter().peekable();
-        while bodies.peek().is_some() {
+    /// A call's worth of batches is ready.
+    fn call_ready(&self) -> bool {
+        self.ready.len() >= MAX_PER_CALL
+    }
+
+    /// Sends up to `n` of the ready batches, in calls of at most ten messages and 256 KiB.
+    async fn send(&mut self, n: usize) -> Result<(), Fatal> {
+        let mut left = n.min(self.ready.len());
+        while left > 0 {
             let mut call = Vec::new();
             let mut bytes = 0;
-            while let Some(b) = bodies.next_if(|b| {
-                call.is_empty() || (call.len() < MAX_PER_CALL && bytes + b.len() <= MAX_CALL_BYTES)
-            }) {
+            while call.len() < left.min(MAX_PER_CALL) {
+                let Some(b) = self.ready.front() else { break };
+                if !call.is_empty() && bytes + b.len() > MAX_CALL_BYTES {
+                    break;
+                }
                 bytes += b.len();
-                call.push(b);
+                call.push(self.ready.pop_front().expect("looked at"));
             }
-            self.sent_messages += call.len() as u64;
+            left -= call.len();
+            self.sent += call.len() as u64;
             self.queues
                 .send(&self.queues.work, call)
                 .await
@@ -219,9 +232,23 @@ impl Sender<'_> {
         Ok(())
     }
 
-    /// Batches closed so far.
-    fn batches(&self) -> u64 {
-        self.next
+    /// Nothing more is sent; returns how many closed batches that leaves unsent.
+    fn close(&mut self) -> usize {
+        self.closed = true;
+        std::mem::take(&mut self.ready).len()
+    }
+}
+
+/// The reports counted so far, and when the coordinator stops waiting for more.
+struct Collect {
+    accounted: u64,
+    deadline: Instant,
+    next_dlq: Instant,
+}
+
+impl Collect {
+    fn past_deadline(&self) -> bool {
+        Instant::now() >= self.deadline
     }
 }
 
@@ -264,15 +291,26 @@ impl Coordinator<'_> {
             next: 0,
             current: Vec::new(),
             current_bytes: 0,
-            ready: Vec::new(),
-            sent_messages: 0,
+            ready: Default::default(),
+            sent: 0,
+            closed: false,
+        };
+        let mut collect = Collect {
+            accounted: 0,
+            deadline: Instant::now() + d.deadline.0,
+            next_dlq: Instant::now() + DLQ_EVERY,
         };
         let prefix = self.config.destination.prefix.as_str();
         tracing::info!(
-            "distributed run {run}: sending batches of planned uploads to {}",
-            self.queues.work
+            "distributed run {run}: sending batches of planned uploads to {} (at most {} awaited \
+             at once; deadline {})",
+            self.queues.work,
+            d.max_queued,
+            humantime::format_duration(d.deadline.0)
         );
-        // 1. Plan and send. A stop sends nothing more.
+        // 1. Plan and send, collecting reports whenever the queue holds max-queued batches.
+        // A stop sends nothing more; past the deadline the plan is still read to its end (what
+        // is unchanged goes into the manifest) but nothing more is sent.
         loop {
             let step = tokio::select! {
                 step = steps.recv() => step,
@@ -310,7 +348,7 @@ impl Coordinator<'_> {
                         reason: reason.to_string(),
                         escaped: entry.raw_path.is_some(),
                     };
-                    let (batch, index) = sender.add(file).await?;
+                    let (batch, index) = sender.add(file);
                     spool.plan(&PlanLine::Sent {
                         batch,
                         index,
@@ -320,22 +358,33 @@ impl Coordinator<'_> {
                 }
             }
             .map_err(|e| self.spool_error(e))?;
+            if sender.call_ready() {
+                self.send_ready(&run, &mut sender, &mut collect, &mut spool)
+                    .await?;
+            }
         }
         drop(steps);
         if self.stop.requested().is_none() {
-            sender.close_batch().await?;
-            sender.flush().await?;
+            sender.close_batch();
+            self.send_ready(&run, &mut sender, &mut collect, &mut spool)
+                .await?;
         }
-        let total = sender.batches();
+        let total = sender.sent;
         tracing::info!(
-            "distributed run {run}: {total} batches sent in {} messages; waiting for the workers' \
-             reports (deadline {})",
-            sender.sent_messages,
-            humantime::format_duration(d.deadline.0)
+            "distributed run {run}: {total} batches sent; waiting for the workers' reports \
+             (deadline in {})",
+            humantime::format_duration(Duration::from_secs(
+                collect
+                    .deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_secs()
+            ))
         );
 
         // 2. Collect reports until every batch is accounted for, the deadline, or a stop.
-        let accounted = self.collect(&run, total, d, &mut spool).await?;
+        self.collect(&run, total, &mut collect, &mut spool, None)
+            .await?;
+        let accounted = collect.accounted;
 
         // 3. Name what was never accounted for, and write the manifest from the plan.
         let stopped = self.stop.requested();
@@ -358,16 +407,23 @@ impl Coordinator<'_> {
                     let file = report.and_then(|r| r.files.get(index));
                     let previous = previous.as_deref().map(manifest_line);
                     let unaccounted = !spool.has(batch).map_err(|e| self.spool_error(e))?;
-                    if unaccounted && stopped.is_none() && batch < total {
-                        self.stats.file_error(
-                            &self.path_of(&path),
-                            FileErrorKind::Upload,
-                            &format_args!(
-                                "not accounted for by the deadline ({}): no worker reported its \
-                                 batch {batch}; the next run tries it again",
-                                humantime::format_duration(d.deadline.0)
-                            ),
-                        );
+                    if unaccounted && stopped.is_none() {
+                        let deadline = humantime::format_duration(d.deadline.0);
+                        let why = if batch < total {
+                            format!(
+                                "not accounted for by the deadline ({deadline}): no worker \
+                                 reported its batch {batch}; the next run tries it again"
+                            )
+                        } else {
+                            format!(
+                                "not sent by the deadline ({deadline}): its batch {batch} was \
+                                 still waiting for room in the work queue (distribute.max-queued \
+                                 {}); the next run tries it again",
+                                d.max_queued
+                            )
+                        };
+                        self.stats
+                            .file_error(&self.path_of(&path), FileErrorKind::Upload, &why);
                     }
                     // Not uploaded: the old record still describes what the bucket holds.
                     file.and_then(uploaded_record).or(previous)
@@ -387,29 +443,62 @@ impl Coordinator<'_> {
             return Err(Fatal::Stopped(sig));
         }
         writer.commit().map_err(|e| self.spool_error(e))?;
-        tracing::info!(
-            "distributed run {run}: {accounted} of {total} batches accounted for ({} messages sent)",
-            sender.sent_messages
-        );
+        tracing::info!("distributed run {run}: {accounted} of {total} batches accounted for");
         Ok(())
     }
 
-    /// Receives reports (and looks at the dead-letter queue) until all `total` batches are
-    /// accounted for, the deadline passes, or a stop is requested; returns how many were.
+    /// Sends the ready batches as the queue has room for them, collecting reports to make room;
+    /// past the deadline (or on a stop) it sends nothing more.
+    async fn send_ready(
+        &self,
+        run: &str,
+        sender: &mut Sender<'_>,
+        collect: &mut Collect,
+        spool: &mut Spool,
+    ) -> Result<(), Fatal> {
+        let max = sender.d.max_queued;
+        while !sender.ready.is_empty() && !sender.closed {
+            if collect.past_deadline() || self.stop.requested().is_some() {
+                let unsent = sender.close();
+                if self.stop.requested().is_none() {
+                    tracing::warn!(
+                        "distributed run {run}: the deadline passed before the plan was all \
+                         sent ({} batches awaited, {unsent} ready); nothing more is sent, and \
+                         the rest of the plan is named as errors",
+                        sender.sent - collect.accounted
+                    );
+                }
+                break;
+            }
+            let room = max.saturating_sub(sender.sent - collect.accounted);
+            if room == 0 {
+                self.collect(run, sender.sent, collect, spool, Some(1))
+                    .await?;
+                continue;
+            }
+            sender
+                .send(usize::try_from(room).unwrap_or(usize::MAX))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Receives reports (and looks at the dead-letter queue) until all `total` batches sent
+    /// are accounted for, the deadline passes, or a stop is requested; with `enough`, only
+    /// until that many more are.
     async fn collect(
         &self,
         run: &str,
         total: u64,
-        d: &Distribute,
+        c: &mut Collect,
         spool: &mut Spool,
-    ) -> Result<u64, Fatal> {
+        enough: Option<u64>,
+    ) -> Result<(), Fatal> {
         let queue_error = |e: crate::queue::QueueError| Fatal::Queue(e.to_string());
-        let deadline = Instant::now() + d.deadline.0;
-        let mut accounted = 0;
-        let mut next_dlq = Instant::now() + DLQ_EVERY;
-        while accounted < total && self.stop.requested().is_none() && Instant::now() < deadline {
+        let goal = enough.map_or(total, |n| (c.accounted + n).min(total));
+        while c.accounted < goal && self.stop.requested().is_none() && !c.past_deadline() {
             let wait =
-                crate::queue::LONG_POLL.min(deadline.saturating_duration_since(Instant::now()));
+                crate::queue::LONG_POLL.min(c.deadline.saturating_duration_since(Instant::now()));
             let received = tokio::select! {
                 r = self.queues.receive(&self.queues.results, MAX_PER_CALL, wait, REPORT_VISIBILITY) => r,
                 () = self.stop.clone().wait() => break,
@@ -422,7 +511,7 @@ impl Coordinator<'_> {
             let mut done = Vec::with_capacity(received.len());
             for m in received {
                 if self.take_report(run, total, &m.body, spool)? {
-                    accounted += 1;
+                    c.accounted += 1;
                 }
                 done.push(m.receipt);
             }
@@ -432,12 +521,12 @@ impl Coordinator<'_> {
                 .delete_all(&self.queues.results, done)
                 .await
                 .map_err(queue_error)?;
-            if idle || Instant::now() >= next_dlq {
-                accounted += self.look_at_dead_letters(run, total, spool).await?;
-                next_dlq = Instant::now() + DLQ_EVERY;
+            if idle || Instant::now() >= c.next_dlq {
+                c.accounted += self.look_at_dead_letters(run, total, spool).await?;
+                c.next_dlq = Instant::now() + DLQ_EVERY;
             }
         }
-        Ok(accounted)
+        Ok(())
     }
 
     /// Counts one report; `false` for another run's, a repeat, or something unreadable.
