@@ -23,7 +23,7 @@ into Garage behind the delaying proxy, with transfer.concurrency 4 per worker, s
 workers' concurrency, not this machine's cores, is what is measured; and (full mode) the
 coordinator over the million-file tree, for its memory, with a stand-in for the workers that
 answers every batch with a report (`StandInWorker`: nothing is read or uploaded), when
---coordinator-limit gives it the time (moto's SQS makes it about 1.5 hours here).
+--coordinator-limit gives it the time (about 5 minutes here, with --coordinator-max-queued 40).
 
 The slow-mount scenarios (`--only slowmount`) read the trees through scripts/slowfs.py, a FUSE
 passthrough that sleeps --mount-delays milliseconds in every metadata operation with attribute
@@ -643,7 +643,7 @@ def measure(argv, env, log, garage=None, limit=RUN_LIMIT):
             rc = "timeout"
         wall = time.monotonic() - t0
     if rc == "timeout":
-        return dict(wall=wall, cpu=0.0, rss_mib=0.0, rc=rc)
+        return dict(wall=wall, cpu=0.0, rss_mib=0.0, rc=rc, limit=limit)
     # time(1) puts "Command terminated by signal N" first when the tool died of a signal; the
     # figures are always the last line.
     user, system, rss_kib = usage.read_text().strip().splitlines()[-1].split()
@@ -787,7 +787,7 @@ class Bench:
             tree, spec = self.tree("scale")
             self.notes["scale"] = dict(files=spec["files"], bytes=tree_bytes(tree))
             warm(tree)
-            for workers in [1, 2, 4]:
+            for workers in [int(w) for w in self.args.scale_workers.split(",") if w]:
                 for rep in range(self.args.reps):
                     self.distributed_copy(moto, tree, spec, workers, rep)
             if not self.args.quick and self.args.coordinator_limit > 0:
@@ -827,9 +827,10 @@ class Bench:
                     p.kill()
             r_sqs = sqs.stop()
         r["sqs"] = r_sqs
-        m = re.findall(r"(\d+) batches sent in (\d+) messages", Path(self.log).read_text())
+        # One message per batch.
+        m = re.findall(r"(\d+) batches sent;", Path(self.log).read_text())
         if m:
-            r["batches"], r["messages"] = int(m[-1][0]), int(m[-1][1])
+            r["batches"] = r["messages"] = int(m[-1])
         r["files_per_s"] = spec["files"] / r["wall"]
         r["mib_per_s"] = self.notes["scale"]["bytes"] / 2**20 / r["wall"]
         scenario = f"scaleout-{workers}-workers"
@@ -844,8 +845,13 @@ class Bench:
         reports come from a stand-in (`StandInWorker`), not from uploads."""
         tree, spec = self.tree("million")
         q = moto.queues("scale-million")
+        # moto looks at every message of a queue for each one it receives, so its receives slow
+        # down in proportion to what is queued: sending all 50,000 batches at once made it answer
+        # about 9 batches a second. A small max-queued keeps both queues short; it changes when
+        # batches are sent, not what the coordinator keeps (its memory does not depend on it).
         distribute = {"queue-url": q["work"], "results-queue-url": q["results"],
-                      "dead-letter-queue-url": q["dlq"], "batch-files": 20, "deadline": "30min",
+                      "dead-letter-queue-url": q["dlq"], "batch-files": 20, "deadline": "12h",
+                      "max-queued": self.args.coordinator_max_queued,
                       "endpoint-url": moto.endpoint}
         bucket = self.garage.bucket("scale-million")
         argv, env = self.tools.command("nightcopy", tree, bucket, self.garage.endpoint,
@@ -1023,7 +1029,8 @@ def report(bench, command, started):
             stopped = sum(1 for r in runs if r["rc"] == "timeout")
             name = tool + (f" ({failed} failed)" if failed else "")
             if stopped:
-                name += f" (stopped at {RUN_LIMIT} s)"
+                limit = max(r.get("limit", RUN_LIMIT) for r in runs if r["rc"] == "timeout")
+                name += f" (stopped at {limit} s)"
             if scenario.startswith("scaleout-") and med(runs, "files_per_s") is not None:
                 extra += (f" ({med(runs, 'files_per_s'):,.0f} files/s, {med(runs, 'mib_per_s'):.1f} MiB/s"
                           + (f", {int(med(runs, 'messages'))} messages" if med(runs, "messages") else "")
@@ -1157,10 +1164,15 @@ def main():
     ap.add_argument("--no-doc", action="store_true", help="print the table, do not touch docs/")
     ap.add_argument("--slow-trees", default="slow-a,slow-b,slow-c",
                     help="the slow mount's trees to run (comma-separated)")
+    ap.add_argument("--scale-workers", default="1,2,4",
+                    help="worker counts of the distributed copies (empty: none, for the "
+                         "coordinator's run alone)")
+    ap.add_argument("--coordinator-max-queued", type=int, default=40,
+                    help="distribute.max-queued of the coordinator's million-file run")
     ap.add_argument("--coordinator-limit", type=int, default=0,
                     help="seconds the coordinator's million-file run may take (default 0: not "
-                    f"run; e.g. {LONG_LIMIT}): moto answered about 9 batches a second there, so "
-                    "its 50,000 batches take about 1.5 hours on this machine")
+                    f"run; e.g. {LONG_LIMIT}): with --coordinator-max-queued 40, moto answered about "
+                    "180 batches a second here, so its 50,000 batches take about 5 minutes")
     ap.add_argument("--merge-results", help="target/bench/results.json of an earlier run (same "
                     "machine, same flags): its scenarios that this run does not repeat go into "
                     "this run's block and take part in its name; in a scenario "
