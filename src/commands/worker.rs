@@ -10,12 +10,19 @@
 //! newest content is what a backup wants — and the report carries the size, mtime and SHA-256 of
 //! what was read, which is what the coordinator records in the manifest.
 //!
-//! While a batch is in work its visibility is extended every half visibility-timeout. A fatal
-//! store error (credentials, access denied: every file would meet it) gives the batch back at once
-//! and ends the worker with exit 1 (systemd restarts it; a batch that fails twice goes to the
-//! dead-letter queue). SIGTERM: no new batch is taken, the one in work is given back, exit 0.
+//! A worker keeps `transfer.concurrency` uploads going across batches: it takes the next batch
+//! when fewer files than that are waiting for a slot, so the end of one batch (its last uploads,
+//! the report, the delete) overlaps the start of the next, and a concurrency above batch-files is
+//! used. At most concurrency ÷ batch-files + 1 batches are in hand, so a worker does not hoard what
+//! idle workers could take.
+//!
+//! While a batch is in hand its visibility is extended every half visibility-timeout. A fatal
+//! store error (credentials, access denied: every file would meet it) gives the batches back at
+//! once and ends the worker with exit 1 (systemd restarts it; a batch that fails twice goes to the
+//! dead-letter queue). SIGTERM: no new batch is taken, those in hand are given back, exit 0.
 
 use std::os::unix::fs::FileTypeExt;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,7 +67,7 @@ pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> u8 {
         return exit::FATAL;
     }
     let stats = Arc::new(Stats::default());
-    let stop = Stop::on_signals("no new batch is taken; the batch in work goes back to the queue")
+    let stop = Stop::on_signals("no new batch is taken; the batches in hand go back to the queue")
         .unwrap_or_else(|e| {
             tracing::warn!("cannot listen for SIGTERM/SIGINT ({e}); a stop will kill the worker");
             Stop::never()
@@ -88,6 +95,8 @@ pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> u8 {
         stats: stats.clone(),
         stop: stop.clone(),
         host: queue::host_name(),
+        slots: tokio::sync::Semaphore::new(config.transfer.concurrency.0.max(1)),
+        waiting: AtomicUsize::new(0),
     };
     notify::ready(&format!("worker: taking batches from {}", d.queue_url.0));
     let progress = notify::Progress::start(stats.clone(), started, bar);
@@ -127,6 +136,26 @@ struct Worker<'a> {
     stats: Arc<Stats>,
     stop: Stop,
     host: String,
+    /// Upload slots shared by the batches in hand: `transfer.concurrency` of them.
+    slots: tokio::sync::Semaphore,
+    /// Files of the batches in hand that have no slot yet.
+    waiting: AtomicUsize,
+}
+
+/// A file of a batch in hand that has no upload slot yet; counted in `Worker::waiting`.
+struct Unstarted<'a>(&'a AtomicUsize);
+
+impl<'a> Unstarted<'a> {
+    fn new(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Relaxed);
+        Unstarted(waiting)
+    }
+}
+
+impl Drop for Unstarted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,21 +169,62 @@ enum WorkerError {
 impl Worker<'_> {
     async fn serve(&self) -> Result<(), WorkerError> {
         let visibility = self.d.visibility_timeout.0;
-        while self.stop.requested().is_none() {
-            let received = tokio::select! {
-                r = self.queues.receive(&self.queues.work, 1, queue::LONG_POLL, visibility) => r?,
+        let concurrency = self.config.transfer.concurrency.0.max(1);
+        let most = concurrency.div_ceil(self.d.batch_files.0) + 1;
+        let mut in_hand = futures::stream::FuturesUnordered::new();
+        // Kept across turns of the loop: a long poll dropped half-way could take a message
+        // that then stays invisible for the visibility timeout, unseen by anyone.
+        let mut receiving = None;
+        let mut failed = None;
+        while self.stop.requested().is_none() && failed.is_none() {
+            if receiving.is_none()
+                && in_hand.len() < most
+                && self.waiting.load(Relaxed) < concurrency
+            {
+                receiving = Some(Box::pin(self.queues.receive(
+                    &self.queues.work,
+                    1,
+                    queue::LONG_POLL,
+                    visibility,
+                )));
+            }
+            tokio::select! {
+                r = async { receiving.as_mut().expect("checked").await }, if receiving.is_some() => {
+                    receiving = None;
+                    self.stats.polled();
+                    match r {
+                        Ok(received) => {
+                            for m in received {
+                                match self.accept(m).await {
+                                    Ok(Some((m, batch))) => in_hand.push(self.take(m, batch)),
+                                    Ok(None) => {}
+                                    Err(e) => failed = Some(e),
+                                }
+                            }
+                        }
+                        Err(e) => failed = Some(e.into()),
+                    }
+                }
+                Some(done) = in_hand.next(), if !in_hand.is_empty() => {
+                    if let Err(e) = done {
+                        failed = Some(e);
+                    }
+                }
                 () = self.stop.clone().wait() => break,
-            };
-            self.stats.polled();
-            for m in received {
-                self.take(m).await?;
             }
         }
-        Ok(())
+        // A stop or a fatal error: the batches in hand are finished or given back.
+        while let Some(done) = in_hand.next().await {
+            if let Err(e) = done {
+                failed.get_or_insert(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 
-    /// One batch, start to finish.
-    async fn take(&self, m: Received) -> Result<(), WorkerError> {
+    /// A batch to work on, or `None` for a message that is not one of this worker's (left for
+    /// the dead-letter queue, or given back for a worker that is configured for it).
+    async fn accept(&self, m: Received) -> Result<Option<(Received, WorkBatch)>, WorkerError> {
         let Ok(batch) = serde_json::from_str::<WorkBatch>(&m.body) else {
             // Left in the queue: after its second receive it moves to the dead-letter queue,
             // where `nightcopy dlq` shows it.
@@ -164,7 +234,7 @@ impl Worker<'_> {
                 self.queues.work,
                 m.receives
             );
-            return Ok(());
+            return Ok(None);
         };
         if batch.destination != self.config.destination_id() {
             // Not ours to write: after its second receive it moves to the dead-letter queue.
@@ -180,8 +250,20 @@ impl Worker<'_> {
             self.queues
                 .extend(&self.queues.work, &m.receipt, Duration::ZERO)
                 .await?;
-            return Ok(());
+            return Ok(None);
         }
+        Ok(Some((m, batch)))
+    }
+
+    /// One batch, start to finish.
+    async fn take(&self, m: Received, batch: WorkBatch) -> Result<(), WorkerError> {
+        // Counted as waiting from now, before this future first runs: the loop that took the
+        // batch looks at the count before it asks for another.
+        let unstarted = batch
+            .files
+            .iter()
+            .map(|_| Unstarted::new(&self.waiting))
+            .collect();
         notify::status(&format!(
             "batch {} of run {} ({} files): {}",
             batch.batch,
@@ -190,7 +272,7 @@ impl Worker<'_> {
             self.stats.status_line(Duration::ZERO)
         ));
         let extender = self.keep_invisible(&m.receipt);
-        let done = self.upload_batch(&batch).await;
+        let done = self.upload_batch(&batch, unstarted).await;
         extender.abort();
         let files = match done {
             Ok(Some(files)) => files,
@@ -231,10 +313,18 @@ impl Worker<'_> {
     }
 
     /// Uploads the batch's files side by side; `None` when a stop interrupted it.
-    async fn upload_batch(&self, batch: &WorkBatch) -> Result<Option<Vec<FileReport>>, StoreError> {
+    async fn upload_batch(
+        &self,
+        batch: &WorkBatch,
+        unstarted: Vec<Unstarted<'_>>,
+    ) -> Result<Option<Vec<FileReport>>, StoreError> {
         let concurrency = self.config.transfer.concurrency.0.max(1);
-        let mut reports = futures::stream::iter(&batch.files)
-            .map(|f| self.upload_one(f))
+        let mut reports = futures::stream::iter(batch.files.iter().zip(unstarted))
+            .map(|(f, unstarted)| async move {
+                let _slot = self.slots.acquire().await.expect("never closed");
+                drop(unstarted);
+                self.upload_one(f).await
+            })
             .buffered(concurrency);
         let mut out = Vec::with_capacity(batch.files.len());
         while let Some(r) = reports.next().await {

@@ -428,3 +428,28 @@ fn past_the_deadline_nothing_more_is_sent_and_the_rest_of_the_plan_is_kept_or_na
     assert_eq!(manifest_keys(&c), vec![c.key("z.txt")]);
     c.assert_no_delete();
 }
+
+#[test]
+fn a_worker_keeps_its_concurrency_busy_across_batches() {
+    // Batches of two files and six uploads at once: the worker takes more batches while the
+    // first are in work, so six PUTs overlap (one batch at a time would allow two).
+    let (mut c, _q) = distributed("dist-slots", 2, "5min");
+    c.transfer_extra = "  concurrency: 6\n".into();
+    for i in 0..12u8 {
+        c.write(&format!("f{i:02}.txt"), &pseudo_random(100, i));
+    }
+    s3().set_faults(
+        &c.dest,
+        Some(
+            FaultPlan::new(1.0, &[FaultKind::Stall], 7)
+                .only(&[Op::PutObject])
+                .stall_for(Duration::from_secs(1)),
+        ),
+    );
+    let worker = Worker::start(&c, None, 0);
+    let out = run_coordinator(&c, Duration::from_secs(120));
+    assert_eq!(out.code, 0, "{}\n{}", out.stderr, worker.log());
+    assert_eq!(out.figure("files transferred"), 12, "{}", out.stderr);
+    assert_eq!(s3().peak_in_flight(&c.dest, Op::PutObject), 6);
+    c.assert_no_delete();
+}

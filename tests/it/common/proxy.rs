@@ -253,6 +253,8 @@ struct State {
     client: Client<HttpConnector, Incoming>,
     log: Mutex<Vec<Request>>,
     faults: Mutex<BTreeMap<String, FaultPlan>>,
+    /// Per bucket and operation: requests being answered now, and the most there ever were.
+    in_flight: Mutex<BTreeMap<(String, Op), (usize, usize)>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -358,6 +360,7 @@ impl Proxy {
             client,
             log: Mutex::new(Vec::new()),
             faults: Mutex::new(BTreeMap::new()),
+            in_flight: Mutex::new(BTreeMap::new()),
         });
         let listener = {
             let _guard = runtime.enter();
@@ -384,6 +387,40 @@ impl Proxy {
     /// retried appears once per attempt, as the server saw it.
     pub fn requests(&self) -> Vec<Request> {
         self.state.log.lock().unwrap().clone()
+    }
+
+    /// The most `op` requests to `bucket` that were being answered at one time.
+    pub fn peak_in_flight(&self, bucket: &str, op: Op) -> usize {
+        let in_flight = self.state.in_flight.lock().unwrap();
+        in_flight.get(&(bucket.to_owned(), op)).map_or(0, |c| c.1)
+    }
+}
+
+/// Counts a request in flight from its arrival until its answer's headers are ready.
+struct InFlight {
+    state: Arc<State>,
+    key: (String, Op),
+}
+
+impl InFlight {
+    fn new(state: &Arc<State>, bucket: &str, op: Op) -> InFlight {
+        let key = (bucket.to_owned(), op);
+        let mut all = state.in_flight.lock().unwrap();
+        let c = all.entry(key.clone()).or_default();
+        c.0 += 1;
+        c.1 = c.1.max(c.0);
+        InFlight {
+            state: state.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(c) = self.state.in_flight.lock().unwrap().get_mut(&self.key) {
+            c.0 -= 1;
+        }
     }
 }
 
@@ -430,6 +467,7 @@ async fn handle(
         .get(&request.bucket)
         .map(|p| p.stall);
     let fault = request.fault;
+    let _in_flight = InFlight::new(&state, &request.bucket, request.op);
     let index = {
         let mut log = state.log.lock().unwrap();
         log.push(request);

@@ -359,6 +359,11 @@ impl S3Server {
         self.proxy.set_faults(&dest.bucket, plan);
     }
 
+    /// The most `op` requests to `dest`'s bucket that the proxy was answering at one time.
+    pub fn peak_in_flight(&self, dest: &Dest, op: Op) -> usize {
+        self.proxy.peak_in_flight(&dest.bucket, op)
+    }
+
     /// What the proxy saw for `dest`, in arrival order, one entry per attempt (an SDK retry shows
     /// up twice): requests for its bucket, and in external mode only those whose key or list
     /// prefix lies under its prefix (bucket-level requests such as HeadBucket cannot be told
