@@ -870,6 +870,10 @@ class Bench:
             peak.stop()
         r["answered"] = answered
         r["files"] = spec["files"]
+        self.notes.setdefault("million", dict(files=spec["files"]))
+        m = re.findall(r"(\d+) batches sent;", (self.work / "coordinator-million.log").read_text())
+        if m:
+            r["batches"] = int(m[-1])
         r["state_peak_mib"] = peak.peak / 2**20
         r["state_end_mib"] = dir_bytes(state) / 2**20
         self.results.setdefault("scaleout-coordinator-1M-files", {})["nightcopy"] = [r]
@@ -988,7 +992,7 @@ def report(bench, command, started):
         if key == "slowmount-skipped":
             lines.append(f"- **slow-mount scenarios SKIPPED**: {note['why']}")
             continue
-        if key.startswith("bound-"):
+        if key.startswith("bound-") or key == "coordinator-disk":
             continue
         if key == "earlier-rows":
             lines.append(f"- rows not run again, taken from the earlier run `{note['source']}` "
@@ -1052,8 +1056,11 @@ def report(bench, command, started):
         disk = bench.notes.get("coordinator-disk")
         answered = [r.get("answered") for r in by_tool.get("nightcopy", []) if r.get("answered")]
         if scenario == "scaleout-coordinator-1M-files" and answered:
+            sent = [r.get("batches") for r in by_tool.get("nightcopy", []) if r.get("batches")]
+            of = (f" (of {sent[-1]:,} sent; a batch received twice is answered twice, and "
+                  "counted once)") if sent and sent[-1] != answered[-1] else ""
             lines += [f"Workers: the bench's stand-in (`StandInWorker`), which answered "
-                      f"{answered[-1]:,} batches with reports and read or uploaded nothing; the "
+                      f"{answered[-1]:,} batches{of} with reports and read or uploaded nothing; the "
                       "coordinator's figures of this run are its memory, disk and time only.", ""]
         if scenario == "scaleout-coordinator-1M-files" and disk:
             lines += [f"The coordinator's state directory held at most {disk['peak_mib']:,.0f} MiB "
