@@ -17,9 +17,12 @@
 //! idle workers could take.
 //!
 //! While a batch is in hand its visibility is extended every half visibility-timeout. A fatal
-//! store error (credentials, access denied: every file would meet it) gives the batches back at
-//! once and ends the worker with exit 1 (systemd restarts it; a batch that fails twice goes to the
-//! dead-letter queue). SIGTERM: no new batch is taken, those in hand are given back, exit 0.
+//! store error (credentials, access denied) ends the worker with exit 1 (systemd restarts it; a
+//! batch that fails twice goes to the dead-letter queue): no new receive, the one in flight and
+//! the batches in hand are worked to their end, and those that failed go back to the queue.
+//! SIGTERM: no new receive; the batches in hand and what the receive in flight brought go back,
+//! exit 0. Nothing goes back while a receive is in flight: it could take the batch again, and
+//! spend one of its two receives.
 
 use std::os::unix::fs::FileTypeExt;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -39,6 +42,9 @@ use crate::stop::Stop;
 use crate::store::s3::S3Store;
 use crate::store::{sdk, StoreError};
 use crate::upload::{Resume, Skip, Upload, Uploader};
+
+/// The receive's wait while batches are in hand (a stop waits for it; idle, it is the long poll).
+const BUSY_POLL: Duration = Duration::from_secs(2);
 
 /// Upload records a worker keeps: as long as the shipped lifecycle rule keeps the upload.
 const STALE_UPLOAD_RECORDS: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
@@ -158,6 +164,12 @@ impl Drop for Unstarted<'_> {
     }
 }
 
+/// How a batch's work failed: its message given back at once, or left to its visibility timeout.
+enum Give {
+    Back(StoreError),
+    Keep(WorkerError),
+}
+
 #[derive(Debug, thiserror::Error)]
 enum WorkerError {
     #[error(transparent)]
@@ -172,19 +184,28 @@ impl Worker<'_> {
         let concurrency = self.config.transfer.concurrency.0.max(1);
         let most = concurrency.div_ceil(self.d.batch_files.0) + 1;
         let mut in_hand = futures::stream::FuturesUnordered::new();
-        // Kept across turns of the loop: a long poll dropped half-way could take a message
-        // that then stays invisible for the visibility timeout, unseen by anyone.
+        // Kept across turns of the loop, and never dropped unanswered: SQS hands a message to a
+        // receive whose answer is never read all the same, and that message then stays invisible
+        // for the visibility timeout with one of its two receives spent.
         let mut receiving = None;
         let mut failed = None;
+        let mut back = Vec::new();
         while self.stop.requested().is_none() && failed.is_none() {
             if receiving.is_none()
                 && in_hand.len() < most
                 && self.waiting.load(Relaxed) < concurrency
             {
+                // With batches in hand, a short poll: a stop or a fatal error waits for the
+                // receive in flight (below), and this bounds that wait.
+                let wait = if in_hand.is_empty() {
+                    queue::LONG_POLL
+                } else {
+                    BUSY_POLL
+                };
                 receiving = Some(Box::pin(self.queues.receive(
                     &self.queues.work,
                     1,
-                    queue::LONG_POLL,
+                    wait,
                     visibility,
                 )));
             }
@@ -198,25 +219,74 @@ impl Worker<'_> {
                                 match self.accept(m).await {
                                     Ok(Some((m, batch))) => in_hand.push(self.take(m, batch)),
                                     Ok(None) => {}
-                                    Err(e) => failed = Some(e),
+                                    Err(e) => _ = failed.get_or_insert(e),
                                 }
                             }
                         }
                         Err(e) => failed = Some(e.into()),
                     }
                 }
-                Some(done) = in_hand.next(), if !in_hand.is_empty() => {
+                Some((give_back, done)) = in_hand.next(), if !in_hand.is_empty() => {
+                    back.extend(give_back);
                     if let Err(e) = done {
-                        failed = Some(e);
+                        failed.get_or_insert(e);
                     }
                 }
                 () = self.stop.clone().wait() => break,
             }
         }
-        // A stop or a fatal error: the batches in hand are finished or given back.
-        while let Some(done) = in_hand.next().await {
-            if let Err(e) = done {
-                failed.get_or_insert(e);
+        // A stop or a fatal error. Nothing goes back to the queue while a receive is in flight
+        // (it could take it again at once, and a batch has only two receives before the
+        // dead-letter queue): first the receive is answered and the batches in hand run to their
+        // end, then what is left goes back, visible at once for other workers. After a stop, what
+        // the receive brings goes back unopened. After a fatal error it is worked on like the
+        // batches in hand: an error of one key (access denied to it) must not spend a receive of
+        // the batches that merely came with it; an error of every key fails them at once.
+        let stopped = failed.is_none();
+        if stopped && receiving.is_some() {
+            tracing::info!(
+                "stopping: waiting for the receive in flight (at most {}s), then the batches in \
+                 hand go back to the queue",
+                queue::LONG_POLL.as_secs()
+            );
+        }
+        loop {
+            tokio::select! {
+                r = async { receiving.as_mut().expect("checked").await }, if receiving.is_some() => {
+                    receiving = None;
+                    for m in r.unwrap_or_else(|e| {
+                        tracing::warn!("{e}");
+                        Vec::new()
+                    }) {
+                        if stopped {
+                            back.push(m.receipt);
+                            continue;
+                        }
+                        match self.accept(m).await {
+                            Ok(Some((m, batch))) => in_hand.push(self.take(m, batch)),
+                            Ok(None) => {}
+                            Err(e) => _ = failed.get_or_insert(e),
+                        }
+                    }
+                }
+                Some((give_back, done)) = in_hand.next(), if !in_hand.is_empty() => {
+                    back.extend(give_back);
+                    if let Err(e) = done {
+                        failed.get_or_insert(e);
+                    }
+                }
+                else => break,
+            }
+        }
+        for receipt in &back {
+            if let Err(e) = self
+                .queues
+                .extend(&self.queues.work, receipt, Duration::ZERO)
+                .await
+            {
+                tracing::warn!(
+                    "cannot give a batch back (it returns after its visibility timeout): {e}"
+                );
             }
         }
         failed.map_or(Ok(()), Err)
@@ -255,8 +325,24 @@ impl Worker<'_> {
         Ok(Some((m, batch)))
     }
 
-    /// One batch, start to finish.
-    async fn take(&self, m: Received, batch: WorkBatch) -> Result<(), WorkerError> {
+    /// One batch, start to finish. A stop or a fatal error returns its receipt, for `serve` to
+    /// give it back once no receive is in flight.
+    async fn take(
+        &self,
+        m: Received,
+        batch: WorkBatch,
+    ) -> (Option<String>, Result<(), WorkerError>) {
+        let done = self.work(&m, batch).await;
+        match done {
+            Ok(true) => (None, Ok(())),
+            Ok(false) => (Some(m.receipt), Ok(())),
+            Err(Give::Back(e)) => (Some(m.receipt), Err(e.into())),
+            Err(Give::Keep(e)) => (None, Err(e)),
+        }
+    }
+
+    /// Uploads, reports and deletes the batch: `true`; `false` when a stop came first.
+    async fn work(&self, m: &Received, batch: WorkBatch) -> Result<bool, Give> {
         // Counted as waiting from now, before this future first runs: the loop that took the
         // batch looks at the count before it asks for another.
         let unstarted = batch
@@ -276,14 +362,9 @@ impl Worker<'_> {
         extender.abort();
         let files = match done {
             Ok(Some(files)) => files,
-            // Stopped, or a fatal error: the batch goes back to the queue at once.
-            Ok(None) | Err(_) => {
-                let _ = self
-                    .queues
-                    .extend(&self.queues.work, &m.receipt, Duration::ZERO)
-                    .await;
-                return done.map(|_| ()).map_err(WorkerError::from);
-            }
+            // Stopped, or a fatal error: the batch goes back to the queue.
+            Ok(None) => return Ok(false),
+            Err(e) => return Err(Give::Back(e)),
         };
         let report = Report {
             run: batch.run.clone(),
@@ -292,10 +373,19 @@ impl Worker<'_> {
             files,
         };
         let body = serde_json::to_string(&report).expect("a report serializes");
-        self.queues.send(&self.queues.results, vec![body]).await?;
+        // A report that may have gone out, or a batch reported but not deleted, is not given
+        // back: it comes back after its visibility timeout, and a second report is harmless.
+        let keep = |e: queue::QueueError| Give::Keep(e.into());
+        self.queues
+            .send(&self.queues.results, vec![body])
+            .await
+            .map_err(keep)?;
         // Only now: a worker that dies before this point leaves the batch to another one.
-        self.queues.delete(&self.queues.work, &m.receipt).await?;
-        Ok(())
+        self.queues
+            .delete(&self.queues.work, &m.receipt)
+            .await
+            .map_err(keep)?;
+        Ok(true)
     }
 
     /// Extends the batch's visibility every half timeout while it is in work.

@@ -40,8 +40,18 @@ impl Worker {
 
     /// SIGTERM, then the exit code (SIGKILL after 30 s).
     fn stop(&mut self) -> Option<i32> {
+        self.terminate();
+        self.wait()
+    }
+
+    fn terminate(&self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+
+    /// The exit code after a SIGTERM: a stopped worker first waits for its receive in flight
+    /// (up to the 20 s long poll); SIGKILL after 30 s.
+    fn wait(&mut self) -> Option<i32> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -52,6 +62,21 @@ impl Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
         None
+    }
+}
+
+/// Workers stopped all at once when dropped (each then waits for its long poll to end).
+struct Fleet(Vec<Worker>);
+
+impl Fleet {
+    fn start(c: &Case, n: usize) -> Fleet {
+        Fleet((0..n).map(|i| Worker::start(c, None, i)).collect())
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.0.iter().for_each(Worker::terminate);
     }
 }
 
@@ -126,7 +151,7 @@ fn a_coordinator_and_three_workers_copy_a_tree_byte_exact() {
     // Nine batches, at most two awaited at once: the coordinator collects reports as it sends.
     c.top_extra.push_str("  max-queued: 2\n");
     let files = tree(&c);
-    let mut workers: Vec<Worker> = (0..3).map(|n| Worker::start(&c, None, n)).collect();
+    let mut workers = Fleet::start(&c, 3);
     let out = run_coordinator(&c, Duration::from_secs(180));
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(
@@ -146,15 +171,17 @@ fn a_coordinator_and_three_workers_copy_a_tree_byte_exact() {
     assert_eq!(again.code, 0, "{}", again.stderr);
     assert_eq!(again.figure("files transferred"), 0, "{}", again.stderr);
     assert_eq!(again.figure("checks"), files.len() as u64);
-    for w in &mut workers {
+    for w in &mut workers.0 {
         assert!(
             w.child.try_wait().unwrap().is_none(),
             "a worker ended:\n{}",
             w.log()
         );
     }
-    for w in &mut workers {
-        assert_eq!(w.stop(), Some(0), "a stopped worker exits 0:\n{}", w.log());
+    // All at once: each waits for its long poll to end.
+    workers.0.iter().for_each(Worker::terminate);
+    for w in &mut workers.0 {
+        assert_eq!(w.wait(), Some(0), "a stopped worker exits 0:\n{}", w.log());
     }
     assert_eq!(q.depth(&q.work), 0, "every batch was done and deleted");
     assert_eq!(
@@ -222,6 +249,77 @@ fn a_worker_killed_in_the_middle_of_a_batch_loses_nothing() {
 }
 
 #[test]
+fn a_stopped_worker_gives_its_batch_back_at_once_without_spending_a_receive() {
+    // One batch, and nothing else in the queue: the worker that has it also has a receive in
+    // flight (two uploads at once, and a third file waiting for a slot). Giving the batch back
+    // while that receive is still open would let it take the batch again — invisible for the
+    // visibility timeout (30 s here), with its second receive spent, so that the next receive
+    // moves it to the dead-letter queue.
+    let (c, q) = distributed("dist-stop", 10, "3min");
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("a.bin", pseudo_random(256 * 1024, 1)),
+        ("b.bin", pseudo_random(256 * 1024, 2)),
+        ("c.txt", b"waits for a slot".to_vec()),
+    ];
+    for (rel, body) in &files {
+        c.write(rel, body);
+    }
+    let slow = c.root.join("slow.yaml");
+    let text = fs::read_to_string(c.config_path()).unwrap();
+    fs::write(
+        &slow,
+        text.replace(
+            "transfer:\n",
+            "transfer:\n  bandwidth-limit: 64KiB\n  concurrency: 2\n",
+        ),
+    )
+    .unwrap();
+    let coordinator = std::thread::spawn({
+        let mut cmd = c.command(&["run"], None);
+        move || Output::from(cmd.output().unwrap())
+    });
+    assert!(
+        q.wait_for_visible(&q.work, 1, Duration::from_secs(30)),
+        "the batch is sent"
+    );
+    let mut stopped = Worker::start(&c, Some(&slow), 0);
+    // Taken (in flight, none visible): its first two files take about 7 s at 64 KiB/s; the stop
+    // lets them finish, and the third is not started.
+    assert!(
+        q.wait_for_visible(&q.work, 0, Duration::from_secs(30)),
+        "the batch is taken"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(stopped.stop(), Some(0), "{}", stopped.log());
+    assert!(
+        q.wait_for_visible(&q.work, 1, Duration::from_secs(10)),
+        "the batch is back for another worker at once, not after its visibility timeout \
+         ({} visible, {} in all)\n{}",
+        q.visible(&q.work),
+        q.depth(&q.work),
+        stopped.log()
+    );
+    // And it stays there: a receive left open (moto looks again every second) would take it.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        q.visible(&q.work),
+        1,
+        "the batch was taken again after it went back\n{}",
+        stopped.log()
+    );
+    let _rescuer = Worker::start(&c, None, 1);
+    let out = coordinator.join().unwrap();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.figure("files transferred"), 3, "{}", out.stderr);
+    assert_eq!(out.figure("transfer errors"), 0, "{}", out.stderr);
+    for (rel, body) in &files {
+        assert_eq!(&s3().get(&c.dest, &c.key(rel)).body, body, "{rel}");
+    }
+    assert_eq!(q.depth(&q.dlq), 0);
+    c.assert_no_delete();
+}
+
+#[test]
 fn a_poison_batch_ends_in_the_dead_letter_queue_and_is_a_named_transfer_error() {
     let (c, q) = distributed("dist-poison", 1, "3min");
     c.write("a.txt", b"fine");
@@ -249,6 +347,7 @@ fn a_poison_batch_ends_in_the_dead_letter_queue_and_is_a_named_transfer_error() 
         move || Output::from(cmd.output().unwrap())
     });
     let mut exits = Vec::new();
+    let mut logs = String::new();
     let started = Instant::now();
     let mut n = 0;
     while !coordinator.is_finished() && started.elapsed() < Duration::from_secs(150) {
@@ -260,11 +359,12 @@ fn a_poison_batch_ends_in_the_dead_letter_queue_and_is_a_named_transfer_error() 
         if let Some(status) = w.child.try_wait().unwrap() {
             exits.push(status.code());
         }
+        logs.push_str(&format!("--- worker {n}\n{}", w.log()));
     }
     let out = coordinator.join().unwrap();
     s3().set_faults(&c.dest, None);
     assert_eq!(out.code, 2, "{}", out.stderr);
-    assert_eq!(out.figure("transfer errors"), 1, "{}", out.stderr);
+    assert_eq!(out.figure("transfer errors"), 1, "{}\n{logs}", out.stderr);
     assert_eq!(out.figure("files transferred"), 2);
     assert!(
         out.stderr.contains("poison.bin: lost: its batch")
@@ -274,9 +374,9 @@ fn a_poison_batch_ends_in_the_dead_letter_queue_and_is_a_named_transfer_error() 
     );
     assert!(
         exits.iter().all(|c| *c == Some(1)),
-        "workers exit 1 on it: {exits:?}"
+        "workers exit 1 on it: {exits:?}\n{logs}"
     );
-    assert!(exits.len() >= 2, "{exits:?}");
+    assert!(exits.len() >= 2, "{exits:?}\n{logs}");
     // `nightcopy dlq` shows it, and --redrive gives it back to the work queue.
     let shown = c.run(&["dlq"]);
     assert_eq!(shown.code, 0, "{}", shown.stderr);
@@ -330,7 +430,7 @@ fn a_distributed_run_publishes_the_same_six_metrics_as_a_single_host_run() {
         case.write("unchanged-later.txt", b"x");
     }
     assert_eq!(single.run(&["run"]).code, 0);
-    let _workers: Vec<Worker> = (0..2).map(|n| Worker::start(&dist, None, n)).collect();
+    let _workers = Fleet::start(&dist, 2);
     let out = run_coordinator(&dist, Duration::from_secs(180));
     assert_eq!(out.code, 0, "{}", out.stderr);
     // And a second run each, with one file changed: Checks and a small transfer.

@@ -103,11 +103,42 @@ impl TestQueues {
         })
     }
 
+    /// Messages a receive could take now (not in flight).
+    pub fn visible(&self, queue: &str) -> u64 {
+        super::cloudwatch::block_on(async {
+            let name = sqs::types::QueueAttributeName::ApproximateNumberOfMessages;
+            let out = client()
+                .get_queue_attributes()
+                .queue_url(queue)
+                .attribute_names(name.clone())
+                .send()
+                .await
+                .expect("GetQueueAttributes");
+            out.attributes
+                .unwrap_or_default()
+                .get(&name)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+    }
+
     /// Waits until `queue` holds `n` messages (bounded).
     pub fn wait_for_depth(&self, queue: &str, n: u64, limit: Duration) -> bool {
         let deadline = std::time::Instant::now() + limit;
         while std::time::Instant::now() < deadline {
             if self.depth(queue) == n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
+    }
+
+    /// Waits until `queue` has `n` messages visible (bounded).
+    pub fn wait_for_visible(&self, queue: &str, n: u64, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if self.visible(queue) == n {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(200));
