@@ -124,25 +124,23 @@ impl TestQueues {
 
     /// Waits until `queue` holds `n` messages (bounded).
     pub fn wait_for_depth(&self, queue: &str, n: u64, limit: Duration) -> bool {
-        let deadline = std::time::Instant::now() + limit;
-        while std::time::Instant::now() < deadline {
-            if self.depth(queue) == n {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        false
+        until(limit, || self.depth(queue) == n)
     }
 
     /// Waits until `queue` has `n` messages visible (bounded).
     pub fn wait_for_visible(&self, queue: &str, n: u64, limit: Duration) -> bool {
-        let deadline = std::time::Instant::now() + limit;
-        while std::time::Instant::now() < deadline {
-            if self.visible(queue) == n {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        false
+        until(limit, || self.visible(queue) == n)
     }
+}
+
+/// Polls `done` every 200 ms until it holds or `limit` passes.
+fn until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
 }
