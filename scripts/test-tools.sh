@@ -25,6 +25,10 @@ case "$mode" in
 esac
 
 mkdir -p "$CACHE"
+# One installer at a time per cache (two test runs starting together would build into the same
+# folders); a warm cache holds the lock for a moment only.
+exec 7>"$CACHE/.test-tools.lock"
+flock 7
 
 s3s_dir="$CACHE/s3s-fs-$S3S_VERSION"
 if [ ! -x "$s3s_dir/bin/s3s-fs" ]; then
