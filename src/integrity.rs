@@ -20,7 +20,7 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 use crate::state::manifest::ManifestEntry;
-use crate::store::{ObjectMeta, PartLayout};
+use crate::store::{HeadInfo, ObjectMeta, PartLayout};
 
 /// The checksum an object carries, as S3 reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +97,79 @@ pub fn manifest_sha(
     (entry.size == size && entry.mtime_ns == meta.mtime_ns)
         .then_some(entry.sha256)
         .flatten()
+}
+
+/// How an object differs from what a worker reported storing (a distributed run's coordinator
+/// records a worker's upload only once the object itself agrees).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAsReported {
+    #[error("the bucket has no object at its key")]
+    Missing,
+    #[error("the object holds {object} bytes, and the report says {reported}")]
+    Size { object: u64, reported: u64 },
+    #[error("the object's nightcopy-mtime-ns is {object:?}, and the report says {reported}")]
+    Mtime { object: Option<i64>, reported: i64 },
+    #[error("the object's SHA-256 checksum is not the one reported")]
+    Checksum,
+    #[error("the object was stored in parts and the report gives no composite checksum")]
+    NoComposite,
+}
+
+/// How far an object could be held to a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Size, mtime and S3's stored SHA-256 checksum (whole, or composite for parts).
+    Checksum,
+    /// Size and mtime: the server returned no checksum for the object.
+    SizeAndMtime,
+}
+
+/// Whether `head` is the object a report describes: `size`, `mtime_ns`, and its SHA-256 (`sha256`
+/// for a single PUT, `composite` for a multipart object), hex as the report carries them.
+pub fn hold_to_report(
+    head: Option<&HeadInfo>,
+    size: u64,
+    mtime_ns: i64,
+    sha256: Option<&str>,
+    composite: Option<&str>,
+) -> Result<Held, NotAsReported> {
+    let head = head.ok_or(NotAsReported::Missing)?;
+    if head.size != size {
+        return Err(NotAsReported::Size {
+            object: head.size,
+            reported: size,
+        });
+    }
+    let object_mtime = head
+        .meta
+        .get(crate::store::META_MTIME)
+        .and_then(|v| v.parse().ok());
+    if object_mtime != Some(mtime_ns) {
+        return Err(NotAsReported::Mtime {
+            object: object_mtime,
+            reported: mtime_ns,
+        });
+    }
+    let hex32 = |h: Option<&str>| -> Option<[u8; 32]> { hex::decode(h?).ok()?.try_into().ok() };
+    match Stored::parse(head.checksum_sha256.as_deref()) {
+        Stored::None => Ok(Held::SizeAndMtime),
+        Stored::Full(digest) if hex32(sha256) == Some(digest) => Ok(Held::Checksum),
+        Stored::Full(_) => Err(NotAsReported::Checksum),
+        Stored::Composite { digest, .. } => match hex32(composite) {
+            None => Err(NotAsReported::NoComposite),
+            Some(c) if c == digest => Ok(Held::Checksum),
+            Some(_) => Err(NotAsReported::Checksum),
+        },
+    }
+}
+
+/// The composite checksum S3 computes for a multipart object from its parts' SHA-256s, in order.
+pub fn composite_of<'a>(parts: impl IntoIterator<Item = &'a [u8; 32]>) -> [u8; 32] {
+    let mut outer = Sha256::new();
+    for p in parts {
+        outer.update(p);
+    }
+    outer.finalize().into()
 }
 
 /// Hashes bytes as they go by: the whole SHA-256 always, and the composite when a part layout is
@@ -293,6 +366,85 @@ pub fn judge(reference: &Reference, digests: &Digests) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn head(size: u64, mtime: &str, checksum: Option<[u8; 32]>, parts: Option<u32>) -> HeadInfo {
+        let b64 = |d: [u8; 32]| base64::engine::general_purpose::STANDARD.encode(d);
+        HeadInfo {
+            size,
+            meta: [(crate::store::META_MTIME.to_owned(), mtime.to_owned())].into(),
+            checksum_sha256: checksum.map(|d| match parts {
+                Some(n) => format!("{}-{n}", b64(d)),
+                None => b64(d),
+            }),
+            etag_md5: None,
+        }
+    }
+
+    #[test]
+    fn an_object_is_held_to_what_the_worker_reported() {
+        let sha = [7u8; 32];
+        let hex = hex::encode(sha);
+        let other = hex::encode([8u8; 32]);
+        let full = head(5, "42", Some(sha), None);
+        let check = |h: Option<&HeadInfo>, size, mtime, sha: Option<&str>, comp: Option<&str>| {
+            hold_to_report(h, size, mtime, sha, comp)
+        };
+        assert_eq!(
+            check(Some(&full), 5, 42, Some(&hex), None),
+            Ok(Held::Checksum)
+        );
+        assert_eq!(
+            check(None, 5, 42, Some(&hex), None),
+            Err(NotAsReported::Missing)
+        );
+        assert_eq!(
+            check(Some(&full), 6, 42, Some(&hex), None),
+            Err(NotAsReported::Size {
+                object: 5,
+                reported: 6
+            })
+        );
+        assert_eq!(
+            check(Some(&full), 5, 43, Some(&hex), None),
+            Err(NotAsReported::Mtime {
+                object: Some(42),
+                reported: 43
+            })
+        );
+        assert_eq!(
+            check(Some(&full), 5, 42, Some(&other), None),
+            Err(NotAsReported::Checksum)
+        );
+        assert_eq!(
+            check(Some(&full), 5, 42, None, None),
+            Err(NotAsReported::Checksum)
+        );
+        let parts = head(5, "42", Some(sha), Some(2));
+        assert_eq!(
+            check(Some(&parts), 5, 42, Some(&other), Some(&hex)),
+            Ok(Held::Checksum)
+        );
+        assert_eq!(
+            check(Some(&parts), 5, 42, Some(&hex), None),
+            Err(NotAsReported::NoComposite)
+        );
+        assert_eq!(
+            check(Some(&parts), 5, 42, Some(&hex), Some(&other)),
+            Err(NotAsReported::Checksum)
+        );
+        let bare = head(5, "42", None, None);
+        assert_eq!(
+            check(Some(&bare), 5, 42, Some(&hex), None),
+            Ok(Held::SizeAndMtime)
+        );
+    }
+
+    #[test]
+    fn the_composite_is_the_hash_of_the_part_hashes() {
+        let data = vec![3u8; 1000];
+        let parts: Vec<[u8; 32]> = data.chunks(300).map(|c| Sha256::digest(c).into()).collect();
+        assert_eq!(composite_of(&parts), composite(&data, 300));
+    }
 
     #[test]
     fn an_unverified_single_part_object_is_never_called_multipart() {

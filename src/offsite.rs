@@ -111,7 +111,7 @@ pub async fn save<S: ObjectStore>(
     let done = uploader.upload(entry, Reason::New).await;
     let _ = std::fs::remove_file(&path);
     match done {
-        Ok(Upload::Stored(_)) => Ok(size),
+        Ok(Upload::Stored(..)) => Ok(size),
         Ok(Upload::Skipped(Skip::Error(_, why))) => Err(why),
         Ok(Upload::Skipped(Skip::Stopped)) => Err("a stop was requested first".into()),
         Ok(Upload::Skipped(Skip::Vanished)) => Err("the compressed copy vanished".into()),

@@ -80,9 +80,13 @@ pub struct FileReport {
     /// Hex, for an uploaded file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
-    /// `report::FileErrorKind::as_str` of an error.
+    /// Hex, for a file uploaded in parts: the composite checksum S3 keeps for the object (the
+    /// SHA-256 of the parts' SHA-256s), which the coordinator holds the object to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
+    pub composite: Option<String>,
+    /// Why an error is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<crate::report::FileErrorKind>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
@@ -94,6 +98,34 @@ pub struct Report {
     /// Which worker (its host name), for the journal.
     pub worker: String,
     pub files: Vec<FileReport>,
+}
+
+/// What a report must name exactly: a batch's files, as (key, path) pairs in the batch's order.
+/// The coordinator keeps this digest per batch sent (32 bytes on disk) and takes a report only
+/// when its files give the same one: a short, padded or reordered report is refused.
+pub fn batch_digest<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for (key, path) in files {
+        // Lengths first: ("ab", "c") and ("a", "bc") are other batches.
+        h.update((key.len() as u64).to_le_bytes());
+        h.update(key);
+        h.update((path.len() as u64).to_le_bytes());
+        h.update(path);
+    }
+    h.finalize().into()
+}
+
+impl WorkBatch {
+    pub fn digest(&self) -> [u8; 32] {
+        batch_digest(self.files.iter().map(|f| (f.key.as_str(), f.path.as_str())))
+    }
+}
+
+impl Report {
+    pub fn digest(&self) -> [u8; 32] {
+        batch_digest(self.files.iter().map(|f| (f.key.as_str(), f.path.as_str())))
+    }
 }
 
 /// A message taken from a queue.

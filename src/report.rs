@@ -61,14 +61,16 @@ fn class_slot(class: Option<StorageClass>) -> usize {
 }
 
 /// Why a single file could not be handled. The command goes on; the file is named in the journal
-/// and counted (TransferErrors for a backup).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// and counted (TransferErrors for a backup). A worker's report carries it by its `as_str` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum FileErrorKind {
     /// open/read/stat failed (permissions, I/O error).
     Unreadable,
     /// A directory could not be listed or a symlink loops: files below it were not seen.
     Walk,
     /// The file changed while it was read, twice in a row: left for the next run.
+    #[serde(rename = "changed-while-reading")]
     Changed,
     /// The name cannot become a key (too long, or collides with another name's key), or a key
     /// cannot become a path below the restore target.
@@ -85,10 +87,14 @@ pub enum FileErrorKind {
     Missing,
     /// Larger than `source.max-file-size`: not read.
     TooLarge,
+    /// A work message named a file a worker may not back up: outside the source, through a
+    /// symlink, excluded, on another file system, or under a key that is not its path's.
+    Refused,
 }
 
 impl FileErrorKind {
-    const ALL: [FileErrorKind; 10] = [
+    #[cfg(test)]
+    const ALL: [FileErrorKind; 11] = [
         FileErrorKind::Unreadable,
         FileErrorKind::Walk,
         FileErrorKind::Changed,
@@ -99,12 +105,8 @@ impl FileErrorKind {
         FileErrorKind::Write,
         FileErrorKind::Missing,
         FileErrorKind::TooLarge,
+        FileErrorKind::Refused,
     ];
-
-    /// The kind `as_str` names (a worker's report carries it as text).
-    pub fn from_name(name: &str) -> Option<FileErrorKind> {
-        Self::ALL.into_iter().find(|k| k.as_str() == name)
-    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -118,6 +120,7 @@ impl FileErrorKind {
             FileErrorKind::Write => "write",
             FileErrorKind::Missing => "missing",
             FileErrorKind::TooLarge => "too-large",
+            FileErrorKind::Refused => "refused",
         }
     }
 }
@@ -500,5 +503,20 @@ impl fmt::Display for RunReport {
             write!(f, "; by storage class: {}", split.join(", "))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FileErrorKind;
+
+    #[test]
+    fn a_report_names_a_kind_as_the_journal_does() {
+        for k in FileErrorKind::ALL {
+            let json = serde_json::to_string(&k).unwrap();
+            assert_eq!(json, format!("\"{}\"", k.as_str()));
+            assert_eq!(serde_json::from_str::<FileErrorKind>(&json).unwrap(), k);
+        }
+        assert!(serde_json::from_str::<FileErrorKind>("\"made-up\"").is_err());
     }
 }

@@ -85,7 +85,10 @@ pub struct Resume {
 /// What became of a planned upload.
 #[derive(Debug)]
 pub enum Upload {
-    Stored(ManifestEntry),
+    /// Stored: the record for the manifest, and for a multipart object the composite checksum
+    /// S3 keeps for it (the SHA-256 of its parts' SHA-256s), which a worker reports so that the
+    /// coordinator can hold the object to it.
+    Stored(ManifestEntry, Option<[u8; 32]>),
     Skipped(Skip),
 }
 
@@ -371,11 +374,11 @@ impl<S: ObjectStore> Uploader<S> {
                 return Ok(Upload::Skipped(Skip::Stopped));
             }
             match self.attempt(&entry).await {
-                Ok(record) => {
+                Ok((record, composite)) => {
                     let class = self.class_for(record.size);
                     self.stats
                         .transferred(&entry.path, &entry.key, record.size, &reason, class);
-                    return Ok(Upload::Stored(record));
+                    return Ok(Upload::Stored(record, composite));
                 }
                 Err(Failure::Changed(why)) => {
                     tracing::debug!(path = %entry.path.display(), "changed while reading, retrying: {why}");
@@ -408,7 +411,10 @@ impl<S: ObjectStore> Uploader<S> {
         Upload::Skipped(Skip::Error(kind, why))
     }
 
-    async fn attempt(&self, entry: &LocalEntry) -> Result<ManifestEntry, Failure> {
+    async fn attempt(
+        &self,
+        entry: &LocalEntry,
+    ) -> Result<(ManifestEntry, Option<[u8; 32]>), Failure> {
         let small_limit = SMALL_BODY.min(self.threshold);
         let scanned = entry.clone();
         // One trip to the blocking pool per small file — open, stat, read, hash, stat again — since
@@ -441,7 +447,7 @@ impl<S: ObjectStore> Uploader<S> {
         };
         let key = format!("{}{}", self.prefix, entry.key);
         let class = self.class_for(before.size);
-        let sha256 = match (small, file) {
+        let (sha256, composite) = match (small, file) {
             (Some((data, sha256, after)), _) => {
                 let body = Body::Bytes(Bytes::from(data));
                 let checked = Checked {
@@ -449,20 +455,22 @@ impl<S: ObjectStore> Uploader<S> {
                     before,
                     after,
                 };
-                self.put(&key, body, checked, meta, class).await?
+                (self.put(&key, body, checked, meta, class).await?, None)
             }
             (None, Some(file)) if before.size > self.threshold => {
-                self.multipart(&key, file, before, &meta, class).await?
+                let (whole, composite) = self.multipart(&key, file, before, &meta, class).await?;
+                (whole, Some(composite))
             }
-            (None, Some(file)) => self.streamed(&key, file, before, meta, class).await?,
+            (None, Some(file)) => (self.streamed(&key, file, before, meta, class).await?, None),
             (None, None) => unreachable!("a file is either read or handed back"),
         };
-        Ok(ManifestEntry {
+        let record = ManifestEntry {
             key: entry.key.clone(),
             size: before.size,
             mtime_ns: before.mtime_ns,
             sha256: Some(sha256),
-        })
+        };
+        Ok((record, composite))
     }
 
     /// A file between `SMALL_BODY` and the multipart threshold: hashed in one pass here, then
@@ -545,7 +553,7 @@ impl<S: ObjectStore> Uploader<S> {
         before: Fingerprint,
         meta: &ObjectMeta,
         class: Option<StorageClass>,
-    ) -> Result<[u8; 32], Failure> {
+    ) -> Result<([u8; 32], [u8; 32]), Failure> {
         let target = match self.resumable(key, before).await? {
             Some(target) => target,
             None => {
@@ -682,7 +690,7 @@ impl<S: ObjectStore> Uploader<S> {
         target: &Target,
         file: File,
         before: Fingerprint,
-    ) -> Result<[u8; 32], Failure> {
+    ) -> Result<([u8; 32], [u8; 32]), Failure> {
         let part_size = target.part_size;
         let upload_id = target.upload_id.as_str();
         let mut file = Some(file);
@@ -775,12 +783,13 @@ impl<S: ObjectStore> Uploader<S> {
             )));
         }
         done.sort_by_key(|p| p.number);
+        let composite = crate::integrity::composite_of(done.iter().map(|p| &p.sha256));
         self.store.complete_multipart(key, upload_id, done).await?;
         if !target.listed.is_empty() {
             self.stats
                 .resumed(key, reused_parts, reused_bytes, before.size - reused_bytes);
         }
-        Ok(whole.expect("hasher").finalize().into())
+        Ok((whole.expect("hasher").finalize().into(), composite))
     }
 
     /// `f`, unless a stop is requested first.
@@ -928,7 +937,7 @@ mod tests {
         let (_t, path, body, store, u) = interrupted(38 * MIB, 3, false); // 8 parts: 7 × 5 MiB + 3 MiB
 
         let done = run(&u, entry_for(&path, "big"));
-        assert!(matches!(done, Upload::Stored(_)), "{done:?}");
+        assert!(matches!(done, Upload::Stored(..)), "{done:?}");
         assert_eq!(&store.object("p/big").unwrap().body[..], &body[..]);
         // 3 parts from the setup, 5 sent now; no second upload started.
         assert_eq!(store.count(Op::UploadPart), 3 + 5);
@@ -946,7 +955,7 @@ mod tests {
 
         assert!(matches!(
             run(&u, entry_for(&path, "big")),
-            Upload::Stored(_)
+            Upload::Stored(..)
         ));
         assert_eq!(&store.object("p/big").unwrap().body[..], &body[..]);
         assert_eq!(store.count(Op::UploadPart), 3 + 6);
@@ -969,7 +978,7 @@ mod tests {
 
         assert!(matches!(
             run(&u, entry_for(&path, "big")),
-            Upload::Stored(_)
+            Upload::Stored(..)
         ));
         assert_eq!(&store.object("p/big").unwrap().body[..], &changed[..]);
         assert_eq!(store.count(Op::AbortMultipart), 1);
@@ -1014,7 +1023,10 @@ mod tests {
         ] {
             let path = t.path().join(name);
             std::fs::write(&path, data(len)).unwrap();
-            assert!(matches!(run(&u, entry_for(&path, name)), Upload::Stored(_)));
+            assert!(matches!(
+                run(&u, entry_for(&path, name)),
+                Upload::Stored(..)
+            ));
         }
         let class = |k: &str| store.object(k).unwrap().storage_class;
         assert_eq!(class("p/small").as_deref(), Some("STANDARD"));

@@ -24,7 +24,6 @@
 //! exit 0. Nothing goes back while a receive is in flight: it could take the batch again, and
 //! spend one of its two receives.
 
-use std::os::unix::fs::FileTypeExt;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,7 +35,8 @@ use crate::keys;
 use crate::plan::Reason;
 use crate::queue::{self, FileOutcome, FileReport, Queues, Received, Report, WorkBatch, WorkFile};
 use crate::report::{FileErrorKind, Stats};
-use crate::scan::LocalEntry;
+use crate::scan::beneath::{Beneath, Refused};
+use crate::scan::ScanOptions;
 use crate::state::manifest::ManifestEntry;
 use crate::stop::Stop;
 use crate::store::s3::S3Store;
@@ -60,6 +60,22 @@ pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> u8 {
         return exit::CONFIG;
     };
     let started = Instant::now();
+    let beneath = match ScanOptions::for_config(config) {
+        Ok(opts) => match Beneath::open(opts) {
+            Ok(b) => Arc::new(b),
+            Err(e) => {
+                tracing::error!(
+                    "worker FAILED: cannot open source {}: {e} (is the filesystem mounted?)",
+                    keys::shown(&config.source.path.0)
+                );
+                return exit::FATAL;
+            }
+        },
+        Err(e) => {
+            tracing::error!("worker FAILED: {e}");
+            return exit::CONFIG;
+        }
+    };
     let sdk = match sdk::load_checked(config).await {
         Ok(s) => s,
         Err(e) => {
@@ -101,6 +117,7 @@ pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> u8 {
         stats: stats.clone(),
         stop: stop.clone(),
         host: queue::host_name(),
+        beneath,
         slots: tokio::sync::Semaphore::new(config.transfer.concurrency.0.max(1)),
         waiting: AtomicUsize::new(0),
     };
@@ -142,6 +159,8 @@ struct Worker<'a> {
     stats: Arc<Stats>,
     stop: Stop,
     host: String,
+    /// The source root and the walk's rules, for the paths the messages name.
+    beneath: Arc<Beneath>,
     /// Upload slots shared by the batches in hand: `transfer.concurrency` of them.
     slots: tokio::sync::Semaphore,
     /// Files of the batches in hand that have no slot yet.
@@ -426,13 +445,17 @@ impl Worker<'_> {
         Ok(Some(out))
     }
 
-    /// One file: stat'ed again here, uploaded as it is now. `None`: a stop came first.
+    /// One file: resolved beneath the source (`scan::beneath`), stat'ed again here, uploaded as
+    /// it is now. `None`: a stop came first.
     async fn upload_one(&self, f: &WorkFile) -> Result<Option<FileReport>, StoreError> {
         let raw = keys::decode_raw_path(&f.path);
-        let rel = std::path::Path::new(
-            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&raw),
-        );
-        let path = self.config.source.path.0.join(rel);
+        // For naming only: an absolute path "joins" to itself, which is what was asked for.
+        let path = self
+            .config
+            .source
+            .path
+            .0
+            .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&raw));
         let report = |outcome, detail: Option<String>, kind: Option<FileErrorKind>| FileReport {
             key: f.key.clone(),
             path: f.path.clone(),
@@ -440,43 +463,44 @@ impl Worker<'_> {
             size: 0,
             mtime_ns: 0,
             sha256: None,
-            kind: kind.map(|k| k.as_str().to_owned()),
+            composite: None,
+            kind,
             detail,
         };
-        let stat_path = path.clone();
-        let meta = crate::fsutil::blocking(move || std::fs::symlink_metadata(&stat_path)).await;
-        let meta = match meta {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        let (beneath, key, escaped) = (self.beneath.clone(), f.key.clone(), f.escaped);
+        let resolved =
+            crate::fsutil::blocking(move || Ok(beneath.resolve(&raw, &key, escaped))).await;
+        let entry = match resolved {
+            Ok(Ok(entry)) => entry,
+            Ok(Err(Refused::Vanished)) => {
                 self.stats.vanished(&path);
                 return Ok(Some(report(FileOutcome::Vanished, None, None)));
+            }
+            Ok(Err(Refused::NotAFile(by))) => {
+                self.stats.replaced(&path, by);
+                return Ok(Some(report(FileOutcome::Replaced, Some(by.into()), None)));
+            }
+            Ok(Err(refused)) => {
+                let kind = match refused {
+                    Refused::TooLarge { .. } => FileErrorKind::TooLarge,
+                    Refused::KeyTooLong(_) => FileErrorKind::BadName,
+                    Refused::Io(_) => FileErrorKind::Unreadable,
+                    _ => FileErrorKind::Refused,
+                };
+                self.stats.file_error(&path, kind, &refused);
+                let detail = Some(refused.to_string());
+                return Ok(Some(report(FileOutcome::Error, detail, Some(kind))));
             }
             Err(e) => {
                 self.stats.file_error(&path, FileErrorKind::Unreadable, &e);
                 let detail = Some(e.to_string());
-                return Ok(Some(report(
-                    FileOutcome::Error,
-                    detail,
-                    Some(FileErrorKind::Unreadable),
-                )));
+                let kind = Some(FileErrorKind::Unreadable);
+                return Ok(Some(report(FileOutcome::Error, detail, kind)));
             }
         };
-        if !meta.file_type().is_file() {
-            let by = if meta.file_type().is_symlink() {
-                "a symlink"
-            } else if meta.file_type().is_fifo() {
-                "a FIFO"
-            } else {
-                "not a regular file"
-            };
-            self.stats.replaced(&path, by);
-            return Ok(Some(report(FileOutcome::Replaced, Some(by.into()), None)));
-        }
-        let raw_path = f.escaped.then(|| f.path.clone());
-        let entry = LocalEntry::from_metadata(f.key.clone(), path, raw_path, &meta);
         let reason = Reason::from_name(&f.reason).unwrap_or(Reason::New);
         Ok(Some(match self.uploader.upload(entry, reason).await? {
-            Upload::Stored(record) => uploaded(f, &record),
+            Upload::Stored(record, composite) => uploaded(f, &record, composite),
             Upload::Skipped(Skip::Stopped) => return Ok(None),
             Upload::Skipped(Skip::Vanished) => report(FileOutcome::Vanished, None, None),
             Upload::Skipped(Skip::Replaced(by)) => report(FileOutcome::Replaced, Some(by), None),
@@ -487,7 +511,7 @@ impl Worker<'_> {
     }
 }
 
-fn uploaded(f: &WorkFile, record: &ManifestEntry) -> FileReport {
+fn uploaded(f: &WorkFile, record: &ManifestEntry, composite: Option<[u8; 32]>) -> FileReport {
     FileReport {
         key: f.key.clone(),
         path: f.path.clone(),
@@ -495,6 +519,7 @@ fn uploaded(f: &WorkFile, record: &ManifestEntry) -> FileReport {
         size: record.size,
         mtime_ns: record.mtime_ns,
         sha256: record.sha256.map(hex::encode),
+        composite: composite.map(hex::encode),
         kind: None,
         detail: None,
     }

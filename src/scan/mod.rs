@@ -9,6 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub mod beneath;
 #[cfg(test)]
 mod reference;
 mod walk;

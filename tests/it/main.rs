@@ -23,4 +23,5 @@ mod rclone;
 mod restore;
 mod resume;
 mod servers_selftest;
+mod trust;
 mod verify;

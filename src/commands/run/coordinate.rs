@@ -27,12 +27,14 @@ use serde::{Deserialize, Serialize};
 use super::copy::StepResult;
 use crate::config::{Config, Distribute};
 use crate::error::Fatal;
+use crate::integrity::{self, Held};
 use crate::keys;
 use crate::plan::Step;
 use crate::queue::{FileOutcome, FileReport, Queues, Report, WorkBatch, WorkFile, MAX_PER_CALL};
 use crate::report::{FileErrorKind, Stats};
 use crate::state::manifest::{self, ManifestEntry};
 use crate::stop::Stop;
+use crate::store::ObjectStore;
 
 /// SendMessageBatch takes at most 256 KiB in all; a little is left for the envelope.
 const MAX_CALL_BYTES: usize = 250 * 1024;
@@ -60,16 +62,23 @@ enum PlanLine {
     },
 }
 
-/// The plan, the reports and their index, in the state directory while the run lasts.
+/// The plan, the reports and their index, and each batch's digest (`queue::batch_digest`, 32
+/// bytes a batch), in the state directory while the run lasts.
 struct Spool {
     dir: PathBuf,
     plan: BufWriter<File>,
     results: File,
     results_len: u64,
     index: File,
+    digests: File,
 }
 
-const SPOOL_FILES: [&str; 3] = ["distribute.plan", "distribute.reports", "distribute.index"];
+const SPOOL_FILES: [&str; 4] = [
+    "distribute.plan",
+    "distribute.reports",
+    "distribute.index",
+    "distribute.batches",
+];
 
 impl Spool {
     fn create(dir: &Path) -> std::io::Result<Spool> {
@@ -88,7 +97,18 @@ impl Spool {
             results: open(SPOOL_FILES[1])?,
             results_len: 0,
             index: open(SPOOL_FILES[2])?,
+            digests: open(SPOOL_FILES[3])?,
         })
+    }
+
+    /// The digest of batch `batch` as it was sent; `None` for a batch never closed.
+    fn digest(&self, batch: u64) -> std::io::Result<Option<[u8; 32]>> {
+        let mut d = [0u8; 32];
+        match self.digests.read_exact_at(&mut d, batch * 32) {
+            Ok(()) => Ok(Some(d)),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn plan(&mut self, line: &PlanLine) -> std::io::Result<()> {
@@ -166,6 +186,8 @@ struct Sender<'a> {
     current: Vec<WorkFile>,
     current_bytes: u64,
     ready: std::collections::VecDeque<String>,
+    /// Where each closed batch's digest goes (the spool's `distribute.batches`).
+    digests: File,
     /// Batches sent, which are batches `0..sent`: they are numbered and sent in order.
     sent: u64,
     /// Past the deadline: batches are still numbered (the plan names them) but never sent.
@@ -174,20 +196,20 @@ struct Sender<'a> {
 
 impl Sender<'_> {
     /// Adds a file; returns its batch and place in it.
-    fn add(&mut self, file: WorkFile) -> (u64, usize) {
+    fn add(&mut self, file: WorkFile) -> std::io::Result<(u64, usize)> {
         let fits = self.current.len() < self.d.batch_files.0
             && (self.current.is_empty() || self.current_bytes + file.size <= self.d.batch_bytes.0);
         if !fits {
-            self.close_batch();
+            self.close_batch()?;
         }
         self.current_bytes += file.size;
         self.current.push(file);
-        (self.next, self.current.len() - 1)
+        Ok((self.next, self.current.len() - 1))
     }
 
-    fn close_batch(&mut self) {
+    fn close_batch(&mut self) -> std::io::Result<()> {
         if self.current.is_empty() {
-            return;
+            return Ok(());
         }
         let batch = WorkBatch {
             run: self.run.clone(),
@@ -195,12 +217,15 @@ impl Sender<'_> {
             destination: self.destination.clone(),
             files: std::mem::take(&mut self.current),
         };
+        self.digests
+            .write_all_at(&batch.digest(), batch.batch * 32)?;
         self.next += 1;
         self.current_bytes = 0;
         if !self.closed {
             self.ready
                 .push_back(serde_json::to_string(&batch).expect("a batch serializes"));
         }
+        Ok(())
     }
 
     /// A call's worth of batches is ready.
@@ -253,14 +278,35 @@ impl Collect {
 }
 
 /// What the coordinator needs besides the planned steps.
-pub(super) struct Coordinator<'a> {
-    pub config: &'a Config,
-    pub queues: &'a Queues,
-    pub stats: Arc<Stats>,
-    pub stop: Stop,
+pub(super) struct Coordinator<'a, S> {
+    config: &'a Config,
+    queues: &'a Queues,
+    /// For the HEAD that holds each reported upload to the object it names.
+    store: &'a S,
+    stats: Arc<Stats>,
+    stop: Stop,
+    /// The endpoint returned an object without a checksum (said once a run).
+    unchecksummed: std::sync::atomic::AtomicBool,
 }
 
-impl Coordinator<'_> {
+impl<'a, S: ObjectStore> Coordinator<'a, S> {
+    pub fn new(
+        config: &'a Config,
+        queues: &'a Queues,
+        store: &'a S,
+        stats: Arc<Stats>,
+        stop: Stop,
+    ) -> Self {
+        Coordinator {
+            config,
+            queues,
+            store,
+            stats,
+            stop,
+            unchecksummed: Default::default(),
+        }
+    }
+
     fn path_of(&self, rel: &str) -> PathBuf {
         let raw = keys::decode_raw_path(rel);
         self.config
@@ -292,6 +338,7 @@ impl Coordinator<'_> {
             current: Vec::new(),
             current_bytes: 0,
             ready: Default::default(),
+            digests: spool.digests.try_clone().map_err(|e| self.spool_error(e))?,
             sent: 0,
             closed: false,
         };
@@ -348,7 +395,7 @@ impl Coordinator<'_> {
                         reason: reason.to_string(),
                         escaped: entry.raw_path.is_some(),
                     };
-                    let (batch, index) = sender.add(file);
+                    let (batch, index) = sender.add(file).map_err(|e| self.spool_error(e))?;
                     spool.plan(&PlanLine::Sent {
                         batch,
                         index,
@@ -365,7 +412,7 @@ impl Coordinator<'_> {
         }
         drop(steps);
         if self.stop.requested().is_none() {
-            sender.close_batch();
+            sender.close_batch().map_err(|e| self.spool_error(e))?;
             self.send_ready(&run, &mut sender, &mut collect, &mut spool)
                 .await?;
         }
@@ -510,7 +557,7 @@ impl Coordinator<'_> {
             let idle = received.is_empty();
             let mut done = Vec::with_capacity(received.len());
             for m in received {
-                if self.take_report(run, total, &m.body, spool)? {
+                if self.take_report(run, total, &m.body, spool).await? {
                     c.accounted += 1;
                 }
                 done.push(m.receipt);
@@ -529,20 +576,27 @@ impl Coordinator<'_> {
         Ok(())
     }
 
-    /// Counts one report; `false` for another run's, a repeat, or something unreadable.
-    fn take_report(
+    /// Counts one report; `false` for another run's, a repeat, something unreadable, or one that
+    /// does not name exactly its batch's files (refused: the batch waits for a true report, or
+    /// its files are named at the deadline). Each upload it reports is held to the object in the
+    /// bucket first (`integrity::hold_to_report`): one the bucket does not bear out is an error,
+    /// and the manifest keeps the file's old record.
+    async fn take_report(
         &self,
         run: &str,
         total: u64,
         body: &str,
         spool: &mut Spool,
     ) -> Result<bool, Fatal> {
-        let Ok(report) = serde_json::from_str::<Report>(body) else {
+        let Ok(mut report) = serde_json::from_str::<Report>(body) else {
             tracing::warn!("a message in the results queue is not a report: dropped");
             return Ok(false);
         };
         if report.run != run || report.batch >= total {
-            tracing::debug!("a report of another run ({}) dropped", report.run);
+            tracing::debug!(
+                "a report of another run ({}) dropped",
+                keys::shown(&report.run)
+            );
             return Ok(false);
         }
         let err = |e| self.spool_error(e);
@@ -551,6 +605,16 @@ impl Coordinator<'_> {
         if spool.has(report.batch).map_err(err)? {
             return Ok(false);
         }
+        if spool.digest(report.batch).map_err(err)? != Some(report.digest()) {
+            tracing::warn!(
+                "a report on batch {} (from {}, {} files) does not name exactly the files of                  that batch: refused, not counted (a forged or damaged report; the batch waits                  for its worker's)",
+                report.batch,
+                keys::shown(&report.worker),
+                report.files.len()
+            );
+            return Ok(false);
+        }
+        self.hold_to_bucket(&mut report).await?;
         for f in &report.files {
             self.count(f);
         }
@@ -558,10 +622,74 @@ impl Coordinator<'_> {
         tracing::debug!(
             "batch {} done by {} ({} files)",
             report.batch,
-            report.worker,
+            keys::shown(&report.worker),
             report.files.len()
         );
         Ok(true)
+    }
+
+    /// Turns each reported upload the bucket does not bear out into an error: one HEAD per
+    /// uploaded file, side by side.
+    async fn hold_to_bucket(&self, report: &mut Report) -> Result<(), Fatal> {
+        use futures::StreamExt as _;
+        let prefix = self.config.destination.prefix.as_str();
+        let heads: Vec<_> = futures::stream::iter(
+            report
+                .files
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.outcome == FileOutcome::Uploaded),
+        )
+        .map(|(i, f)| async move {
+            let head = self.store.head(&format!("{prefix}{}", f.key)).await;
+            (i, head)
+        })
+        .buffer_unordered(self.config.transfer.concurrency.0.max(1))
+        .collect()
+        .await;
+        for (i, head) in heads {
+            let f = &mut report.files[i];
+            let head = match head {
+                Ok(h) => h,
+                Err(e) if e.is_fatal() => return Err(Fatal::Store(e)),
+                Err(e) => {
+                    mark_failed(
+                        f,
+                        &format_args!("cannot check the object a worker stored: {e}"),
+                    );
+                    continue;
+                }
+            };
+            let held = integrity::hold_to_report(
+                head.as_ref(),
+                f.size,
+                f.mtime_ns,
+                f.sha256.as_deref(),
+                f.composite.as_deref(),
+            );
+            match held {
+                Ok(Held::Checksum) => {}
+                Ok(Held::SizeAndMtime) => {
+                    if !self
+                        .unchecksummed
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::warn!(
+                            "the endpoint returns no SHA-256 checksum for objects: workers' \
+                             uploads are checked by size and mtime only"
+                        );
+                    }
+                }
+                Err(why) => mark_failed(
+                    f,
+                    &format_args!(
+                        "a worker reported it uploaded, but the bucket does not bear it out: \
+                         {why}; not recorded, the next run tries it again"
+                    ),
+                ),
+            }
+        }
+        Ok(())
     }
 
     fn count(&self, f: &FileReport) {
@@ -575,16 +703,15 @@ impl Coordinator<'_> {
                     .transferred(&path, &f.key, f.size, &"by a worker", class);
             }
             FileOutcome::Vanished => self.stats.vanished(&path),
-            FileOutcome::Replaced => self
-                .stats
-                .replaced(&path, f.detail.as_deref().unwrap_or("something else")),
+            // A worker's words are input like a name: shown escaped.
+            FileOutcome::Replaced => self.stats.replaced(
+                &path,
+                &keys::shown(f.detail.as_deref().unwrap_or("something else")).to_string(),
+            ),
             FileOutcome::Error => self.stats.file_error(
                 &path,
-                f.kind
-                    .as_deref()
-                    .and_then(FileErrorKind::from_name)
-                    .unwrap_or(FileErrorKind::Upload),
-                &f.detail.as_deref().unwrap_or("failed on a worker"),
+                f.kind.unwrap_or(FileErrorKind::Upload),
+                &keys::shown(f.detail.as_deref().unwrap_or("failed on a worker")),
             ),
         }
     }
@@ -649,6 +776,13 @@ impl Coordinator<'_> {
             }
         }
     }
+}
+
+/// A reported upload that is not recorded: an upload error with `why`.
+fn mark_failed(f: &mut FileReport, why: &dyn std::fmt::Display) {
+    f.outcome = FileOutcome::Error;
+    f.kind = Some(FileErrorKind::Upload);
+    f.detail = Some(why.to_string());
 }
 
 fn manifest_line(text: &str) -> ManifestEntry {

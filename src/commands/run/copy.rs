@@ -72,12 +72,8 @@ pub async fn copy<S: ObjectStore>(
     };
     // A distributed run sends the plan to the workers instead (a dry run only prints it).
     if let Some((queues, writer)) = queues.zip(writer.take_if(|_| queues.is_some())) {
-        let coordinator = Coordinator {
-            config,
-            queues,
-            stats: stats.clone(),
-            stop: stop.clone(),
-        };
+        let coordinator =
+            Coordinator::new(config, queues, store.as_ref(), stats.clone(), stop.clone());
         let result = coordinator.run(steps, writer).await;
         let _ = planner.await;
         return result;
@@ -262,7 +258,7 @@ async fn handle<S: ObjectStore>(
             previous,
         } => {
             Ok(match uploader.upload_on_task(entry, reason).await? {
-                Upload::Stored(record) => Some(record),
+                Upload::Stored(record, _) => Some(record),
                 // The old record still describes what the bucket holds.
                 Upload::Skipped(_) => previous,
             })

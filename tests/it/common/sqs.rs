@@ -133,6 +133,51 @@ impl TestQueues {
     }
 }
 
+impl TestQueues {
+    /// Sends `body` to `queue` as anyone allowed to send there could.
+    pub fn send(&self, queue: &str, body: &str) {
+        super::cloudwatch::block_on(async {
+            client()
+                .send_message()
+                .queue_url(queue)
+                .message_body(body)
+                .send()
+                .await
+                .expect("SendMessage");
+        })
+    }
+
+    /// Takes (receives and deletes) up to `n` messages from `queue`, waiting at most `limit` for
+    /// them all; returns their bodies.
+    pub fn take(&self, queue: &str, n: usize, limit: Duration) -> Vec<String> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut bodies = Vec::new();
+        super::cloudwatch::block_on(async {
+            let c = client();
+            while bodies.len() < n && std::time::Instant::now() < deadline {
+                let out = c
+                    .receive_message()
+                    .queue_url(queue)
+                    .max_number_of_messages((n - bodies.len()).min(10) as i32)
+                    .wait_time_seconds(1)
+                    .send()
+                    .await
+                    .expect("ReceiveMessage");
+                for m in out.messages.unwrap_or_default() {
+                    c.delete_message()
+                        .queue_url(queue)
+                        .receipt_handle(m.receipt_handle.unwrap_or_default())
+                        .send()
+                        .await
+                        .expect("DeleteMessage");
+                    bodies.push(m.body.unwrap_or_default());
+                }
+            }
+        });
+        bodies
+    }
+}
+
 /// Polls `done` every 200 ms until it holds or `limit` passes.
 fn until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + limit;
