@@ -11,6 +11,10 @@
 //! own destination header and checksummed trailer. A copy for another destination or source, a
 //! damaged one, one whose checksum does not match: each is refused with a warning saying why and
 //! what the run does instead.
+//!
+//! Whoever can write the prefix can write the copy, and `restore` reads it as root: its download
+//! and its decompression are bounded whatever it claims (`Limits`), and `accept` is the one place
+//! that decides whether a copy is used.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -31,7 +35,7 @@ use crate::plan::Reason;
 use crate::report::Stats;
 use crate::scan::LocalEntry;
 use crate::state::manifest::{self, Reader};
-use crate::store::{ObjectStore, StoreError};
+use crate::store::{Download, ObjectStore, StoreError};
 use crate::upload::{Skip, Upload, Uploader};
 
 const FORMAT: u32 = 1;
@@ -39,6 +43,38 @@ const FORMAT: u32 = 1;
 const UPLOAD_FILE: &str = "manifest.gz.upload";
 const DOWNLOAD_FILE: &str = "manifest.gz.download";
 const FETCHED_FILE: &str = "manifest.fetched";
+
+/// Bounds on reading a copy back, in bytes. None depends on the config: a copy that passes them
+/// may still be refused, one that exceeds them never needed to.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// The object as stored. Gzip never grows data by more than a few bytes per 64 KiB, and a
+    /// manifest shrinks (its hex SHA-256s alone by half), so no copy we accept is larger than
+    /// `decompressed`.
+    compressed: u64,
+    /// Preamble and manifest together, once inflated.
+    decompressed: u64,
+    /// One line of the manifest, newline included. An entry is a key (S3 allows 1,024 bytes,
+    /// prefix included), two numbers and a hex SHA-256: at most about 1,130 bytes; the header
+    /// names the destination (endpoint, bucket, prefix). 8 KiB leaves room for all of that, and
+    /// is what the reader holds of a line that has no end.
+    line: usize,
+}
+
+/// 16 GiB inflated is about 15 million entries with the longest keys S3 allows, and over 100
+/// million of the usual 100–150 bytes: more than any tree a nightly run copies, and no more disk
+/// than the state directory's manifest of such a tree takes anyway. What a copy claims tightens
+/// this further: it may hold no more lines than its preamble's entry count plus header and
+/// trailer, so one claiming 1,000 entries is refused after 1,002 lines of at most `line` bytes.
+const LIMITS: Limits = Limits {
+    compressed: 16 << 30,
+    decompressed: 16 << 30,
+    line: 8 << 10,
+};
+
+/// The preamble is one JSON line naming the source percent-encoded (a path of 4,096 bytes is
+/// 12 KiB so): a line far longer than that is not a preamble.
+const PREAMBLE_LINE: usize = 64 << 10;
 
 /// The first line of the compressed stream.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -184,6 +220,8 @@ enum Refused {
     OtherSource(String),
     #[error("it is damaged: {0}")]
     Damaged(String),
+    #[error("it is larger than nightcopy reads: {0}")]
+    TooLarge(String),
     #[error("it cannot be read: {0}")]
     Io(#[from] io::Error),
     #[error("{0}")]
@@ -216,7 +254,7 @@ pub async fn manifest<S: ObjectStore>(
         config.destination.bucket.0,
         shown(&key(config))
     );
-    match fetch(store, config, install).await {
+    match fetch(store, config, install, LIMITS).await {
         Ok(None) => {
             tracing::info!("no manifest here and none in the bucket at {shown_key}: {fallback}");
             None
@@ -254,19 +292,21 @@ async fn fetch<S: ObjectStore>(
     store: &S,
     config: &Config,
     install: bool,
+    limits: Limits,
 ) -> Result<Option<PathBuf>, Refused> {
     let Some(mut download) = store.get(&key(config), None).await? else {
         return Ok(None);
     };
+    too_large(download.size, limits.compressed, "compressed")?;
     let state_dir = config.state_dir.0.clone();
     let gz_path = state_dir.join(DOWNLOAD_FILE);
     let mut gz = AtomicFile::create(&gz_path, 0o600)?;
-    while let Some(chunk) = download.body.next().await {
-        gz.write_all(&chunk?)?;
-    }
+    receive(&mut download, &mut gz, limits.compressed).await?;
     gz.commit()?;
-    let destination = config.destination_id();
-    let source = source_id(config);
+    let expected = Expected {
+        destination: config.destination_id(),
+        source: source_id(config),
+    };
     let target = state_dir.join(if install {
         manifest::FILE_NAME
     } else {
@@ -274,7 +314,7 @@ async fn fetch<S: ObjectStore>(
     });
     let out = target.clone();
     let gz_read = gz_path.clone();
-    let unpacked = blocking(move || Ok(unpack(&gz_read, &out, &destination, &source))).await;
+    let unpacked = blocking(move || Ok(unpack(&gz_read, &out, &expected, limits))).await;
     let _ = std::fs::remove_file(&gz_path);
     match unpacked {
         Ok(Ok(())) => Ok(Some(target)),
@@ -283,45 +323,158 @@ async fn fetch<S: ObjectStore>(
     }
 }
 
-/// Checks the preamble, then writes the manifest after it to `out` (atomically, 0600) if its
-/// SHA-256 matches.
-fn unpack(gz: &Path, out: &Path, destination: &str, source: &str) -> Result<(), Refused> {
-    let mut r = BufReader::new(GzDecoder::new(File::open(gz)?));
-    let mut first = Vec::new();
-    // A line far longer than any preamble means this is not one: bounded, not read whole.
-    (&mut r).take(64 * 1024).read_until(b'\n', &mut first)?;
-    let preamble: Preamble = serde_json::from_slice(&first)
-        .map_err(|e| Refused::Damaged(format!("no valid first line ({e})")))?;
+/// `Err(TooLarge)` when `size` is over `most`; `what` names the measure.
+fn too_large(size: u64, most: u64, what: &str) -> Result<(), Refused> {
+    if size > most {
+        return Err(Refused::TooLarge(format!(
+            "more than {} {what}",
+            bytesize::ByteSize(most).display().iec()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes the body of `download` to `out`, counting: the size the server announced can be absent
+/// (a chunked reply) or wrong, so the bytes received are held to `most` too.
+async fn receive(download: &mut Download, out: &mut impl Write, most: u64) -> Result<(), Refused> {
+    too_large(download.size, most, "compressed")?;
+    let mut received = 0u64;
+    while let Some(chunk) = download.body.next().await {
+        let chunk = chunk?;
+        received += chunk.len() as u64;
+        too_large(received, most, "compressed")?;
+        out.write_all(&chunk)?;
+    }
+    Ok(())
+}
+
+/// What a copy must be made for.
+struct Expected {
+    /// `Config::destination_id`.
+    destination: String,
+    /// `source_id`.
+    source: String,
+}
+
+/// What reading a whole copy found, beside its preamble.
+struct Contents {
+    /// Of the manifest bytes after the preamble.
+    sha256: [u8; 32],
+}
+
+/// Whether a downloaded copy is used: the one place that decides. Called with the preamble alone
+/// as soon as it is read (a copy for another destination or source is refused before the rest is
+/// inflated), then with what the whole stream held; the copy is used only if both pass. The
+/// limits are not here: they bound the reading itself (`unpack`). A further check of the copy
+/// (an authentication tag, say) belongs here, fed by `Contents`.
+fn accept(
+    expected: &Expected,
+    preamble: &Preamble,
+    read: Option<&Contents>,
+) -> Result<(), Refused> {
     if preamble.nightcopy_manifest_copy != FORMAT {
         return Err(Refused::Damaged(format!(
             "format {} (this nightcopy reads {FORMAT})",
             preamble.nightcopy_manifest_copy
         )));
     }
-    if preamble.destination != destination {
-        return Err(Refused::OtherDestination(preamble.destination));
+    if preamble.destination != expected.destination {
+        return Err(Refused::OtherDestination(preamble.destination.clone()));
     }
-    if preamble.source != source {
+    if preamble.source != expected.source {
         return Err(Refused::OtherSource(
             percent_encoding::percent_decode_str(&preamble.source)
                 .decode_utf8_lossy()
                 .into_owned(),
         ));
     }
-    let mut file = AtomicFile::create(out, 0o600)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0; 256 * 1024];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
+    if let Some(read) = read {
+        if hex::encode(read.sha256) != preamble.sha256 {
+            return Err(Refused::Damaged("its checksum does not match".into()));
         }
-        h.update(&buf[..n]);
-        file.write_all(&buf[..n])?;
     }
-    if hex::encode(h.finalize()) != preamble.sha256 {
-        return Err(Refused::Damaged("its checksum does not match".into()));
+    Ok(())
+}
+
+/// What [`read_line`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// A line, in the buffer with its newline (or without, the last one of the stream).
+    Whole,
+    /// The line is longer than allowed: the buffer holds its first `most` bytes, and the rest
+    /// was not read.
+    TooLong,
+    End,
+}
+
+/// Reads one line into `buf` (cleared first), holding at most `most` bytes of it whatever the
+/// stream holds: `BufRead::read_line` would hold a line of any length in memory.
+fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>, most: usize) -> io::Result<Line> {
+    buf.clear();
+    if (&mut *r).take(most as u64).read_until(b'\n', buf)? == 0 {
+        return Ok(Line::End);
     }
+    Ok(if buf.ends_with(b"\n") || buf.len() < most {
+        Line::Whole
+    } else {
+        Line::TooLong
+    })
+}
+
+/// Checks the preamble, then writes the manifest after it to `out` (atomically, 0600) if `accept`
+/// takes the copy, reading it line by line within `limits`.
+fn unpack(gz: &Path, out: &Path, expected: &Expected, limits: Limits) -> Result<(), Refused> {
+    let mut r = BufReader::new(GzDecoder::new(File::open(gz)?));
+    let mut line = Vec::new();
+    let preamble: Preamble = match read_line(&mut r, &mut line, PREAMBLE_LINE)? {
+        Line::Whole => serde_json::from_slice(&line)
+            .map_err(|e| Refused::Damaged(format!("no valid first line ({e})")))?,
+        Line::TooLong => {
+            return Err(Refused::Damaged(format!(
+                "no valid first line (longer than {})",
+                bytesize::ByteSize(PREAMBLE_LINE as u64).display().iec()
+            )))
+        }
+        Line::End => return Err(Refused::Damaged("it is empty".into())),
+    };
+    accept(expected, &preamble, None)?;
+    // Header and trailer besides the entries.
+    let most_lines = preamble.entries.saturating_add(2);
+    let mut inflated = line.len() as u64;
+    let mut lines = 0u64;
+    let mut file = AtomicFile::create(out, 0o600)?;
+    let mut w = io::BufWriter::with_capacity(256 * 1024, &mut file);
+    let mut h = Sha256::new();
+    loop {
+        match read_line(&mut r, &mut line, limits.line)? {
+            Line::End => break,
+            Line::Whole => {}
+            Line::TooLong => {
+                return Err(Refused::TooLarge(format!(
+                    "line {} is longer than {}",
+                    lines + 2,
+                    bytesize::ByteSize(limits.line as u64).display().iec()
+                )))
+            }
+        }
+        lines += 1;
+        if lines > most_lines {
+            return Err(Refused::Damaged(format!(
+                "it holds more lines than the {} entries it claims",
+                preamble.entries
+            )));
+        }
+        inflated += line.len() as u64;
+        too_large(inflated, limits.decompressed, "inflated")?;
+        h.update(&line);
+        w.write_all(&line)?;
+    }
+    w.flush()?;
+    drop(w);
+    let read = Contents {
+        sha256: h.finalize().into(),
+    };
+    accept(expected, &preamble, Some(&read))?;
     file.commit()?;
     Ok(())
 }
@@ -345,6 +498,37 @@ mod tests {
         w.commit().unwrap();
     }
 
+    fn expected(destination: &str, source: &str) -> Expected {
+        Expected {
+            destination: destination.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A gzip file holding `preamble`'s line and then `body`, with the preamble's checksum
+    /// right, so that only the limits can refuse it.
+    fn copy_of(gz: &Path, entries: u64, body: &[u8]) {
+        let preamble = Preamble {
+            nightcopy_manifest_copy: FORMAT,
+            destination: "d".into(),
+            source: "s".into(),
+            entries,
+            sha256: hex::encode(Sha256::digest(body)),
+            run_started: 0,
+        };
+        let mut e = GzEncoder::new(File::create(gz).unwrap(), flate2::Compression::fast());
+        serde_json::to_writer(&mut e, &preamble).unwrap();
+        e.write_all(b"\n").unwrap();
+        e.write_all(body).unwrap();
+        e.finish().unwrap();
+    }
+
+    const SMALL: Limits = Limits {
+        compressed: 1 << 20,
+        decompressed: 64 << 10,
+        line: 100,
+    };
+
     #[test]
     fn a_copy_unpacks_to_the_same_manifest_only_for_its_destination_and_source() {
         let t = tempfile::tempdir().unwrap();
@@ -363,12 +547,24 @@ mod tests {
         assert!(entry.size < original.len() as u64);
 
         let out = t.path().join("out");
-        unpack(&gz, &out, "d", "%2Fsrc").unwrap();
+        unpack(&gz, &out, &expected("d", "%2Fsrc"), LIMITS).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), original);
 
-        let err = unpack(&gz, &t.path().join("x"), "other", "%2Fsrc").unwrap_err();
+        let err = unpack(
+            &gz,
+            &t.path().join("x"),
+            &expected("other", "%2Fsrc"),
+            LIMITS,
+        )
+        .unwrap_err();
         assert!(matches!(err, Refused::OtherDestination(_)), "{err}");
-        let err = unpack(&gz, &t.path().join("x"), "d", "%2Felsewhere").unwrap_err();
+        let err = unpack(
+            &gz,
+            &t.path().join("x"),
+            &expected("d", "%2Felsewhere"),
+            LIMITS,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("another source (/src)"), "{err}");
         assert!(!t.path().join("x").exists());
     }
@@ -392,11 +588,157 @@ mod tests {
         e.write_all(&std::fs::read(t.path().join(manifest::FILE_NAME)).unwrap())
             .unwrap();
         e.finish().unwrap();
-        let err = unpack(&gz, &t.path().join("out"), "d", "s").unwrap_err();
+        let err = unpack(&gz, &t.path().join("out"), &expected("d", "s"), LIMITS).unwrap_err();
         assert!(err.to_string().contains("checksum does not match"), "{err}");
         assert!(!t.path().join("out").exists());
 
         std::fs::write(&gz, b"not gzip at all").unwrap();
-        assert!(unpack(&gz, &t.path().join("out"), "d", "s").is_err());
+        assert!(unpack(&gz, &t.path().join("out"), &expected("d", "s"), LIMITS).is_err());
+    }
+
+    #[test]
+    fn a_line_is_read_whole_only_within_its_bound() {
+        /// A stream, a bound, and the lines read from it.
+        type Case<'a> = (&'a [u8], usize, &'a [(Line, &'a [u8])]);
+        let cases: &[Case] = &[
+            (
+                b"ab\ncd\n",
+                3,
+                &[(Line::Whole, b"ab\n"), (Line::Whole, b"cd\n")],
+            ),
+            (b"abc\n", 3, &[(Line::TooLong, b"abc")]),
+            (b"abcdef", 3, &[(Line::TooLong, b"abc")]),
+            (b"ab", 3, &[(Line::Whole, b"ab")]),
+            (b"\n\n", 1, &[(Line::Whole, b"\n"), (Line::Whole, b"\n")]),
+            (b"", 3, &[]),
+        ];
+        for (stream, most, want) in cases {
+            let mut r = BufReader::with_capacity(2, *stream);
+            let mut buf = Vec::new();
+            for (line, bytes) in *want {
+                assert_eq!(
+                    read_line(&mut r, &mut buf, *most).unwrap(),
+                    *line,
+                    "{stream:?}"
+                );
+                assert_eq!(buf, *bytes, "{stream:?}");
+            }
+            if !want.iter().any(|(l, _)| *l == Line::TooLong) {
+                assert_eq!(read_line(&mut r, &mut buf, *most).unwrap(), Line::End);
+            }
+        }
+    }
+
+    /// A bomb: a copy whose one line never ends is refused once the bound is read, not held.
+    #[test]
+    fn a_copy_with_a_line_past_the_bound_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let gz = t.path().join("copy.gz");
+        copy_of(&gz, 1, &vec![b'a'; 1 << 20]);
+        let out = t.path().join("out");
+        let err = unpack(&gz, &out, &expected("d", "s"), SMALL).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("larger than nightcopy reads: line 2 is longer than 100 B"),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+
+    #[test]
+    fn a_copy_that_inflates_past_the_bound_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let gz = t.path().join("copy.gz");
+        let line = b"k\t1\t1\t-\n";
+        // Claiming as many entries as it holds, the bound on the whole is what refuses it.
+        let n = (1 << 20) / line.len();
+        copy_of(&gz, n as u64, &line.repeat(n));
+        let out = t.path().join("out");
+        let err = unpack(&gz, &out, &expected("d", "s"), SMALL).unwrap_err();
+        assert!(
+            err.to_string().contains("more than 64.0 KiB inflated"),
+            "{err}"
+        );
+        assert!(!out.exists());
+        // Claiming fewer, it is refused at the first line too many.
+        copy_of(&gz, 10, &line.repeat(n));
+        let err = unpack(&gz, &out, &expected("d", "s"), LIMITS).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("damaged: it holds more lines than the 10 entries it claims"),
+            "{err}"
+        );
+        assert!(!out.exists());
+        // Within every bound, the same body is taken.
+        copy_of(&gz, n as u64, &line.repeat(n));
+        unpack(&gz, &out, &expected("d", "s"), LIMITS).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), line.repeat(n));
+    }
+
+    /// A download of `chunks`, announcing `size`; counts the chunks taken from it.
+    fn download(size: u64, chunks: usize, taken: Arc<std::sync::atomic::AtomicUsize>) -> Download {
+        let body = futures::stream::iter(0..chunks).map(move |_| {
+            taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(bytes::Bytes::from(vec![0u8; 1000]))
+        });
+        Download {
+            size,
+            etag_md5: None,
+            meta: Default::default(),
+            checksum_sha256: None,
+            body: Box::pin(body),
+        }
+    }
+
+    #[test]
+    fn a_download_past_the_bound_stops_before_or_as_it_goes_over() {
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = || taken.load(std::sync::atomic::Ordering::Relaxed);
+        let mut out = Vec::new();
+        // Announced too large: not a byte is read.
+        let mut d = download(1_000_000, 1000, taken.clone());
+        let err = futures::executor::block_on(receive(&mut d, &mut out, 10_000)).unwrap_err();
+        assert!(
+            err.to_string().contains("more than 9.8 KiB compressed"),
+            "{err}"
+        );
+        assert_eq!((count(), out.len()), (0, 0));
+        // Announced as nothing (a chunked reply), longer than that: read up to the bound.
+        let mut d = download(0, 1000, taken.clone());
+        let err = futures::executor::block_on(receive(&mut d, &mut out, 10_000)).unwrap_err();
+        assert!(matches!(err, Refused::TooLarge(_)), "{err}");
+        assert_eq!((count(), out.len()), (11, 10_000));
+        // Within it, whole.
+        let mut out = Vec::new();
+        let mut d = download(0, 10, taken.clone());
+        futures::executor::block_on(receive(&mut d, &mut out, 10_000)).unwrap();
+        assert_eq!(out.len(), 10_000);
+    }
+
+    #[test]
+    fn fetch_refuses_a_copy_larger_than_the_bound_before_downloading_it() {
+        let t = tempfile::tempdir().unwrap();
+        let config = Config::parse(
+            &format!(
+                "source:\n  path: /src\ndestination:\n  bucket: b-1\n  prefix: p/\n\
+                 state-dir: {}\n",
+                t.path().display()
+            ),
+            Path::new("/etc/nightcopy/config.yaml"),
+        )
+        .unwrap();
+        let store = crate::store::memory::MemoryStore::new(100);
+        store.insert(
+            &key(&config),
+            crate::store::memory::Object::new(vec![0u8; 5000], None),
+        );
+        let limits = Limits {
+            compressed: 4999,
+            ..LIMITS
+        };
+        let err = futures::executor::block_on(fetch(&store, &config, true, limits)).unwrap_err();
+        assert!(matches!(err, Refused::TooLarge(_)), "{err}");
+        let left: Vec<_> = std::fs::read_dir(t.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

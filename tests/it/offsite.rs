@@ -3,7 +3,11 @@
 //! mtime went backwards; a copy for another source, or a damaged one, is refused loudly.
 
 use std::fs;
-use std::time::{Duration, SystemTime};
+use std::io::{BufRead, Read};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use sha2::{Digest, Sha256};
 
 use crate::common::proxy::Op;
 use crate::common::run::Case;
@@ -156,4 +160,230 @@ fn restore_and_verify_never_see_the_copy_as_a_file() {
     let out = c.run(&["run"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stderr.contains("1 excluded"), "{}", out.stderr);
+}
+
+/// The first line of the copy a run left in the bucket: names this destination and source.
+fn preamble_of(c: &Case) -> serde_json::Value {
+    let gz = s3().get(&c.dest, &c.key(COPY_KEY)).body;
+    let mut line = String::new();
+    std::io::BufReader::new(flate2::read::GzDecoder::new(&gz[..]))
+        .read_line(&mut line)
+        .unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+/// A gzip file holding `head` and then `n` bytes `byte`, written by hand: one fixed-Huffman
+/// block whose run is a literal and then matches of 258 bytes at distance 1 (13 bits each), so
+/// 512 MiB take 3.4 MB and no compressor time (flate2, unoptimised in a test build, takes seconds
+/// per hundred MiB). RFC 1951 3.2.6 and RFC 1952.
+fn gzip_of_run(head: &[u8], byte: u8, n: u64) -> Vec<u8> {
+    struct Bits {
+        out: Vec<u8>,
+        acc: u64,
+        used: u32,
+    }
+    impl Bits {
+        /// `count` bits of `value`, least significant first (block header).
+        fn put(&mut self, value: u64, count: u32) {
+            self.acc |= value << self.used;
+            self.used += count;
+            while self.used >= 8 {
+                self.out.push(self.acc as u8);
+                self.acc >>= 8;
+                self.used -= 8;
+            }
+        }
+        /// A Huffman code, most significant bit first.
+        fn code(&mut self, code: u32, len: u32) {
+            self.put(u64::from(code.reverse_bits() >> (32 - len)), len);
+        }
+        fn literal(&mut self, b: u8) {
+            match b {
+                0..=143 => self.code(0x30 + u32::from(b), 8),
+                _ => self.code(0x190 + u32::from(b - 144), 9),
+            }
+        }
+    }
+    let mut bits = Bits {
+        out: vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255],
+        acc: 0,
+        used: 0,
+    };
+    bits.put(0b011, 3); // the final block, fixed codes
+    head.iter().for_each(|b| bits.literal(*b));
+    let mut left = n;
+    if left > 0 {
+        bits.literal(byte);
+        left -= 1;
+    }
+    while left >= 258 {
+        bits.code(0b1100_0101, 8); // symbol 285: length 258
+        bits.code(0, 5); // distance code 0: distance 1
+        left -= 258;
+    }
+    (0..left).for_each(|_| bits.literal(byte));
+    bits.code(0, 7); // symbol 256: end of block
+    if bits.used > 0 {
+        bits.put(0, 8 - bits.used);
+    }
+    let mut crc = flate2::Crc::new();
+    crc.update(head);
+    let mut mib = flate2::Crc::new();
+    mib.update(&vec![byte; 1 << 20]);
+    (0..n >> 20).for_each(|_| crc.combine(&mib));
+    crc.update(&vec![byte; (n % (1 << 20)) as usize]);
+    let mut out = bits.out;
+    out.extend(crc.sum().to_le_bytes());
+    out.extend((((head.len() as u64) + n) as u32).to_le_bytes());
+    out
+}
+
+/// Hex SHA-256 of `n` bytes `byte`.
+fn sha256_of_run(byte: u8, n: u64) -> String {
+    let mut h = Sha256::new();
+    let mib = vec![byte; 1 << 20];
+    (0..n >> 20).for_each(|_| h.update(&mib));
+    h.update(&mib[..(n % (1 << 20)) as usize]);
+    hex::encode(h.finalize())
+}
+
+/// Replaces the copy in the bucket with `head` + `n` bytes `byte`.
+fn put_copy_of_run(c: &Case, head: &[u8], byte: u8, n: u64) -> usize {
+    let gz = gzip_of_run(head, byte, n);
+    let len = gz.len();
+    s3().block_on(
+        s3().direct_client()
+            .put_object()
+            .bucket(&c.dest.bucket)
+            .key(c.key(COPY_KEY))
+            .body(gz.into())
+            .send(),
+    )
+    .unwrap();
+    len
+}
+
+/// Runs the binary to its end, watching its peak RSS (VmHWM) every 10 ms; the last reading
+/// before it exits is the peak of everything it did until then.
+fn run_measured(c: &Case, args: &[&str]) -> (crate::common::run::Output, u64) {
+    let log = c.root.join("measured.log");
+    let mut child = c
+        .command(args, None)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the run did not end in 120 s");
+        let hwm = fs::read_to_string(&status_file).ok().and_then(|s| {
+            let line = s.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.to_owned();
+            line.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        });
+        peak_kib = peak_kib.max(hwm.unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = crate::common::run::Output {
+        code: status.code().unwrap_or(-1),
+        stdout: String::new(),
+        stderr: fs::read_to_string(&log).unwrap(),
+    };
+    assert!(peak_kib > 0, "no VmHWM read: {}", out.stderr);
+    (out, peak_kib)
+}
+
+#[test]
+fn the_bomb_builder_makes_real_gzip() {
+    let gz = gzip_of_run(b"head \xe9\n", b'x', 3 * (1 << 20) + 1000);
+    let mut plain = Vec::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut plain)
+        .unwrap();
+    let mut want = b"head \xe9\n".to_vec();
+    want.extend(vec![b'x'; 3 * (1 << 20) + 1000]);
+    assert!(plain == want, "{} bytes", plain.len());
+    assert!(gz.len() < 25_000, "{} bytes", gz.len());
+}
+
+/// A copy is whatever anyone who can write the prefix put there, and restore reads it as root:
+/// 3.4 MB of gzip holding one line of 512 MiB, with a preamble for this destination and source
+/// and its checksum right. Before the limits, the copy was installed and the manifest's reader
+/// held that line whole (a 4 GB one was an OOM kill).
+#[test]
+fn a_manifest_copy_holding_one_endless_line_is_refused_in_bounded_memory() {
+    let c = Case::new("copy-line-bomb");
+    c.write("a.txt", b"a");
+    assert_eq!(c.run(&["run"]).code, 0);
+    const LINE: u64 = 512 << 20;
+    let mut preamble = preamble_of(&c);
+    preamble["entries"] = 0.into();
+    preamble["sha256"] = sha256_of_run(b'a', LINE).into();
+    let head = format!("{preamble}\n");
+    let size = put_copy_of_run(&c, head.as_bytes(), b'a', LINE);
+    assert!(size < 4 << 20, "{size} bytes of gzip");
+    fs::remove_dir_all(c.state_dir()).unwrap();
+
+    let (out, peak_kib) = run_measured(&c, &["run"]);
+    eprintln!("peak RSS of the run: {} MiB", peak_kib / 1024);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let warning = format!(
+        "the manifest copy s3://{}/{}{COPY_KEY} is not used: it is larger than nightcopy reads: \
+         line 2 is longer than 8.0 KiB; deciding by size and upload time this once",
+        c.dest.bucket, c.dest.prefix
+    );
+    assert!(out.stderr.contains(&warning), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("using the copy in the bucket"),
+        "{}",
+        out.stderr
+    );
+    // The run went on: its own manifest, and a good copy again for the next one.
+    assert!(fs::read_to_string(c.state_dir().join("manifest"))
+        .unwrap()
+        .contains("a.txt\t"));
+    assert_eq!(preamble_of(&c)["entries"], 1);
+    // A debug build's run over one file stays near 40 MiB; the line alone is 512.
+    assert!(peak_kib < 160 * 1024, "peak RSS {} MiB", peak_kib / 1024);
+    let left: Vec<_> = fs::read_dir(c.state_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("manifest.gz") || n == "manifest.fetched")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// 1 MiB of gzip that inflates to 256 MiB of lines, with a preamble claiming 1,000 entries: it
+/// is refused at line 1,003, not written out whole to be found damaged after.
+#[test]
+fn a_manifest_copy_inflating_past_what_it_claims_is_refused_at_once() {
+    let c = Case::new("copy-bomb");
+    c.write("a.txt", b"a");
+    assert_eq!(c.run(&["run"]).code, 0);
+    const BODY: u64 = 256 << 20;
+    let mut preamble = preamble_of(&c);
+    preamble["entries"] = 1000.into();
+    preamble["sha256"] = sha256_of_run(b'\n', BODY).into();
+    put_copy_of_run(&c, format!("{preamble}\n").as_bytes(), b'\n', BODY);
+    fs::remove_dir_all(c.state_dir()).unwrap();
+    for args in [&["run", "--dry-run"][..], &["run"]] {
+        let out = c.run(args);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(
+            out.stderr.contains(&format!(
+                "{COPY_KEY} is not used: it is damaged: it holds more lines than the 1000 \
+                 entries it claims; deciding by size and upload time this once"
+            )),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
 }
