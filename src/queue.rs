@@ -141,7 +141,8 @@ pub struct Received {
 pub struct QueueError(pub String);
 
 fn error(what: &str, url: &str, e: impl std::error::Error) -> QueueError {
-    // The service's code and message, not the SDK's debug dump.
+    // The service's code and message, not the SDK's debug dump; escaped, as they are the
+    // server's words and a newline in them must not make a second journal line.
     let mut why = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -149,8 +150,9 @@ fn error(what: &str, url: &str, e: impl std::error::Error) -> QueueError {
         source = s.source();
     }
     QueueError(format!(
-        "{what} {url} failed: {why} (check distribute.* in the config, the queue's existence \
-         and the instance role's sqs: permissions, docs/scale-out.md)"
+        "{what} {url} failed: {} (check distribute.* in the config, the queue's existence \
+         and the instance role's sqs: permissions, docs/scale-out.md)",
+        crate::keys::shown(&why)
     ))
 }
 

@@ -3,6 +3,9 @@
 //! work queue and removed from the dead-letter queue (a message, never an object), for workers to
 //! try again. A redriven batch of a run whose coordinator has finished is uploaded, but counted by
 //! no run: the next nightly run plans those files again if they still need it.
+//!
+//! A message is whatever anyone allowed to send to the queue sent: every field of it that is text
+//! is printed escaped (`keys::shown`), so that none can make a second line or move the cursor.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -77,7 +80,7 @@ async fn walk(queues: &Queues, redrive: bool) -> Result<(u64, u64), crate::queue
                         files += 1;
                         println!(
                             "batch\t{}\t{}\t{}\t{}\t{}",
-                            batch.run,
+                            shown(&batch.run),
                             batch.batch,
                             m.receives,
                             shown(&f.key),

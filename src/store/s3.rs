@@ -15,6 +15,9 @@
 //!   the SDK skips; restore recomputes it (`restore::check`).
 //! - The SDK retries failed attempts itself and says nothing of it below its own debug level;
 //!   `RetryLog` logs each failed attempt and each retry at debug (`-v`).
+//! - An error's text from the server (its code and message) and a key are shown escaped
+//!   (`keys::shown`): they are someone else's bytes, and a newline in them must not make a second
+//!   journal line.
 
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::interceptors::{
@@ -41,6 +44,7 @@ use super::{
     VersionPage, Versioning,
 };
 use crate::config::Destination;
+use crate::keys::shown;
 
 /// Attempts per request (the first and five retries): with 5% of requests failing, the chance
 /// that one request fails them all is 0.05^6 ≈ 1.6e-8.
@@ -94,7 +98,10 @@ impl Intercept for RetryLog {
                 why = format!("{why}: {s}");
                 source = s.source();
             }
-            tracing::debug!("S3 attempt failed ({status}{why}); retried while attempts remain");
+            tracing::debug!(
+                "S3 attempt failed ({status}{}); retried while attempts remain",
+                shown(&why)
+            );
         }
         Ok(())
     }
@@ -186,7 +193,7 @@ impl S3Store {
         let what = if key.is_empty() {
             self.place.clone()
         } else {
-            format!("{key} in {}", self.place)
+            format!("{} in {}", shown(key), self.place)
         };
         let context = DisplayErrorContext(&err).to_string();
         let kind = match (&err, code.as_deref()) {
@@ -207,11 +214,14 @@ impl S3Store {
         // response) only helps for connection-level errors.
         let detail = match (&err, code.as_deref()) {
             (SdkError::ServiceError(se), Some(code)) => format!(
-                "{code}{}, HTTP {}",
-                err.message().map(|m| format!(": {m}")).unwrap_or_default(),
+                "{}{}, HTTP {}",
+                shown(code),
+                err.message()
+                    .map(|m| format!(": {}", shown(m)))
+                    .unwrap_or_default(),
                 se.raw().status().as_u16()
             ),
-            _ => super::sdk::explain(&err),
+            _ => shown(&super::sdk::explain(&err)).to_string(),
         };
         let message = if advice.is_empty() {
             format!("{op} {what} failed: {detail}")
@@ -374,7 +384,8 @@ impl ObjectStore for S3Store {
             .map_err(|e| self.error("starting multipart upload of", key, e))?;
         out.upload_id.ok_or_else(|| {
             StoreError::per_object(format!(
-                "starting multipart upload of {key}: no upload id in the reply"
+                "starting multipart upload of {}: no upload id in the reply",
+                shown(key)
             ))
         })
     }
@@ -729,5 +740,58 @@ impl ObjectStore for S3Store {
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
             Err(e) => Err(self.error("reading the part layout of", key, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_s3::error::ErrorMetadata;
+    use aws_sdk_s3::operation::list_parts::ListPartsError;
+    use aws_sdk_s3::primitives::SdkBody;
+
+    fn store() -> S3Store {
+        let config = crate::config::Config::parse(
+            "source:\n  path: /src\ndestination:\n  bucket: b-1\n  region: us-east-1\n",
+            std::path::Path::new("/etc/nightcopy/config.yaml"),
+        )
+        .unwrap();
+        let sdk = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        S3Store::for_config(&sdk, &config)
+    }
+
+    /// A server's error text is someone else's: with a newline in it, the error is still one
+    /// line, every control character escaped, and so is the key.
+    #[test]
+    fn a_server_s_error_text_makes_one_escaped_line() {
+        let s = store();
+        let meta = ErrorMetadata::builder()
+            .code("Odd\nCode")
+            .message("no\nINFO backup succeeded\r\x1b[2J")
+            .build();
+        let raw = HttpResponse::new(500u16.try_into().unwrap(), SdkBody::empty());
+        let err = SdkError::service_error(ListPartsError::generic(meta), raw);
+        let e = s.error("listing the parts of the upload of", "d/a\nb", err);
+        assert!(!e.message.chars().any(char::is_control), "{:?}", e.message);
+        assert_eq!(
+            e.message,
+            format!(
+                "listing the parts of the upload of d/a\\nb in {} failed: \
+                 Odd\\nCode: no\\nINFO backup succeeded\\r\\x1b[2J, HTTP 500",
+                s.place
+            )
+        );
+        // Not a service error: the SDK's text, which may quote the server, is escaped too.
+        let err: SdkError<ListPartsError, HttpResponse> =
+            SdkError::construction_failure("bad\x1b]0;title\x07 request");
+        let e = s.error("listing", "", err);
+        assert!(!e.message.chars().any(char::is_control), "{:?}", e.message);
+        assert!(
+            e.message.contains("bad\\x1b]0;title\\x07 request"),
+            "{}",
+            e.message
+        );
     }
 }

@@ -553,3 +553,29 @@ fn a_worker_keeps_its_concurrency_busy_across_batches() {
     assert_eq!(s3().peak_in_flight(&c.dest, Op::PutObject), 6);
     c.assert_no_delete();
 }
+
+/// A message in the dead-letter queue is whatever anyone allowed to send there sent: `dlq` prints
+/// each of its text fields escaped, so a newline in one cannot make a second line.
+#[test]
+fn dlq_prints_a_message_s_fields_escaped() {
+    let (c, q) = distributed("dlq-escaped", 10, "60s");
+    let batch = serde_json::json!({
+        "run": "r1\nINFO 0 batches in the dead-letter queue",
+        "batch": 7,
+        "destination": "d",
+        "files": [{
+            "key": "a\u{1b}[2Jb",
+            "path": "p\rq",
+            "size": 1,
+            "mtime_ns": 0,
+            "reason": "new",
+        }],
+    });
+    q.send(&q.dlq, &batch.to_string());
+    let out = c.run(&["dlq"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "batch\tr1\\nINFO 0 batches in the dead-letter queue\t7\t1\ta\\x1b[2Jb\tp\\rq\n"
+    );
+}
