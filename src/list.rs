@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use crate::keys::shown;
 use crate::report::Stats;
 use crate::store::{ObjectStore, RemoteObject, StoreError};
 
@@ -145,6 +146,8 @@ async fn list_range<S: ObjectStore>(
     tx: mpsc::Sender<Page>,
 ) {
     let mut token = None;
+    // The last key of the page before: the next one must begin past it.
+    let mut last: Option<String> = None;
     loop {
         let page = match store
             .list_page(&prefix, range.after.as_deref(), token.take())
@@ -156,6 +159,13 @@ async fn list_range<S: ObjectStore>(
                 return;
             }
         };
+        if let Err(e) = follows(&prefix, last.as_deref(), &page.objects) {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+        if let Some(o) = page.objects.last() {
+            last = Some(o.key.clone());
+        }
         let mut objects = page.objects;
         let mut done = page.next.is_none();
         if let Some(upto) = &range.upto {
@@ -172,6 +182,25 @@ async fn list_range<S: ObjectStore>(
             return;
         }
         token = page.next;
+    }
+}
+
+/// Whether a page begins past the page before it. The store refuses a token given back
+/// unchanged; a server that goes round through several tokens hands out keys already listed, and
+/// without this the listing would go round with it.
+fn follows(prefix: &str, last: Option<&str>, page: &[RemoteObject]) -> Result<(), StoreError> {
+    match (last, page.first()) {
+        (Some(last), Some(first)) if first.key.as_str() <= last => {
+            Err(StoreError::per_object(format!(
+                "listing {}: a page begins at {}, which is not past the last key of the page \
+                 before ({}): the server went back, and the listing stopped there instead of \
+                 going round",
+                shown(prefix),
+                shown(&first.key),
+                shown(last)
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -245,6 +274,31 @@ mod tests {
 
     fn s(k: &str) -> String {
         k.to_owned()
+    }
+
+    #[test]
+    fn a_page_has_to_begin_past_the_page_before() {
+        let page = |keys: &[&str]| -> Vec<RemoteObject> {
+            keys.iter()
+                .map(|k| RemoteObject {
+                    key: s(k),
+                    size: 0,
+                    last_modified_ns: 0,
+                })
+                .collect()
+        };
+        // (last key of the page before, page, follows)
+        let cases: &[(Option<&str>, &[&str], bool)] = &[
+            (None, &["a"], true),
+            (Some("a"), &["b", "c"], true),
+            (Some("a"), &[], true),
+            (Some("b"), &["b"], false),
+            (Some("c"), &["a", "b"], false),
+        ];
+        for (last, keys, want) in cases {
+            let got = follows("p/", *last, &page(keys));
+            assert_eq!(got.is_ok(), *want, "{last:?} {keys:?}: {got:?}");
+        }
     }
 
     #[test]

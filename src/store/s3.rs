@@ -18,6 +18,9 @@
 //! - An error's text from the server (its code and message) and a key are shown escaped
 //!   (`keys::shown`): they are someone else's bytes, and a newline in them must not make a second
 //!   journal line.
+//! - A listing asks for its next page with the marker the server gave; a server that gives back
+//!   the marker it was asked with (or, for parts, one that does not grow) would be asked for the
+//!   same page forever, so that reply is an error instead (`advances`).
 
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::interceptors::{
@@ -236,6 +239,36 @@ impl S3Store {
     }
 }
 
+impl S3Store {
+    /// A listing whose server gave back the marker it was asked with, or one that does not
+    /// advance: asked again, it would answer the same page forever.
+    fn repeated(&self, op: &str, key: &str, marker: &str) -> StoreError {
+        StoreError::per_object(format!(
+            "{op} {} in {} failed: the server's next {marker} does not advance past the one it \
+             was asked with, so the listing stopped there instead of asking for the same page \
+             forever",
+            shown(key),
+            self.place
+        ))
+    }
+}
+
+/// Whether a listing's next marker moves on from the one the page was asked with (`None`: the
+/// first page). Markers are opaque, so this is only "not the same"; a loop over several pages
+/// the listing's own order catches (`list.rs`).
+fn advances<T: PartialEq>(given: Option<&T>, next: &T) -> bool {
+    given != Some(next)
+}
+
+/// [`advances`] for ListParts, whose marker is a part number: it has to grow. A marker that is
+/// not a number (no S3 sends one) only has to change.
+fn part_marker_advances(given: Option<&str>, next: &str) -> bool {
+    match (given.map_or(Ok(0), str::parse::<u64>), next.parse::<u64>()) {
+        (Ok(given), Ok(next)) => next > given,
+        _ => given != Some(next),
+    }
+}
+
 /// KMS and customer keys make the ETag something else than the MD5 of the bytes.
 fn encrypted_with_a_key(sse: Option<&ServerSideEncryption>, customer_key: bool) -> bool {
     customer_key
@@ -276,6 +309,7 @@ impl ObjectStore for S3Store {
             (None, Some(after)) => Some(format!("{prefix}{after}")),
             _ => None,
         };
+        let continuation_given = continuation.clone();
         let out = self
             .client
             .list_objects_v2()
@@ -304,6 +338,11 @@ impl ObjectStore for S3Store {
         let next = out
             .next_continuation_token
             .filter(|_| out.is_truncated == Some(true));
+        if let Some(token) = &next {
+            if !advances(continuation_given.as_ref(), token) {
+                return Err(self.repeated("listing", prefix, "continuation token"));
+            }
+        }
         Ok(ListPage { objects, next })
     }
 
@@ -462,13 +501,14 @@ impl ObjectStore for S3Store {
         let mut parts = Vec::new();
         let mut marker: Option<String> = None;
         loop {
+            let asked = marker.take();
             let out = match self
                 .client
                 .list_parts()
                 .bucket(&self.bucket)
                 .key(key)
                 .upload_id(upload_id)
-                .set_part_number_marker(marker.take())
+                .set_part_number_marker(asked.clone())
                 .send()
                 .await
             {
@@ -494,11 +534,17 @@ impl ObjectStore for S3Store {
                     sha256,
                 });
             }
-            // A server that says "truncated" without a marker, or repeats it, would loop forever:
-            // S3's 10,000 parts also bound the pages.
+            // "Truncated" without a marker ends the listing; S3's 10,000 parts also bound it.
             let next = out.next_part_number_marker.filter(|m| !m.is_empty());
             match next {
                 Some(m) if out.is_truncated == Some(true) && parts.len() <= 10_000 => {
+                    if !part_marker_advances(asked.as_deref(), &m) {
+                        return Err(self.repeated(
+                            "listing the parts of the upload of",
+                            key,
+                            "part number marker",
+                        ));
+                    }
                     marker = Some(m)
                 }
                 _ => break,
@@ -658,6 +704,7 @@ impl ObjectStore for S3Store {
         prefix: &str,
         marker: Option<VersionMarker>,
     ) -> Result<VersionPage, StoreError> {
+        let given = marker.clone();
         let (key_marker, version_marker) =
             marker.map_or((None, None), |m| (Some(m.key), Some(m.version_id)));
         let out = self
@@ -712,6 +759,13 @@ impl ObjectStore for S3Store {
             }),
             _ => None,
         };
+        if let Some(m) = &next {
+            // Keys come in order: a key marker that goes back is no progress either.
+            let back = given.as_ref().is_some_and(|g| m.key < g.key);
+            if back || !advances(given.as_ref(), m) {
+                return Err(self.repeated("listing versions of", prefix, "key and version marker"));
+            }
+        }
         Ok(VersionPage { versions, next })
     }
 
@@ -793,5 +847,35 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn a_listing_marker_has_to_move_on() {
+        // (marker asked with, next marker, advances)
+        let cases = [
+            (None, "a", true),
+            (Some("a"), "b", true),
+            (Some("a"), "a", false),
+        ];
+        for (given, next, want) in cases {
+            let given = given.map(str::to_owned);
+            assert_eq!(
+                advances(given.as_ref(), &next.to_owned()),
+                want,
+                "{given:?} {next}"
+            );
+        }
+        let cases = [
+            (None, "2", true),
+            (None, "0", false),
+            (Some("2"), "4", true),
+            (Some("4"), "4", false),
+            (Some("10"), "9", false),
+            (Some("x"), "y", true),
+            (Some("x"), "x", false),
+        ];
+        for (given, next, want) in cases {
+            assert_eq!(part_marker_advances(given, next), want, "{given:?} {next}");
+        }
     }
 }
