@@ -218,6 +218,20 @@ check "notify: the body is the summary: unit, host, Result=, exit status, nightc
   monitoring_check notify-body "$dir/url-body.json" nightcopy.service exit-code 2 "$status_json"
 check "notify: the URL's token is in no output and on no command line" no_token "$dir/url.out" "$dir/curl-argv"
 
+# 1b. A ~/.curlrc is not read (curl -q): the service's home may be writable by it, and a proxy
+# set there would take the summary elsewhere (here: to a closed port, so the POST would fail).
+mkdir -p "$dir/home"
+printf 'proxy = "http://127.0.0.1:1/"\n' >"$dir/home/.curlrc"
+: >"$dir/curl-argv"
+before="$(requests)"
+if notify "$dir/curlrc.out" "HOME=$dir/home" "NIGHTCOPY_NOTIFY_URL=http://127.0.0.1:$HOOK_PORT/ok/$token" -- nightcopy.service; then
+  pass "notify: a ~/.curlrc setting a proxy is not read: exit 0"
+else
+  fail "notify: a ~/.curlrc setting a proxy is not read: exit 0" "$(cat "$dir/curlrc.out")"
+fi
+expect "notify: with a ~/.curlrc, one request reached the webhook; curl's first argument is -q" \
+  "$(($(requests) - before)) $(cut -d' ' -f1 "$dir/curl-argv" | sort -u | tr '\n' ' ')" "1 -q "
+
 # 2. The command: the same summary on its stdin.
 if notify "$dir/cmd.out" "NIGHTCOPY_NOTIFY_COMMAND=cat >\"\$NOTIFY_OUT\"" "NOTIFY_OUT=$dir/cmd-body.json" -- nightcopy.service; then
   pass "notify: NIGHTCOPY_NOTIFY_COMMAND: exit 0"
