@@ -34,6 +34,8 @@ pub enum Fatal {
          finds it"
     )]
     Manifest(String, std::io::Error),
+    #[error(transparent)]
+    Key(#[from] crate::auth::KeyError),
     /// A queue of a distributed run could not be used (docs/scale-out.md).
     #[error("{0}")]
     Queue(String),

@@ -26,6 +26,7 @@ pub mod report;
 pub mod metrics;
 pub mod notify;
 
+pub mod auth;
 pub mod error;
 pub mod exit;
 pub mod fsutil;

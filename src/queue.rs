@@ -18,6 +18,7 @@ use aws_sdk_sqs::types::{
 use aws_sdk_sqs::Client;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{self, AuthKey, Domain};
 use crate::config::Distribute;
 use crate::store::sdk::TransportGuard;
 
@@ -128,6 +129,15 @@ impl Report {
     }
 }
 
+/// Why a received message is not acted on: it is counted and named, never trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error(transparent)]
+    Unsealed(#[from] auth::Unsealed),
+    #[error("not a nightcopy {0}: {1}")]
+    NotOurs(&'static str, String),
+}
+
 /// A message taken from a queue.
 pub struct Received {
     pub body: String,
@@ -156,17 +166,24 @@ fn error(what: &str, url: &str, e: impl std::error::Error) -> QueueError {
     ))
 }
 
-/// The queues of `distribute:`, through one SQS client.
+/// The queues of `distribute:`, through one SQS client, and the key that seals what is sent and
+/// is required of what is received (`auth-key-file`; none: messages travel as they are).
 #[derive(Clone)]
 pub struct Queues {
     client: Client,
+    key: Option<AuthKey>,
     pub work: String,
     pub results: String,
     pub dead_letters: String,
 }
 
 impl Queues {
-    pub fn new(sdk: &aws_config::SdkConfig, d: &Distribute, allow_insecure: bool) -> Queues {
+    pub fn new(
+        sdk: &aws_config::SdkConfig,
+        d: &Distribute,
+        allow_insecure: bool,
+        key: Option<AuthKey>,
+    ) -> Queues {
         let mut b =
             aws_sdk_sqs::config::Builder::from(sdk).interceptor(TransportGuard { allow_insecure });
         if let Some(url) = &d.endpoint_url {
@@ -174,10 +191,35 @@ impl Queues {
         }
         Queues {
             client: Client::from_conf(b.build()),
+            key,
             work: d.queue_url.0.clone(),
             results: d.results_queue_url.0.clone(),
             dead_letters: d.dead_letter_queue_url.0.clone(),
         }
+    }
+
+    /// A batch as it is sent to the work queue.
+    pub fn encode_batch(&self, batch: &WorkBatch) -> String {
+        let body = serde_json::to_string(batch).expect("a batch serializes");
+        auth::seal(self.key.as_ref(), Domain::Work, body)
+    }
+
+    /// A received work message as a batch, once its MAC holds (with a key).
+    pub fn decode_batch(&self, message: &str) -> Result<WorkBatch, MessageError> {
+        let body = auth::unseal(self.key.as_ref(), Domain::Work, message)?;
+        serde_json::from_str(body).map_err(|e| MessageError::NotOurs("batch", e.to_string()))
+    }
+
+    /// A report as it is sent to the results queue.
+    pub fn encode_report(&self, report: &Report) -> String {
+        let body = serde_json::to_string(report).expect("a report serializes");
+        auth::seal(self.key.as_ref(), Domain::Report, body)
+    }
+
+    /// A received results message as a report, once its MAC holds (with a key).
+    pub fn decode_report(&self, message: &str) -> Result<Report, MessageError> {
+        let body = auth::unseal(self.key.as_ref(), Domain::Report, message)?;
+        serde_json::from_str(body).map_err(|e| MessageError::NotOurs("report", e.to_string()))
     }
 
     /// Proves a queue exists and may be used (GetQueueAttributes), before any work is taken.

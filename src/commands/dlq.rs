@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::exit;
 use crate::keys::shown;
-use crate::queue::{Queues, WorkBatch, MAX_PER_CALL};
+use crate::queue::{Queues, MAX_PER_CALL};
 use crate::store::sdk;
 
 /// Long enough to list the whole queue before the first message shows again.
@@ -28,7 +28,8 @@ pub async fn run(config: &Config, redrive: bool) -> u8 {
     };
     let result = async {
         let sdk = sdk::load_checked(config).await.map_err(|e| e.to_string())?;
-        let queues = Queues::new(&sdk, d, config.destination.allow_insecure_endpoint);
+        let key = config.auth_key().map_err(|e| e.to_string())?;
+        let queues = Queues::new(&sdk, d, config.destination.allow_insecure_endpoint, key);
         walk(&queues, redrive).await.map_err(|e| e.to_string())
     }
     .await;
@@ -73,7 +74,7 @@ async fn walk(queues: &Queues, redrive: bool) -> Result<(u64, u64), crate::queue
                 continue;
             }
             fresh = true;
-            match serde_json::from_str::<WorkBatch>(&m.body) {
+            match queues.decode_batch(&m.body) {
                 Ok(batch) => {
                     batches += 1;
                     for f in &batch.files {

@@ -83,7 +83,21 @@ pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> u8 {
             return exit::FATAL;
         }
     };
-    let queues = Queues::new(&sdk, d, config.destination.allow_insecure_endpoint);
+    let key = match config.auth_key() {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!("worker FAILED: {e}");
+            return exit::FATAL;
+        }
+    };
+    if key.is_none() {
+        tracing::warn!(
+            "queue messages are not authenticated (no auth-key-file): a forged batch is still held \
+             to the source and the walk's rules, but nothing proves it came from the coordinator \
+             (docs/scale-out.md, \"Trust\")"
+        );
+    }
+    let queues = Queues::new(&sdk, d, config.destination.allow_insecure_endpoint, key);
     if let Err(e) = queues.check(&queues.work).await {
         tracing::error!("worker FAILED: {e}");
         return exit::FATAL;
@@ -120,10 +134,12 @@ pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> u8 {
         beneath,
         slots: tokio::sync::Semaphore::new(config.transfer.concurrency.0.max(1)),
         waiting: AtomicUsize::new(0),
+        refused: AtomicUsize::new(0),
     };
     notify::ready(&format!("worker: taking batches from {}", d.queue_url.0));
     let progress = notify::Progress::start(stats.clone(), started, bar);
     let result = worker.serve().await;
+    let refused = worker.refused.load(Relaxed);
     drop(progress);
     let g = stats.snapshot(started.elapsed());
     let code = match &result {
@@ -140,11 +156,14 @@ pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> u8 {
         bytes_transferred = g.bytes_transferred,
         transfer_errors = g.transfer_errors,
         exit_code = code,
-        "{how}: {} files transferred ({}), {} transfer errors, {} vanished, {:.1}s",
+        refused_messages = refused,
+        "{how}: {} files transferred ({}), {} transfer errors, {} vanished, {} messages \
+         refused, {:.1}s",
         g.files_transferred,
         bytesize::ByteSize(g.bytes_transferred).display().iec(),
         g.transfer_errors,
         g.vanished,
+        refused,
         g.elapsed_seconds
     );
     notify::stopping(&how);
@@ -165,6 +184,8 @@ struct Worker<'a> {
     slots: tokio::sync::Semaphore,
     /// Files of the batches in hand that have no slot yet.
     waiting: AtomicUsize,
+    /// Messages refused (not authenticated, not a batch).
+    refused: AtomicUsize,
 }
 
 /// A file of a batch in hand that has no upload slot yet; counted in `Worker::waiting`.
@@ -314,16 +335,21 @@ impl Worker<'_> {
     /// A batch to work on, or `None` for a message that is not one of this worker's (left for
     /// the dead-letter queue, or given back for a worker that is configured for it).
     async fn accept(&self, m: Received) -> Result<Option<(Received, WorkBatch)>, WorkerError> {
-        let Ok(batch) = serde_json::from_str::<WorkBatch>(&m.body) else {
-            // Left in the queue: after its second receive it moves to the dead-letter queue,
-            // where `nightcopy dlq` shows it.
-            tracing::error!(
-                "a message in {} is not a batch of nightcopy's (received {} times): left for the \
-                 dead-letter queue",
-                self.queues.work,
-                m.receives
-            );
-            return Ok(None);
+        let batch = match self.queues.decode_batch(&m.body) {
+            Ok(batch) => batch,
+            Err(e) => {
+                // Never acted on. Left in the queue: after its second receive it moves to the
+                // dead-letter queue, where `nightcopy dlq` shows it.
+                self.refused.fetch_add(1, Relaxed);
+                tracing::error!(
+                    "a message in {} is refused: {} (received {} times): left for the dead-letter \
+                     queue",
+                    self.queues.work,
+                    crate::keys::shown(&e.to_string()),
+                    m.receives
+                );
+                return Ok(None);
+            }
         };
         if batch.destination != self.config.destination_id() {
             // Not ours to write: after its second receive it moves to the dead-letter queue.
@@ -391,7 +417,7 @@ impl Worker<'_> {
             worker: self.host.clone(),
             files,
         };
-        let body = serde_json::to_string(&report).expect("a report serializes");
+        let body = self.queues.encode_report(&report);
         // A report that may have gone out, or a batch reported but not deleted, is not given
         // back: it comes back after its visibility timeout, and a second report is harmless.
         let keep = |e: queue::QueueError| Give::Keep(e.into());

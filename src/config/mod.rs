@@ -66,6 +66,11 @@ pub struct Config {
     /// becomes the coordinator, `nightcopy worker` runs on the worker hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distribute: Option<Distribute>,
+    /// A secret shared by the coordinator and its workers (and by one host's runs over time):
+    /// queue messages and the manifest's copy in the bucket are sealed with it and refused
+    /// without it (auth.rs, docs/scale-out.md). A root- or user-owned file, mode 600 or stricter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_key_file: Option<AbsPath>,
     /// The exclude list, compiled once when the config is loaded (200,000 globs take seconds).
     #[serde(skip)]
     compiled_excludes: Option<std::sync::Arc<Excludes>>,
@@ -661,6 +666,14 @@ impl Config {
             }
         }
         Excludes::new(&patterns)
+    }
+
+    /// The key of `auth-key-file`, checked; `None` when none is configured.
+    pub fn auth_key(&self) -> Result<Option<crate::auth::AuthKey>, crate::auth::KeyError> {
+        self.auth_key_file
+            .as_ref()
+            .map(|p| crate::auth::AuthKey::load(&p.0))
+            .transpose()
     }
 
     /// A stable name for where this config writes: the manifest is only trusted for the same one.

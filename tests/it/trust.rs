@@ -262,3 +262,119 @@ fn forged_short_and_newline_reports_are_never_recorded_as_backed_up() {
     }
     c.assert_no_delete();
 }
+
+/// A key file as the role installs it: 64 hex characters and a newline, mode 600.
+fn key_file(c: &Case, name: &str, byte: u8) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = c.root.join(name);
+    fs::write(&p, format!("{}\n", hex::encode([byte; 32]))).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// Polls the file at `log` until it holds `n` lines containing `what` (bounded).
+fn wait_for_lines(log: &Path, what: &str, n: usize, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if text.lines().filter(|l| l.contains(what)).count() >= n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn with_a_key_unsigned_or_wrongly_signed_messages_are_never_acted_on() {
+    use nightcopy::auth::{seal, AuthKey, Domain};
+    let (mut c, q) = distributed("sealed", "60s");
+    let key = key_file(&c, "auth.key", 7);
+    c.top_extra
+        .push_str(&format!("auth-key-file: {}\n", key.display()));
+    c.write("ok.txt", b"fine");
+    c.write("two.txt", b"second");
+
+    // 1. Forged work: an honest-looking batch, unsigned and signed with another key.
+    let batch = WorkBatch {
+        run: "forged".into(),
+        batch: 0,
+        destination: destination_id(&c),
+        files: vec![work_file("ok.txt", "ok.txt")],
+    };
+    let json = serde_json::to_string(&batch).unwrap();
+    let other = AuthKey::from_bytes(hex::encode([8u8; 32]).as_bytes());
+    q.send(&q.work, &json);
+    q.send(&q.work, &seal(Some(&other), Domain::Work, json.clone()));
+    let log = c.root.join("worker-forged.log");
+    let mut worker = c
+        .command(&["worker"], None)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let refused = wait_for_lines(&log, "is refused", 2, Duration::from_secs(60));
+    let pid = nix::unistd::Pid::from_raw(worker.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = worker.wait();
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        refused,
+        "the worker did not refuse both forged batches:\n{text}"
+    );
+    assert!(text.contains("carries no MAC"), "{text}");
+    assert!(text.contains("MAC does not match"), "{text}");
+    assert!(c.server.list_all_keys(&c.dest).is_empty(), "{text}");
+    assert!(text.contains("2 messages refused"), "{text}");
+    // Out of the way of the real run below (they would go to the dead-letter queue).
+    let _ = q.take(&q.work, 2, Duration::from_secs(40));
+
+    // 2. A real run with the key; a forger takes its first batch, answers it with an unsigned
+    // report that claims the upload, and puts the sealed batch back for a worker.
+    let coordinator = run_coordinator(&c);
+    let taken = q.take(&q.work, 1, Duration::from_secs(30));
+    assert_eq!(taken.len(), 1, "no batch was sent");
+    assert!(taken[0].starts_with("nightcopy-mac-v1:"), "{}", taken[0]);
+    let body = taken[0].split_once('\n').unwrap().1;
+    let sent: WorkBatch = serde_json::from_str(body).unwrap();
+    let forged = Report {
+        run: sent.run.clone(),
+        batch: sent.batch,
+        worker: "forger".into(),
+        files: sent.files.iter().map(forged_upload).collect(),
+    };
+    q.send(&q.results, &serde_json::to_string(&forged).unwrap());
+    q.send(&q.work, &taken[0]);
+    let worker_log = c.root.join("worker.log");
+    let mut worker = c
+        .command(&["worker"], None)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&worker_log).unwrap())
+        .spawn()
+        .unwrap();
+    let out = Output::from(coordinator.wait_with_output().unwrap());
+    let pid = nix::unistd::Pid::from_raw(worker.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = worker.wait();
+    assert_eq!(
+        out.code,
+        0,
+        "{}\n{}",
+        out.stderr,
+        fs::read_to_string(&worker_log).unwrap()
+    );
+    assert_eq!(out.figure("files transferred"), 2, "{}", out.stderr);
+    assert!(out.stderr.contains("carries no MAC"), "{}", out.stderr);
+    assert!(out.stderr.contains("1 reports refused"), "{}", out.stderr);
+    for (name, body) in [("ok.txt", &b"fine"[..]), ("two.txt", b"second")] {
+        assert_eq!(c.server.get(&c.dest, &c.key(name)).body, body);
+    }
+    let manifest = manifest_of(&c);
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"fine"));
+    assert!(
+        manifest
+            .lines()
+            .any(|l| l.starts_with("ok.txt\t") && l.ends_with(&sha)),
+        "the manifest does not hold the real upload:\n{manifest}"
+    );
+}

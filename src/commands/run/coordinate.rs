@@ -222,8 +222,7 @@ impl Sender<'_> {
         self.next += 1;
         self.current_bytes = 0;
         if !self.closed {
-            self.ready
-                .push_back(serde_json::to_string(&batch).expect("a batch serializes"));
+            self.ready.push_back(self.queues.encode_batch(&batch));
         }
         Ok(())
     }
@@ -287,6 +286,8 @@ pub(super) struct Coordinator<'a, S> {
     stop: Stop,
     /// The endpoint returned an object without a checksum (said once a run).
     unchecksummed: std::sync::atomic::AtomicBool,
+    /// Reports refused: not authenticated, unreadable, or not naming their batch's files.
+    refused: std::sync::atomic::AtomicU64,
 }
 
 impl<'a, S: ObjectStore> Coordinator<'a, S> {
@@ -304,6 +305,7 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
             stats,
             stop,
             unchecksummed: Default::default(),
+            refused: Default::default(),
         }
     }
 
@@ -491,6 +493,14 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
         }
         writer.commit().map_err(|e| self.spool_error(e))?;
         tracing::info!("distributed run {run}: {accounted} of {total} batches accounted for");
+        let refused = self.refused.load(std::sync::atomic::Ordering::Relaxed);
+        if refused > 0 {
+            tracing::warn!(
+                "distributed run {run}: {refused} reports refused (not authenticated, unreadable, \
+                 or not naming exactly their batch's files); their batches were counted only from \
+                 a report that held"
+            );
+        }
         Ok(())
     }
 
@@ -588,9 +598,17 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
         body: &str,
         spool: &mut Spool,
     ) -> Result<bool, Fatal> {
-        let Ok(mut report) = serde_json::from_str::<Report>(body) else {
-            tracing::warn!("a message in the results queue is not a report: dropped");
-            return Ok(false);
+        let mut report = match self.queues.decode_report(body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    "a message in the results queue is refused: {}",
+                    keys::shown(&e.to_string())
+                );
+                return Ok(false);
+            }
         };
         if report.run != run || report.batch >= total {
             tracing::debug!(
@@ -606,8 +624,12 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
             return Ok(false);
         }
         if spool.digest(report.batch).map_err(err)? != Some(report.digest()) {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(
-                "a report on batch {} (from {}, {} files) does not name exactly the files of                  that batch: refused, not counted (a forged or damaged report; the batch waits                  for its worker's)",
+                "a report on batch {} (from {}, {} files) does not name exactly the files of \
+                 that batch: refused, not counted (a forged or damaged report; the batch waits \
+                 for its worker's)",
                 report.batch,
                 keys::shown(&report.worker),
                 report.files.len()
@@ -748,7 +770,7 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
                     continue;
                 }
                 fresh = true;
-                let Ok(batch) = serde_json::from_str::<WorkBatch>(&m.body) else {
+                let Ok(batch) = self.queues.decode_batch(&m.body) else {
                     continue;
                 };
                 if batch.run != run || batch.batch >= total {

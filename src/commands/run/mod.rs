@@ -91,6 +91,17 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
         return ctx.finish(Some(e)).await;
     }
 
+    let key = match config.auth_key() {
+        Ok(k) => k,
+        Err(e) => return ctx.finish(Some(e.into())).await,
+    };
+    if config.distribute.is_some() && key.is_none() {
+        tracing::warn!(
+            "queue messages are not authenticated (no auth-key-file): anyone allowed to send to \
+             the queues can have workers back up files under the source, and forge reports \
+             (docs/scale-out.md, \"Trust\")"
+        );
+    }
     let store = Arc::new(S3Store::for_config(&sdk, config));
     if let Err(e) = crate::store::bucket::check(store.as_ref(), config).await {
         return ctx.finish(Some(e.into())).await;
@@ -111,7 +122,7 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
     let queues = config
         .distribute
         .as_ref()
-        .map(|d| Queues::new(&sdk, d, config.destination.allow_insecure_endpoint));
+        .map(|d| Queues::new(&sdk, d, config.destination.allow_insecure_endpoint, key));
     let result = copy(
         config,
         opts,
