@@ -13,7 +13,7 @@ use nightcopy::commands::restore::{self, RestoreOptions};
 use nightcopy::commands::run::RunOptions;
 use nightcopy::commands::verify::VerifyOptions;
 use nightcopy::config::{Config, DEFAULT_PATH};
-use nightcopy::exit;
+use nightcopy::{exit, guard};
 use tracing_subscriber::prelude::*;
 
 const EXIT_CODES: &str = "\
@@ -170,6 +170,21 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> u8 {
             return exit::CONFIG;
         }
     };
+    // Every command that reads or writes the state directory first refuses one that another user
+    // owns or can write. `run` checks it in its own guard, where the failure is recorded and
+    // published like any other.
+    let state_dir = &config.state_dir.0;
+    let checked = match &command {
+        Command::Worker { .. } => guard::prepare_state_dir(state_dir),
+        Command::Restore { .. } | Command::Verify { .. } | Command::Status { .. } => {
+            guard::check_state_dir(state_dir)
+        }
+        _ => Ok(()),
+    };
+    if let Err(e) = checked {
+        tracing::error!("{e}");
+        return exit::FATAL;
+    }
     let async_command = match command {
         Command::CheckConfig { remote: false, .. } => return commands::check_config::run(&config),
         Command::Status { json, .. } => return commands::status::run(&config, json),

@@ -16,7 +16,6 @@
 //! and its decompression are bounded whatever it claims (`Limits`), and `accept` is the one place
 //! that decides whether a copy is used.
 
-use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -29,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
-use crate::fsutil::{blocking, AtomicFile};
+use crate::fsutil::{self, blocking, AtomicFile};
 use crate::keys::{shown, MANIFEST_KEY};
 use crate::plan::Reason;
 use crate::report::Stats;
@@ -169,7 +168,7 @@ fn compress(
     // One pass for the checksum and the count, one to copy: the manifest is read twice, never
     // held in memory.
     let (sha256, entries) = {
-        let mut r = BufReader::new(File::open(manifest_path)?);
+        let mut r = BufReader::new(fsutil::open_read(manifest_path)?);
         let mut h = Sha256::new();
         let mut lines = 0u64;
         let mut buf = Vec::with_capacity(4096);
@@ -196,7 +195,7 @@ fn compress(
     let mut gz = GzEncoder::new(io::BufWriter::new(file), flate2::Compression::default());
     serde_json::to_writer(&mut gz, &preamble).map_err(io::Error::other)?;
     gz.write_all(b"\n")?;
-    io::copy(&mut File::open(manifest_path)?, &mut gz)?;
+    io::copy(&mut fsutil::open_read(manifest_path)?, &mut gz)?;
     let file = gz
         .finish()?
         .into_inner()
@@ -424,7 +423,7 @@ fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>, most: usize) -> io::Result
 /// Checks the preamble, then writes the manifest after it to `out` (atomically, 0600) if `accept`
 /// takes the copy, reading it line by line within `limits`.
 fn unpack(gz: &Path, out: &Path, expected: &Expected, limits: Limits) -> Result<(), Refused> {
-    let mut r = BufReader::new(GzDecoder::new(File::open(gz)?));
+    let mut r = BufReader::new(GzDecoder::new(fsutil::open_read(gz)?));
     let mut line = Vec::new();
     let preamble: Preamble = match read_line(&mut r, &mut line, PREAMBLE_LINE)? {
         Line::Whole => serde_json::from_slice(&line)
@@ -483,6 +482,7 @@ fn unpack(gz: &Path, out: &Path, expected: &Expected, limits: Limits) -> Result<
 mod tests {
     use super::*;
     use crate::state::manifest::{ManifestEntry, Writer};
+    use std::fs::File;
 
     fn write_manifest(dir: &Path, destination: &str, n: u64) {
         let mut w = Writer::create(dir, destination).unwrap();

@@ -10,12 +10,12 @@
 //! Keys never contain control characters (see `keys`), so a line per entry is unambiguous.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Seek, Write};
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::fsutil::AtomicFile;
+use crate::fsutil::{self, AtomicFile};
 
 const MAGIC: &str = "nightcopy-manifest 1";
 pub const FILE_NAME: &str = "manifest";
@@ -83,13 +83,20 @@ pub fn open_file(
     destination: &str,
     cut_every: usize,
 ) -> Result<Option<Reader>, Rejected> {
-    let file = match File::open(path) {
+    // Opened once (never through a link), checked, then read from the start again: the file
+    // read is the file checked.
+    let mut file = match fsutil::open_read(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let cuts = verify(BufReader::new(file), destination, cut_every.max(1) as u64)?;
-    let mut lines = BufReader::new(File::open(path)?).lines();
+    let cuts = verify(
+        BufReader::new(file.try_clone()?),
+        destination,
+        cut_every.max(1) as u64,
+    )?;
+    file.rewind()?;
+    let mut lines = BufReader::new(file).lines();
     lines.next(); // header, verified above
     Ok(Some(Reader { lines, cuts }))
 }
@@ -384,9 +391,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut w = Writer::create(d.path(), "x").unwrap();
         w.push(&e("a", true)).unwrap();
-        assert!(d.path().join("manifest.new").exists());
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
         drop(w);
-        assert!(!d.path().join("manifest.new").exists());
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0);
         assert!(open(d.path(), "x", STEP).unwrap().is_none());
 
         let mut w = Writer::create(d.path(), "x").unwrap();

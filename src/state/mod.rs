@@ -1,23 +1,28 @@
 //! What persists in the state directory between runs: the manifest (`manifest`), the run lock
 //! (one run at a time) and the record of the last run (what `nightcopy status` shows and what the
-//! minimum interval is measured from). The small files are written atomically.
+//! minimum interval is measured from). The small files are written atomically, and every file
+//! here is created, read and replaced through `fsutil::Dir` (never through a link planted at its
+//! name); `guard::check_state_dir` decides first whether the directory may be used at all.
 
 pub mod manifest;
 pub mod uploads;
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use crate::fsutil::{self, Dir};
 use crate::report::{Figures, Outcome};
 
 const LOCK_FILE: &str = "lock";
 const RECORD_FILE: &str = "last-run.json";
+/// A temp file idle this long belonged to a process that was killed (see `lock`). An hour, not
+/// less: a `restore` next to the run may be writing its download of the manifest's copy.
+const STALE_TEMP: Duration = Duration::from_secs(3600);
 
 /// Held for the whole run; released when dropped (or when the process dies, by the kernel).
 pub struct RunLock {
@@ -33,25 +38,36 @@ pub enum LockError {
          nightcopy runs as: check its owner and mode, and that its filesystem is not read-only)"
     )]
     Io(String, io::Error),
+    #[error(
+        "the lock file {0}/lock is not a plain file of its own ({1}): nothing is written through \
+         it; remove it (rm {0}/lock) and nightcopy creates a new one"
+    )]
+    NotAFile(String, io::Error),
 }
 
+/// Takes the run lock. The holder also removes the temp files a killed run left (their names
+/// are random, so nothing reuses them).
 pub fn lock(state_dir: &Path) -> Result<RunLock, LockError> {
     let dir = state_dir.display().to_string();
-    let path = state_dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| LockError::Io(dir.clone(), e))?;
+    let handle = Dir::open(state_dir).map_err(|e| LockError::Io(dir.clone(), e))?;
+    // O_NOFOLLOW, a regular file, one name: the PID below is written into this file only.
+    let file = handle.open_or_create(LOCK_FILE, 0o600).map_err(|e| {
+        if e.kind() == io::ErrorKind::Other {
+            LockError::NotAFile(dir.clone(), e)
+        } else {
+            LockError::Io(dir.clone(), e)
+        }
+    })?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(mut flock) => {
             // The PID is for the message a second run prints; the lock itself is the flock.
             let _ = flock.set_len(0);
             let _ = flock.rewind();
             let _ = writeln!(flock, "{}", std::process::id());
+            let removed = handle.remove_stale_temp_files(STALE_TEMP);
+            if removed > 0 {
+                tracing::info!("removed {removed} temp file(s) a killed run left in {dir}");
+            }
             Ok(RunLock { _flock: flock })
         }
         Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -93,7 +109,15 @@ pub struct RunRecord {
 }
 
 pub fn read_record(state_dir: &Path) -> Option<RunRecord> {
-    let text = fs::read_to_string(state_dir.join(RECORD_FILE)).ok()?;
+    let mut text = String::new();
+    match fsutil::open_read(&state_dir.join(RECORD_FILE)) {
+        Ok(mut f) => f.read_to_string(&mut text).ok()?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!("ignoring {RECORD_FILE} in {}: {e}", state_dir.display());
+            return None;
+        }
+    };
     match serde_json::from_str(&text) {
         Ok(r) => Some(r),
         Err(e) => {
@@ -110,7 +134,7 @@ pub fn write_record(state_dir: &Path, record: &RunRecord) -> io::Result<()> {
     // One write: serde_json writes token by token, a syscall each on an unbuffered file.
     let mut text = serde_json::to_vec_pretty(record)?;
     text.push(b'\n');
-    crate::fsutil::replace(&state_dir.join(RECORD_FILE), &text, 0o600)
+    fsutil::replace(&state_dir.join(RECORD_FILE), &text, 0o600)
 }
 
 /// `Some(message)` when the last success is too recent for another run.
@@ -192,6 +216,56 @@ mod tests {
         }
         drop(held);
         lock(d.path()).unwrap();
+    }
+
+    /// Regression: the lock was opened by name with O_CREAT and no O_NOFOLLOW, truncated and given
+    /// the PID, so a link planted at `lock` made root overwrite any file.
+    #[test]
+    fn a_link_planted_at_the_lock_name_is_not_written_through() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"root's").unwrap();
+        std::os::unix::fs::symlink(&victim, d.path().join(LOCK_FILE)).unwrap();
+        let err = lock(d.path())
+            .err()
+            .expect("the lock is not taken through a link");
+        assert!(err.to_string().contains("rm "), "{err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"root's");
+        // Nor is a missing file created through a dangling link.
+        std::fs::remove_file(d.path().join(LOCK_FILE)).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("new"), d.path().join(LOCK_FILE)).unwrap();
+        assert!(lock(d.path()).is_err());
+        assert!(!outside.path().join("new").exists());
+    }
+
+    /// Regression: `last-run.json.new` was opened the same way.
+    #[test]
+    fn a_link_planted_at_the_record_temp_name_is_not_written_through() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"root's").unwrap();
+        let tmp = d.path().join(format!("{RECORD_FILE}.new"));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let r = RunRecord {
+            started: 1,
+            ended: 2,
+            outcome: Outcome::Success,
+            exit_code: 0,
+            figures: Figures::default(),
+            error: None,
+            last_success_started: Some(1),
+            last_success_ended: Some(2),
+            metrics_published: true,
+        };
+        write_record(d.path(), &r).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"root's");
+        assert_eq!(read_record(d.path()), Some(r));
+        // A record that is a link is not read either.
+        std::fs::remove_file(d.path().join(RECORD_FILE)).unwrap();
+        std::os::unix::fs::symlink(&victim, d.path().join(RECORD_FILE)).unwrap();
+        assert_eq!(read_record(d.path()), None);
     }
 
     #[test]

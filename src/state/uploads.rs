@@ -12,10 +12,12 @@
 //!
 //! One file per upload, named by the SHA-256 of its key: records are looked up by key, written
 //! atomically (0600: they hold key names), and few — at most the multipart files in flight when
-//! a run ended.
+//! a run ended. `uploads/` is opened once, never through a link, and held to the state
+//! directory's rule (`guard::check_private`): every record is read, written and removed relative
+//! to that handle.
 
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -23,7 +25,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::fsutil;
+use crate::fsutil::{self, Dir};
 
 const DIR: &str = "uploads";
 const VERSION: u32 = 1;
@@ -74,20 +76,29 @@ impl Pending {
 }
 
 /// The records of one state directory.
-#[derive(Debug)]
 pub struct Uploads {
-    dir: PathBuf,
+    dir: Dir,
     destination: String,
 }
 
+impl std::fmt::Debug for Uploads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uploads")
+            .field("dir", &self.dir.path())
+            .field("destination", &self.destination)
+            .finish()
+    }
+}
+
 impl Uploads {
-    /// Creates `uploads/` (0700) if needed.
+    /// Creates `uploads/` (0700) if needed, and the state directory with it.
     pub fn open(state_dir: &Path, destination: &str) -> io::Result<Uploads> {
-        let dir = state_dir.join(DIR);
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&dir)?;
+            .create(state_dir)?;
+        let dir = Dir::open(state_dir)?.subdir(DIR, 0o700)?;
+        crate::guard::check_private(&dir).map_err(io::Error::other)?;
         Ok(Uploads {
             dir,
             destination: destination.to_owned(),
@@ -98,29 +109,39 @@ impl Uploads {
         &self.destination
     }
 
-    fn path(&self, key: &str) -> PathBuf {
+    fn name(&self, key: &str) -> String {
         let mut h = Sha256::new();
         h.update(self.destination.as_bytes());
         h.update([0]);
         h.update(key.as_bytes());
-        self.dir.join(format!("{}.json", hex::encode(h.finalize())))
+        format!("{}.json", hex::encode(h.finalize()))
+    }
+
+    /// For messages.
+    fn path(&self, key: &str) -> PathBuf {
+        self.dir.path().join(self.name(key))
     }
 
     /// The record for `key` in this destination, if there is a readable one. A damaged record is
     /// dropped with a warning: the worst it costs is one file sent again.
     pub fn find(&self, key: &str) -> Option<Pending> {
-        let path = self.path(key);
-        let text = match fs::read(&path) {
-            Ok(t) => t,
+        let name = self.name(key);
+        let mut text = Vec::new();
+        let read = self
+            .dir
+            .open_read(&name)
+            .and_then(|mut f| f.read_to_end(&mut text));
+        match read {
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
             Err(e) => {
                 tracing::warn!(
                     "cannot read {}: {e}; the upload starts over",
-                    path.display()
+                    self.path(key).display()
                 );
                 return None;
             }
-        };
+        }
         match serde_json::from_slice::<Pending>(&text) {
             Ok(p) if p.version == VERSION && p.key == key && p.destination == self.destination => {
                 Some(p)
@@ -128,9 +149,9 @@ impl Uploads {
             _ => {
                 tracing::warn!(
                     "{} is not a record of an upload of this key; removed",
-                    path.display()
+                    self.path(key).display()
                 );
-                let _ = fs::remove_file(&path);
+                let _ = self.dir.remove(&name);
                 None
             }
         }
@@ -139,12 +160,12 @@ impl Uploads {
     /// Writes (or refreshes) a record.
     pub fn save(&self, p: &Pending) -> io::Result<()> {
         let text = serde_json::to_vec(p).map_err(io::Error::other)?;
-        fsutil::replace(&self.path(&p.key), &text, 0o600)
+        self.dir.replace(self.name(&p.key), &text, 0o600)
     }
 
     /// Drops the record of `key` (its upload completed or was aborted).
     pub fn forget(&self, key: &str) {
-        match fs::remove_file(self.path(key)) {
+        match self.dir.remove(self.name(key)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!("cannot remove the upload record of {key}: {e}"),
@@ -155,15 +176,20 @@ impl Uploads {
     /// nor started, whose files were not uploaded at all (deleted, excluded, now unchanged).
     pub fn older_than(&self, since: SystemTime) -> io::Result<Vec<Pending>> {
         let mut out = Vec::new();
-        for entry in fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            let modified = entry.metadata().and_then(|m| m.modified());
+        for entry in fs::read_dir(self.dir.path())? {
+            let name = entry?.file_name();
+            // Read through the handle: a name that is a link or no file is skipped.
+            let Ok(mut file) = self.dir.open_read(&name) else {
+                continue;
+            };
+            let modified = file.metadata().and_then(|m| m.modified());
             if modified.is_ok_and(|m| m >= since) {
                 continue;
             }
-            let Ok(text) = fs::read(entry.path()) else {
+            let mut text = Vec::new();
+            if file.read_to_end(&mut text).is_err() {
                 continue;
-            };
+            }
             if let Ok(p) = serde_json::from_slice::<Pending>(&text) {
                 if p.destination == self.destination {
                     out.push(p);
@@ -228,5 +254,28 @@ mod tests {
         fs::write(u.path("k"), b"{not json").unwrap();
         assert_eq!(u.find("k"), None);
         assert!(!u.path("k").exists());
+    }
+
+    #[test]
+    fn records_are_never_read_or_written_through_a_link() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), t.path().join(DIR)).unwrap();
+        assert!(Uploads::open(t.path(), "d").is_err());
+        fs::remove_file(t.path().join(DIR)).unwrap();
+
+        let u = Uploads::open(t.path(), "d").unwrap();
+        let victim = outside.path().join("victim");
+        let planted =
+            serde_json::to_vec(&Pending::new("d", "k", "x", identity(), 1 << 20)).unwrap();
+        fs::write(&victim, &planted).unwrap();
+        std::os::unix::fs::symlink(&victim, u.path("k")).unwrap();
+        assert_eq!(u.find("k"), None);
+        let later = SystemTime::now() + std::time::Duration::from_secs(1);
+        assert!(u.older_than(later).unwrap().is_empty());
+        let p = Pending::new("d", "k", "id", identity(), 8 << 20);
+        u.save(&p).unwrap();
+        assert_eq!(u.find("k"), Some(p));
+        assert_eq!(fs::read(&victim).unwrap(), planted);
     }
 }

@@ -23,5 +23,6 @@ mod rclone;
 mod restore;
 mod resume;
 mod servers_selftest;
+mod statedir;
 mod trust;
 mod verify;

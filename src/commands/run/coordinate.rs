@@ -15,9 +15,9 @@
 //! it was lost). The manifest is then written from the plan in key order, looking each batch's
 //! report up once. In memory: the batch being filled and at most ten waiting to be sent.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,15 +82,10 @@ const SPOOL_FILES: [&str; 4] = [
 
 impl Spool {
     fn create(dir: &Path) -> std::io::Result<Spool> {
-        let open = |name: &str| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(dir.join(name))
-        };
+        // Created new through the state directory's handle, never through a link planted at the
+        // name; a leftover of a killed run is removed first (fsutil::Dir::create_fresh).
+        let state = crate::fsutil::Dir::open(dir)?;
+        let open = |name: &str| state.create_fresh(name, 0o600);
         Ok(Spool {
             dir: dir.to_owned(),
             plan: BufWriter::with_capacity(256 * 1024, open(SPOOL_FILES[0])?),

@@ -193,6 +193,10 @@ impl RunContext<'_> {
             _ => report.outcome.exit_code(),
         };
         if self.opts.dry_run {
+            // The dry run's summary line names no error: what ended it is said before.
+            if let Some(e) = &fatal {
+                tracing::error!("{e}");
+            }
             log_summary(&report, code);
             notify::stopping(&report.to_string());
             return code;
@@ -245,7 +249,19 @@ impl RunContext<'_> {
             last_success_ended,
             metrics_published: published,
         };
-        if let Err(e) = state::write_record(&config.state_dir.0, &record) {
+        // A state directory the guard refused (another owner, open to others) is not written to,
+        // not even the record of that refusal.
+        let refused = matches!(
+            fatal,
+            Some(Fatal::Guard(
+                guard::GuardError::StateDirOwner { .. } | guard::GuardError::StateDirShared { .. }
+            ))
+        );
+        let written = match refused {
+            true => Ok(()),
+            false => state::write_record(&config.state_dir.0, &record),
+        };
+        if let Err(e) = written {
             tracing::warn!(
                 "cannot write the run record in {}: {e}",
                 config.state_dir.0.display()
