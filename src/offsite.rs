@@ -27,6 +27,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::auth::{AuthKey, Domain};
 use crate::config::Config;
 use crate::fsutil::{self, blocking, AtomicFile};
 use crate::keys::{shown, MANIFEST_KEY};
@@ -88,6 +89,24 @@ struct Preamble {
     sha256: String,
     /// When the run that wrote it started (Unix seconds).
     run_started: u64,
+    /// With `auth-key-file`: the HMAC of the other fields (`sha256` covers the body), so that a
+    /// host with the key takes only its own fleet's copies (`auth::Domain::Manifest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac: Option<String>,
+}
+
+impl Preamble {
+    /// The bytes the MAC covers: the preamble without its MAC, as it is serialised.
+    fn signed_bytes(&self) -> Vec<u8> {
+        let unsigned = Preamble {
+            mac: None,
+            destination: self.destination.clone(),
+            source: self.source.clone(),
+            sha256: self.sha256.clone(),
+            ..*self
+        };
+        serde_json::to_vec(&unsigned).expect("a preamble serializes")
+    }
 }
 
 fn source_id(config: &Config) -> String {
@@ -116,6 +135,7 @@ pub async fn save<S: ObjectStore>(
     let state_dir = config.state_dir.0.clone();
     let destination = config.destination_id();
     let source = source_id(config);
+    let key = config.auth_key().map_err(|e| e.to_string())?;
     let path = state_dir.join(UPLOAD_FILE);
     let written = path.clone();
     let compressed = blocking(move || {
@@ -125,6 +145,7 @@ pub async fn save<S: ObjectStore>(
             destination,
             source,
             run_started,
+            key.as_ref(),
         )
     })
     .await;
@@ -164,6 +185,7 @@ fn compress(
     destination: String,
     source: String,
     run_started: u64,
+    key: Option<&AuthKey>,
 ) -> io::Result<LocalEntry> {
     // One pass for the checksum and the count, one to copy: the manifest is read twice, never
     // held in memory.
@@ -183,14 +205,16 @@ fn compress(
         // Header and trailer are not entries.
         (hex::encode(h.finalize()), lines.saturating_sub(2))
     };
-    let preamble = Preamble {
+    let mut preamble = Preamble {
         nightcopy_manifest_copy: FORMAT,
         destination,
         source,
         entries,
         sha256,
         run_started,
+        mac: None,
     };
+    preamble.mac = key.map(|k| k.sign(Domain::Manifest, &preamble.signed_bytes()));
     let file = AtomicFile::create(out, 0o600)?;
     let mut gz = GzEncoder::new(io::BufWriter::new(file), flate2::Compression::default());
     serde_json::to_writer(&mut gz, &preamble).map_err(io::Error::other)?;
@@ -219,6 +243,8 @@ enum Refused {
     OtherSource(String),
     #[error("it is damaged: {0}")]
     Damaged(String),
+    #[error("it is not authenticated with auth-key-file: {0}")]
+    Unauthenticated(String),
     #[error("it is larger than nightcopy reads: {0}")]
     TooLarge(String),
     #[error("it cannot be read: {0}")]
@@ -305,6 +331,9 @@ async fn fetch<S: ObjectStore>(
     let expected = Expected {
         destination: config.destination_id(),
         source: source_id(config),
+        key: config
+            .auth_key()
+            .map_err(|e| Refused::Unauthenticated(e.to_string()))?,
     };
     let target = state_dir.join(if install {
         manifest::FILE_NAME
@@ -353,6 +382,8 @@ struct Expected {
     destination: String,
     /// `source_id`.
     source: String,
+    /// `auth-key-file`: with one, only a copy sealed with it is taken.
+    key: Option<AuthKey>,
 }
 
 /// What reading a whole copy found, beside its preamble.
@@ -386,6 +417,19 @@ fn accept(
                 .decode_utf8_lossy()
                 .into_owned(),
         ));
+    }
+    // Without a key a copy is taken on its own word, as before keys existed; with one, only a
+    // copy this fleet sealed.
+    if let Some(key) = &expected.key {
+        match &preamble.mac {
+            None => return Err(Refused::Unauthenticated("it carries no MAC".into())),
+            Some(mac) if !key.verify(Domain::Manifest, &preamble.signed_bytes(), mac) => {
+                return Err(Refused::Unauthenticated(
+                    "its MAC does not match (another key, or altered)".into(),
+                ))
+            }
+            Some(_) => {}
+        }
     }
     if let Some(read) = read {
         if hex::encode(read.sha256) != preamble.sha256 {
@@ -502,6 +546,7 @@ mod tests {
         Expected {
             destination: destination.into(),
             source: source.into(),
+            key: None,
         }
     }
 
@@ -515,6 +560,7 @@ mod tests {
             entries,
             sha256: hex::encode(Sha256::digest(body)),
             run_started: 0,
+            mac: None,
         };
         let mut e = GzEncoder::new(File::create(gz).unwrap(), flate2::Compression::fast());
         serde_json::to_writer(&mut e, &preamble).unwrap();
@@ -540,6 +586,7 @@ mod tests {
             "d".into(),
             "%2Fsrc".into(),
             7,
+            None,
         )
         .unwrap();
         assert_eq!(entry.key, MANIFEST_KEY);
@@ -580,6 +627,7 @@ mod tests {
             entries: 10,
             sha256: hex::encode(Sha256::digest(b"something else")),
             run_started: 0,
+            mac: None,
         };
         let gz = t.path().join("bad.gz");
         let mut e = GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::fast());
@@ -740,5 +788,35 @@ mod tests {
         assert!(matches!(err, Refused::TooLarge(_)), "{err}");
         let left: Vec<_> = std::fs::read_dir(t.path()).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn with_a_key_only_a_copy_sealed_with_it_is_taken() {
+        let t = tempfile::tempdir().unwrap();
+        write_manifest(t.path(), "d", 20);
+        let manifest = t.path().join(manifest::FILE_NAME);
+        let ours = AuthKey::from_bytes(&[1; 32]);
+        let theirs = AuthKey::from_bytes(&[2; 32]);
+        let sealed = t.path().join("sealed.gz");
+        let plain = t.path().join("plain.gz");
+        compress(&manifest, &sealed, "d".into(), "s".into(), 7, Some(&ours)).unwrap();
+        compress(&manifest, &plain, "d".into(), "s".into(), 7, None).unwrap();
+        let with = |key: &AuthKey| Expected {
+            key: Some(key.clone()),
+            ..expected("d", "s")
+        };
+        let out = t.path().join("out");
+        unpack(&sealed, &out, &with(&ours), LIMITS).unwrap();
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(&manifest).unwrap()
+        );
+        for (gz, key) in [(&sealed, &theirs), (&plain, &ours)] {
+            let err = unpack(gz, &t.path().join("x"), &with(key), LIMITS).unwrap_err();
+            assert!(matches!(err, Refused::Unauthenticated(_)), "{err}");
+        }
+        // Without a key, a copy is taken on its own word, sealed or not.
+        unpack(&sealed, &out, &expected("d", "s"), LIMITS).unwrap();
+        unpack(&plain, &out, &expected("d", "s"), LIMITS).unwrap();
     }
 }

@@ -387,3 +387,68 @@ fn a_manifest_copy_inflating_past_what_it_claims_is_refused_at_once() {
         );
     }
 }
+
+/// The key file as the role installs it: hex and a newline, mode 600.
+fn auth_key(c: &Case, name: &str, byte: u8) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = c.root.join(name);
+    fs::write(&p, format!("{}\n", hex::encode([byte; 32]))).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+#[test]
+fn with_auth_key_file_a_host_takes_only_a_copy_its_fleet_sealed() {
+    let mut c = Case::new("copy-sealed");
+    for i in 0..5 {
+        c.write(&format!("f{i}.txt"), format!("file {i}").as_bytes());
+    }
+    let ours = auth_key(&c, "ours.key", 1);
+    let base = c.top_extra.clone();
+    c.top_extra = format!("{base}auth-key-file: {}\n", ours.display());
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(preamble_of(&c)["mac"].is_string(), "the copy is sealed");
+
+    // A rebuilt host with the same key adopts it: nothing is sent again.
+    fs::remove_dir_all(c.state_dir()).unwrap();
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("using the copy in the bucket"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.figure("files transferred"), 0, "{}", out.stderr);
+
+    // A host with another key refuses it, says why, and goes on without it.
+    let theirs = auth_key(&c, "theirs.key", 2);
+    c.top_extra = format!("{base}auth-key-file: {}\n", theirs.display());
+    fs::remove_dir_all(c.state_dir()).unwrap();
+    let out = c.run(&["run", "--dry-run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(
+            "is not used: it is not authenticated with auth-key-file: its MAC does not match"
+        ),
+        "{}",
+        out.stderr
+    );
+
+    // A copy written without a key (by anyone who can write the prefix) is refused by a host
+    // with one.
+    c.top_extra = base.clone();
+    fs::remove_dir_all(c.state_dir()).unwrap();
+    assert_eq!(c.run(&["run"]).code, 0);
+    assert!(preamble_of(&c).get("mac").is_none(), "an unsealed copy");
+    c.top_extra = format!("{base}auth-key-file: {}\n", ours.display());
+    fs::remove_dir_all(c.state_dir()).unwrap();
+    let out = c.run(&["run", "--dry-run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("not authenticated with auth-key-file: it carries no MAC"),
+        "{}",
+        out.stderr
+    );
+}
