@@ -34,6 +34,15 @@ pub enum Fatal {
          finds it"
     )]
     Manifest(String, std::io::Error),
+    /// The files a distributed run keeps in the state directory while it lasts (the plan, the
+    /// reports and their index) could not be written or read back.
+    #[error(
+        "cannot use the distributed run's files in the state directory {0}: {1}: free space on \
+         its filesystem or make it writable (is the disk full or read-only?); nothing is lost: \
+         the last complete manifest is kept, and what the workers uploaded stays in the bucket, \
+         where the next run finds it"
+    )]
+    Spool(String, std::io::Error),
     #[error(transparent)]
     Key(#[from] crate::auth::KeyError),
     /// A queue of a distributed run could not be used (docs/scale-out.md).
@@ -42,4 +51,11 @@ pub enum Fatal {
     #[error("stopped by {} before the copy completed; what was uploaded is kept and the next run goes on from there",
             stop::signal_name(*.0))]
     Stopped(i32),
+}
+
+impl Fatal {
+    /// The manifest in `state_dir` could not be written.
+    pub fn manifest(state_dir: &std::path::Path, e: std::io::Error) -> Fatal {
+        Fatal::Manifest(state_dir.display().to_string(), e)
+    }
 }

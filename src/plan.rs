@@ -10,7 +10,7 @@ use std::fmt;
 use crate::merge::{Merge, Merged};
 use crate::scan::LocalEntry;
 use crate::state::manifest::ManifestEntry;
-use crate::store::RemoteObject;
+use crate::store::{RemoteObject, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -65,6 +65,9 @@ pub enum Step {
     /// Only in the bucket: left alone.
     RemoteOnly { key: String },
 }
+
+/// A step as a run receives it: a listing that failed half way ends the plan with its error.
+pub type StepResult = Result<Step, StoreError>;
 
 /// The decisions over the merge of the walk, the listing and the manifest (`merge`). A listing
 /// that fails half way stops the plan rather than making the rest of the tree look new.

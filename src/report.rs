@@ -162,6 +162,19 @@ impl Stats {
         file_error(path, kind, detail);
     }
 
+    /// A second file whose key another already took: counted and named, never uploaded.
+    pub fn duplicate_key(&self, path: &Path, prefix: &str, key: &str) {
+        self.file_error(
+            path,
+            FileErrorKind::BadName,
+            &format_args!(
+                "its key {}{} is already used by another file's (escaped) name; rename one of them",
+                shown(prefix),
+                shown(key)
+            ),
+        );
+    }
+
     pub fn scanned(&self) {
         self.scanned.fetch_add(1, Relaxed);
     }

@@ -276,9 +276,17 @@ impl Writer {
         Ok(())
     }
 
-    /// The last key written, if any.
-    pub fn last_key(&self) -> Option<&str> {
-        self.last.as_deref()
+    /// Commits after a stop: what completed is written; for every key after it, the old record
+    /// in `state_dir` still describes what the bucket holds, so it is carried over and the
+    /// progress is kept.
+    pub fn commit_with_the_rest(mut self, state_dir: &Path, destination: &str) -> io::Result<()> {
+        if let Ok(Some(old)) = open(state_dir, destination, usize::MAX) {
+            let last = self.last.clone();
+            for entry in old.filter(|e| last.as_ref().is_none_or(|l| e.key > *l)) {
+                self.push(&entry)?;
+            }
+        }
+        self.commit().map(|_| ())
     }
 
     pub fn commit(mut self) -> io::Result<u64> {

@@ -15,6 +15,7 @@
 //! it was lost). The manifest is then written from the plan in key order, looking each batch's
 //! report up once. In memory: the batch being filled and at most ten waiting to be sent.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -24,12 +25,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::copy::StepResult;
 use crate::config::{Config, Distribute};
 use crate::error::Fatal;
 use crate::integrity::{self, Held};
 use crate::keys;
-use crate::plan::Step;
+use crate::plan::{Step, StepResult};
 use crate::queue::{FileOutcome, FileReport, Queues, Report, WorkBatch, WorkFile, MAX_PER_CALL};
 use crate::report::{FileErrorKind, Stats};
 use crate::state::manifest::{self, ManifestEntry};
@@ -171,55 +171,81 @@ impl Drop for Spool {
     }
 }
 
-/// The batches being filled and sent.
-struct Sender<'a> {
-    queues: &'a Queues,
-    d: &'a Distribute,
-    run: String,
-    destination: String,
+/// What goes into which batch and which call, and whether to send, collect or stop sending: the
+/// batching, decided without a queue (`Sender` does the sending).
+struct Batches {
+    batch_files: usize,
+    batch_bytes: u64,
+    max_queued: u64,
+    /// The number of the batch being filled.
     next: u64,
     current: Vec<WorkFile>,
     current_bytes: u64,
-    ready: std::collections::VecDeque<String>,
-    /// Where each closed batch's digest goes (the spool's `distribute.batches`).
-    digests: File,
+    /// Closed batches, as their messages, waiting to be sent.
+    ready: VecDeque<String>,
     /// Batches sent, which are batches `0..sent`: they are numbered and sent in order.
     sent: u64,
     /// Past the deadline: batches are still numbered (the plan names them) but never sent.
     closed: bool,
 }
 
-impl Sender<'_> {
-    /// Adds a file; returns its batch and place in it.
-    fn add(&mut self, file: WorkFile) -> std::io::Result<(u64, usize)> {
-        let fits = self.current.len() < self.d.batch_files.0
-            && (self.current.is_empty() || self.current_bytes + file.size <= self.d.batch_bytes.0);
-        if !fits {
-            self.close_batch()?;
+/// A batch closed to be sent: its number and files.
+type Closed = (u64, Vec<WorkFile>);
+
+/// What the sender does next (`Batches::next_move`).
+#[derive(Debug, PartialEq, Eq)]
+enum Move {
+    /// Send up to this many ready batches: the room left in the queue.
+    Send(usize),
+    /// The queue holds max-queued batches awaited: collect a report first.
+    Collect,
+    /// The deadline passed, or a stop came: nothing more is sent.
+    Close,
+    /// Nothing is ready to send (or sending is closed).
+    Idle,
+}
+
+impl Batches {
+    fn new(batch_files: usize, batch_bytes: u64, max_queued: u64) -> Batches {
+        Batches {
+            batch_files,
+            batch_bytes,
+            max_queued,
+            next: 0,
+            current: Vec::new(),
+            current_bytes: 0,
+            ready: VecDeque::new(),
+            sent: 0,
+            closed: false,
         }
-        self.current_bytes += file.size;
-        self.current.push(file);
-        Ok((self.next, self.current.len() - 1))
     }
 
-    fn close_batch(&mut self) -> std::io::Result<()> {
+    /// Adds a file; returns its batch and place in it, and the batch closed to make room for it.
+    fn add(&mut self, file: WorkFile) -> ((u64, usize), Option<Closed>) {
+        let fits = self.current.len() < self.batch_files
+            && (self.current.is_empty() || self.current_bytes + file.size <= self.batch_bytes);
+        let closed = if fits { None } else { self.close_batch() };
+        self.current_bytes += file.size;
+        self.current.push(file);
+        ((self.next, self.current.len() - 1), closed)
+    }
+
+    /// Closes the batch being filled, if it holds anything.
+    fn close_batch(&mut self) -> Option<Closed> {
         if self.current.is_empty() {
-            return Ok(());
+            return None;
         }
-        let batch = WorkBatch {
-            run: self.run.clone(),
-            batch: self.next,
-            destination: self.destination.clone(),
-            files: std::mem::take(&mut self.current),
-        };
-        self.digests
-            .write_all_at(&batch.digest(), batch.batch * 32)?;
+        let closed = (self.next, std::mem::take(&mut self.current));
         self.next += 1;
         self.current_bytes = 0;
+        Some(closed)
+    }
+
+    /// Queues a closed batch's message (made only if it is to be sent).
+    fn queue(&mut self, message: impl FnOnce() -> String) {
         if !self.closed {
-            self.ready.push_back(self.queues.encode_batch(&batch));
+            self.ready.push_back(message());
         }
-        Ok(())
     }
 
     /// A call's worth of batches is ready.
@@ -227,34 +253,98 @@ impl Sender<'_> {
         self.ready.len() >= MAX_PER_CALL
     }
 
-    /// Sends up to `n` of the ready batches, in calls of at most ten messages and 256 KiB.
-    async fn send(&mut self, n: usize) -> Result<(), Fatal> {
-        let mut left = n.min(self.ready.len());
-        while left > 0 {
-            let mut call = Vec::new();
-            let mut bytes = 0;
-            while call.len() < left.min(MAX_PER_CALL) {
-                let Some(b) = self.ready.front() else { break };
-                if !call.is_empty() && bytes + b.len() > MAX_CALL_BYTES {
-                    break;
-                }
-                bytes += b.len();
-                call.push(self.ready.pop_front().expect("looked at"));
-            }
-            left -= call.len();
-            self.sent += call.len() as u64;
-            self.queues
-                .send(&self.queues.work, call)
-                .await
-                .map_err(|e| Fatal::Queue(e.to_string()))?;
+    /// What to do with the ready batches, `accounted` of those sent being reported.
+    fn next_move(&self, accounted: u64, past_deadline: bool, stopped: bool) -> Move {
+        if self.ready.is_empty() || self.closed {
+            return Move::Idle;
         }
-        Ok(())
+        if past_deadline || stopped {
+            return Move::Close;
+        }
+        match self.max_queued.saturating_sub(self.sent - accounted) {
+            0 => Move::Collect,
+            room => Move::Send(usize::try_from(room).unwrap_or(usize::MAX)),
+        }
+    }
+
+    /// The next call: up to `left` ready batches, at most ten and `MAX_CALL_BYTES` (a first
+    /// batch goes alone however large). They count as sent from here.
+    fn next_call(&mut self, left: usize) -> Vec<String> {
+        let mut call = Vec::new();
+        let mut bytes = 0;
+        while call.len() < left.min(MAX_PER_CALL) {
+            let Some(b) = self.ready.front() else { break };
+            if !call.is_empty() && bytes + b.len() > MAX_CALL_BYTES {
+                break;
+            }
+            bytes += b.len();
+            call.push(self.ready.pop_front().expect("looked at"));
+        }
+        self.sent += call.len() as u64;
+        call
     }
 
     /// Nothing more is sent; returns how many closed batches that leaves unsent.
     fn close(&mut self) -> usize {
         self.closed = true;
         std::mem::take(&mut self.ready).len()
+    }
+}
+
+/// The batches as they are sealed, recorded and sent to the work queue.
+struct Sender<'a> {
+    queues: &'a Queues,
+    run: String,
+    destination: String,
+    batches: Batches,
+    /// Where each closed batch's digest goes (the spool's `distribute.batches`).
+    digests: File,
+}
+
+impl Sender<'_> {
+    /// Adds a file; returns its batch and place in it.
+    fn add(&mut self, file: WorkFile) -> std::io::Result<(u64, usize)> {
+        let (place, closed) = self.batches.add(file);
+        if let Some(closed) = closed {
+            self.seal(closed)?;
+        }
+        Ok(place)
+    }
+
+    /// Closes the batch being filled, at the end of the plan.
+    fn close_batch(&mut self) -> std::io::Result<()> {
+        match self.batches.close_batch() {
+            Some(closed) => self.seal(closed),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a closed batch's digest, and queues its message.
+    fn seal(&mut self, (number, files): Closed) -> std::io::Result<()> {
+        let batch = WorkBatch {
+            run: self.run.clone(),
+            batch: number,
+            destination: self.destination.clone(),
+            files,
+        };
+        self.digests.write_all_at(&batch.digest(), number * 32)?;
+        let queues = self.queues;
+        self.batches.queue(|| queues.encode_batch(&batch));
+        Ok(())
+    }
+
+    /// Sends up to `n` of the ready batches, in calls of at most ten messages and 256 KiB.
+    async fn send(&mut self, n: usize) -> Result<(), Fatal> {
+        let mut left = n.min(self.batches.ready.len());
+        while left > 0 {
+            let call = self.batches.next_call(left);
+            left -= call.len();
+            self.queues
+                .send(&self.queues.work, call)
+                .await
+                .map_err(|e| Fatal::Queue(e.to_string()))?;
+        }
+        Ok(())
     }
 }
 
@@ -271,9 +361,18 @@ impl Collect {
     }
 }
 
+/// A distributed run while it lasts: its id, the spool, the batches and the reports counted.
+struct Round<'a> {
+    run: String,
+    spool: Spool,
+    sender: Sender<'a>,
+    collect: Collect,
+}
+
 /// What the coordinator needs besides the planned steps.
-pub(super) struct Coordinator<'a, S> {
+pub struct Coordinator<'a, S> {
     config: &'a Config,
+    d: &'a Distribute,
     queues: &'a Queues,
     /// For the HEAD that holds each reported upload to the object it names.
     store: &'a S,
@@ -288,6 +387,7 @@ pub(super) struct Coordinator<'a, S> {
 impl<'a, S: ObjectStore> Coordinator<'a, S> {
     pub fn new(
         config: &'a Config,
+        d: &'a Distribute,
         queues: &'a Queues,
         store: &'a S,
         stats: Arc<Stats>,
@@ -295,6 +395,7 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
     ) -> Self {
         Coordinator {
             config,
+            d,
             queues,
             store,
             stats,
@@ -314,37 +415,38 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
     }
 
     fn spool_error(&self, e: std::io::Error) -> Fatal {
-        Fatal::Manifest(self.config.state_dir.0.display().to_string(), e)
+        Fatal::Spool(self.config.state_dir.0.display().to_string(), e)
     }
 
     /// Sends the plan, waits for it to be done, and writes the manifest.
     pub async fn run(
         &self,
-        mut steps: tokio::sync::mpsc::Receiver<StepResult>,
-        mut writer: manifest::Writer,
+        steps: tokio::sync::mpsc::Receiver<StepResult>,
+        writer: manifest::Writer,
     ) -> Result<(), Fatal> {
-        let d = self.config.distribute.as_ref().expect("a distributed run");
+        let mut round = self.set_up()?;
+        self.plan_and_send(&mut round, steps).await?;
+        self.await_reports(&mut round).await?;
+        self.write_manifest(&mut round, writer)
+    }
+
+    /// Stage one: the spool, the batches and the clock of the deadline.
+    fn set_up(&self) -> Result<Round<'a>, Fatal> {
+        let d = self.d;
         let run = crate::queue::run_id();
-        let mut spool = Spool::create(&self.config.state_dir.0).map_err(|e| self.spool_error(e))?;
-        let mut sender = Sender {
+        let spool = Spool::create(&self.config.state_dir.0).map_err(|e| self.spool_error(e))?;
+        let sender = Sender {
             queues: self.queues,
-            d,
             run: run.clone(),
             destination: self.config.destination_id(),
-            next: 0,
-            current: Vec::new(),
-            current_bytes: 0,
-            ready: Default::default(),
+            batches: Batches::new(d.batch_files.0, d.batch_bytes.0, d.max_queued),
             digests: spool.digests.try_clone().map_err(|e| self.spool_error(e))?,
-            sent: 0,
-            closed: false,
         };
-        let mut collect = Collect {
+        let collect = Collect {
             accounted: 0,
             deadline: Instant::now() + d.deadline.0,
             next_dlq: Instant::now() + DLQ_EVERY,
         };
-        let prefix = self.config.destination.prefix.as_str();
         tracing::info!(
             "distributed run {run}: sending batches of planned uploads to {} (at most {} awaited \
              at once; deadline {})",
@@ -352,90 +454,117 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
             d.max_queued,
             humantime::format_duration(d.deadline.0)
         );
-        // 1. Plan and send, collecting reports whenever the queue holds max-queued batches.
-        // A stop sends nothing more; past the deadline the plan is still read to its end (what
-        // is unchanged goes into the manifest) but nothing more is sent.
+        Ok(Round {
+            run,
+            spool,
+            sender,
+            collect,
+        })
+    }
+
+    /// Stage two: plan and send, collecting reports whenever the queue holds max-queued batches.
+    /// A stop sends nothing more; past the deadline the plan is still read to its end (what is
+    /// unchanged goes into the manifest) but nothing more is sent.
+    async fn plan_and_send(
+        &self,
+        r: &mut Round<'_>,
+        mut steps: tokio::sync::mpsc::Receiver<StepResult>,
+    ) -> Result<(), Fatal> {
         loop {
             let step = tokio::select! {
                 step = steps.recv() => step,
                 () = self.stop.clone().wait() => None,
             };
             let Some(step) = step else { break };
-            match step.map_err(Fatal::Store)? {
-                Step::Unchanged { record } => {
-                    self.stats.checked();
-                    spool.plan(&PlanLine::Keep(record.to_line()))
-                }
-                Step::RemoteOnly { key } => {
-                    self.stats.remote_only(&key);
-                    Ok(())
-                }
-                Step::DuplicateKey { entry } => {
-                    super::copy::duplicate_key(&self.stats, prefix, &entry);
-                    Ok(())
-                }
-                Step::Upload {
-                    entry,
-                    reason,
-                    previous,
-                } => {
-                    let rel = entry
-                        .path
-                        .strip_prefix(&self.config.source.path.0)
-                        .unwrap_or(&entry.path);
-                    let path = keys::encode_raw_path(rel);
-                    let file = WorkFile {
-                        key: entry.key.clone(),
-                        path: path.clone(),
-                        size: entry.size,
-                        mtime_ns: entry.mtime_ns,
-                        reason: reason.to_string(),
-                        escaped: entry.raw_path.is_some(),
-                    };
-                    let (batch, index) = sender.add(file).map_err(|e| self.spool_error(e))?;
-                    spool.plan(&PlanLine::Sent {
-                        batch,
-                        index,
-                        path,
-                        previous: previous.map(|p| p.to_line()),
-                    })
-                }
-            }
-            .map_err(|e| self.spool_error(e))?;
-            if sender.call_ready() {
-                self.send_ready(&run, &mut sender, &mut collect, &mut spool)
-                    .await?;
+            self.spool_step(r, step.map_err(Fatal::Store)?)
+                .map_err(|e| self.spool_error(e))?;
+            if r.sender.batches.call_ready() {
+                self.send_ready(r).await?;
             }
         }
         drop(steps);
         if self.stop.requested().is_none() {
-            sender.close_batch().map_err(|e| self.spool_error(e))?;
-            self.send_ready(&run, &mut sender, &mut collect, &mut spool)
-                .await?;
+            r.sender.close_batch().map_err(|e| self.spool_error(e))?;
+            self.send_ready(r).await?;
         }
-        let total = sender.sent;
+        Ok(())
+    }
+
+    /// One planned step into the spool; an upload also into a batch.
+    fn spool_step(&self, r: &mut Round<'_>, step: Step) -> std::io::Result<()> {
+        match step {
+            Step::Unchanged { record } => {
+                self.stats.checked();
+                r.spool.plan(&PlanLine::Keep(record.to_line()))
+            }
+            Step::RemoteOnly { key } => {
+                self.stats.remote_only(&key);
+                Ok(())
+            }
+            Step::DuplicateKey { entry } => {
+                let prefix = self.config.destination.prefix.as_str();
+                self.stats.duplicate_key(&entry.path, prefix, &entry.key);
+                Ok(())
+            }
+            Step::Upload {
+                entry,
+                reason,
+                previous,
+            } => {
+                let rel = entry
+                    .path
+                    .strip_prefix(&self.config.source.path.0)
+                    .unwrap_or(&entry.path);
+                let path = keys::encode_raw_path(rel);
+                let file = WorkFile {
+                    key: entry.key.clone(),
+                    path: path.clone(),
+                    size: entry.size,
+                    mtime_ns: entry.mtime_ns,
+                    reason: reason.to_string(),
+                    escaped: entry.raw_path.is_some(),
+                };
+                let (batch, index) = r.sender.add(file)?;
+                r.spool.plan(&PlanLine::Sent {
+                    batch,
+                    index,
+                    path,
+                    previous: previous.map(|p| p.to_line()),
+                })
+            }
+        }
+    }
+
+    /// Stage three: collect reports until every batch is accounted for, the deadline, or a stop.
+    async fn await_reports(&self, r: &mut Round<'_>) -> Result<(), Fatal> {
         tracing::info!(
-            "distributed run {run}: {total} batches sent; waiting for the workers' reports \
-             (deadline in {})",
+            "distributed run {}: {} batches sent; waiting for the workers' reports (deadline in \
+             {})",
+            r.run,
+            r.sender.batches.sent,
             humantime::format_duration(Duration::from_secs(
-                collect
+                r.collect
                     .deadline
                     .saturating_duration_since(Instant::now())
                     .as_secs()
             ))
         );
+        self.collect(r, None).await
+    }
 
-        // 2. Collect reports until every batch is accounted for, the deadline, or a stop.
-        self.collect(&run, total, &mut collect, &mut spool, None)
-            .await?;
-        let accounted = collect.accounted;
-
-        // 3. Name what was never accounted for, and write the manifest from the plan.
+    /// Stage four: name what was never accounted for, and write the manifest from the plan.
+    fn write_manifest(&self, r: &mut Round<'_>, mut writer: manifest::Writer) -> Result<(), Fatal> {
+        let spool_error = |e| self.spool_error(e);
+        let manifest_error = |e| Fatal::manifest(&self.config.state_dir.0, e);
         let stopped = self.stop.requested();
-        let mut batch_cache: Option<(u64, Option<Report>)> = None;
-        for line in spool.read_plan().map_err(|e| self.spool_error(e))? {
-            let line = line.map_err(|e| self.spool_error(e))?;
-            let entry = match line {
+        let total = r.sender.batches.sent;
+        let plan = r.spool.read_plan().map_err(spool_error)?;
+        let mut reports = BatchReports {
+            spool: &r.spool,
+            cached: None,
+        };
+        for line in plan {
+            let entry = match line.map_err(spool_error)? {
                 PlanLine::Keep(text) => Some(manifest_line(&text)),
                 PlanLine::Sent {
                     batch,
@@ -443,114 +572,108 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
                     path,
                     previous,
                 } => {
-                    if batch_cache.as_ref().is_none_or(|(b, _)| *b != batch) {
-                        let r = spool.report(batch).map_err(|e| self.spool_error(e))?;
-                        batch_cache = Some((batch, r));
-                    }
-                    let report = batch_cache.as_ref().and_then(|(_, r)| r.as_ref());
-                    let file = report.and_then(|r| r.files.get(index));
+                    let file = reports.file(batch, index).map_err(spool_error)?;
                     let previous = previous.as_deref().map(manifest_line);
-                    let unaccounted = !spool.has(batch).map_err(|e| self.spool_error(e))?;
+                    let unaccounted = !r.spool.has(batch).map_err(spool_error)?;
                     if unaccounted && stopped.is_none() {
-                        let deadline = humantime::format_duration(d.deadline.0);
-                        let why = if batch < total {
-                            format!(
-                                "not accounted for by the deadline ({deadline}): no worker \
-                                 reported its batch {batch}; the next run tries it again"
-                            )
-                        } else {
-                            format!(
-                                "not sent by the deadline ({deadline}): its batch {batch} was \
-                                 still waiting for room in the work queue (distribute.max-queued \
-                                 {}); the next run tries it again",
-                                d.max_queued
-                            )
-                        };
-                        self.stats
-                            .file_error(&self.path_of(&path), FileErrorKind::Upload, &why);
+                        self.name_unaccounted(&path, batch, total);
                     }
                     // Not uploaded: the old record still describes what the bucket holds.
                     file.and_then(uploaded_record).or(previous)
                 }
             };
             if let Some(entry) = entry {
-                writer.push(&entry).map_err(|e| self.spool_error(e))?;
+                writer.push(&entry).map_err(manifest_error)?;
             }
         }
         if let Some(sig) = stopped {
-            super::copy::keep_the_rest(
-                writer,
-                &self.config.state_dir.0,
-                &self.config.destination_id(),
-            )
-            .map_err(|e| self.spool_error(e))?;
+            writer
+                .commit_with_the_rest(&self.config.state_dir.0, &self.config.destination_id())
+                .map_err(manifest_error)?;
             return Err(Fatal::Stopped(sig));
         }
-        writer.commit().map_err(|e| self.spool_error(e))?;
-        tracing::info!("distributed run {run}: {accounted} of {total} batches accounted for");
+        writer.commit().map_err(manifest_error)?;
+        tracing::info!(
+            "distributed run {}: {} of {total} batches accounted for",
+            r.run,
+            r.collect.accounted
+        );
         let refused = self.refused.load(std::sync::atomic::Ordering::Relaxed);
         if refused > 0 {
             tracing::warn!(
-                "distributed run {run}: {refused} reports refused (not authenticated, unreadable, \
+                "distributed run {}: {refused} reports refused (not authenticated, unreadable, \
                  or not naming exactly their batch's files); their batches were counted only from \
-                 a report that held"
+                 a report that held",
+                r.run
             );
         }
         Ok(())
     }
 
+    /// A planned upload no report accounts for, named as an error: its batch was not reported,
+    /// or not sent, by the deadline.
+    fn name_unaccounted(&self, path: &str, batch: u64, total: u64) {
+        let deadline = humantime::format_duration(self.d.deadline.0);
+        let why = if batch < total {
+            format!(
+                "not accounted for by the deadline ({deadline}): no worker reported its batch \
+                 {batch}; the next run tries it again"
+            )
+        } else {
+            format!(
+                "not sent by the deadline ({deadline}): its batch {batch} was still waiting for \
+                 room in the work queue (distribute.max-queued {}); the next run tries it again",
+                self.d.max_queued
+            )
+        };
+        self.stats
+            .file_error(&self.path_of(path), FileErrorKind::Upload, &why);
+    }
+
     /// Sends the ready batches as the queue has room for them, collecting reports to make room;
     /// past the deadline (or on a stop) it sends nothing more.
-    async fn send_ready(
-        &self,
-        run: &str,
-        sender: &mut Sender<'_>,
-        collect: &mut Collect,
-        spool: &mut Spool,
-    ) -> Result<(), Fatal> {
-        let max = sender.d.max_queued;
-        while !sender.ready.is_empty() && !sender.closed {
-            if collect.past_deadline() || self.stop.requested().is_some() {
-                let unsent = sender.close();
-                if self.stop.requested().is_none() {
-                    tracing::warn!(
-                        "distributed run {run}: the deadline passed before the plan was all \
-                         sent ({} batches awaited, {unsent} ready); nothing more is sent, and \
-                         the rest of the plan is named as errors",
-                        sender.sent - collect.accounted
-                    );
+    async fn send_ready(&self, r: &mut Round<'_>) -> Result<(), Fatal> {
+        loop {
+            let stopped = self.stop.requested().is_some();
+            let past_deadline = r.collect.past_deadline();
+            match r
+                .sender
+                .batches
+                .next_move(r.collect.accounted, past_deadline, stopped)
+            {
+                Move::Idle => return Ok(()),
+                Move::Close => {
+                    let unsent = r.sender.batches.close();
+                    if !stopped {
+                        tracing::warn!(
+                            "distributed run {}: the deadline passed before the plan was all \
+                             sent ({} batches awaited, {unsent} ready); nothing more is sent, and \
+                             the rest of the plan is named as errors",
+                            r.run,
+                            r.sender.batches.sent - r.collect.accounted
+                        );
+                    }
+                    return Ok(());
                 }
-                break;
+                Move::Collect => self.collect(r, Some(1)).await?,
+                Move::Send(room) => r.sender.send(room).await?,
             }
-            let room = max.saturating_sub(sender.sent - collect.accounted);
-            if room == 0 {
-                self.collect(run, sender.sent, collect, spool, Some(1))
-                    .await?;
-                continue;
-            }
-            sender
-                .send(usize::try_from(room).unwrap_or(usize::MAX))
-                .await?;
         }
-        Ok(())
     }
 
     /// Receives reports (and looks at the dead-letter queue) until all `total` batches sent
     /// are accounted for, the deadline passes, or a stop is requested; with `enough`, only
     /// until that many more are.
-    async fn collect(
-        &self,
-        run: &str,
-        total: u64,
-        c: &mut Collect,
-        spool: &mut Spool,
-        enough: Option<u64>,
-    ) -> Result<(), Fatal> {
+    async fn collect(&self, r: &mut Round<'_>, enough: Option<u64>) -> Result<(), Fatal> {
         let queue_error = |e: crate::queue::QueueError| Fatal::Queue(e.to_string());
-        let goal = enough.map_or(total, |n| (c.accounted + n).min(total));
-        while c.accounted < goal && self.stop.requested().is_none() && !c.past_deadline() {
-            let wait =
-                crate::queue::LONG_POLL.min(c.deadline.saturating_duration_since(Instant::now()));
+        let total = r.sender.batches.sent;
+        let goal = enough.map_or(total, |n| (r.collect.accounted + n).min(total));
+        while r.collect.accounted < goal
+            && self.stop.requested().is_none()
+            && !r.collect.past_deadline()
+        {
+            let wait = crate::queue::LONG_POLL
+                .min(r.collect.deadline.saturating_duration_since(Instant::now()));
             let received = tokio::select! {
                 r = self.queues.receive(&self.queues.results, MAX_PER_CALL, wait, REPORT_VISIBILITY) => r,
                 () = self.stop.clone().wait() => break,
@@ -562,8 +685,11 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
             let idle = received.is_empty();
             let mut done = Vec::with_capacity(received.len());
             for m in received {
-                if self.take_report(run, total, &m.body, spool).await? {
-                    c.accounted += 1;
+                if self
+                    .take_report(&r.run, total, &m.body, &mut r.spool)
+                    .await?
+                {
+                    r.collect.accounted += 1;
                 }
                 done.push(m.receipt);
             }
@@ -573,9 +699,11 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
                 .delete_all(&self.queues.results, done)
                 .await
                 .map_err(queue_error)?;
-            if idle || Instant::now() >= c.next_dlq {
-                c.accounted += self.look_at_dead_letters(run, total, spool).await?;
-                c.next_dlq = Instant::now() + DLQ_EVERY;
+            if idle || Instant::now() >= r.collect.next_dlq {
+                r.collect.accounted += self
+                    .look_at_dead_letters(&r.run, total, &mut r.spool)
+                    .await?;
+                r.collect.next_dlq = Instant::now() + DLQ_EVERY;
             }
         }
         Ok(())
@@ -795,6 +923,26 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
     }
 }
 
+/// The report of each batch, read from the spool once per batch as the plan goes by.
+struct BatchReports<'s> {
+    spool: &'s Spool,
+    cached: Option<(u64, Option<Report>)>,
+}
+
+impl BatchReports<'_> {
+    /// The report on file `index` of batch `batch`, if a report on the batch was taken.
+    fn file(&mut self, batch: u64, index: usize) -> std::io::Result<Option<&FileReport>> {
+        if self.cached.as_ref().is_none_or(|(b, _)| *b != batch) {
+            self.cached = Some((batch, self.spool.report(batch)?));
+        }
+        Ok(self
+            .cached
+            .as_ref()
+            .and_then(|(_, r)| r.as_ref())
+            .and_then(|r| r.files.get(index)))
+    }
+}
+
 /// A reported upload that is not recorded: an upload error with `why`.
 fn mark_failed(f: &mut FileReport, why: &dyn std::fmt::Display) {
     f.outcome = FileOutcome::Error;
@@ -822,4 +970,124 @@ fn uploaded_record(f: &FileReport) -> Option<ManifestEntry> {
         mtime_ns: f.mtime_ns,
         sha256,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(size: u64) -> WorkFile {
+        WorkFile {
+            key: format!("k{size}"),
+            path: format!("p{size}"),
+            size,
+            mtime_ns: 0,
+            reason: "new".into(),
+            escaped: false,
+        }
+    }
+
+    /// Pairs of numbers: (batch, place in it) or (batch, files in it).
+    type Pairs = Vec<(u64, usize)>;
+
+    /// Adds files of these sizes; returns each one's place and the batches closed on the way.
+    fn fill(b: &mut Batches, sizes: &[u64]) -> (Pairs, Pairs) {
+        let (mut places, mut closed) = (Vec::new(), Vec::new());
+        for &size in sizes {
+            let (place, c) = b.add(file(size));
+            places.push(place);
+            closed.extend(c.map(|(n, files)| (n, files.len())));
+        }
+        (places, closed)
+    }
+
+    #[test]
+    fn a_batch_closes_at_batch_files() {
+        let mut b = Batches::new(2, u64::MAX, 10);
+        let (places, closed) = fill(&mut b, &[1, 1, 1, 1, 1]);
+        assert_eq!(places, [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]);
+        assert_eq!(closed, [(0, 2), (1, 2)]);
+        assert_eq!(b.close_batch().map(|(n, f)| (n, f.len())), Some((2, 1)));
+        assert_eq!(
+            b.close_batch().map(|(n, f)| (n, f.len())),
+            None,
+            "nothing left to close"
+        );
+    }
+
+    #[test]
+    fn a_batch_closes_at_batch_bytes_and_a_larger_file_goes_alone() {
+        let mut b = Batches::new(100, 100, 10);
+        let (places, closed) = fill(&mut b, &[60, 40, 1, 500, 10]);
+        // 60 + 40 fills the first to the byte; one more byte is a new batch; a file over the cap
+        // is a batch of its own rather than never sent.
+        assert_eq!(places, [(0, 0), (0, 1), (1, 0), (2, 0), (3, 0)]);
+        assert_eq!(closed, [(0, 2), (1, 1), (2, 1)]);
+    }
+
+    #[test]
+    fn a_call_takes_at_most_ten_messages_and_max_call_bytes() {
+        let mut b = Batches::new(1, u64::MAX, 100);
+        for _ in 0..25 {
+            b.queue(|| "x".repeat(10));
+        }
+        assert!(b.call_ready());
+        let calls: Vec<usize> = (0..3).map(|_| b.next_call(25).len()).collect();
+        assert_eq!(calls, [10, 10, 5]);
+        assert_eq!(b.sent, 25);
+        assert!(!b.call_ready());
+
+        let big = MAX_CALL_BYTES / 2 - 1;
+        for len in [big, big, big, MAX_CALL_BYTES + 1, 1] {
+            b.queue(|| "x".repeat(len));
+        }
+        let calls: Vec<usize> = (0..3).map(|_| b.next_call(10).len()).collect();
+        // Two halves fit, a third does not; a message over the limit goes alone.
+        assert_eq!(calls, [2, 1, 1]);
+        assert_eq!(b.next_call(3).len(), 1);
+        assert_eq!(b.sent, 30);
+    }
+
+    #[test]
+    fn at_most_max_queued_batches_are_awaited() {
+        let mut b = Batches::new(1, u64::MAX, 3);
+        assert_eq!(b.next_move(0, false, false), Move::Idle, "nothing ready");
+        for _ in 0..5 {
+            b.queue(|| "batch".into());
+        }
+        assert_eq!(b.next_move(0, false, false), Move::Send(3));
+        assert_eq!(b.next_call(3).len(), 3);
+        // Three sent, none reported: a report first.
+        assert_eq!(b.next_move(0, false, false), Move::Collect);
+        assert_eq!(b.next_move(1, false, false), Move::Send(1));
+        assert_eq!(b.next_move(3, false, false), Move::Send(3));
+        assert_eq!(b.next_call(2).len(), 2);
+        assert_eq!(b.next_move(3, false, false), Move::Idle, "all sent");
+    }
+
+    #[test]
+    fn past_the_deadline_or_on_a_stop_nothing_more_is_sent() {
+        let mut b = Batches::new(1, u64::MAX, 10);
+        for _ in 0..4 {
+            b.queue(|| "batch".into());
+        }
+        assert_eq!(b.next_move(0, true, false), Move::Close);
+        assert_eq!(b.next_move(0, false, true), Move::Close);
+        assert_eq!(b.close(), 4, "the batches left unsent");
+        assert_eq!(b.next_move(0, false, false), Move::Idle);
+        // Batches are still numbered, for the plan to name, but no message is made or queued.
+        let (places, closed) = fill(&mut b, &[1, 1]);
+        assert_eq!(places, [(0, 0), (1, 0)]);
+        assert_eq!(closed, [(0, 1)]);
+        b.queue(|| unreachable!("no message is made once sending is closed"));
+        assert!(b.ready.is_empty() && b.sent == 0);
+
+        let now = Instant::now();
+        let collect = Collect {
+            accounted: 0,
+            deadline: now,
+            next_dlq: now,
+        };
+        assert!(collect.past_deadline());
+    }
 }

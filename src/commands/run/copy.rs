@@ -1,115 +1,65 @@
-//! The copy itself: the walk, the listing and the manifest merged and planned on a blocking
-//! thread (`merge`, `plan`), the planned uploads run side by side (`upload`), and their records
-//! written to the next manifest in key order as they complete.
+//! The copy on this host: the planned steps handled side by side (`upload`), and their records
+//! written to the next manifest in key order as they complete. (With `distribute:` the workers
+//! upload instead: `coordinate`.)
 
 use std::io::Write;
 use std::sync::Arc;
 
 use futures::StreamExt;
 
-use super::RunOptions;
 use crate::config::Config;
 use crate::error::Fatal;
 use crate::keys::shown;
-use crate::list::PARTITION_KEYS;
-use crate::merge::Inputs;
-use crate::offsite;
-use crate::plan::{Planner, Step};
-use crate::queue::Queues;
-use crate::report::{FileErrorKind, Stats};
-use crate::scan;
+use crate::plan::{Step, StepResult};
+use crate::report::Stats;
 use crate::state::manifest::{self, ManifestEntry};
 use crate::stop::Stop;
 use crate::store::{ObjectStore, StoreError};
 use crate::upload::{Resume, Upload, Uploader};
-
-use super::coordinate::Coordinator;
 
 /// How far the upload stage may run ahead of the oldest unfinished file. The manifest is written
 /// in key order, so completed files wait here for slower ones (a large multipart) before them;
 /// this bounds that wait's memory while leaving plenty of small files to keep the slots busy.
 const ORDER_WINDOW: usize = 4096;
 
-/// Planned steps queued between the planner's thread and the upload stage: a slow upload stage
-/// pauses the walk instead of buffering the tree.
-const STEPS_AHEAD: usize = 1024;
-
-/// The copy over any store (tests wrap the real one to count or fail requests). Figures go to
-/// `stats` as they happen, so they are there even when a fatal error ends the copy.
+/// The copy of the planned `steps` over any store (the integration tests count and fail requests
+/// at an HTTP proxy in front of a real S3 API server). Figures go to `stats` as they happen, so
+/// they are there even when a fatal error ends the copy. `writer` is the next manifest; `None` in
+/// a dry run, which prints each planned upload instead.
 pub async fn copy<S: ObjectStore>(
     config: &Config,
-    opts: &RunOptions,
     store: Arc<S>,
     stats: Arc<Stats>,
     stop: Stop,
-    queues: Option<&Queues>,
+    steps: tokio::sync::mpsc::Receiver<StepResult>,
+    mut writer: Option<manifest::Writer>,
 ) -> Result<(), Fatal> {
     let state_dir = &config.state_dir.0;
-    let destination = config.destination_id();
-    let manifest_error = |e| Fatal::Manifest(state_dir.display().to_string(), e);
-
-    // A run installs the bucket's copy when the state directory has no manifest; a dry run only
-    // reads it.
-    let manifest = offsite::manifest(
-        store.as_ref(),
-        config,
-        PARTITION_KEYS,
-        !opts.dry_run,
-        "deciding by size and upload time this once",
-    )
-    .await;
-    let inputs = Inputs::with_manifest(config, store.clone(), stats.clone(), manifest).await?;
-    if inputs.manifest.is_none() {
-        tracing::info!(
-            "no manifest for this destination yet: comparing with the bucket listing only"
-        );
-    }
-    let (steps, planner) = spawn_planner(inputs, stats.clone());
-
-    let mut writer = match opts.dry_run {
-        true => None,
-        false => Some(manifest::Writer::create(state_dir, &destination).map_err(manifest_error)?),
-    };
-    // A distributed run sends the plan to the workers instead (a dry run only prints it).
-    if let Some((queues, writer)) = queues.zip(writer.take_if(|_| queues.is_some())) {
-        let coordinator =
-            Coordinator::new(config, queues, store.as_ref(), stats.clone(), stop.clone());
-        let result = coordinator.run(steps, writer).await;
-        let _ = planner.await;
-        return result;
-    }
+    let dry_run = writer.is_none();
     let started = std::time::SystemTime::now();
     let mut uploader = Uploader::for_config(store, stats.clone(), config, stop.clone());
-    if !opts.dry_run {
+    if !dry_run {
         if let Some(resume) = Resume::for_config(config) {
             uploader = uploader.resuming(resume);
         }
     }
     let uploader = Arc::new(uploader);
-    let result = upload_all(
-        steps,
-        uploader.clone(),
-        &stats,
-        opts.dry_run,
-        &stop,
-        &mut writer,
-    )
-    .await;
-    let _ = planner.await;
+    let result = upload_all(steps, uploader.clone(), &stats, dry_run, &stop, &mut writer).await;
     match result {
         // The old manifest stays: what this run uploaded is found by the listing next time.
         Err(UploadEnd::Store(e)) => return Err(Fatal::Store(e)),
-        Err(UploadEnd::Manifest(e)) => return Err(manifest_error(e)),
+        Err(UploadEnd::Manifest(e)) => return Err(Fatal::manifest(state_dir, e)),
         Ok(()) => {}
     }
     if let Some(sig) = stop.requested() {
         if let Some(w) = writer {
-            keep_the_rest(w, state_dir, &destination).map_err(manifest_error)?;
+            w.commit_with_the_rest(state_dir, &config.destination_id())
+                .map_err(|e| Fatal::manifest(state_dir, e))?;
         }
         return Err(Fatal::Stopped(sig));
     }
     if let Some(w) = writer {
-        w.commit().map_err(manifest_error)?;
+        w.commit().map_err(|e| Fatal::manifest(state_dir, e))?;
         // The whole tree was gone through: a recorded upload this run did not touch belongs to
         // a file that needs none. The margin covers filesystems whose timestamps lag the clock.
         uploader
@@ -117,30 +67,6 @@ pub async fn copy<S: ObjectStore>(
             .await;
     }
     Ok(())
-}
-
-pub(super) type StepResult = Result<Step, StoreError>;
-
-/// Scans and plans on a blocking thread; the steps come out of the channel in key order.
-fn spawn_planner(
-    inputs: Inputs,
-    stats: Arc<Stats>,
-) -> (
-    tokio::sync::mpsc::Receiver<StepResult>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (tx, rx) = tokio::sync::mpsc::channel::<StepResult>(STEPS_AHEAD);
-    let planner = tokio::task::spawn_blocking(move || {
-        let local = scan::scan(inputs.scan, stats);
-        let manifest_entries = inputs.manifest.into_iter().flatten();
-        for step in Planner::new(local, inputs.remote, manifest_entries) {
-            let failed = step.is_err();
-            if tx.blocking_send(step).is_err() || failed {
-                break;
-            }
-        }
-    });
-    (rx, planner)
 }
 
 enum UploadEnd {
@@ -184,35 +110,6 @@ async fn upload_all<S: ObjectStore>(
     Ok(())
 }
 
-/// After a stop: what completed is written; for every key after it, the old record still
-/// describes what the bucket holds, so it is carried over and the progress is kept.
-pub(super) fn keep_the_rest(
-    mut w: manifest::Writer,
-    state_dir: &std::path::Path,
-    destination: &str,
-) -> std::io::Result<()> {
-    if let Ok(Some(old)) = manifest::open(state_dir, destination, usize::MAX) {
-        let last = w.last_key().map(str::to_owned);
-        for entry in old.filter(|e| last.as_ref().is_none_or(|l| e.key > *l)) {
-            w.push(&entry)?;
-        }
-    }
-    w.commit().map(|_| ())
-}
-
-/// A second file whose key another already took: counted and named, never uploaded.
-pub(super) fn duplicate_key(stats: &Stats, prefix: &str, entry: &crate::scan::LocalEntry) {
-    stats.file_error(
-        &entry.path,
-        FileErrorKind::BadName,
-        &format_args!(
-            "its key {}{} is already used by another file's (escaped) name; rename one of them",
-            shown(prefix),
-            shown(&entry.key)
-        ),
-    );
-}
-
 /// One planned step: upload it (on a task of its own once it has a slot,
 /// `Uploader::upload_on_task`), or pass its record through.
 async fn handle<S: ObjectStore>(
@@ -231,7 +128,7 @@ async fn handle<S: ObjectStore>(
             Ok(None)
         }
         Step::DuplicateKey { entry } => {
-            duplicate_key(stats, uploader.prefix(), &entry);
+            stats.duplicate_key(&entry.path, uploader.prefix(), &entry.key);
             Ok(None)
         }
         Step::Upload {

@@ -1,7 +1,12 @@
 //! `nightcopy run`, the nightly run as operators see it: lock and minimum interval, source and
-//! credentials checks, READY/STATUS/WATCHDOG to systemd, the copy (`copy`), then one outcome —
-//! and from that one outcome the summary line, the CloudWatch metrics, the textfile, the run
-//! record, the heartbeat and the exit code, so they can never disagree.
+//! credentials checks, READY/STATUS/WATCHDOG to systemd, the backup, then one outcome — and from
+//! that one outcome the summary line, the CloudWatch metrics, the textfile, the run record, the
+//! heartbeat and the exit code, so they can never disagree.
+//!
+//! The backup is planned here and carried out by one of two siblings, chosen here and nowhere
+//! else: `copy` uploads on this host; `coordinate`, with `distribute:`, has the workers upload.
+//! Neither knows the other; what both need (the steps, the per-file events, the manifest) is
+//! machinery below them.
 
 mod coordinate;
 mod copy;
@@ -11,17 +16,23 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::Fatal;
+use crate::list::PARTITION_KEYS;
+use crate::merge::Inputs;
+use crate::plan::{Planner, StepResult};
 use crate::queue::Queues;
 use crate::report::{FileErrorKind, Outcome, RunReport, Stats, SUMMARY_MESSAGE_ID};
-use crate::state::{self, RunRecord};
+use crate::state::{self, manifest, RunRecord};
 use crate::stop::Stop;
 use crate::store::s3::S3Store;
 use crate::store::sdk;
-use crate::{exit, fsutil, guard, metrics, notify, offsite};
-
-pub use copy::copy;
+use crate::{exit, fsutil, guard, metrics, notify, offsite, scan};
+use coordinate::Coordinator;
 
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Planned steps queued between the planner's thread and the upload stage: a slow upload stage
+/// pauses the walk instead of buffering the tree.
+const STEPS_AHEAD: usize = 1024;
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -119,24 +130,87 @@ pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::Prog
         tracing::warn!("cannot listen for SIGTERM/SIGINT ({e}); a stop will kill the run");
         Stop::never()
     });
-    let queues = config
-        .distribute
-        .as_ref()
-        .map(|d| Queues::new(&sdk, d, config.destination.allow_insecure_endpoint, key));
-    let result = copy(
-        config,
-        opts,
-        store.clone(),
-        ctx.stats.clone(),
-        stop.clone(),
-        queues.as_ref(),
-    )
-    .await;
+    let result = back_up(config, opts, &sdk, key, store.clone(), &ctx.stats, &stop).await;
     if result.is_ok() && !opts.dry_run {
         save_manifest_copy(store, config, ctx.started_unix, stop, &ctx.stats).await;
     }
     drop(progress);
     ctx.finish(result.err()).await
+}
+
+/// The backup: the walk, the listing and the manifest merged and planned on a blocking thread
+/// (`merge`, `plan`), and the plan carried out on this host or by the workers.
+async fn back_up(
+    config: &Config,
+    opts: &RunOptions,
+    sdk: &aws_config::SdkConfig,
+    key: Option<crate::auth::AuthKey>,
+    store: Arc<S3Store>,
+    stats: &Arc<Stats>,
+    stop: &Stop,
+) -> Result<(), Fatal> {
+    let state_dir = &config.state_dir.0;
+    // A run installs the bucket's copy when the state directory has no manifest; a dry run only
+    // reads it.
+    let manifest = offsite::manifest(
+        store.as_ref(),
+        config,
+        PARTITION_KEYS,
+        !opts.dry_run,
+        "deciding by size and upload time this once",
+    )
+    .await;
+    let inputs = Inputs::with_manifest(config, store.clone(), stats.clone(), manifest).await?;
+    if inputs.manifest.is_none() {
+        tracing::info!(
+            "no manifest for this destination yet: comparing with the bucket listing only"
+        );
+    }
+    let (steps, planner) = spawn_planner(inputs, stats.clone());
+    let writer = match opts.dry_run {
+        true => None,
+        false => Some(
+            manifest::Writer::create(state_dir, &config.destination_id())
+                .map_err(|e| Fatal::manifest(state_dir, e))?,
+        ),
+    };
+    let (stats, stop) = (stats.clone(), stop.clone());
+    let result = match (&config.distribute, writer) {
+        // The workers upload; the manifest is written from their reports.
+        (Some(d), Some(writer)) => {
+            let insecure = config.destination.allow_insecure_endpoint;
+            let queues = Queues::new(sdk, d, insecure, key);
+            let coordinator = Coordinator::new(config, d, &queues, store.as_ref(), stats, stop);
+            coordinator.run(steps, writer).await
+        }
+        // This host uploads; so does the dry run of a distributed one, which only prints the plan.
+        (_, writer) => copy::copy(config, store, stats, stop, steps, writer).await,
+    };
+    // Once the steps are dropped, the planner stops at its next send; its figures count.
+    let _ = planner.await;
+    result
+}
+
+/// Scans and plans on a blocking thread; the steps come out of the channel in key order.
+fn spawn_planner(
+    inputs: Inputs,
+    stats: Arc<Stats>,
+) -> (
+    tokio::sync::mpsc::Receiver<StepResult>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<StepResult>(STEPS_AHEAD);
+    let planner = tokio::task::spawn_blocking(move || {
+        let local = scan::scan(inputs.scan, stats);
+        let manifest_entries = inputs.manifest.into_iter().flatten();
+        for step in Planner::new(local, inputs.remote, manifest_entries) {
+            let failed = step.is_err();
+            if tx.blocking_send(step).is_err() || failed {
+                break;
+            }
+        }
+    });
+    (rx, planner)
 }
 
 /// The manifest this run completed, copied to the bucket (`offsite`). A copy that fails is a
