@@ -37,6 +37,8 @@ pub enum Domain {
     Report,
     /// The manifest's copy in the bucket.
     Manifest,
+    /// A snapshot index's header in the bucket.
+    Snapshot,
 }
 
 impl Domain {
@@ -45,6 +47,7 @@ impl Domain {
             Domain::Work => b"work\n",
             Domain::Report => b"report\n",
             Domain::Manifest => b"manifest\n",
+            Domain::Snapshot => b"snapshot\n",
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod merge;
 pub mod plan;
 pub mod upload;
 pub mod offsite;
+pub mod snapshot;
 pub mod queue;
 pub mod integrity;
 pub mod report;
