@@ -14,3 +14,4 @@ pub mod run;
 pub mod s3;
 pub mod slowfs;
 pub mod sqs;
+pub mod wait;

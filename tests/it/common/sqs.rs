@@ -7,6 +7,10 @@ use std::time::Duration;
 use aws_sdk_sqs as sqs;
 
 use super::cloudwatch::{cloudwatch, sdk_config_for};
+use super::wait::until;
+
+/// How often a wait asks moto for a queue's figures.
+const POLL: Duration = Duration::from_millis(200);
 
 pub struct TestQueues {
     pub work: String,
@@ -124,12 +128,12 @@ impl TestQueues {
 
     /// Waits until `queue` holds `n` messages (bounded).
     pub fn wait_for_depth(&self, queue: &str, n: u64, limit: Duration) -> bool {
-        until(limit, || self.depth(queue) == n)
+        until(limit, POLL, || self.depth(queue) == n)
     }
 
     /// Waits until `queue` has `n` messages visible (bounded).
     pub fn wait_for_visible(&self, queue: &str, n: u64, limit: Duration) -> bool {
-        until(limit, || self.visible(queue) == n)
+        until(limit, POLL, || self.visible(queue) == n)
     }
 }
 
@@ -176,16 +180,4 @@ impl TestQueues {
         });
         bodies
     }
-}
-
-/// Polls `done` every 200 ms until it holds or `limit` passes.
-fn until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    false
 }
