@@ -3,6 +3,7 @@
 //! server behind the counting proxy.
 
 use std::fs;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use crate::common::proxy::{FaultKind, FaultPlan, Op};
 use crate::common::run::{pseudo_random, Case, Output};
 use crate::common::s3::s3;
 use crate::common::sqs::{queues, TestQueues};
+use crate::common::wait::wait_for;
 
 /// A worker process; stopped with SIGTERM when dropped.
 struct Worker {
@@ -136,6 +138,14 @@ fn run_coordinator(c: &Case, limit: Duration) -> Output {
     Output::from(child.wait_with_output().unwrap())
 }
 
+/// Whether a PUT or a part of one of `c`'s files is being sent now (no answer yet; with no client
+/// that went away before its answer, that means in flight).
+fn an_upload_in_flight(c: &Case) -> bool {
+    s3().requests(&c.dest)
+        .iter()
+        .any(|r| matches!(r.op, Op::PutObject | Op::UploadPart) && r.status.is_none())
+}
+
 fn manifest_keys(c: &Case) -> Vec<String> {
     let text = fs::read_to_string(c.state_dir().join("manifest")).unwrap();
     text.lines()
@@ -196,15 +206,17 @@ fn a_coordinator_and_three_workers_copy_a_tree_byte_exact() {
 fn a_worker_killed_in_the_middle_of_a_batch_loses_nothing() {
     let (c, _q) = distributed("dist-kill", 3, "5min");
     let files = tree(&c);
-    // The first worker uploads slowly, so the kill lands inside a batch.
-    let slow = c.root.join("slow.yaml");
-    let text = fs::read_to_string(c.config_path()).unwrap();
-    fs::write(
-        &slow,
-        text.replace("transfer:\n", "transfer:\n  bandwidth-limit: 64KiB\n"),
-    )
-    .unwrap();
-    let mut killed = Worker::start(&c, Some(&slow), 0);
+    // The first worker's uploads are held at the server, so the kill lands while one of them is
+    // in flight: inside a batch.
+    s3().set_faults(
+        &c.dest,
+        Some(
+            FaultPlan::new(1.0, &[FaultKind::Stall], 13)
+                .only(&[Op::PutObject, Op::UploadPart])
+                .stall_for(Duration::from_secs(120)),
+        ),
+    );
+    let mut killed = Worker::start(&c, None, 0);
     let coordinator = std::thread::spawn({
         let c2 = c.command(&["run"], None);
         move || {
@@ -212,22 +224,27 @@ fn a_worker_killed_in_the_middle_of_a_batch_loses_nothing() {
             Output::from(c2.output().unwrap())
         }
     });
-    // Wait for the slow worker's first part or PUT to be under way, then kill it.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while s3()
-        .counts(&c.dest)
-        .get(&Op::PutObject)
-        .copied()
-        .unwrap_or(0)
-        == 0
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    // It is the only one uploading: a PUT or part of a file without an answer yet is its own.
+    wait_for(
+        Duration::from_secs(60),
+        "an upload of the first worker in flight",
+        || an_upload_in_flight(&c),
+    );
+    assert!(
+        killed.child.try_wait().unwrap().is_none(),
+        "the worker ended before its kill:\n{}",
+        killed.log()
+    );
     killed.child.kill().unwrap(); // SIGKILL: no report, no delete, no give-back
-    killed.child.wait().unwrap();
+    let status = killed.child.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(nix::libc::SIGKILL),
+        "the worker was to die of the kill, it ended {status}:\n{}",
+        killed.log()
+    );
     // Another worker takes over, the killed batch too once its visibility runs out.
+    s3().set_faults(&c.dest, None);
     let _rescuer = Worker::start(&c, None, 1);
     let out = coordinator.join().unwrap();
     assert_eq!(out.code, 0, "{}", out.stderr);
@@ -264,16 +281,22 @@ fn a_stopped_worker_gives_its_batch_back_at_once_without_spending_a_receive() {
     for (rel, body) in &files {
         c.write(rel, body);
     }
-    let slow = c.root.join("slow.yaml");
+    let two = c.root.join("two.yaml");
     let text = fs::read_to_string(c.config_path()).unwrap();
     fs::write(
-        &slow,
-        text.replace(
-            "transfer:\n",
-            "transfer:\n  bandwidth-limit: 64KiB\n  concurrency: 2\n",
-        ),
+        &two,
+        text.replace("transfer:\n", "transfer:\n  concurrency: 2\n"),
     )
     .unwrap();
+    // Its uploads are held at the server for 5 s, then go through.
+    s3().set_faults(
+        &c.dest,
+        Some(
+            FaultPlan::new(1.0, &[FaultKind::Stall], 11)
+                .only(&[Op::PutObject])
+                .stall_for(Duration::from_secs(5)),
+        ),
+    );
     let coordinator = std::thread::spawn({
         let mut cmd = c.command(&["run"], None);
         move || Output::from(cmd.output().unwrap())
@@ -282,15 +305,30 @@ fn a_stopped_worker_gives_its_batch_back_at_once_without_spending_a_receive() {
         q.wait_for_visible(&q.work, 1, Duration::from_secs(30)),
         "the batch is sent"
     );
-    let mut stopped = Worker::start(&c, Some(&slow), 0);
-    // Taken (in flight, none visible): its first two files take about 7 s at 64 KiB/s; the stop
-    // lets them finish, and the third is not started.
-    assert!(
-        q.wait_for_visible(&q.work, 0, Duration::from_secs(30)),
-        "the batch is taken"
+    let mut stopped = Worker::start(&c, Some(&two), 0);
+    // Taken, and in work: its first two files are being sent (the stop lets them finish), the
+    // third waits for a slot. The receive the worker started on taking the batch was started
+    // before any of its work, and it is open (one is started again as each ends).
+    wait_for(
+        Duration::from_secs(30),
+        "both uploads of the batch in flight",
+        || {
+            s3().requests(&c.dest)
+                .iter()
+                .filter(|r| r.op == Op::PutObject && r.status.is_none())
+                .count()
+                == 2
+        },
     );
-    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(q.visible(&q.work), 0, "the batch is taken");
     assert_eq!(stopped.stop(), Some(0), "{}", stopped.log());
+    assert!(
+        stopped
+            .log()
+            .contains("stopping: waiting for the receive in flight"),
+        "the stop came while a receive was in flight:\n{}",
+        stopped.log()
+    );
     assert!(
         q.wait_for_visible(&q.work, 1, Duration::from_secs(10)),
         "the batch is back for another worker at once, not after its visibility timeout \
@@ -299,7 +337,8 @@ fn a_stopped_worker_gives_its_batch_back_at_once_without_spending_a_receive() {
         q.depth(&q.work),
         stopped.log()
     );
-    // And it stays there: a receive left open (moto looks again every second) would take it.
+    // And it stays there: a receive left open (moto looks again every second) would take it. A
+    // fixed wait: what is tested is that nothing happens for a while.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         q.visible(&q.work),
@@ -307,6 +346,7 @@ fn a_stopped_worker_gives_its_batch_back_at_once_without_spending_a_receive() {
         "the batch was taken again after it went back\n{}",
         stopped.log()
     );
+    s3().set_faults(&c.dest, None);
     let _rescuer = Worker::start(&c, None, 1);
     let out = coordinator.join().unwrap();
     assert_eq!(out.code, 0, "{}", out.stderr);
@@ -361,6 +401,10 @@ fn a_poison_batch_ends_in_the_dead_letter_queue_and_is_a_named_transfer_error() 
         }
         logs.push_str(&format!("--- worker {n}\n{}", w.log()));
     }
+    assert!(
+        coordinator.is_finished(),
+        "the coordinator did not finish within 150 s\n{logs}"
+    );
     let out = coordinator.join().unwrap();
     s3().set_faults(&c.dest, None);
     assert_eq!(out.code, 2, "{}", out.stderr);

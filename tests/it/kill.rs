@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use crate::common::run::{pseudo_random, Case};
@@ -20,11 +21,14 @@ fn sigkill_at_random_moments_never_loses_or_corrupts_anything() {
         c.write(&rel, &body);
         files.insert(rel, body);
     }
-    let big = pseudo_random(11 * 1024 * 1024, 77); // multipart
+    let big = pseudo_random(21 * 1024 * 1024 + 17, 77); // multipart, five parts
     c.write("m/big.bin", &big);
     files.insert("m/big.bin".into(), big);
-    // Slow enough that a kill lands mid-run: in the walk, between uploads, inside a multipart.
-    c.transfer_extra = "  bandwidth-limit: 3MiB\n  concurrency: 4\n".into();
+    // Slow enough that every kill lands mid-run: in the walk, between uploads, inside a multipart.
+    // A run sends at most 1 MiB a second plus a second's burst, so the eight rounds below (12.1 s
+    // of runs in all) send at most about 20 MiB of the tree's 23: each round still has work left when
+    // its kill comes. Each round checks that it did.
+    c.transfer_extra = "  bandwidth-limit: 1MiB\n  concurrency: 4\n".into();
 
     // Kill times spread over the first seconds of each run, from a fixed seed (replayable).
     let mut x: u64 = 0x5eed;
@@ -38,15 +42,29 @@ fn sigkill_at_random_moments_never_loses_or_corrupts_anything() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        // A fixed wait: the moment of the kill is what varies from round to round.
         let started = Instant::now();
         while started.elapsed() < after {
-            if child.try_wait().unwrap().is_some() {
-                break;
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "round {round}: the run ended ({status}) after {:?}, before its kill at \
+                     {after:?}: nothing was killed",
+                    started.elapsed()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = child.kill(); // SIGKILL
-        let _ = child.wait();
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "round {round}: the run ended just before its kill at {after:?}"
+        );
+        child.kill().unwrap(); // SIGKILL
+        let status = child.wait().unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(nix::libc::SIGKILL),
+            "round {round}: the run was to die of the kill at {after:?}, it ended {status}"
+        );
 
         // After every kill: whatever the bucket holds is exactly its file, and whatever the
         // manifest (if it is whole) records as uploaded with a SHA-256 is in the bucket.
