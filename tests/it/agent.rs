@@ -16,6 +16,7 @@ use crate::common::imds::start_imds;
 use crate::common::proxy::{FaultKind, FaultPlan, Op};
 use crate::common::run::{unprivileged, Case, Output};
 use crate::common::s3::s3;
+use crate::common::wait::{clock_past_second, require_root, until, wait_for};
 
 const SIX: [&str; 6] = [
     "LastSuccess",
@@ -177,8 +178,9 @@ fn textfile_carries_the_same_figures_and_keeps_the_last_success_across_failures(
         .as_secs_f64();
     assert!((now - succeeded).abs() < 120.0, "{succeeded} vs {now}");
 
-    // A failed night: the last run says so, the last success stays where it was.
-    std::thread::sleep(Duration::from_secs(1));
+    // A failed night: the last run says so, the last success stays where it was. The textfile
+    // keeps whole seconds: the failed run ends in a later one.
+    clock_past_second(succeeded as u64);
     c.require_mountpoint = true;
     assert_eq!(c.run(&["run"]).code, 1);
     let text = fs::read_to_string(&prom).unwrap();
@@ -313,12 +315,11 @@ fn a_second_concurrent_run_exits_75_naming_the_holder() {
     let mut first = spawn().spawn().unwrap();
     // Wait until the first run holds the lock (it writes its PID there).
     let lock = c.state_dir().join("lock");
-    for _ in 0..100 {
-        if fs::read_to_string(&lock).is_ok_and(|p| p.trim() == first.id().to_string()) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        Duration::from_secs(30),
+        "the first run to hold the lock",
+        || fs::read_to_string(&lock).is_ok_and(|p| p.trim() == first.id().to_string()),
+    );
     let second = spawn().output().unwrap();
     let err = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(75), "{err}");
@@ -726,10 +727,12 @@ fn no_ca_trust_store_panicked_at_start_up() {
 /// on a host without the ca-certificates package, and no SSL_CERT_* variable is set.
 #[test]
 fn no_ca_certificates_package_is_fatal_and_says_what_to_install() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test needs root to hide /etc/ssl/certs in a private mount namespace (CI runs as root)"
-    );
+    if !require_root(
+        "agent::no_ca_certificates_package_is_fatal_and_says_what_to_install",
+        "it hides /etc/ssl/certs in a private mount namespace",
+    ) {
+        return;
+    }
     let mut c = Case::new("no-ca-pkg");
     let ns = with_cloudwatch(&mut c, "nocapkg");
     c.write("a.txt", b"a");
@@ -805,11 +808,11 @@ fn a_run_that_makes_no_progress_stops_feeding_the_watchdog() {
     );
     let (out, heard) = std::thread::scope(|s| {
         s.spawn(|| {
-            let started = Instant::now();
-            while c.count(Op::PutObject) == 0 && started.elapsed() < Duration::from_secs(20) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            let came = until(Duration::from_secs(20), Duration::from_millis(20), || {
+                c.count(Op::PutObject) > 0
+            });
             s3().set_faults(&c.dest, None);
+            assert!(came, "no PutObject within 20 s: {:?}", c.ops());
         });
         run_hearing_systemd_timed(&c, &["run"], &[("WATCHDOG_USEC", "400000")])
     });
@@ -956,10 +959,12 @@ impl Drop for SmallStateFs {
 /// and uploads nothing again.
 #[test]
 fn a_full_state_directory_is_fatal_says_what_to_do_and_loses_nothing() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test mounts a small tmpfs in a private mount namespace: run as root (CI does)"
-    );
+    if !require_root(
+        "agent::a_full_state_directory_is_fatal_says_what_to_do_and_loses_nothing",
+        "it mounts a small tmpfs in a private mount namespace",
+    ) {
+        return;
+    }
     let c = Case::new("full-state");
     c.write("a.txt", b"a");
     let small = SmallStateFs::mount(&c, c"size=64k,mode=0700");

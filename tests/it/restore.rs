@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::common::proxy::Op;
 use crate::common::run::{pseudo_random, Case, Output, AWKWARD_NAMES};
 use crate::common::s3::{moto_s3, s3};
+use crate::common::wait::{clock_past_second, require_root};
 use aws_sdk_s3::primitives::ByteStream;
 use sha2::{Digest, Sha256};
 
@@ -129,7 +130,8 @@ fn base64_sha(b: &[u8]) -> String {
 }
 
 /// Builds a mixed tree: plain, nested, awkward and non-UTF-8 names, an empty file, a multipart
-/// file, modes, nanosecond mtimes and (as root) another owner. Returns the source's state.
+/// file, modes and nanosecond mtimes (another owner has a test of its own, which needs root).
+/// Returns the source's state.
 fn mixed_tree(c: &Case) -> BTreeMap<Vec<u8>, FileState> {
     let more: &[(&str, &[u8])] = &[
         ("script.sh", b"#!/bin/sh\necho hi\n"),
@@ -153,15 +155,6 @@ fn mixed_tree(c: &Case) -> BTreeMap<Vec<u8>, FileState> {
     mode("script.sh", 0o750);
     mode("private/secret", 0o600);
     mode("readonly.txt", 0o444);
-    if nix::unistd::geteuid().is_root() {
-        let owned = c.write("owned.txt", b"someone else's");
-        nix::unistd::chown(
-            &owned,
-            Some(nix::unistd::Uid::from_raw(1234)),
-            Some(nix::unistd::Gid::from_raw(5678)),
-        )
-        .unwrap();
-    }
     // Nanosecond mtimes, all different, some in the past.
     let mut n = 0u64;
     for e in walkdir::WalkDir::new(&c.src).sort_by_file_name() {
@@ -200,12 +193,7 @@ fn a_mixed_tree_round_trips_byte_for_byte_and_metadata_for_metadata() {
     };
     assert_eq!(show(&got), show(&want), "the same names, byte for byte");
     for (path, state) in &want {
-        let mut g = got[path].clone();
-        if !nix::unistd::geteuid().is_root() {
-            // Only root can give files away; the rest must match regardless.
-            (g.uid, g.gid) = (state.uid, state.gid);
-        }
-        assert_eq!(&g, state, "{}", String::from_utf8_lossy(path));
+        assert_eq!(&got[path], state, "{}", String::from_utf8_lossy(path));
     }
     assert!(temp_files(&to).is_empty());
 
@@ -225,6 +213,39 @@ fn a_mixed_tree_round_trips_byte_for_byte_and_metadata_for_metadata() {
     );
     assert_eq!(delta["GetObject"], want.len());
     c.assert_no_delete();
+}
+
+/// A file of another owner comes back with its owner and group, mode and mtime. Only root can
+/// give files away, in the source and in the restore.
+#[test]
+fn a_file_of_another_owner_is_restored_with_its_owner_and_group() {
+    if !require_root(
+        "restore::a_file_of_another_owner_is_restored_with_its_owner_and_group",
+        "it gives a file to uid 1234 and gid 5678, and restores it",
+    ) {
+        return;
+    }
+    let c = Case::new("restore-owner");
+    let owned = c.write("owned.txt", b"someone else's");
+    nix::unistd::chown(
+        &owned,
+        Some(nix::unistd::Uid::from_raw(1234)),
+        Some(nix::unistd::Gid::from_raw(5678)),
+    )
+    .unwrap();
+    fs::set_permissions(&owned, fs::Permissions::from_mode(0o640)).unwrap();
+    set_mtime_ns(&owned, 1_600_000_000_123_456_789);
+    c.write("mine.txt", b"root's own");
+    let want = files_of(&c.src);
+    assert_eq!(
+        (want[&b"owned.txt"[..]].uid, want[&b"owned.txt"[..]].gid),
+        (1234, 5678)
+    );
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let (to, out) = c.restore_into("restored");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(files_of(&to), want);
 }
 
 #[test]
@@ -464,10 +485,14 @@ fn as_of_restores_the_version_that_was_current_then() {
     let out = c.run(&["run"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
 
-    // moto keeps LastModified in whole seconds: the restore point lies a second clear of both.
-    std::thread::sleep(Duration::from_millis(1100));
-    let point = SystemTime::now();
-    std::thread::sleep(Duration::from_millis(1100));
+    // moto keeps LastModified in whole seconds: the restore point (whole seconds too) lies in a
+    // second after the one the first run ended in, and the second run starts in a later one.
+    let ended = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let point = clock_past_second(ended);
+    clock_past_second(point.duration_since(UNIX_EPOCH).unwrap().as_secs());
 
     // Last night: the file was "encrypted", and a ransom note appeared.
     fs::write(&doc, b"ENCRYPTED!!! pay up to get version 1 back").unwrap();

@@ -12,6 +12,7 @@ use nightcopy::queue::{FileOutcome, FileReport, Report, WorkBatch, WorkFile};
 
 use crate::common::run::{Case, Output};
 use crate::common::sqs::{queues, TestQueues};
+use crate::common::wait::until;
 
 fn distributed(hint: &str, deadline: &str) -> (Case, TestQueues) {
     let mut c = Case::new(hint);
@@ -171,12 +172,18 @@ fn forged_short_and_newline_reports_are_never_recorded_as_backed_up() {
     let (mut c, q) = distributed("forged", "25s");
     // "d.bin" is backed up once by a single-host run, then changed in place with its size kept:
     // a forged "uploaded" must not make the manifest say the new version is stored.
-    c.write("d.bin", b"version 1");
+    let d = c.write("d.bin", b"version 1");
+    // An hour old, so that version 2, written below, has a later mtime by any clock's grain.
+    fs::File::options()
+        .write(true)
+        .open(&d)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
     let distributed_section =
         std::mem::replace(&mut c.top_extra, "guard:\n  min-interval: 0s\n".to_owned());
     assert_eq!(c.run(&["run"]).code, 0);
     c.top_extra = distributed_section;
-    std::thread::sleep(Duration::from_millis(20)); // a later mtime than the first version's
     c.write("d.bin", b"version 2");
     for name in ["a.bin", "b.bin", "c.bin"] {
         c.write(name, name.as_bytes());
@@ -274,15 +281,10 @@ fn key_file(c: &Case, name: &str, byte: u8) -> std::path::PathBuf {
 
 /// Polls the file at `log` until it holds `n` lines containing `what` (bounded).
 fn wait_for_lines(log: &Path, what: &str, n: usize, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
+    until(limit, Duration::from_millis(100), || {
         let text = fs::read_to_string(log).unwrap_or_default();
-        if text.lines().filter(|l| l.contains(what)).count() >= n {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
+        text.lines().filter(|l| l.contains(what)).count() >= n
+    })
 }
 
 #[test]

@@ -4,11 +4,12 @@
 
 use std::fs;
 use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
 use crate::common::run::{pseudo_random, unprivileged, Case, Output};
 use crate::common::s3::s3;
+use crate::common::wait::wait_for;
 use aws_sdk_s3::primitives::ByteStream;
 use sha2::{Digest, Sha256};
 
@@ -199,10 +200,24 @@ fn a_file_changed_after_the_backup_is_counted_but_not_a_problem() {
     c.write("stable.txt", b"stable");
     let p = c.write("busy.log", b"line 1\n");
     assert_eq!(c.run(&["run"]).code, 0);
-    // The run record keeps whole seconds and verify rounds up: step clear of that second.
-    std::thread::sleep(Duration::from_millis(2100));
-    fs::write(&p, b"line 1\nline 2\n").unwrap();
-    c.write("new.txt", b"created after the backup");
+    // Changed after the backup started: verify takes a file whose ctime is later than the start
+    // in the run record (whole seconds, rounded up). Written until both are.
+    let record: serde_json::Value =
+        serde_json::from_slice(&fs::read(c.state_dir().join("last-run.json")).unwrap()).unwrap();
+    let cutoff_ns = (record["started"].as_i64().expect("the run's start") + 1) * 1_000_000_000;
+    let ctime_ns = |p: &std::path::Path| {
+        let m = fs::metadata(p).unwrap();
+        m.ctime() * 1_000_000_000 + m.ctime_nsec()
+    };
+    wait_for(
+        Duration::from_secs(5),
+        "busy.log and new.txt changed after the backup's start",
+        || {
+            fs::write(&p, b"line 1\nline 2\n").unwrap();
+            let new = c.write("new.txt", b"created after the backup");
+            ctime_ns(&p) > cutoff_ns && ctime_ns(&new) > cutoff_ns
+        },
+    );
 
     let out = c.run(&["-v", "verify"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
