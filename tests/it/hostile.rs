@@ -17,6 +17,7 @@ use crate::common::process::{python, server_script, spawn_with_port_line, Output
 use crate::common::proxy::{FaultKind, FaultPlan, Op};
 use crate::common::run::{Case, Output};
 use crate::common::s3::s3;
+use crate::common::wait::require_root;
 
 /// Runs `cmd` for at most `limit`; `None` when it had to be killed (it hung).
 fn run_bounded(mut cmd: Command, limit: Duration) -> Option<Output> {
@@ -350,6 +351,12 @@ fn every_endpoint_form_that_leaves_loopback_in_clear_text_is_refused_before_anyt
 /// server must see nothing.
 #[test]
 fn a_profile_endpoint_over_plain_http_to_another_host_is_refused_before_signing() {
+    if !require_root(
+        "hostile::a_profile_endpoint_over_plain_http_to_another_host_is_refused_before_signing",
+        "it gives the binary a private /etc/hosts in a private mount namespace",
+    ) {
+        return;
+    }
     let c = Case::new("url-profile");
     c.write("f.txt", b"data");
     let port = s3().endpoint.rsplit(':').next().unwrap().to_owned();

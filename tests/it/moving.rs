@@ -21,6 +21,7 @@ use nix::sys::fanotify::{
 use crate::common::proxy::Op;
 use crate::common::run::{pseudo_random, Case, Output};
 use crate::common::s3::s3;
+use crate::common::wait::require_root;
 
 #[test]
 fn a_file_rewritten_while_it_is_read_is_never_recorded_and_is_left_for_the_next_run() {
@@ -217,6 +218,9 @@ fn awkward_trees_never_stop_the_run() {
 /// a run: inside a read that takes microseconds, or after the scan has seen a directory and before
 /// its files are opened. A writer racing the read could not promise either. Needs root.
 struct Gate(Fanotify);
+
+/// Why a test with a [`Gate`] needs root.
+const FANOTIFY: &str = "it holds nightcopy's reads with fanotify permission events";
 
 /// One open or read, held until `Gate::allow`.
 struct Access {
@@ -417,11 +421,23 @@ fn files_changing_while_they_are_read_are_never_recorded(hint: &str, grow: bool)
 
 #[test]
 fn a_file_that_grows_while_it_is_read_is_never_recorded_and_is_left_for_the_next_run() {
+    if !require_root(
+        "moving::a_file_that_grows_while_it_is_read_is_never_recorded_and_is_left_for_the_next_run",
+        FANOTIFY,
+    ) {
+        return;
+    }
     files_changing_while_they_are_read_are_never_recorded("grows", true);
 }
 
 #[test]
 fn a_file_that_shrinks_while_it_is_read_is_never_recorded_and_is_left_for_the_next_run() {
+    if !require_root(
+        "moving::a_file_that_shrinks_while_it_is_read_is_never_recorded_and_is_left_for_the_next_run",
+        FANOTIFY,
+    ) {
+        return;
+    }
     files_changing_while_they_are_read_are_never_recorded("shrinks", false);
 }
 
@@ -430,6 +446,12 @@ fn a_file_that_shrinks_while_it_is_read_is_never_recorded_and_is_left_for_the_ne
 /// the rest of the tree is copied.
 #[test]
 fn a_directory_that_vanishes_between_the_scan_and_the_upload_is_counted_not_an_error() {
+    if !require_root(
+        "moving::a_directory_that_vanishes_between_the_scan_and_the_upload_is_counted_not_an_error",
+        FANOTIFY,
+    ) {
+        return;
+    }
     let mut c = Case::new("vanish-dir");
     // One file at a time, so the first upload, held below, keeps every other file waiting; and a
     // walk on one thread, which does its work in key order (the directory `a/`, its stats,

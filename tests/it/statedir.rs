@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::common::run::{pseudo_random, Case};
+use crate::common::wait::require_root;
 
 /// Files outside the state directory, each with a link to it planted at a name in the state
 /// directory (or the metrics directory) that nightcopy writes or used to write.
@@ -161,16 +162,21 @@ fn links_planted_at_the_state_files_names_are_never_written_through() {
     c.assert_no_delete();
 }
 
-/// Needs root, to give the state directory away: as another user the chown fails, and so does the
-/// test.
+/// Needs root, to give the state directory away.
 #[test]
 fn a_state_directory_another_user_owns_is_refused_by_every_command() {
+    if !require_root(
+        "statedir::a_state_directory_another_user_owns_is_refused_by_every_command",
+        "it gives the state directory to uid 12345",
+    ) {
+        return;
+    }
     let c = Case::new("statedir-owner");
     c.write("a.txt", b"a");
     let state = c.state_dir();
     fs::create_dir(&state).unwrap();
     nix::unistd::chown(&state, Some(nix::unistd::Uid::from_raw(12345)), None)
-        .expect("tests run as root: the state directory is given to uid 12345");
+        .expect("the state directory is given to uid 12345");
     let to = c.root.join("restored");
     let to = to.to_str().unwrap();
     for args in [
