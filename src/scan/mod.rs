@@ -4,38 +4,9 @@
 //! Excluded directories are pruned (never opened, so an unreadable excluded directory costs no
 //! error); other filesystems are not entered with one-file-system; symlinks are skipped unless
 //! configured to be followed; sockets, fifos and devices are skipped and counted.
-//!
-//! Two ways to walk, one walk:
-//!
-//! - [`scan`] yields only the regular files ([`LocalEntry`]), what the copy needs. It reads
-//!   nothing it does not need: a file costs one stat, a directory an open and an `fstat` (for
-//!   one-file-system and loops), and a symlink, FIFO, socket or device nothing at all — `d_type`
-//!   says what it is, and it is counted as skipped.
-//! - [`scan_tree`] yields every path the walk keeps, as an [`Item`], in the same key order, for a
-//!   snapshot of the tree: files as above; each directory as the walk enters it, before its
-//!   contents (its key is `name/`, which is where it sorts), from the `fstat` of the handle the
-//!   walk opened it with — no call more than `scan`'s; a symlink's own metadata and target from
-//!   `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)` and `readlinkat(dir, name)`, done on the walk's
-//!   pool; a FIFO, socket or device node from one `fstatat` (its type, mode, owner and `rdev`).
-//!   Those stats are plain ones, not the cached statx a file's is: what they say is recorded as
-//!   it is, and no later `fstat` of an opened file corrects it. The root itself is not an item;
-//!   excluded paths are absent, as are those that vanished or could not be read (each counted).
-//!   Symlinks and specials recorded are not counted as skipped. With `symlinks: follow` a symlink
-//!   is what it leads to (a file, a directory or a special), as in `scan`.
-//!
-//! Hard links, in the tree: a regular file with more than one name is an [`Item::File`] the first
-//! time its device and inode come by in walk order, and an [`Item::Hardlink`] naming that first
-//! path at each later name. The names kept for this are those of multiply-linked files only, and
-//! a name is let go once its inode's other names have all come by (an inode with names outside
-//! the tree, or excluded, stays to the end). They are bounded by [`HARD_LINK_NAMES`] (about 150
-//! bytes each): past it, one warning, and files not already known are recorded as plain files
-//! (restored as separate copies). A file reached through a followed symlink is always a plain
-//! file: its inode is the target's.
 
-use std::collections::HashMap;
-use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub mod beneath;
@@ -63,9 +34,6 @@ pub struct LocalEntry {
     /// Device and inode the walk saw: what is opened later must be this very file.
     pub dev: u64,
     pub ino: u64,
-    /// Its number of names (hard links). 0 where a files-only walk's statx did not give it (that
-    /// walk needs no more).
-    pub nlink: u64,
     /// Reached through a symlink the walk chose to follow (`source.symlinks: follow`): only then
     /// may opening it follow a symlink.
     pub followed: bool,
@@ -92,110 +60,8 @@ impl LocalEntry {
             gid: m.gid(),
             dev: m.dev(),
             ino: m.ino(),
-            nlink: m.nlink(),
             followed: false,
         }
-    }
-}
-
-/// One path of the tree, in key order ([`scan_tree`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Item {
-    /// A regular file (the first name of one with several).
-    File(LocalEntry),
-    /// A later name of a file that came by earlier: `first` is that earlier name, relative to the
-    /// source. Still a file for the copy: its key gets its bytes like any other's.
-    Hardlink { entry: LocalEntry, first: PathBuf },
-    Dir(TreeEntry),
-    Symlink(TreeEntry),
-    /// A FIFO, a socket or a device node: `mode` says which.
-    Special(TreeEntry),
-}
-
-impl Item {
-    /// Where it sorts: a file's key, a directory's with a `/` after it.
-    pub fn key(&self) -> &str {
-        match self {
-            Item::File(e) | Item::Hardlink { entry: e, .. } => &e.key,
-            Item::Dir(t) | Item::Symlink(t) | Item::Special(t) => &t.key,
-        }
-    }
-}
-
-/// A directory, symlink or special file of the tree: its own metadata (`lstat`'s, or `fstat`'s of
-/// the directory's handle).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TreeEntry {
-    /// Its key below the destination prefix; a directory's ends in `/`.
-    pub key: String,
-    /// Relative to the source root, its bytes as they are (`keys::encode_raw_path` to record).
-    pub rel: PathBuf,
-    /// Type and permission bits.
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime_ns: i64,
-    pub size: u64,
-    /// A device node's number (0 for anything else).
-    pub rdev: u64,
-    /// A symlink's target, its bytes as they are.
-    pub target: Option<OsString>,
-}
-
-/// Multiply-linked files whose other names may still come, kept at most (see the module's docs).
-pub const HARD_LINK_NAMES: usize = 1_000_000;
-
-/// The first names of multiply-linked files seen so far, by device and inode: what tells a file's
-/// later names (hard links) from its first, in walk order.
-struct HardLinks {
-    root: PathBuf,
-    /// The first name, and how many names are still to come.
-    first: HashMap<(u64, u64), (Box<Path>, u64)>,
-    bound: usize,
-    /// The bound was reached (said once).
-    full: bool,
-}
-
-impl HardLinks {
-    fn new(root: &Path, bound: usize) -> HardLinks {
-        HardLinks {
-            root: root.to_owned(),
-            first: HashMap::new(),
-            bound,
-            full: false,
-        }
-    }
-
-    /// The item of a file the walk kept, in walk order.
-    fn item(&mut self, entry: LocalEntry) -> Item {
-        if entry.nlink < 2 || entry.followed {
-            return Item::File(entry);
-        }
-        let id = (entry.dev, entry.ino);
-        if let Some((first, left)) = self.first.get_mut(&id) {
-            *left = left.saturating_sub(1);
-            let first = if *left == 0 {
-                self.first.remove(&id).expect("just found").0.into_path_buf()
-            } else {
-                first.to_path_buf()
-            };
-            return Item::Hardlink { entry, first };
-        }
-        if self.first.len() >= self.bound {
-            if !self.full {
-                self.full = true;
-                tracing::warn!(
-                    "{} files with more than one name wait for their other names: further ones \
-                     are recorded as separate files, not hard links, to bound memory",
-                    self.first.len()
-                );
-            }
-            return Item::File(entry);
-        }
-        let rel = entry.path.strip_prefix(&self.root).unwrap_or(&entry.path);
-        self.first
-            .insert(id, (rel.to_path_buf().into_boxed_path(), entry.nlink - 1));
-        Item::File(entry)
     }
 }
 
@@ -299,12 +165,6 @@ impl ScanOptions {
 /// threads). Problems are reported to `stats` as they happen.
 pub fn scan(opts: ScanOptions, stats: Arc<Stats>) -> impl Iterator<Item = LocalEntry> {
     walk::Walk::start(&opts, stats)
-}
-
-/// The same walk yielding every path it keeps — directories, symlinks, hard links and special
-/// files too — in key order, at the cost the module's docs give.
-pub fn scan_tree(opts: ScanOptions, stats: Arc<Stats>) -> impl Iterator<Item = Item> {
-    walk::Walk::start_tree(&opts, stats, HARD_LINK_NAMES)
 }
 
 #[cfg(test)]
