@@ -12,8 +12,11 @@ test). Exit 0 when the property holds, else 1 with the reason on stderr.
   check_aws.py bucket-template       bucket.yaml: versioning, Object Lock, no public access,
                                      default encryption, lifecycle.json's rule, kept on delete
   check_aws.py alarm                 the alarm of docs/metrics.md, within CloudWatch's limits
-  check_aws.py scale-out-roles       scale-out.yaml: both roles reuse the instance policy's S3 and
-                                     CloudWatch statements exactly, and have only their SQS calls
+  check_aws.py scale-out-roles       scale-out.yaml: both roles have the instance policy's S3 and
+                                     CloudWatch statements with exactly one change each (the
+                                     coordinator reads the prefix, a worker is denied writing
+                                     .nightcopy/), only their SQS calls, and read only the key,
+                                     a generated plain-text secret of 64 characters
   check_aws.py scale-out-queues      scale-out.yaml: redrive to the DLQ, retention, SSE, TLS only,
                                      and the scaling policy's backlog per worker
 
@@ -54,6 +57,32 @@ INSTANCE_WANT = {
     "s3:AbortMultipartUpload": PREFIX_ARN,
     "s3:GetObject": MANIFEST_ARN,
     "cloudwatch:PutMetricData": "*",
+}
+# The scale-out roles differ from the instance policy in one statement each (scale-out.yaml says
+# why): the coordinator reads every object under the prefix (a HEAD of each upload a worker
+# reports, and the manifest's copy) instead of the copy alone, and a worker may not write
+# nightcopy's reserved `<prefix>.nightcopy/`, by a Deny no Allow can override.
+RESERVED_ARN = f"arn:aws:s3:::{BUCKET}/{PREFIX}.nightcopy/*"
+COORDINATOR_READ = {"Sid": "HeadReportedUploadsAndReadTheManifestCopy", "Effect": "Allow",
+                    "Action": "s3:GetObject", "Resource": PREFIX_ARN}
+WORKER_DENY = {"Sid": "DenyWritingTheReservedPrefix", "Effect": "Deny",
+               "Action": ["s3:PutObject", "s3:PutObjectRetention", "s3:AbortMultipartUpload"],
+               "Resource": RESERVED_ARN}
+# What each role may and may not do on an object, whatever its statements look like: (action,
+# object key, allowed?). The manifest's copy stands for the reserved part of the prefix.
+MANIFEST_KEY = f"{PREFIX}.nightcopy/manifest.gz"
+ROLE_OBJECT_ACCESS = {
+    "CoordinatorRole": [("s3:GetObject", f"{PREFIX}home/a.txt", True),
+                        ("s3:GetObject", MANIFEST_KEY, True),
+                        ("s3:PutObject", MANIFEST_KEY, True),
+                        ("s3:GetObjectVersion", f"{PREFIX}home/a.txt", False),
+                        ("s3:GetObject", "other/a.txt", False)],
+    "WorkerRole": [("s3:PutObject", f"{PREFIX}home/a.txt", True),
+                   ("s3:PutObject", MANIFEST_KEY, False),
+                   ("s3:PutObject", f"{PREFIX}.nightcopy/index-1", False),
+                   ("s3:PutObjectRetention", MANIFEST_KEY, False),
+                   ("s3:AbortMultipartUpload", MANIFEST_KEY, False),
+                   ("s3:GetObject", f"{PREFIX}home/a.txt", False)],
 }
 # Pseudo parameters, as in the example account of packaging/aws/README.md.
 PSEUDO = {"AWS::Partition": "aws", "AWS::Region": "eu-west-1", "AWS::AccountId": "111122223333",
@@ -361,13 +390,43 @@ def check_alarm():
         fail(f"Period x EvaluationPeriods = {span} s is beyond CloudWatch's limit")
 
 
+def allows(sts, action, resource):
+    """IAM's verdict for one action on one resource, over Allow and Deny statements with plain
+    Action and Resource lists (wildcards * and ?): allowed when some Allow matches and no Deny."""
+    def matches(st):
+        return (any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in as_list(st["Action"]))
+                and any(fnmatch.fnmatchcase(resource, r) for r in as_list(st["Resource"])))
+    hits = [st for st in sts if matches(st)]
+    return any(st["Effect"] == "Allow" for st in hits) and not any(st["Effect"] == "Deny" for st in hits)
+
+
 def check_scale_out_roles():
     t = load_template()
     params = t["Parameters"]
-    # The instance policy's statements are the S3 and CloudWatch part of both roles, unchanged.
-    want = statements(load("iam-instance-policy.json"))
+    res = t["Resources"]
+    instance = statements(load("iam-instance-policy.json"))
+    if sum(1 for s in instance if s.get("Sid") == "ReadTheManifestCopy") != 1:
+        fail("iam-instance-policy.json has no ReadTheManifestCopy statement for the coordinator to widen")
+    want_s3 = {
+        "CoordinatorRole": [COORDINATOR_READ if s.get("Sid") == "ReadTheManifestCopy" else s for s in instance],
+        "WorkerRole": instance + [WORKER_DENY],
+    }
+    # The key: a generated plain-text secret (no JSON template), letters and digits, of at least
+    # the 32 bytes nightcopy requires; its ARN is an output.
+    secrets = {n: r for n, r in res.items() if r["Type"] == "AWS::SecretsManager::Secret"}
+    if list(secrets) != ["AuthKeySecret"]:
+        fail(f"{TEMPLATE}: want exactly one secret, AuthKeySecret, found {sorted(secrets)}")
+    gen = secrets["AuthKeySecret"]["Properties"].get("GenerateSecretString", {})
+    if (int(gen.get("PasswordLength", 0)) != 64 or gen.get("ExcludePunctuation") is not True
+            or gen.get("IncludeSpace", False) is not False
+            or {"SecretStringTemplate", "GenerateStringKey"} & set(gen)):
+        fail(f"AuthKeySecret generates {gen}, want 64 letters and digits as plain text")
+    if "SecretString" in secrets["AuthKeySecret"]["Properties"]:
+        fail("AuthKeySecret carries a SecretString in the template; the key must be generated")
+    if t.get("Outputs", {}).get("AuthKeySecretArn", {}).get("Value") != {"Ref": "AuthKeySecret"}:
+        fail("no output AuthKeySecretArn with the secret's ARN")
     for role, queues in SQS_WANT.items():
-        r = t["Resources"].get(role)
+        r = res.get(role)
         if not r or r["Type"] != "AWS::IAM::Role":
             fail(f"{TEMPLATE}: no role {role}")
         props = r["Properties"]
@@ -375,25 +434,38 @@ def check_scale_out_roles():
         if [s.get("Principal") for s in trust] != [{"Service": "ec2.amazonaws.com"}]:
             fail(f"{role} is assumable by {[s.get('Principal') for s in trust]}, want EC2 only")
         sts = [s for p in props.get("Policies", []) for s in statements(p["PolicyDocument"])]
-        if any(s["Effect"] != "Allow" for s in sts):
-            fail(f"{role}: only Allow statements expected")
-        other = [resolve(s, params) for s in sts
-                 if not all(a.startswith("sqs:") for a in as_list(s["Action"]))]
-        if other != want:
-            fail(f"{role}: the S3 and CloudWatch statements are not exactly those of "
-                 f"iam-instance-policy.json:\n{json.dumps(other, indent=1)}")
+
+        def service(s):
+            prefixes = {a.split(":", 1)[0] for a in as_list(s["Action"])}
+            if len(prefixes) != 1:
+                fail(f"{role} {s.get('Sid')} mixes the actions of {sorted(prefixes)}")
+            return prefixes.pop()
+
+        other = [resolve(s, params) for s in sts if service(s) in ("s3", "cloudwatch")]
+        if other != want_s3[role]:
+            fail(f"{role}: the S3 and CloudWatch statements are not those of iam-instance-policy.json "
+                 f"with {role}'s one change:\n{json.dumps(other, indent=1)}")
+        for action, key, want in ROLE_OBJECT_ACCESS[role]:
+            if allows(other, action, f"arn:aws:s3:::{BUCKET}/{key}") != want:
+                fail(f"{role} {'cannot' if want else 'can'} {action} {key}")
+        keys = [s for s in sts if service(s) == "secretsmanager"]
+        if keys != [{"Sid": "ReadTheAuthKey", "Effect": "Allow", "Action": "secretsmanager:GetSecretValue",
+                     "Resource": {"Ref": "AuthKeySecret"}}]:
+            fail(f"{role}: want exactly secretsmanager:GetSecretValue on AuthKeySecret, found {keys}")
+        unknown = [s.get("Sid") for s in sts if service(s) not in ("s3", "cloudwatch", "secretsmanager", "sqs")]
+        if unknown:
+            fail(f"{role}: statements of another service: {unknown}")
         got = {}
         for s in sts:
-            actions = as_list(s["Action"])
-            if not all(a.startswith("sqs:") for a in actions):
+            if service(s) != "sqs":
                 continue
-            if any(not a.startswith("sqs:") for a in actions):
-                fail(f"{role} {s.get('Sid')} mixes SQS and other actions")
-            for res in as_list(s["Resource"]):
-                queue = res.get("Fn::GetAtt", [None])[0] if isinstance(res, dict) else None
-                if queue is None or res["Fn::GetAtt"][1] != "Arn":
-                    fail(f"{role} {s.get('Sid')}: SQS on {res}, want one queue's Arn")
-                got.setdefault(queue, set()).update(actions)
+            if s["Effect"] != "Allow":
+                fail(f"{role} {s.get('Sid')}: only Allow statements expected for SQS")
+            for res_ in as_list(s["Resource"]):
+                queue = res_.get("Fn::GetAtt", [None])[0] if isinstance(res_, dict) else None
+                if queue is None or res_["Fn::GetAtt"][1] != "Arn":
+                    fail(f"{role} {s.get('Sid')}: SQS on {res_}, want one queue's Arn")
+                got.setdefault(queue, set()).update(as_list(s["Action"]))
         if got != queues:
             fail(f"{role}: SQS actions are {dict(sorted((k, sorted(v)) for k, v in got.items()))}, "
                  f"want {dict(sorted((k, sorted(v)) for k, v in queues.items()))}")

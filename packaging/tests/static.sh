@@ -218,7 +218,8 @@ for template in bucket.yaml scale-out.yaml; do
   check "cfn-lint: packaging/aws/$template, no error or warning" \
     "$NIGHTCOPY_PKG_VENV/bin/cfn-lint" --format parseable "$REPO/packaging/aws/$template"
 done
-check "aws: scale-out roles reuse the instance policy exactly, and only their SQS calls" aws_check scale-out-roles
+check "aws: scale-out roles are the instance policy with one change each, only their SQS calls, only their key" \
+  aws_check scale-out-roles
 check "aws: scale-out queues redrive after 2 receives, 4/14 days, SSE, TLS; backlog per worker" aws_check scale-out-queues
 
 check "shellcheck: packaging/tests/*.sh" bash -c "cd '$PKG_TESTS_DIR' && shellcheck -x -s bash ./*.sh"
