@@ -4,7 +4,9 @@
 # alarm created in moto on 127.0.0.1. Checks every file the role writes, idempotence, that a
 # wrong checksum or version leaves the installed binary alone, that preflight and `validate:`
 # refuse bad values, that beta and prod differ only in their variables, and the scale-out modes
-# (a worker converged, idempotent, without alarm, and switched back to single). The .deb install
+# (a worker converged, idempotent, without alarm, and switched back to single; the key that seals
+# the queue messages, given as text or read from a Secrets Manager secret in moto, installed
+# root's alone and never printed). The .deb install
 # (nightcopy_install_method: deb) needs apt and dpkg's database in the host's own root, so only its
 # refusals are here; e2e.sh converges it in the booted system.
 #
@@ -52,7 +54,10 @@ AWS_ACCESS_KEY_ID="AKIA$(random_hex 8)"
 AWS_SECRET_ACCESS_KEY="$(random_hex 20)"
 export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
 export AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null
-unset AWS_PROFILE AWS_SESSION_TOKEN
+unset AWS_PROFILE AWS_SESSION_TOKEN AWS_URL
+# The fleet's authentication key (auth-key-file) for the coordinator and worker converges; the
+# role must never print it.
+auth_key="$(random_hex 32)"
 
 # host NAME ROOT: an inventory that puts NAME (this machine, local connection) into the
 # `nightcopy` group, installing below ROOT.
@@ -353,15 +358,39 @@ else
 fi
 
 # --- scale-out: a worker, and back to single ----------------------------------------------------
-# prod's values plus nightcopy_mode: worker (the queues come from inventories/prod). validate:
-# runs check-config on a config with distribute:, so this needs a binary of the scale-out release.
+# prod's values plus nightcopy_mode: worker (the queues come from inventories/prod) and the key.
+# validate: runs check-config on a config with distribute:, so this needs a binary of the
+# scale-out release. --diff -vv: the key must stay out of even the most talkative output.
 worker="$dir/worker-root"
 host scratch-worker "$worker"
 system_units() { tree "$1" | grep ' /etc/systemd/system/' | tr '\n' '|'; }
-if converge prod scratch-worker "$dir/worker.log" -e nightcopy_mode=worker; then
+# key_checks WHAT ROOT LOG KEY: the key file is root's alone and holds KEY, the config names it as
+# config/nightcopy.example.yaml does and nightcopy reads it back, and KEY is not in LOG, a play
+# whose key task ran with its output hidden.
+key_checks() {
+  local what="$1" root="$2" log="$3" key="$4"
+  expect "$what: the key file, a regular file root's alone (0600)" \
+    "$(tree "$root" | grep ' /etc/nightcopy/auth.key$')" "f 600 root root /etc/nightcopy/auth.key"
+  check "$what: the key file holds the key as given" cmp -s "$root/etc/nightcopy/auth.key" <(printf '%s' "$key")
+  check "$what: config/nightcopy.example.yaml's auth-key-file entry, written into the config" bash -c "
+    grep -qx '# auth-key-file: /etc/nightcopy/auth.key' '$REPO/config/nightcopy.example.yaml' &&
+    grep -qx 'auth-key-file: \"/etc/nightcopy/auth.key\"' '$root/etc/nightcopy/config.yaml'"
+  expect "$what: auth-key-file as nightcopy reads the config" \
+    "$("$NIGHTCOPY_BIN" check-config --config "$root/etc/nightcopy/config.yaml" | "$NIGHTCOPY_PKG_VENV/bin/python" -c 'import sys, yaml; print(yaml.safe_load(sys.stdin).get("auth-key-file"))')" \
+    /etc/nightcopy/auth.key
+  check "$what: the key task ran with its output hidden (no_log)" \
+    grep -q "the output has been hidden due to the fact that 'no_log: true'" "$log"
+  check "$what: the key is nowhere in the play's output" bash -c "! grep -qF '$key' '$log'"
+}
+no_key_checks() {
+  check "$1: no key file" test ! -e "$2/etc/nightcopy/auth.key"
+  check "$1: the config names no auth-key-file" bash -c "! grep -q '^auth-key-file:' '$2/etc/nightcopy/config.yaml'"
+}
+if converge prod scratch-worker "$dir/worker.log" -e nightcopy_mode=worker -e "nightcopy_auth_key=$auth_key" --diff -vv; then
   pass "converge inventories/prod as a worker into a scratch root"
   expect "worker: its own unit, no nightly service or timer" "$(system_units "$worker")" \
     "f 644 root root /etc/systemd/system/nightcopy-worker.service|"
+  key_checks worker "$worker" "$dir/worker.log" "$auth_key"
   check "worker config: nightcopy check-config accepts it" \
     "$NIGHTCOPY_BIN" check-config --config "$worker/etc/nightcopy/config.yaml"
   expect "worker config: prod's queues, as nightcopy reads them" \
@@ -382,7 +411,7 @@ print(d["queue-url"], d["results-queue-url"], d["dead-letter-queue-url"], d["bat
   # prod has its alarm on; a worker publishes no LastSuccess, so it must not get one.
   worker_no_alarm() { ! alarm nightcopy-last-success-scratch-worker >/dev/null 2>&1; }
   check "worker: no LastSuccess alarm, although prod's alarm is on" worker_no_alarm
-  if converge prod scratch-worker "$dir/worker-2.log" -e nightcopy_mode=worker; then
+  if converge prod scratch-worker "$dir/worker-2.log" -e nightcopy_mode=worker -e "nightcopy_auth_key=$auth_key"; then
     expect "worker, second converge: changed=0" "$(recap_changed "$dir/worker-2.log")" 0
   else
     fail "worker, second converge" "$(tail -30 "$dir/worker-2.log")"
@@ -392,11 +421,77 @@ print(d["queue-url"], d["results-queue-url"], d["dead-letter-queue-url"], d["bat
       "f 644 root root /etc/systemd/system/nightcopy.service|f 644 root root /etc/systemd/system/nightcopy.timer|"
     check "worker back to single: the config has no distribute: section" \
       bash -c "! grep -q '^distribute:' '$worker/etc/nightcopy/config.yaml'"
+    no_key_checks "worker back to single (no key given)" "$worker"
   else
     fail "converge the worker back to single" "$(tail -30 "$dir/worker-single.log")"
   fi
+  # The fleet is authenticated by default: a worker without a key is refused before anything
+  # changes, unless nightcopy_auth_key_required is false.
+  before_tree="$(tree "$worker")"
+  if converge prod scratch-worker "$dir/worker-nokey.log" -e nightcopy_mode=worker; then
+    fail "preflight: a worker without the authentication key is refused"
+  else
+    check "preflight: a worker without the authentication key is refused, naming both variables" \
+      grep -q "needs the fleet's authentication key: nightcopy_auth_key .* or nightcopy_auth_key_secret" "$dir/worker-nokey.log"
+  fi
+  expect "preflight: the refused worker changed no file" "$(tree "$worker")" "$before_tree"
+  if converge prod scratch-worker "$dir/worker-optional.log" -e nightcopy_mode=worker -e nightcopy_auth_key_required=false; then
+    pass "a worker without the key converges with nightcopy_auth_key_required: false"
+    no_key_checks "worker with nightcopy_auth_key_required: false" "$worker"
+    check "worker with nightcopy_auth_key_required: false: nightcopy check-config accepts the config" \
+      "$NIGHTCOPY_BIN" check-config --config "$worker/etc/nightcopy/config.yaml"
+  else
+    fail "a worker without the key converges with nightcopy_auth_key_required: false" "$(tail -30 "$dir/worker-optional.log")"
+  fi
 else
   fail "converge inventories/prod as a worker into a scratch root" "$(tail -30 "$dir/worker.log")"
+fi
+
+# --- scale-out: a coordinator, its key given as text, then read from Secrets Manager (moto) -------
+coord="$dir/coordinator-root"
+host scratch-coordinator "$coord"
+if converge prod scratch-coordinator "$dir/coordinator.log" -e nightcopy_mode=coordinator \
+  -e "nightcopy_auth_key=$auth_key" --diff -vv; then
+  pass "converge inventories/prod as a coordinator with nightcopy_auth_key"
+  expect "coordinator: the nightly units" "$(system_units "$coord")" \
+    "f 644 root root /etc/systemd/system/nightcopy.service|f 644 root root /etc/systemd/system/nightcopy.timer|"
+  key_checks coordinator "$coord" "$dir/coordinator.log" "$auth_key"
+  check "coordinator config: nightcopy check-config accepts it" \
+    "$NIGHTCOPY_BIN" check-config --config "$coord/etc/nightcopy/config.yaml"
+
+  # The secret as packaging/aws/scale-out.yaml makes it (64 letters and digits), in moto; the
+  # lookup runs on the controller and finds moto through AWS_URL (amazon.aws's endpoint_url), in
+  # the region of the secret's ARN. Real Secrets Manager is not reached from here.
+  secret_value="$(random_hex 32)"
+  secret_arn="$(AWS_DEFAULT_REGION=us-east-1 "$NIGHTCOPY_PKG_VENV/bin/python" - "http://127.0.0.1:$MOTO_PORT" "$secret_value" <<'PYEOF'
+import sys, boto3
+sm = boto3.client("secretsmanager", endpoint_url=sys.argv[1], region_name="us-east-1")
+print(sm.create_secret(Name="nightcopy-pkgtest-auth-key", SecretString=sys.argv[2])["ARN"])
+PYEOF
+)"
+  if [ -z "$secret_arn" ]; then
+    fail "create the key's secret in moto"
+  elif AWS_URL="http://127.0.0.1:$MOTO_PORT" converge prod scratch-coordinator "$dir/coordinator-secret.log" \
+    -e nightcopy_mode=coordinator -e "nightcopy_auth_key_secret=$secret_arn" --diff -vv; then
+    pass "converge the coordinator with nightcopy_auth_key_secret (the lookup against moto)"
+    key_checks "coordinator, key from Secrets Manager" "$coord" "$dir/coordinator-secret.log" "$secret_value"
+    # A secret that cannot be read fails the play before the key or the config change.
+    before_key="$(sha256sum "$coord/etc/nightcopy/auth.key" "$coord/etc/nightcopy/config.yaml")"
+    if AWS_URL="http://127.0.0.1:$MOTO_PORT" converge prod scratch-coordinator "$dir/coordinator-nosecret.log" \
+      -e nightcopy_mode=coordinator -e "nightcopy_auth_key_secret=${secret_arn%-*}-gone-AbCdEf"; then
+      fail "a secret that does not exist fails the play"
+    else
+      check "a secret that does not exist fails the play, saying it was not found" \
+        grep -q "Failed to find secret .*-gone-AbCdEf (ResourceNotFound)" "$dir/coordinator-nosecret.log"
+    fi
+    expect "a secret that does not exist: key file and config as they were" \
+      "$(sha256sum "$coord/etc/nightcopy/auth.key" "$coord/etc/nightcopy/config.yaml")" "$before_key"
+  else
+    fail "converge the coordinator with nightcopy_auth_key_secret (the lookup against moto)" \
+      "$(tail -30 "$dir/coordinator-secret.log")"
+  fi
+else
+  fail "converge inventories/prod as a coordinator with nightcopy_auth_key" "$(tail -30 "$dir/coordinator.log")"
 fi
 
 # preflight: a coordinator without its queues, or waiting longer than its run may last.
@@ -411,6 +506,11 @@ if converge prod scratch-prod "$dir/deadline.log" -e nightcopy_mode=coordinator 
 else
   check "preflight: a deadline beyond RuntimeMaxSec is refused" \
     grep -q "nightcopy_distribute_deadline (23h) and" "$dir/deadline.log"
+fi
+if converge prod scratch-prod "$dir/short-key.log" -e nightcopy_mode=coordinator -e nightcopy_auth_key=0123456789abcdef; then
+  fail "preflight: a key shorter than 32 bytes is refused"
+else
+  check "preflight: a key shorter than 32 bytes is refused" grep -q "its text, 32 to 4096 bytes" "$dir/short-key.log"
 fi
 
 # --- the dashboard and failure notification -----------------------------------------------------
