@@ -7,6 +7,7 @@
 //! never contains a credential.
 
 use crate::guard::GuardError;
+use crate::report::Ending;
 use crate::state::LockError;
 use crate::stop;
 use crate::store::bucket::BucketError;
@@ -48,14 +49,48 @@ pub enum Fatal {
     /// A queue of a distributed run could not be used (docs/scale-out.md).
     #[error("{0}")]
     Queue(String),
+    /// `worker` and `dlq` have nothing to work on without `distribute:`.
+    #[error(
+        "nightcopy {0} needs a distribute: section in the config (queue-url, results-queue-url, \
+         dead-letter-queue-url): docs/scale-out.md"
+    )]
+    NotDistributed(&'static str),
+    /// A worker resolves every message's path beneath the source, from a handle on it.
+    #[error("cannot open source {0}: {1} (is the filesystem mounted?)")]
+    Source(String, std::io::Error),
+    /// `status` with no run recorded in the state directory.
+    #[error("no run recorded in {0} yet")]
+    NoRecord(String),
     #[error("stopped by {} before the copy completed; what was uploaded is kept and the next run goes on from there",
             stop::signal_name(*.0))]
     Stopped(i32),
 }
 
 impl Fatal {
+    /// How a command that this ended ends: a stop with its signal, a config that cannot be used
+    /// with exit 78, anything else as a failure (exit 1).
+    pub fn ending(&self) -> Ending {
+        match self {
+            Fatal::Stopped(sig) => Ending::Stopped(*sig),
+            Fatal::Config(_) | Fatal::NotDistributed(_) => Ending::Config,
+            _ => Ending::FAILED,
+        }
+    }
+
     /// The manifest in `state_dir` could not be written.
     pub fn manifest(state_dir: &std::path::Path, e: std::io::Error) -> Fatal {
         Fatal::Manifest(state_dir.display().to_string(), e)
+    }
+}
+
+/// The ending of a command without a summary line of its own: success, or the fatal error's,
+/// logged first as "`command` FAILED: …".
+pub fn ending(command: &str, result: Result<(), Fatal>) -> Ending {
+    match result {
+        Ok(()) => Ending::SUCCESS,
+        Err(e) => {
+            tracing::error!("{command} FAILED: {e}");
+            e.ending()
+        }
     }
 }

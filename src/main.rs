@@ -13,7 +13,9 @@ use nightcopy::commands::restore::{self, RestoreOptions};
 use nightcopy::commands::run::RunOptions;
 use nightcopy::commands::verify::VerifyOptions;
 use nightcopy::config::{Config, DEFAULT_PATH};
-use nightcopy::{exit, guard};
+use nightcopy::error::Fatal;
+use nightcopy::guard;
+use nightcopy::report::Ending;
 use tracing_subscriber::prelude::*;
 
 const EXIT_CODES: &str = "\
@@ -91,8 +93,8 @@ enum Command {
         path: Option<PathBuf>,
         /// Restore each file as it was at TIME (needs a versioned bucket):
         /// 2026-11-20T23:00:00Z, 2026-11-20T23:00:00+01:00, @UNIX-SECONDS or "36h ago".
-        #[arg(long, value_name = "TIME")]
-        as_of: Option<String>,
+        #[arg(long, value_name = "TIME", value_parser = as_of_ns)]
+        as_of: Option<i64>,
         /// Replace files that already exist under DIR (by default they are kept).
         #[arg(long)]
         overwrite: bool,
@@ -132,42 +134,53 @@ enum Command {
     GenerateMan,
 }
 
+/// `--as-of`, parsed with the command line: a time that makes no sense is a usage error (exit 64)
+/// before anything is read.
+fn as_of_ns(arg: &str) -> Result<i64, restore::select::AsOfError> {
+    restore::select::parse_as_of(arg, std::time::SystemTime::now())
+}
+
 fn main() -> ExitCode {
+    ExitCode::from(start().exit_code())
+}
+
+/// Parses the command line, sets up logging and runs the command; how it ended is the exit code.
+fn start() -> Ending {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::SUCCESS
-            });
+            // --help and --version are printed the same way, and are no error.
+            return match e.use_stderr() {
+                true => Ending::Usage,
+                false => Ending::SUCCESS,
+            };
         }
     };
     // Reads no config and logs nothing: it runs at build time, on the build host.
     if matches!(cli.command, Command::GenerateMan) {
-        return ExitCode::from(print_man_page());
+        return print_man_page();
     }
     let show_bar = matches!(
         cli.command,
         Command::Run { .. } | Command::Restore { .. } | Command::Worker { .. }
     ) && !cli.quiet;
     let bar = init_logging(&cli, show_bar);
-    let code = dispatch(cli.command, bar.clone());
+    let ending = dispatch(cli.command, bar.clone());
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    ExitCode::from(code)
+    ending
 }
 
 /// Loads the config once, builds the runtime once for the commands that talk to AWS, and runs
 /// the command.
-fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> u8 {
+fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> Ending {
     let config = match Config::load(command.config_path()) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
-            return exit::CONFIG;
+            return Ending::Config;
         }
     };
     // Every command that reads or writes the state directory first refuses one that another user
@@ -182,8 +195,9 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> u8 {
         _ => Ok(()),
     };
     if let Err(e) = checked {
+        let e = Fatal::from(e);
         tracing::error!("{e}");
-        return exit::FATAL;
+        return e.ending();
     }
     let async_command = match command {
         Command::CheckConfig { remote: false, .. } => return commands::check_config::run(&config),
@@ -197,7 +211,7 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> u8 {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");
-            return exit::FATAL;
+            return Ending::FAILED;
         }
     };
     runtime.block_on(async move {
@@ -217,20 +231,10 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> u8 {
                 keep_setid,
                 ..
             } => {
-                let as_of_ns = match as_of
-                    .map(|t| restore::select::parse_as_of(&t, std::time::SystemTime::now()))
-                    .transpose()
-                {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tracing::error!("{e}");
-                        return exit::USAGE;
-                    }
-                };
                 let opts = RestoreOptions {
                     to,
                     path,
-                    as_of_ns,
+                    as_of_ns: as_of,
                     overwrite,
                     dry_run,
                     keep_setid,
@@ -264,7 +268,7 @@ impl Command {
 /// own sections for the top level, then one subsection per subcommand (its synopsis, description
 /// and options, also rendered by clap_mangen), then the exit codes and the files. A page per
 /// subcommand (clap_mangen's default, nightcopy-run(1) …) would be eight pages for one program.
-fn print_man_page() -> u8 {
+fn print_man_page() -> Ending {
     use clap_mangen::roff::{bold, roman, Roff};
     use clap_mangen::Man;
     use std::io::Write;
@@ -338,10 +342,10 @@ fn print_man_page() -> u8 {
         Ok(page)
     };
     match render().and_then(|page| std::io::stdout().write_all(&page)) {
-        Ok(()) => exit::SUCCESS,
+        Ok(()) => Ending::SUCCESS,
         Err(e) => {
             eprintln!("cannot write the manual page: {e}; check that stdout is writable");
-            exit::FATAL
+            Ending::FAILED
         }
     }
 }

@@ -2,10 +2,11 @@
 //! writes the log line and bumps the counter together, so the journal and the figures cannot
 //! disagree.
 //!
-//! The reporting core every command shares lives here: one [`Outcome`] (decided once, from which
-//! the exit code follows), one kind of per-file error ([`FileErrorKind`], with [`file_error`] as
-//! its one log line), and one [`summary!`](crate::summary) that logs a command's closing line at
-//! the level its exit code calls for. The figures differ per command (a backup's, a verify's, a
+//! The reporting core every command shares lives here: one [`Outcome`] (decided once), one
+//! [`Ending`] that every command returns and the exit code follows from, one kind of per-file
+//! error ([`FileErrorKind`], with [`file_error`] as its one log line), and one
+//! [`summary!`](crate::summary) that logs a command's closing line at the level its exit code
+//! calls for. The figures differ per command (a backup's, a verify's, a
 //! restore's), so each command keeps its own counters.
 
 use std::fmt;
@@ -16,7 +17,9 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::StorageClass;
+use crate::exit;
 use crate::keys::shown;
+use crate::stop::Stop;
 
 /// MESSAGE_ID of a backup's summary line in the journal, fixed so `journalctl MESSAGE_ID=…` finds
 /// every run's summary (docs/operations.md).
@@ -406,10 +409,10 @@ impl Outcome {
 
     pub fn exit_code(self) -> u8 {
         match self {
-            Outcome::Success => crate::exit::SUCCESS,
-            Outcome::FileErrors => crate::exit::FILE_ERRORS,
-            Outcome::Problems => crate::exit::VERIFY_PROBLEMS,
-            Outcome::Failed => crate::exit::FATAL,
+            Outcome::Success => exit::SUCCESS,
+            Outcome::FileErrors => exit::FILE_ERRORS,
+            Outcome::Problems => exit::VERIFY_PROBLEMS,
+            Outcome::Failed => exit::FATAL,
         }
     }
 
@@ -420,6 +423,55 @@ impl Outcome {
             Outcome::Problems => "problems",
             Outcome::Failed => "failed",
         }
+    }
+}
+
+/// How a command ended, as its exit code tells it. Every command returns one, and `main` turns it
+/// into the exit code: [`Ending::exit_code`] is the one place a code is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// It ran; the outcome says how it went (`Failed`: a fatal error ended it).
+    Ran(Outcome),
+    /// A backup that succeeded, whose metrics could not be published.
+    MetricsNotPublished,
+    /// Not run: another run holds the lock, or the last success is within guard.min-interval.
+    Skipped,
+    /// Stopped by this signal.
+    Stopped(i32),
+    /// The command line was wrong.
+    Usage,
+    /// The config cannot be used.
+    Config,
+}
+
+impl Ending {
+    pub const SUCCESS: Ending = Ending::Ran(Outcome::Success);
+    pub const FAILED: Ending = Ending::Ran(Outcome::Failed);
+
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Ending::Ran(outcome) => outcome.exit_code(),
+            Ending::MetricsNotPublished => exit::METRICS_NOT_PUBLISHED,
+            Ending::Skipped => exit::SKIPPED,
+            Ending::Stopped(sig) => Stop::exit_code(sig),
+            Ending::Usage => exit::USAGE,
+            Ending::Config => exit::CONFIG,
+        }
+    }
+
+    /// This ending, when the metrics were not published: a success says so; any other ending
+    /// already says more.
+    pub fn without_metrics(self) -> Ending {
+        match self {
+            Ending::SUCCESS => Ending::MetricsNotPublished,
+            other => other,
+        }
+    }
+}
+
+impl From<Outcome> for Ending {
+    fn from(outcome: Outcome) -> Ending {
+        Ending::Ran(outcome)
     }
 }
 
@@ -521,7 +573,38 @@ impl fmt::Display for RunReport {
 
 #[cfg(test)]
 mod tests {
-    use super::FileErrorKind;
+    use super::{Ending, FileErrorKind, Outcome};
+
+    #[test]
+    fn every_ending_has_its_documented_exit_code() {
+        let cases = [
+            (Ending::SUCCESS, 0),
+            (Ending::FAILED, 1),
+            (Ending::Ran(Outcome::FileErrors), 2),
+            (Ending::MetricsNotPublished, 3),
+            (Ending::Ran(Outcome::Problems), 4),
+            (Ending::Usage, 64),
+            (Ending::Skipped, 75),
+            (Ending::Config, 78),
+            (Ending::Stopped(15), 143),
+            (Ending::Stopped(2), 130),
+        ];
+        for (ending, code) in cases {
+            assert_eq!(ending.exit_code(), code, "{ending:?}");
+        }
+        // Unpublished metrics turn only a success into exit 3.
+        assert_eq!(
+            Ending::SUCCESS.without_metrics(),
+            Ending::MetricsNotPublished
+        );
+        for other in [
+            Ending::FAILED,
+            Ending::Ran(Outcome::FileErrors),
+            Ending::Stopped(15),
+        ] {
+            assert_eq!(other.without_metrics(), other);
+        }
+    }
 
     #[test]
     fn a_report_names_a_kind_as_the_journal_does() {

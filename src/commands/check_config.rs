@@ -5,43 +5,37 @@
 //! with the credentials a run would use.
 
 use crate::config::Config;
-use crate::exit;
+use crate::error::{self, Fatal};
+use crate::report::Ending;
 use crate::store::s3::S3Store;
 use crate::store::{bucket, sdk, ObjectStore};
 
-pub fn run(config: &Config) -> u8 {
+pub fn run(config: &Config) -> Ending {
     print!("{config}");
-    exit::SUCCESS
+    Ending::SUCCESS
 }
 
 /// The effective config, then the bucket: credentials, a listing of the prefix, Object Lock when
 /// asked for, versioning. Exit 0 when a run could start, 1 with the reason otherwise.
-pub async fn remote(config: &Config) -> u8 {
+pub async fn remote(config: &Config) -> Ending {
     print!("{config}");
-    let place = format!(
-        "s3://{}/{}",
-        config.destination.bucket.0,
-        config.destination.prefix.as_str()
-    );
-    let sdk = match sdk::load_checked(config).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("check-config --remote FAILED: {e}");
-            return exit::FATAL;
-        }
-    };
+    let checked = check_bucket(config).await;
+    if checked.is_ok() {
+        tracing::info!(
+            "s3://{}/{} can be listed with these credentials; the config is ready to run",
+            config.destination.bucket.0,
+            config.destination.prefix.as_str()
+        );
+    }
+    error::ending("check-config --remote", checked)
+}
+
+async fn check_bucket(config: &Config) -> Result<(), Fatal> {
+    let sdk = sdk::load_checked(config).await?;
     let store = S3Store::for_config(&sdk, config);
-    if let Err(e) = store
+    store
         .list_page(config.destination.prefix.as_str(), None, None)
-        .await
-    {
-        tracing::error!("check-config --remote FAILED: {e}");
-        return exit::FATAL;
-    }
-    if let Err(e) = bucket::check(&store, config).await {
-        tracing::error!("check-config --remote FAILED: {e}");
-        return exit::FATAL;
-    }
-    tracing::info!("{place} can be listed with these credentials; the config is ready to run");
-    exit::SUCCESS
+        .await?;
+    bucket::check(&store, config).await?;
+    Ok(())
 }

@@ -11,43 +11,38 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::exit;
+use crate::error::{self, Fatal};
 use crate::keys::shown;
 use crate::queue::{Queues, MAX_PER_CALL};
+use crate::report::Ending;
 use crate::store::sdk;
 
 /// Long enough to list the whole queue before the first message shows again.
 const VISIBILITY: Duration = Duration::from_secs(120);
 
-pub async fn run(config: &Config, redrive: bool) -> u8 {
-    let Some(d) = &config.distribute else {
-        tracing::error!(
-            "nightcopy dlq needs a distribute: section in the config: docs/scale-out.md"
-        );
-        return exit::CONFIG;
-    };
+pub async fn run(config: &Config, redrive: bool) -> Ending {
     let result = async {
-        let sdk = sdk::load_checked(config).await.map_err(|e| e.to_string())?;
-        let key = config.auth_key().map_err(|e| e.to_string())?;
+        let d = config
+            .distribute
+            .as_ref()
+            .ok_or(Fatal::NotDistributed("dlq"))?;
+        let sdk = sdk::load_checked(config).await?;
+        let key = config.auth_key()?;
         let queues = Queues::new(&sdk, d, config.destination.allow_insecure_endpoint, key);
-        walk(&queues, redrive).await.map_err(|e| e.to_string())
+        walk(&queues, redrive)
+            .await
+            .map_err(|e| Fatal::Queue(e.to_string()))
     }
     .await;
-    match result {
-        Ok((batches, files)) => {
-            let what = if redrive {
-                "sent back to the work queue"
-            } else {
-                "in the dead-letter queue"
-            };
-            tracing::info!("{batches} batches ({files} files) {what}");
-            exit::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!("dlq FAILED: {e}");
-            exit::FATAL
-        }
-    }
+    let listed = result.map(|(batches, files)| {
+        let what = if redrive {
+            "sent back to the work queue"
+        } else {
+            "in the dead-letter queue"
+        };
+        tracing::info!("{batches} batches ({files} files) {what}");
+    });
+    error::ending("dlq", listed)
 }
 
 async fn walk(queues: &Queues, redrive: bool) -> Result<(u64, u64), crate::queue::QueueError> {

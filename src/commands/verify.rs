@@ -38,7 +38,7 @@ use crate::fsutil;
 use crate::integrity::{self as check, Reference, Stored, StreamHasher, Verdict};
 use crate::keys::shown;
 use crate::merge::{Inputs, Merge, Merged};
-use crate::report::{Outcome, Stats};
+use crate::report::{Ending, Outcome, Stats};
 use crate::scan::{self, LocalEntry, OpenError};
 use crate::state::{self, manifest::ManifestEntry};
 use crate::store::s3::S3Store;
@@ -239,11 +239,13 @@ impl VerifyStats {
     }
 }
 
-/// The summary of a verify: one line, and its exit code.
+/// The summary of a verify: one line, and how it ended.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
     #[serde(serialize_with = "outcome_word")]
     pub outcome: Outcome,
+    #[serde(skip)]
+    pub ending: Ending,
     pub exit_code: u8,
     pub error: Option<String>,
     #[serde(flatten)]
@@ -265,15 +267,16 @@ fn outcome_word<S: serde::Serializer>(o: &Outcome, s: S) -> Result<S::Ok, S::Err
 }
 
 impl VerifyReport {
-    pub fn new(figures: VerifyFigures, error: Option<String>) -> VerifyReport {
-        let outcome = match error {
-            Some(_) => Outcome::Failed,
-            None => figures.outcome(),
+    pub fn new(figures: VerifyFigures, result: Result<(), Fatal>) -> VerifyReport {
+        let (outcome, ending) = match &result {
+            Err(e) => (Outcome::Failed, e.ending()),
+            Ok(()) => (figures.outcome(), Ending::from(figures.outcome())),
         };
         VerifyReport {
             outcome,
-            exit_code: outcome.exit_code(),
-            error,
+            ending,
+            exit_code: ending.exit_code(),
+            error: result.err().map(|e| e.to_string()),
             figures,
         }
     }
@@ -314,8 +317,8 @@ impl fmt::Display for VerifyReport {
     }
 }
 
-/// `nightcopy verify` as the command runs it; returns the exit code.
-pub async fn run(config: &Config, opts: &VerifyOptions) -> u8 {
+/// `nightcopy verify` as the command runs it, and how it ended.
+pub async fn run(config: &Config, opts: &VerifyOptions) -> Ending {
     let started = Instant::now();
     let stats = Arc::new(VerifyStats::new(opts.json));
     let result = async {
@@ -324,10 +327,7 @@ pub async fn run(config: &Config, opts: &VerifyOptions) -> u8 {
         verify(config, opts, store, stats.clone()).await
     }
     .await;
-    let report = VerifyReport::new(
-        stats.snapshot(started.elapsed()),
-        result.err().map(|e| e.to_string()),
-    );
+    let report = VerifyReport::new(stats.snapshot(started.elapsed()), result);
     if opts.json {
         let mut v = serde_json::to_value(&report).unwrap_or_default();
         v["type"] = "summary".into();
@@ -343,7 +343,7 @@ pub async fn run(config: &Config, opts: &VerifyOptions) -> u8 {
         exit_code = report.exit_code,
         "{report}"
     );
-    report.exit_code
+    report.ending
 }
 
 /// The comparison over any store. Figures go to `stats` as they happen.

@@ -31,10 +31,12 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 use crate::config::{Config, Distribute};
+use crate::error::{self, Fatal};
 use crate::keys;
+use crate::notify;
 use crate::plan::Reason;
 use crate::queue::{self, FileOutcome, FileReport, Queues, Received, Report, WorkBatch, WorkFile};
-use crate::report::{FileErrorKind, Stats};
+use crate::report::{Ending, FileErrorKind, Stats};
 use crate::scan::beneath::{Beneath, Refused};
 use crate::scan::ScanOptions;
 use crate::state::manifest::ManifestEntry;
@@ -48,108 +50,28 @@ const BUSY_POLL: Duration = Duration::from_secs(2);
 
 /// Upload records a worker keeps: as long as the shipped lifecycle rule keeps the upload.
 const STALE_UPLOAD_RECORDS: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
-use crate::{exit, notify};
 
-/// `nightcopy worker` as the command runs it; returns the exit code.
-pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> u8 {
-    let Some(d) = &config.distribute else {
-        tracing::error!(
-            "nightcopy worker needs a distribute: section in the config (queue-url, \
-             results-queue-url, dead-letter-queue-url): docs/scale-out.md"
-        );
-        return exit::CONFIG;
-    };
+/// `nightcopy worker` as the command runs it: set up, serve until stopped, one summary line.
+pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> Ending {
     let started = Instant::now();
-    let beneath = match ScanOptions::for_config(config) {
-        Ok(opts) => match Beneath::open(opts) {
-            Ok(b) => Arc::new(b),
-            Err(e) => {
-                tracing::error!(
-                    "worker FAILED: cannot open source {}: {e} (is the filesystem mounted?)",
-                    keys::shown(&config.source.path.0)
-                );
-                return exit::FATAL;
-            }
-        },
-        Err(e) => {
-            tracing::error!("worker FAILED: {e}");
-            return exit::CONFIG;
-        }
+    let worker = match Worker::start(config).await {
+        Ok(w) => w,
+        Err(e) => return error::ending("worker", Err(e)),
     };
-    let sdk = match sdk::load_checked(config).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("worker FAILED: {e}");
-            return exit::FATAL;
-        }
-    };
-    let key = match config.auth_key() {
-        Ok(k) => k,
-        Err(e) => {
-            tracing::error!("worker FAILED: {e}");
-            return exit::FATAL;
-        }
-    };
-    if key.is_none() {
-        tracing::warn!(
-            "queue messages are not authenticated (no auth-key-file): a forged batch is still held \
-             to the source and the walk's rules, but nothing proves it came from the coordinator \
-             (docs/scale-out.md, \"Trust\")"
-        );
-    }
-    let queues = Queues::new(&sdk, d, config.destination.allow_insecure_endpoint, key);
-    if let Err(e) = queues.check(&queues.work).await {
-        tracing::error!("worker FAILED: {e}");
-        return exit::FATAL;
-    }
-    let stats = Arc::new(Stats::default());
-    let stop = Stop::on_signals("no new batch is taken; the batches in hand go back to the queue")
-        .unwrap_or_else(|e| {
-            tracing::warn!("cannot listen for SIGTERM/SIGINT ({e}); a stop will kill the worker");
-            Stop::never()
-        });
-    let store = Arc::new(S3Store::for_config(&sdk, config));
-    if let Err(e) = crate::store::bucket::check(store.as_ref(), config).await {
-        tracing::error!("worker FAILED: {e}");
-        return exit::FATAL;
-    }
-    let mut uploader = Uploader::for_config(store, stats.clone(), config, stop.clone());
-    // A worker continues the uploads it was interrupted in when a batch comes back to it; one
-    // that went to another worker is not, so records older than the bucket's lifecycle rule
-    // (which aborts the upload itself after 7 days) are dropped here.
-    if let Some(resume) = Resume::for_config(config) {
-        uploader = uploader.resuming(resume);
-        uploader
-            .abandon_stale(std::time::SystemTime::now() - STALE_UPLOAD_RECORDS)
-            .await;
-    }
-    let worker = Worker {
-        config,
-        d,
-        queues,
-        uploader,
-        stats: stats.clone(),
-        stop: stop.clone(),
-        host: queue::host_name(),
-        beneath,
-        slots: tokio::sync::Semaphore::new(config.transfer.concurrency.0.max(1)),
-        waiting: AtomicUsize::new(0),
-        refused: AtomicUsize::new(0),
-    };
-    notify::ready(&format!("worker: taking batches from {}", d.queue_url.0));
-    let progress = notify::Progress::start(stats.clone(), started, bar);
-    let result = worker.serve().await;
+    notify::ready(&format!(
+        "worker: taking batches from {}",
+        worker.d.queue_url.0
+    ));
+    let progress = notify::Progress::start(worker.stats.clone(), started, bar);
+    let result = worker.serve().await.map_err(Fatal::from);
     let refused = worker.refused.load(Relaxed);
     drop(progress);
-    let g = stats.snapshot(started.elapsed());
-    let code = match &result {
-        Ok(()) => exit::SUCCESS,
-        Err(_) => exit::FATAL,
+    let g = worker.stats.snapshot(started.elapsed());
+    let (ending, how) = match &result {
+        Ok(()) => (Ending::SUCCESS, "worker stopped".to_owned()),
+        Err(e) => (e.ending(), format!("worker FAILED: {e}")),
     };
-    let how = match &result {
-        Ok(()) => "worker stopped".to_owned(),
-        Err(e) => format!("worker FAILED: {e}"),
-    };
+    let code = ending.exit_code();
     crate::summary!(
         code,
         files_transferred = g.files_transferred,
@@ -167,7 +89,7 @@ pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> u8 {
         g.elapsed_seconds
     );
     notify::stopping(&how);
-    code
+    ending
 }
 
 struct Worker<'a> {
@@ -218,7 +140,75 @@ enum WorkerError {
     Store(#[from] StoreError),
 }
 
-impl Worker<'_> {
+impl From<WorkerError> for Fatal {
+    fn from(e: WorkerError) -> Fatal {
+        match e {
+            WorkerError::Queue(e) => Fatal::Queue(e.to_string()),
+            WorkerError::Store(e) => Fatal::Store(e),
+        }
+    }
+}
+
+impl<'a> Worker<'a> {
+    /// The source, the credentials, the queue and the bucket, checked before any batch is taken.
+    async fn start(config: &'a Config) -> Result<Worker<'a>, Fatal> {
+        let d = config
+            .distribute
+            .as_ref()
+            .ok_or(Fatal::NotDistributed("worker"))?;
+        let opts = ScanOptions::for_config(config).map_err(Fatal::Config)?;
+        let beneath = Beneath::open(opts)
+            .map_err(|e| Fatal::Source(keys::shown(&config.source.path.0).to_string(), e))?;
+        let sdk = sdk::load_checked(config).await?;
+        let key = config.auth_key()?;
+        if key.is_none() {
+            tracing::warn!(
+                "queue messages are not authenticated (no auth-key-file): a forged batch is still \
+                 held to the source and the walk's rules, but nothing proves it came from the \
+                 coordinator (docs/scale-out.md, \"Trust\")"
+            );
+        }
+        let queues = Queues::new(&sdk, d, config.destination.allow_insecure_endpoint, key);
+        queues
+            .check(&queues.work)
+            .await
+            .map_err(|e| Fatal::Queue(e.to_string()))?;
+        let stats = Arc::new(Stats::default());
+        let stop =
+            Stop::on_signals("no new batch is taken; the batches in hand go back to the queue")
+                .unwrap_or_else(|e| {
+                    tracing::warn!(
+                        "cannot listen for SIGTERM/SIGINT ({e}); a stop will kill the worker"
+                    );
+                    Stop::never()
+                });
+        let store = Arc::new(S3Store::for_config(&sdk, config));
+        crate::store::bucket::check(store.as_ref(), config).await?;
+        let mut uploader = Uploader::for_config(store, stats.clone(), config, stop.clone());
+        // A worker continues the uploads it was interrupted in when a batch comes back to it; one
+        // that went to another worker is not, so records older than the bucket's lifecycle rule
+        // (which aborts the upload itself after 7 days) are dropped here.
+        if let Some(resume) = Resume::for_config(config) {
+            uploader = uploader.resuming(resume);
+            uploader
+                .abandon_stale(std::time::SystemTime::now() - STALE_UPLOAD_RECORDS)
+                .await;
+        }
+        Ok(Worker {
+            config,
+            d,
+            queues,
+            uploader,
+            stats,
+            stop,
+            host: queue::host_name(),
+            beneath: Arc::new(beneath),
+            slots: tokio::sync::Semaphore::new(config.transfer.concurrency.0.max(1)),
+            waiting: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
+        })
+    }
+
     async fn serve(&self) -> Result<(), WorkerError> {
         let visibility = self.d.visibility_timeout.0;
         let concurrency = self.config.transfer.concurrency.0.max(1);

@@ -38,7 +38,8 @@ use crate::config::Config;
 use crate::fsutil::{blocking, system_time};
 use crate::integrity::{self as check, Reference, Stored, StreamHasher, Verdict};
 use crate::keys::{self, shown};
-use crate::report::{self, FileErrorKind, Outcome};
+use crate::offsite;
+use crate::report::{self, Ending, FileErrorKind, Outcome};
 use crate::state::manifest::{self, Cursor, ManifestEntry};
 use crate::stop::{self, Stop};
 use crate::store::s3::S3Store;
@@ -46,7 +47,6 @@ use crate::store::sdk::{self, SetupError};
 use crate::store::{
     Download, ErrorKind, ObjectMeta, ObjectStore, StoreError, VersionMarker, META_RAW_PATH,
 };
-use crate::{exit, offsite};
 use select::{AsOfPicker, Pick};
 use target::{Dir, PlaceError, Target};
 
@@ -76,8 +76,8 @@ pub struct RestoreOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     /// A bad `--path`: exit 64 like any command-line error.
-    #[error("{0}")]
-    Usage(String),
+    #[error(transparent)]
+    Usage(#[from] select::SubpathError),
     #[error("{0}")]
     Unsupported(String),
     #[error("target directory {path}: {why}")]
@@ -92,6 +92,18 @@ pub enum RestoreError {
         stop::signal_name(*.0)
     )]
     Interrupted(i32),
+}
+
+impl RestoreError {
+    /// How a restore this ended ends: a bad `--path` as a usage error (exit 64), an interruption
+    /// with its signal, anything else as a failure.
+    pub fn ending(&self) -> Ending {
+        match self {
+            RestoreError::Usage(_) => Ending::Usage,
+            RestoreError::Interrupted(sig) => Ending::Stopped(*sig),
+            _ => Ending::FAILED,
+        }
+    }
 }
 
 /// Live counters; each event logs its line and bumps its counter in one place.
@@ -221,7 +233,7 @@ impl RestoreStats {
     }
 }
 
-/// The one summary line of a restore, and its exit code.
+/// The one summary line of a restore, and its outcome.
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreReport {
     pub figures: RestoreFigures,
@@ -239,10 +251,6 @@ impl RestoreReport {
         } else {
             Outcome::Success
         }
-    }
-
-    pub fn exit_code(&self) -> u8 {
-        self.outcome().exit_code()
     }
 }
 
@@ -291,13 +299,13 @@ impl fmt::Display for RestoreReport {
     }
 }
 
-/// `nightcopy restore` as the command runs it: credentials, the restore, the summary line; returns
-/// the exit code.
+/// `nightcopy restore` as the command runs it: credentials, the restore, the summary line; and
+/// how it ended.
 pub async fn run(
     config: &Config,
     opts: &RestoreOptions,
     bar: Option<indicatif::ProgressBar>,
-) -> u8 {
+) -> Ending {
     let started = Instant::now();
     let stats = Arc::new(RestoreStats::default());
     let progress = bar.map(|bar| {
@@ -318,18 +326,15 @@ pub async fn run(
     if let Some(p) = progress {
         p.abort();
     }
-    let special = match result {
-        Err(RestoreError::Usage(_)) => Some(exit::USAGE),
-        Err(RestoreError::Interrupted(sig)) => Some(Stop::exit_code(sig)),
-        _ => None,
-    };
+    let ending = result.as_ref().err().map(RestoreError::ending);
     let report = RestoreReport {
         figures: stats.snapshot(started.elapsed()),
         to: opts.to.clone(),
         dry_run: opts.dry_run,
         error: result.err().map(|e| e.to_string()),
     };
-    let code = special.unwrap_or_else(|| report.exit_code());
+    let ending = ending.unwrap_or_else(|| report.outcome().into());
+    let code = ending.exit_code();
     let g = &report.figures;
     crate::summary!(
         code,
@@ -343,7 +348,7 @@ pub async fn run(
         dry_run = report.dry_run,
         "{report}"
     );
-    code
+    ending
 }
 
 /// One object to restore.
@@ -366,7 +371,7 @@ pub async fn restore<S: ObjectStore>(
 ) -> Result<(), RestoreError> {
     let prefix = config.destination.prefix.as_str().to_owned();
     let sub = match &opts.path {
-        Some(p) => select::subpath_key(p, &config.source.path.0).map_err(RestoreError::Usage)?,
+        Some(p) => select::subpath_key(p, &config.source.path.0)?,
         None => String::new(),
     };
     check_target(&opts.to)?;

@@ -12,19 +12,54 @@ use aws_sdk_s3::primitives::{DateTime, DateTimeFormat};
 use crate::keys;
 use crate::store::ObjectVersion;
 
+/// A `--path` that names nothing below the source: a usage error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubpathError {
+    #[error(
+        "--path {arg}: an absolute path must be below source.path ({root}); or give it relative \
+         to source.path"
+    )]
+    OutsideSource { arg: String, root: String },
+    #[error("--path {0}: `..` is not allowed; give the path below source.path")]
+    Parent(String),
+}
+
+/// A key that cannot be a path below the restore target: counted as a bad name, not restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "key {0:?} cannot be a path below the target (empty, `.` or `..` component, or a NUL byte): \
+     not restored"
+)]
+pub struct BadKey(pub String);
+
+/// The forms `--as-of` takes, for its errors.
+const AS_OF_FORMS: &str = "use an RFC 3339 time with a zone (2026-11-20T23:00:00Z, \
+                           2026-11-20T23:00:00+01:00), @UNIX-SECONDS, or a duration and `ago` \
+                           (36h ago)";
+
+/// A `--as-of` that is not a time: a usage error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AsOfError {
+    #[error("--as-of {0:?}: {1}; {forms}", forms = AS_OF_FORMS)]
+    Unreadable(String, String),
+    #[error("--as-of {0:?} is too far back")]
+    TooFarBack(String),
+    #[error("--as-of {0:?} is out of range")]
+    OutOfRange(String),
+    #[error("--as-of {0:?} is not a time: {forms}", forms = AS_OF_FORMS)]
+    NotATime(String),
+}
+
 /// The `--path` argument as the key of a file or directory below the source root ("" = all).
 /// It may be relative to the source root or absolute below it; names are escaped like the
 /// backup escapes them, so a non-UTF-8 name given as raw bytes finds its object.
-pub fn subpath_key(arg: &Path, source_root: &Path) -> Result<String, String> {
+pub fn subpath_key(arg: &Path, source_root: &Path) -> Result<String, SubpathError> {
     let rel = if arg.is_absolute() {
-        arg.strip_prefix(source_root).map_err(|_| {
-            format!(
-                "--path {}: an absolute path must be below source.path ({}); or give it relative \
-                 to source.path",
-                arg.display(),
-                source_root.display()
-            )
-        })?
+        arg.strip_prefix(source_root)
+            .map_err(|_| SubpathError::OutsideSource {
+                arg: arg.display().to_string(),
+                root: source_root.display().to_string(),
+            })?
     } else {
         arg
     };
@@ -33,12 +68,7 @@ pub fn subpath_key(arg: &Path, source_root: &Path) -> Result<String, String> {
         match c {
             Component::Normal(n) => clean.push(n),
             Component::CurDir => {}
-            _ => {
-                return Err(format!(
-                    "--path {}: `..` is not allowed; give the path below source.path",
-                    arg.display()
-                ))
-            }
+            _ => return Err(SubpathError::Parent(arg.display().to_string())),
         }
     }
     Ok(keys::relative_key(&clean).0)
@@ -56,7 +86,7 @@ pub fn in_subpath(key: &str, sub: &str) -> bool {
 /// name when the object carries `nightcopy-raw-path` (and it matches the key), the key otherwise.
 /// Refuses anything that could land outside the target (`..`, absolute, empty components) — keys
 /// in a bucket are not trusted input.
-pub fn target_rel(key: &str, raw_path: Option<&str>) -> Result<PathBuf, String> {
+pub fn target_rel(key: &str, raw_path: Option<&str>) -> Result<PathBuf, BadKey> {
     let from_key = || checked(key.as_bytes(), key);
     let Some(raw) = raw_path else {
         return from_key();
@@ -76,14 +106,11 @@ pub fn target_rel(key: &str, raw_path: Option<&str>) -> Result<PathBuf, String> 
     }
 }
 
-fn checked(bytes: &[u8], key: &str) -> Result<PathBuf, String> {
+fn checked(bytes: &[u8], key: &str) -> Result<PathBuf, BadKey> {
     let mut out = PathBuf::new();
     for part in bytes.split(|&b| b == b'/') {
         if part.is_empty() || part == b"." || part == b".." || part.contains(&0) {
-            return Err(format!(
-                "key {key:?} cannot be a path below the target (empty, `.` or `..` component, or \
-                 a NUL byte): not restored"
-            ));
+            return Err(BadKey(key.to_owned()));
         }
         out.push(OsString::from_vec(part.to_vec()));
     }
@@ -94,25 +121,21 @@ fn checked(bytes: &[u8], key: &str) -> Result<PathBuf, String> {
 /// Parses `--as-of`: an RFC 3339 time with `Z` or an offset (`2026-11-20T23:00:00Z`,
 /// `2026-11-20 23:00:00+01:00`), `@` and Unix seconds, or a duration and `ago` (`36h ago`).
 /// Returns nanoseconds since the epoch.
-pub fn parse_as_of(arg: &str, now: SystemTime) -> Result<i64, String> {
+pub fn parse_as_of(arg: &str, now: SystemTime) -> Result<i64, AsOfError> {
     let arg = arg.trim();
-    let hint = "use an RFC 3339 time with a zone (2026-11-20T23:00:00Z, \
-                2026-11-20T23:00:00+01:00), @UNIX-SECONDS, or a duration and `ago` (36h ago)";
+    let unreadable = |e: &dyn std::fmt::Display| AsOfError::Unreadable(arg.into(), e.to_string());
     if let Some(ago) = arg.strip_suffix("ago") {
-        let d = humantime::parse_duration(ago.trim())
-            .map_err(|e| format!("--as-of {arg:?}: {e}; {hint}"))?;
+        let d = humantime::parse_duration(ago.trim()).map_err(|e| unreadable(&e))?;
         let t = now
             .checked_sub(d)
-            .ok_or_else(|| format!("--as-of {arg:?} is too far back"))?;
+            .ok_or_else(|| AsOfError::TooFarBack(arg.into()))?;
         return Ok(ns_of(t));
     }
     if let Some(secs) = arg.strip_prefix('@') {
-        let secs: i64 = secs
-            .parse()
-            .map_err(|e| format!("--as-of {arg:?}: {e}; {hint}"))?;
+        let secs: i64 = secs.parse().map_err(|e| unreadable(&e))?;
         return secs
             .checked_mul(1_000_000_000)
-            .ok_or_else(|| format!("--as-of {arg:?} is out of range"));
+            .ok_or_else(|| AsOfError::OutOfRange(arg.into()));
     }
     // RFC 3339 allows a space for the `T`; the SDK's parser does not.
     let mut text = arg.to_owned();
@@ -120,7 +143,7 @@ pub fn parse_as_of(arg: &str, now: SystemTime) -> Result<i64, String> {
         text.replace_range(10..11, "T");
     }
     let t = DateTime::from_str(&text, DateTimeFormat::DateTimeWithOffset)
-        .map_err(|_| format!("--as-of {arg:?} is not a time: {hint}"))?;
+        .map_err(|_| AsOfError::NotATime(arg.into()))?;
     Ok(t.as_nanos().clamp(i64::MIN as i128, i64::MAX as i128) as i64)
 }
 
@@ -299,8 +322,8 @@ mod tests {
             "@x",
             "ago",
         ] {
-            let e = parse_as_of(bad, now).unwrap_err();
-            assert!(e.contains("--as-of"), "{e}");
+            let e = parse_as_of(bad, now).unwrap_err().to_string();
+            assert!(e.contains("--as-of") && e.contains("@UNIX-SECONDS"), "{e}");
         }
         assert_eq!(show_time(s(1_795_215_600)), "2026-11-20T23:00:00Z");
     }

@@ -20,12 +20,12 @@ use crate::list::PARTITION_KEYS;
 use crate::merge::Inputs;
 use crate::plan::{Planner, StepResult};
 use crate::queue::Queues;
-use crate::report::{FileErrorKind, Outcome, RunReport, Stats, SUMMARY_MESSAGE_ID};
+use crate::report::{Ending, FileErrorKind, Outcome, RunReport, Stats, SUMMARY_MESSAGE_ID};
 use crate::state::{self, manifest, RunRecord};
 use crate::stop::Stop;
 use crate::store::s3::S3Store;
 use crate::store::sdk;
-use crate::{exit, fsutil, guard, metrics, notify, offsite, scan};
+use crate::{fsutil, guard, metrics, notify, offsite, scan};
 use coordinate::Coordinator;
 
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,8 +56,12 @@ struct RunContext<'a> {
     previous: Option<RunRecord>,
 }
 
-/// One nightly run; returns the exit code.
-pub async fn run(config: &Config, opts: &RunOptions, bar: Option<indicatif::ProgressBar>) -> u8 {
+/// One nightly run, and how it ended.
+pub async fn run(
+    config: &Config,
+    opts: &RunOptions,
+    bar: Option<indicatif::ProgressBar>,
+) -> Ending {
     let mut ctx = RunContext {
         config,
         opts,
@@ -241,19 +245,20 @@ async fn save_manifest_copy(
     }
 }
 
-fn skip(why: &str) -> u8 {
-    tracing::info!(outcome = "skipped", exit_code = exit::SKIPPED, "{why}");
+fn skip(why: &str) -> Ending {
+    let ending = Ending::Skipped;
+    tracing::info!(outcome = "skipped", exit_code = ending.exit_code(), "{why}");
     // READY=1 first: systemd fails a Type=notify unit whose process exits cleanly without it
     // (Result=protocol), and SuccessExitStatus=75 would not apply. A skip is a start that is
     // complete at once.
     notify::ready(why);
     notify::stopping(why);
-    exit::SKIPPED
+    ending
 }
 
 impl RunContext<'_> {
     /// Decides the outcome once and tells everyone.
-    async fn finish(self, fatal: Option<Fatal>) -> u8 {
+    async fn finish(self, fatal: Option<Fatal>) -> Ending {
         let config = self.config;
         let figures = self.stats.snapshot(self.started.elapsed());
         let report = RunReport::new(
@@ -262,23 +267,23 @@ impl RunContext<'_> {
             config.success_max_errors,
             self.opts.dry_run,
         );
-        let mut code = match &fatal {
-            Some(Fatal::Stopped(sig)) => Stop::exit_code(*sig),
-            _ => report.outcome.exit_code(),
+        let mut ending = match &fatal {
+            Some(e) => e.ending(),
+            None => Ending::from(report.outcome),
         };
         if self.opts.dry_run {
             // The dry run's summary line names no error: what ended it is said before.
             if let Some(e) = &fatal {
                 tracing::error!("{e}");
             }
-            log_summary(&report, code);
+            log_summary(&report, ending.exit_code());
             notify::stopping(&report.to_string());
-            return code;
+            return ending;
         }
 
         let mut published = publish_cloudwatch(config, self.sdk.as_ref(), &report).await;
-        if !published && code == exit::SUCCESS {
-            code = exit::METRICS_NOT_PUBLISHED;
+        if !published {
+            ending = ending.without_metrics();
         }
         let ended = fsutil::unix_now();
         let success = report.outcome.is_success();
@@ -296,15 +301,13 @@ impl RunContext<'_> {
             let run = metrics::LastRun {
                 figures: &report.figures,
                 success,
-                exit_code: code,
+                exit_code: ending.exit_code(),
                 ended_unix: ended,
                 last_success_ended_unix: last_success_ended,
             };
             if let Err(e) = metrics::write_textfile(&path.0, &run) {
                 published = false;
-                if code == exit::SUCCESS {
-                    code = exit::METRICS_NOT_PUBLISHED;
-                }
+                ending = ending.without_metrics();
                 tracing::error!(
                     error_kind = "metrics",
                     "cannot write the metrics textfile {}: {e}",
@@ -316,7 +319,7 @@ impl RunContext<'_> {
             started: self.started_unix,
             ended,
             outcome: report.outcome,
-            exit_code: code,
+            exit_code: ending.exit_code(),
             figures: report.figures.clone(),
             error: report.error.clone(),
             last_success_started,
@@ -344,9 +347,9 @@ impl RunContext<'_> {
         if let Some(url) = &config.heartbeat_url {
             heartbeat(&url.0, report.outcome.is_success()).await;
         }
-        log_summary(&report, code);
+        log_summary(&report, ending.exit_code());
         notify::stopping(&report.to_string());
-        code
+        ending
     }
 }
 
