@@ -183,6 +183,7 @@ pub(crate) mod tests {
             gid: 0,
             dev: 0,
             ino: 0,
+            nlink: 1,
             followed: false,
         }
     }

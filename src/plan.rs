@@ -168,6 +168,7 @@ mod tests {
             gid: 0,
             dev: 0,
             ino: 0,
+            nlink: 1,
             followed: false,
         }
     }

@@ -174,6 +174,7 @@ impl Beneath {
             gid: st.st_gid,
             dev: st.st_dev,
             ino: st.st_ino,
+            nlink: st.st_nlink as u64,
             followed: false,
         })
     }

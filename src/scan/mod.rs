@@ -4,9 +4,38 @@
 //! Excluded directories are pruned (never opened, so an unreadable excluded directory costs no
 //! error); other filesystems are not entered with one-file-system; symlinks are skipped unless
 //! configured to be followed; sockets, fifos and devices are skipped and counted.
+//!
+//! Two ways to walk, one walk:
+//!
+//! - [`scan`] yields only the regular files ([`LocalEntry`]), what the copy needs. It reads
+//!   nothing it does not need: a file costs one stat, a directory an open and an `fstat` (for
+//!   one-file-system and loops), and a symlink, FIFO, socket or device nothing at all — `d_type`
+//!   says what it is, and it is counted as skipped.
+//! - [`scan_tree`] yields every path the walk keeps, as an [`Item`], in the same key order, for a
+//!   snapshot of the tree: files as above; each directory as the walk enters it, before its
+//!   contents (its key is `name/`, which is where it sorts), from the `fstat` of the handle the
+//!   walk opened it with — no call more than `scan`'s; a symlink's own metadata and target from
+//!   `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)` and `readlinkat(dir, name)`, done on the walk's
+//!   pool; a FIFO, socket or device node from one `fstatat` (its type, mode, owner and `rdev`).
+//!   Those stats are plain ones, not the cached statx a file's is: what they say is recorded as
+//!   it is, and no later `fstat` of an opened file corrects it. The root itself is not an item;
+//!   excluded paths are absent, as are those that vanished or could not be read (each counted).
+//!   Symlinks and specials recorded are not counted as skipped. With `symlinks: follow` a symlink
+//!   is what it leads to (a file, a directory or a special), as in `scan`.
+//!
+//! Hard links, in the tree: a regular file with more than one name is an [`Item::File`] the first
+//! time its device and inode come by in walk order, and an [`Item::Hardlink`] naming that first
+//! path at each later name. The names kept for this are those of multiply-linked files only, and
+//! a name is let go once its inode's other names have all come by (an inode with names outside
+//! the tree, or excluded, stays to the end). They are bounded by [`HARD_LINK_NAMES`] (about 150
+//! bytes each): past it, one warning, and files not already known are recorded as plain files
+//! (restored as separate copies). A file reached through a followed symlink is always a plain
+//! file: its inode is the target's.
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub mod beneath;
@@ -34,6 +63,9 @@ pub struct LocalEntry {
     /// Device and inode the walk saw: what is opened later must be this very file.
     pub dev: u64,
     pub ino: u64,
+    /// Its number of names (hard links). 0 where a files-only walk's statx did not give it (that
+    /// walk needs no more).
+    pub nlink: u64,
     /// Reached through a symlink the walk chose to follow (`source.symlinks: follow`): only then
     /// may opening it follow a symlink.
     pub followed: bool,
@@ -60,8 +92,117 @@ impl LocalEntry {
             gid: m.gid(),
             dev: m.dev(),
             ino: m.ino(),
+            nlink: m.nlink(),
             followed: false,
         }
+    }
+}
+
+/// One path of the tree, in key order ([`scan_tree`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A regular file (the first name of one with several).
+    File(LocalEntry),
+    /// A later name of a file that came by earlier: `first` is that earlier name, relative to the
+    /// source. Still a file for the copy: its key gets its bytes like any other's.
+    Hardlink {
+        entry: LocalEntry,
+        first: PathBuf,
+    },
+    Dir(TreeEntry),
+    Symlink(TreeEntry),
+    /// A FIFO, a socket or a device node: `mode` says which.
+    Special(TreeEntry),
+}
+
+impl Item {
+    /// Where it sorts: a file's key, a directory's with a `/` after it.
+    pub fn key(&self) -> &str {
+        match self {
+            Item::File(e) | Item::Hardlink { entry: e, .. } => &e.key,
+            Item::Dir(t) | Item::Symlink(t) | Item::Special(t) => &t.key,
+        }
+    }
+}
+
+/// A directory, symlink or special file of the tree: its own metadata (`lstat`'s, or `fstat`'s of
+/// the directory's handle).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeEntry {
+    /// Its key below the destination prefix; a directory's ends in `/`.
+    pub key: String,
+    /// Relative to the source root, its bytes as they are (`keys::encode_raw_path` to record).
+    pub rel: PathBuf,
+    /// Type and permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    pub size: u64,
+    /// A device node's number (0 for anything else).
+    pub rdev: u64,
+    /// A symlink's target, its bytes as they are.
+    pub target: Option<OsString>,
+}
+
+/// Multiply-linked files whose other names may still come, kept at most (see the module's docs).
+pub const HARD_LINK_NAMES: usize = 1_000_000;
+
+/// The first names of multiply-linked files seen so far, by device and inode: what tells a file's
+/// later names (hard links) from its first, in walk order.
+struct HardLinks {
+    root: PathBuf,
+    /// The first name, and how many names are still to come.
+    first: HashMap<(u64, u64), (Box<Path>, u64)>,
+    bound: usize,
+    /// The bound was reached (said once).
+    full: bool,
+}
+
+impl HardLinks {
+    fn new(root: &Path, bound: usize) -> HardLinks {
+        HardLinks {
+            root: root.to_owned(),
+            first: HashMap::new(),
+            bound,
+            full: false,
+        }
+    }
+
+    /// The item of a file the walk kept, in walk order.
+    fn item(&mut self, entry: LocalEntry) -> Item {
+        if entry.nlink < 2 || entry.followed {
+            return Item::File(entry);
+        }
+        let id = (entry.dev, entry.ino);
+        if let Some((first, left)) = self.first.get_mut(&id) {
+            *left = left.saturating_sub(1);
+            let first = if *left == 0 {
+                self.first
+                    .remove(&id)
+                    .expect("just found")
+                    .0
+                    .into_path_buf()
+            } else {
+                first.to_path_buf()
+            };
+            return Item::Hardlink { entry, first };
+        }
+        if self.first.len() >= self.bound {
+            if !self.full {
+                self.full = true;
+                tracing::warn!(
+                    "{} files with more than one name wait for their other names: further ones \
+                     are recorded as separate files, not hard links, to bound memory",
+                    self.first.len()
+                );
+            }
+            return Item::File(entry);
+        }
+        let rel = entry.path.strip_prefix(&self.root).unwrap_or(&entry.path);
+        self.first
+            .insert(id, (rel.to_path_buf().into_boxed_path(), entry.nlink - 1));
+        Item::File(entry)
     }
 }
 
@@ -167,6 +308,12 @@ pub fn scan(opts: ScanOptions, stats: Arc<Stats>) -> impl Iterator<Item = LocalE
     walk::Walk::start(&opts, stats)
 }
 
+/// The same walk yielding every path it keeps — directories, symlinks, hard links and special
+/// files too — in key order, at the cost the module's docs give.
+pub fn scan_tree(opts: ScanOptions, stats: Arc<Stats>) -> impl Iterator<Item = Item> {
+    walk::Walk::start_tree(&opts, stats, HARD_LINK_NAMES)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,7 +355,7 @@ mod tests {
 mod walk_tests {
     //! The parallel walk against the serial reference (`reference.rs`, today's walk before it):
     //! the same files in the same order with the same stats, and the same figures, whatever the
-    //! tree, the thread count and the read-ahead.
+    //! tree, the thread count and the read-ahead — and in tree mode the same items.
     use super::*;
     use std::ffi::OsString;
     use std::fs;
@@ -217,6 +364,9 @@ mod walk_tests {
     use std::time::{Duration, Instant};
 
     use proptest::prelude::*;
+
+    use nix::sys::stat::SFlag;
+    use std::os::unix::fs::MetadataExt;
 
     use crate::report::Figures;
 
@@ -240,8 +390,16 @@ mod walk_tests {
     enum Node {
         File(usize),
         Dir,
+        /// To `a`, beside it: a file, a directory or nothing.
         Symlink,
+        /// To `<root>/a`.
+        AbsoluteSymlink,
+        /// To an absolute path that is not there.
+        DanglingSymlink,
+        /// Another name of the n-th file made so far (modulo their number).
+        Hardlink(usize),
         Fifo,
+        Socket,
     }
 
     fn tree() -> impl Strategy<Value = Vec<(Vec<Vec<u8>>, Node)>> {
@@ -249,12 +407,17 @@ mod walk_tests {
             4 => (0usize..300).prop_map(Node::File),
             2 => Just(Node::Dir),
             1 => Just(Node::Symlink),
+            1 => Just(Node::AbsoluteSymlink),
+            1 => Just(Node::DanglingSymlink),
+            2 => (0usize..8).prop_map(Node::Hardlink),
             1 => Just(Node::Fifo),
+            1 => Just(Node::Socket),
         ];
         proptest::collection::vec((proptest::collection::vec(name(), 1..5), node), 0..40)
     }
 
     fn build(root: &Path, nodes: &[(Vec<Vec<u8>>, Node)]) {
+        let mut files = Vec::new();
         for (parts, node) in nodes {
             let mut p = root.to_path_buf();
             for part in parts {
@@ -267,10 +430,22 @@ mod walk_tests {
                 continue;
             }
             match node {
-                Node::File(n) => fs::write(&p, vec![7u8; *n]).unwrap(),
+                Node::File(n) => {
+                    fs::write(&p, vec![7u8; *n]).unwrap();
+                    files.push(p);
+                }
                 Node::Dir => fs::create_dir_all(&p).unwrap(),
                 Node::Symlink => std::os::unix::fs::symlink("a", &p).unwrap(),
+                Node::AbsoluteSymlink => std::os::unix::fs::symlink(root.join("a"), &p).unwrap(),
+                Node::DanglingSymlink => {
+                    std::os::unix::fs::symlink("/nonexistent/nightcopy-test", &p).unwrap()
+                }
+                Node::Hardlink(n) if !files.is_empty() => {
+                    fs::hard_link(&files[n % files.len()], &p).unwrap()
+                }
+                Node::Hardlink(_) => {}
                 Node::Fifo => nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap(),
+                Node::Socket => drop(std::os::unix::net::UnixListener::bind(&p).unwrap()),
             }
         }
     }
@@ -317,6 +492,31 @@ mod walk_tests {
         ((serial, figures(&s1)), (parallel, figures(&s2)))
     }
 
+    /// `both` in tree mode, keeping at most `links` first names of multiply-linked files.
+    fn both_trees(
+        opts: &ScanOptions,
+        ahead: usize,
+        links: usize,
+    ) -> ((Vec<Item>, Figures), (Vec<Item>, Figures)) {
+        let s1 = Arc::new(Stats::default());
+        let serial: Vec<_> = reference::scan_tree(opts.clone(), s1.clone(), links).collect();
+        let s2 = Arc::new(Stats::default());
+        let parallel: Vec<_> =
+            walk::Walk::tree_with_ahead(opts, s2.clone(), ahead, links).collect();
+        ((serial, figures(&s1)), (parallel, figures(&s2)))
+    }
+
+    /// The files of a tree walk, as a files-only walk yields them.
+    fn files_of(items: &[Item]) -> Vec<LocalEntry> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Item::File(e) | Item::Hardlink { entry: e, .. } => Some(e.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -339,7 +539,232 @@ mod walk_tests {
             let walked = keys.clone();
             keys.sort();
             prop_assert_eq!(walked, keys, "key order");
+
+            let ((serial_tree, stf), (tree, tf)) = both_trees(&opts, ahead, HARD_LINK_NAMES);
+            prop_assert_eq!(&tree, &serial_tree);
+            prop_assert_eq!(tf, stf);
+            // The files are the files-only walk's, whatever else the tree holds.
+            prop_assert_eq!(files_of(&tree), parallel);
+            let keys: Vec<_> = tree.iter().map(|i| i.key().to_owned()).collect();
+            prop_assert!(keys.windows(2).all(|w| w[0] < w[1]), "key order: {:?}", keys);
         }
+    }
+
+    fn tree_entry(item: &Item) -> &TreeEntry {
+        match item {
+            Item::Dir(t) | Item::Symlink(t) | Item::Special(t) => t,
+            _ => panic!("not a tree entry: {item:?}"),
+        }
+    }
+
+    /// Every kind of path in one small tree: each comes out once, in key order, as what it is,
+    /// with its own metadata; the reference walk says the same.
+    #[test]
+    fn a_tree_has_every_kind_of_path() {
+        use std::os::unix::fs::FileTypeExt;
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        for d in ["a", "b", "empty", "skip"] {
+            fs::create_dir(r.join(d)).unwrap();
+        }
+        fs::write(r.join("a/x"), b"shared").unwrap();
+        fs::hard_link(r.join("a/x"), r.join("b/y")).unwrap();
+        // A third name the walk never sees: the second still comes out as a hard link.
+        fs::hard_link(r.join("a/x"), r.join("skip/z")).unwrap();
+        fs::write(r.join("b/z"), b"alone").unwrap();
+        std::os::unix::fs::symlink("nowhere", r.join("dangling")).unwrap();
+        std::os::unix::fs::symlink(r.join("a/x"), r.join("absolute")).unwrap();
+        nix::unistd::mkfifo(
+            &r.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o640),
+        )
+        .unwrap();
+        drop(std::os::unix::net::UnixListener::bind(r.join("sock")).unwrap());
+        for threads in [1, 4] {
+            let opts = options(r, &["skip/**"], SymlinkPolicy::Skip, threads);
+            let ((serial, sf), (items, f)) = both_trees(&opts, 20_000, HARD_LINK_NAMES);
+            assert_eq!(items, serial);
+            assert_eq!(f, sf);
+            let keys: Vec<_> = items.iter().map(Item::key).collect();
+            assert_eq!(
+                keys,
+                [
+                    "a/", "a/x", "absolute", "b/", "b/y", "b/z", "dangling", "empty/", "fifo",
+                    "sock"
+                ]
+            );
+            assert!(matches!(&items[1], Item::File(e) if e.nlink == 3));
+            match &items[4] {
+                Item::Hardlink { entry, first } => {
+                    assert_eq!(entry.path, r.join("b/y"));
+                    assert_eq!(first, Path::new("a/x"));
+                }
+                other => panic!("b/y is not a hard link: {other:?}"),
+            }
+            assert!(matches!(&items[5], Item::File(e) if e.nlink == 1));
+            for (i, target) in [(2, r.join("a/x")), (6, "nowhere".into())] {
+                assert!(matches!(items[i], Item::Symlink(_)), "{:?}", items[i]);
+                let t = tree_entry(&items[i]);
+                assert_eq!(t.target.as_deref(), Some(target.as_os_str()));
+                let m = fs::symlink_metadata(r.join(&t.rel)).unwrap();
+                assert!(m.file_type().is_symlink());
+                assert_eq!(t.size, target.as_os_str().len() as u64);
+            }
+            for i in [0, 3, 7] {
+                assert!(matches!(items[i], Item::Dir(_)), "{:?}", items[i]);
+                let t = tree_entry(&items[i]);
+                let m = fs::symlink_metadata(r.join(&t.rel)).unwrap();
+                assert_eq!(
+                    (t.mode, t.uid, t.gid, t.mtime_ns),
+                    (
+                        m.mode(),
+                        m.uid(),
+                        m.gid(),
+                        crate::fsutil::ns(m.mtime(), m.mtime_nsec())
+                    )
+                );
+            }
+            let (fifo, sock) = (tree_entry(&items[8]), tree_entry(&items[9]));
+            assert!(matches!(items[8], Item::Special(_)) && matches!(items[9], Item::Special(_)));
+            let m = fs::symlink_metadata(r.join("fifo")).unwrap();
+            assert!(m.file_type().is_fifo());
+            assert_eq!((fifo.mode, fifo.rdev), (m.mode(), 0));
+            assert_eq!(fifo.mode & 0o7777, 0o640);
+            assert_eq!(sock.mode & nix::libc::S_IFMT, nix::libc::S_IFSOCK);
+            // Nothing is skipped in a tree: the symlinks and specials are in it.
+            assert_eq!(
+                (f.skipped_symlinks, f.skipped_special, f.excluded, f.scanned),
+                (0, 0, 1, 3)
+            );
+        }
+        // A files-only walk of the same tree: the same files, the rest skipped as before.
+        let opts = options(r, &["skip/**"], SymlinkPolicy::Skip, 4);
+        let ((serial, sf), (files, f)) = both(&opts, 20_000);
+        assert_eq!(files, serial);
+        assert_eq!(f, sf);
+        let keys: Vec<_> = files.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["a/x", "b/y", "b/z"]);
+        assert_eq!(
+            (f.skipped_symlinks, f.skipped_special, f.excluded, f.scanned),
+            (2, 2, 1, 3)
+        );
+    }
+
+    /// A device node is recorded with its number. Making one takes CAP_MKNOD: without it the
+    /// test fails rather than passing on nothing.
+    #[test]
+    fn a_device_node_keeps_its_number() {
+        let t = tempfile::tempdir().unwrap();
+        let dev = nix::sys::stat::makedev(1, 3);
+        nix::sys::stat::mknod(
+            &t.path().join("null"),
+            SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            dev,
+        )
+        .expect("mknod of a character device (needs CAP_MKNOD)");
+        let opts = options(t.path(), &[], SymlinkPolicy::Skip, 2);
+        let ((serial, _), (items, _)) = both_trees(&opts, 20_000, HARD_LINK_NAMES);
+        assert_eq!(items, serial);
+        match &items[..] {
+            [Item::Special(t)] => {
+                assert_eq!(t.mode & nix::libc::S_IFMT, nix::libc::S_IFCHR);
+                assert_eq!(t.rdev, dev);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// What each mode costs, in the calls the walk makes: a files-only walk opens and `fstat`s
+    /// each directory and stats each file, and no more — a symlink, FIFO or socket costs it
+    /// nothing; tree mode adds one stat per symlink and special and one readlink per symlink,
+    /// and nothing per directory or file.
+    #[test]
+    fn tree_mode_costs_a_stat_per_symlink_and_special_and_files_only_costs_nothing_more() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        for d in ["d", "d/e", "f"] {
+            fs::create_dir(r.join(d)).unwrap();
+        }
+        for f in ["x", "d/x", "d/e/x", "f/x", "f/y"] {
+            fs::write(r.join(f), b"1").unwrap();
+        }
+        fs::hard_link(r.join("x"), r.join("d/e/y")).unwrap();
+        for (i, l) in ["l1", "d/l2", "f/l3"].iter().enumerate() {
+            std::os::unix::fs::symlink(format!("target{i}"), r.join(l)).unwrap();
+        }
+        nix::unistd::mkfifo(&r.join("d/fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(r.join("sock")).unwrap());
+        let (dirs, files, symlinks, specials) = (3, 6, 3, 2);
+        let opts = options(r, &[], SymlinkPolicy::Skip, 4);
+
+        let mut walk = walk::Walk::with_ahead(&opts, Arc::new(Stats::default()), 20_000);
+        assert_eq!(walk.by_ref().count(), files);
+        // The root is opened and fstat'ed too.
+        assert_eq!(walk.calls(), (1 + dirs, 1 + dirs + files, 0));
+
+        let mut tree = walk::Walk::tree_with_ahead(&opts, Arc::new(Stats::default()), 20_000, 10);
+        assert_eq!(tree.by_ref().count(), dirs + files + symlinks + specials);
+        assert_eq!(
+            tree.calls(),
+            (1 + dirs, 1 + dirs + files + symlinks + specials, symlinks)
+        );
+    }
+
+    /// The first names kept to find hard links never pass their bound: past it, a new
+    /// multiply-linked file is a plain file (and so are its later names), while those already
+    /// known still find theirs; a name is let go once its inode's names have all come by.
+    #[test]
+    fn the_hard_link_names_kept_are_bounded() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        for d in ["1", "2"] {
+            fs::create_dir(r.join(d)).unwrap();
+        }
+        for i in 0..5 {
+            fs::write(r.join(format!("1/f{i}")), b"x").unwrap();
+            fs::hard_link(r.join(format!("1/f{i}")), r.join(format!("2/g{i}"))).unwrap();
+        }
+        let opts = options(r, &[], SymlinkPolicy::Skip, 3);
+        let ((serial, _), (items, _)) = both_trees(&opts, 20_000, 2);
+        assert_eq!(items, serial);
+        let kinds: Vec<String> = items
+            .iter()
+            .map(|i| match i {
+                Item::File(e) => format!("file {}", e.key),
+                Item::Hardlink { entry, first } => {
+                    format!("{} -> {}", entry.key, first.display())
+                }
+                Item::Dir(t) => format!("dir {}", t.key),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "dir 1/",
+                "file 1/f0",
+                "file 1/f1",
+                "file 1/f2",
+                "file 1/f3",
+                "file 1/f4",
+                "dir 2/",
+                "2/g0 -> 1/f0",
+                "2/g1 -> 1/f1",
+                "file 2/g2",
+                "file 2/g3",
+                "file 2/g4"
+            ]
+        );
+        let mut walk = walk::Walk::tree_with_ahead(&opts, Arc::new(Stats::default()), 20_000, 2);
+        let mut most = 0;
+        while walk.next().is_some() {
+            most = most.max(walk.hard_links_kept().0);
+        }
+        assert_eq!(most, 2);
+        // 1/f0 and 1/f1 were let go once their second names came by, which made room for 2/g2
+        // and 2/g3 (whose other names came first, as plain files).
+        assert_eq!(walk.hard_links_kept(), (2, true));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Today's serial walk before the parallel one, on `walkdir`: the reference the parallel walk's
-//! property tests compare against (same files, same order, same figures).
+//! property tests compare against (same files, same order, same figures) — and in tree mode the
+//! same items, by path: `lstat` for a directory, symlink or special (or `stat` where a symlink is
+//! followed), `readlink` for a symlink's target.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -7,22 +9,49 @@ use std::sync::Arc;
 
 use walkdir::{DirEntry, WalkDir};
 
-use super::{LocalEntry, ScanOptions};
+use super::{HardLinks, Item, LocalEntry, ScanOptions, TreeEntry};
 use crate::config::SymlinkPolicy;
 use crate::keys;
 use crate::report::{FileErrorKind, Stats};
 
 /// The serial walk.
 pub fn scan(opts: ScanOptions, stats: Arc<Stats>) -> impl Iterator<Item = LocalEntry> {
+    walk(opts, stats, None).map(|item| match item {
+        Item::File(e) => e,
+        _ => unreachable!("only files outside tree mode"),
+    })
+}
+
+/// The serial walk in tree mode, keeping at most `links` first names of multiply-linked files.
+pub fn scan_tree(opts: ScanOptions, stats: Arc<Stats>, links: usize) -> impl Iterator<Item = Item> {
+    let links = HardLinks::new(&opts.root, links);
+    walk(opts, stats, Some(links))
+}
+
+fn walk(
+    opts: ScanOptions,
+    stats: Arc<Stats>,
+    mut links: Option<HardLinks>,
+) -> impl Iterator<Item = Item> {
     let root = opts.root.clone();
     let excludes = opts.excludes.clone();
     let prune_stats = stats.clone();
+    let follow = opts.symlinks == SymlinkPolicy::Follow;
+    // walkdir sorts a directory's entries before it follows their links: a link it will follow
+    // to a directory must sort as one (`name/`) all the same, or keys come out of order ("a/x"
+    // before "a-b" for a link "a").
+    let is_dir = move |e: &DirEntry| {
+        e.file_type().is_dir()
+            || follow
+                && e.file_type().is_symlink()
+                && std::fs::metadata(e.path()).is_ok_and(|m| m.is_dir())
+    };
     let walker = WalkDir::new(&opts.root)
-        .follow_links(opts.symlinks == SymlinkPolicy::Follow)
+        .follow_links(follow)
         .same_file_system(opts.one_file_system)
-        .sort_by(|a, b| {
-            let a_dir = a.file_type().is_dir();
-            let b_dir = b.file_type().is_dir();
+        .sort_by(move |a, b| {
+            let a_dir = is_dir(a);
+            let b_dir = is_dir(b);
             keys::sibling_order(
                 &keys::component(a.file_name()),
                 a_dir,
@@ -43,24 +72,111 @@ pub fn scan(opts: ScanOptions, stats: Arc<Stats>) -> impl Iterator<Item = LocalE
             true
         });
     let root = opts.root;
+    let loop_excludes = opts.excludes;
     let limits = (opts.max_key_bytes, opts.max_file_size);
-    walker.filter_map(move |item| match item {
-        Ok(e) => entry(&root, e, limits, opts.symlinks, &stats),
-        Err(err) => {
-            let path = err
-                .path()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| root.clone());
-            if err.loop_ancestor().is_some() {
-                stats.file_error(&path, FileErrorKind::Walk, &"symlink loop: not followed");
-            } else if err.io_error().map(std::io::Error::kind) == Some(std::io::ErrorKind::NotFound)
-            {
-                stats.vanished(&path);
-            } else {
-                stats.file_error(&path, FileErrorKind::Walk, &err);
+    let mut walker = walker.peekable();
+    std::iter::from_fn(move || loop {
+        let item = walker.next()?;
+        let tree = links.is_some();
+        let item = match item {
+            // The parallel walk keeps a directory it opened and read: walkdir yields one it could
+            // not read, and the error after it.
+            Ok(e) if tree && e.depth() > 0 && e.file_type().is_dir() => {
+                let unread =
+                    matches!(walker.peek(), Some(Err(err)) if err.path() == Some(e.path()));
+                if unread {
+                    continue;
+                }
+                tree_entry(&root, &e, &stats).map(Item::Dir)
             }
-            None
+            Ok(e)
+                if tree && (e.file_type().is_symlink() && opts.symlinks == SymlinkPolicy::Skip) =>
+            {
+                tree_entry(&root, &e, &stats).map(Item::Symlink)
+            }
+            Ok(e)
+                if tree
+                    && !e.file_type().is_symlink()
+                    && !e.file_type().is_file()
+                    && !e.file_type().is_dir() =>
+            {
+                tree_entry(&root, &e, &stats).map(Item::Special)
+            }
+            Ok(e) => entry(&root, e, limits, opts.symlinks, &stats).map(|e| match &mut links {
+                Some(links) => links.item(e),
+                None => Item::File(e),
+            }),
+            Err(err) => {
+                let path = err
+                    .path()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| root.clone());
+                let rel = path.strip_prefix(&root).unwrap_or(&path);
+                if err.loop_ancestor().is_some() && loop_excludes.is_excluded(rel, true) {
+                    // walkdir finds the loop before `filter_entry` sees the name; the parallel
+                    // walk, like any excluded directory, never looks.
+                    stats.excluded(&path);
+                } else if err.loop_ancestor().is_some() {
+                    stats.file_error(&path, FileErrorKind::Walk, &"symlink loop: not followed");
+                } else if err.io_error().map(std::io::Error::kind)
+                    == Some(std::io::ErrorKind::NotFound)
+                {
+                    stats.vanished(&path);
+                } else {
+                    stats.file_error(&path, FileErrorKind::Walk, &err);
+                }
+                None
+            }
+        };
+        if item.is_some() {
+            return item;
         }
+    })
+}
+
+/// A directory's, symlink's or special's item, from its metadata (and a symlink's `readlink`).
+fn tree_entry(root: &Path, e: &DirEntry, stats: &Stats) -> Option<TreeEntry> {
+    let unreadable = |err: &dyn std::fmt::Display| {
+        stats.file_error(e.path(), FileErrorKind::Unreadable, err);
+        None
+    };
+    let meta = match e.metadata() {
+        Ok(m) => m,
+        Err(err)
+            if err.io_error().map(std::io::Error::kind) == Some(std::io::ErrorKind::NotFound) =>
+        {
+            stats.vanished(e.path());
+            return None;
+        }
+        Err(err) => return unreadable(&err),
+    };
+    let target = if e.file_type().is_symlink() {
+        match std::fs::read_link(e.path()) {
+            Ok(t) => Some(t.into_os_string()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                stats.vanished(e.path());
+                return None;
+            }
+            Err(err) => return unreadable(&err),
+        }
+    } else {
+        None
+    };
+    let rel = e.path().strip_prefix(root).unwrap_or(e.path());
+    let (mut key, _) = keys::relative_key(rel);
+    if e.file_type().is_dir() {
+        key.push('/');
+    }
+    Some(TreeEntry {
+        key,
+        rel: rel.to_owned(),
+        mode: meta.mode(),
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime_ns: crate::fsutil::ns(meta.mtime(), meta.mtime_nsec()),
+        size: meta.len(),
+        rdev: meta.rdev(),
+        target,
     })
 }
 
@@ -135,6 +251,7 @@ fn entry(
         followed,
         dev: meta.dev(),
         ino: meta.ino(),
+        nlink: meta.nlink(),
         path: e.into_path(),
         size: meta.len(),
         mtime_ns: crate::fsutil::ns(meta.mtime(), meta.mtime_nsec()),

@@ -13,6 +13,12 @@
 //! - `d_type` from readdir says what an entry is, so directories, symlinks (skipped), FIFOs,
 //!   sockets and devices cost no stat; only files (and entries whose type the filesystem does not
 //!   report, or symlinks when they are followed) are stat'ed;
+//! - in tree mode (`scan_tree`) the pool also stats symlinks and specials (`fstatat` without
+//!   following, but through a link `symlinks: follow` followed to a special) and reads symlinks
+//!   (`readlinkat`), in the same stat tasks as files, smallest key first; a directory's metadata
+//!   is the `fstat` of its handle, which the walk does anyway (one-file-system, loops), kept in
+//!   its listing. Hard links are told apart on the consumer's side, in walk order (`HardLinks`).
+//!   Without tree mode none of this is done, and symlinks and specials cost nothing;
 //! - a directory's entries are sorted as keys sort (a directory as `name/`, `keys::sibling_order`)
 //!   before any of them is handed out, and work is picked smallest key first, so what the
 //!   consumer needs next is always what the pool does first;
@@ -34,14 +40,14 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
 
-use super::{LocalEntry, ScanOptions};
+use super::{HardLinks, Item, LocalEntry, ScanOptions, TreeEntry};
 use crate::config::SymlinkPolicy;
 use crate::keys;
 use crate::report::{FileErrorKind, Stats};
@@ -51,7 +57,8 @@ pub const AHEAD_ENTRIES: usize = 20_000;
 /// Entries stat'ed by one task: small, so that a directory's stats spread over the pool.
 const STAT_CHUNK: usize = 8;
 
-/// What a stat says that the backup needs.
+/// What a stat says that the backup needs. 48 bytes, kept per file in a listing (a device's
+/// number and a symlink's target, wanted only in tree mode, travel apart: `Node`).
 #[derive(Debug, Clone, Copy)]
 struct Meta {
     size: u64,
@@ -59,9 +66,12 @@ struct Meta {
     mode: u32,
     uid: u32,
     gid: u32,
+    nlink: u32,
     dev: u64,
     ino: u64,
 }
+
+const _: () = assert!(std::mem::size_of::<Meta>() == 48);
 
 impl Meta {
     fn of(st: &FileStat) -> Meta {
@@ -71,8 +81,23 @@ impl Meta {
             mode: st.st_mode,
             uid: st.st_uid,
             gid: st.st_gid,
+            nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
             dev: st.st_dev,
             ino: st.st_ino,
+        }
+    }
+
+    fn tree_entry(&self, key: String, rel: PathBuf) -> TreeEntry {
+        TreeEntry {
+            key,
+            rel,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            mtime_ns: self.mtime_ns,
+            size: self.size,
+            rdev: 0,
+            target: None,
         }
     }
 
@@ -106,14 +131,35 @@ enum Kind {
 /// What the pool found for an entry.
 enum Found {
     File(Meta),
+    /// A symlink or a special file (tree mode only).
+    Node(Box<Node>),
     /// A directory's listing, until the consumer enters it and takes it: a parent that kept its
     /// children's listings would keep every listing below it, and the root the whole tree (about
     /// 130 bytes per entry, 222 MiB for a million files) for as long as the walk lasts.
     Dir(Mutex<Option<Arc<Listing>>>),
     Vanished,
     Error(String),
-    OtherFilesystem,
+    /// A directory on another filesystem (one-file-system): not entered, and its metadata (that
+    /// of the filesystem's root, as `ls -ld` shows) recorded in tree mode.
+    OtherFilesystem(Meta),
     Loop,
+}
+
+/// A symlink's or special file's own stat, its device number and a symlink's target.
+struct Node {
+    meta: Meta,
+    rdev: u64,
+    target: Option<OsString>,
+}
+
+/// The metadata calls the walk made, by kind, counted for the tests of what each mode costs.
+#[derive(Default)]
+struct Calls {
+    /// Directories opened (`open`, `openat`).
+    open: AtomicUsize,
+    /// `fstat`, `statx`, `fstatat` (a statx refused and redone as fstatat counts once).
+    stat: AtomicUsize,
+    readlink: AtomicUsize,
 }
 
 impl Found {
@@ -167,6 +213,8 @@ struct Listing {
     key: String,
     escaped: bool,
     ancestry: Arc<Ancestry>,
+    /// The directory's own `fstat` (its item in tree mode).
+    meta: Meta,
     /// Open while stats or subdirectory opens still need it.
     fd: Mutex<Option<Arc<OwnedFd>>>,
     /// Stat tasks and subdirectory reads not yet done.
@@ -227,6 +275,7 @@ struct Unsorted {
     place: Place,
     fd: OwnedFd,
     ancestry: Arc<Ancestry>,
+    meta: Meta,
     slots: Vec<Slot>,
     /// The indices of the entries to resolve, and what each turned out to be.
     unresolved: Vec<usize>,
@@ -292,6 +341,7 @@ struct Shared {
     root: OnceLock<Found>,
     /// Entries of the listings alive, passed or not: what the walk's memory is made of.
     held: Arc<AtomicUsize>,
+    calls: Calls,
 }
 
 /// What the workers need of the scan options.
@@ -303,8 +353,11 @@ struct Opts {
     root_dev: u64,
     ahead_entries: usize,
     threads: usize,
+    /// Tree mode: symlinks and specials are stat'ed (and symlinks read) too.
+    tree: bool,
 }
 
+/// The walk, yielding files (`Iterator`); `Tree` yields every item.
 pub(super) struct Walk {
     shared: Arc<Shared>,
     stack: Vec<(Arc<Listing>, usize)>,
@@ -312,14 +365,47 @@ pub(super) struct Walk {
     stats: Arc<Stats>,
     max_key: usize,
     max_file_size: u64,
+    /// Tree mode.
+    links: Option<HardLinks>,
 }
+
+/// The walk in tree mode.
+pub(super) struct Tree(Walk);
 
 impl Walk {
     pub(super) fn start(opts: &ScanOptions, stats: Arc<Stats>) -> Walk {
         Walk::with_ahead(opts, stats, AHEAD_ENTRIES)
     }
 
+    pub(super) fn start_tree(opts: &ScanOptions, stats: Arc<Stats>, links: usize) -> Tree {
+        Walk::tree_with_ahead(opts, stats, AHEAD_ENTRIES, links)
+    }
+
     pub(super) fn with_ahead(opts: &ScanOptions, stats: Arc<Stats>, ahead_entries: usize) -> Walk {
+        Walk::new(opts, stats, ahead_entries, None)
+    }
+
+    /// Tree mode, with at most `links` first names of multiply-linked files kept.
+    pub(super) fn tree_with_ahead(
+        opts: &ScanOptions,
+        stats: Arc<Stats>,
+        ahead_entries: usize,
+        links: usize,
+    ) -> Tree {
+        Tree(Walk::new(
+            opts,
+            stats,
+            ahead_entries,
+            Some(HardLinks::new(&opts.root, links)),
+        ))
+    }
+
+    fn new(
+        opts: &ScanOptions,
+        stats: Arc<Stats>,
+        ahead_entries: usize,
+        links: Option<HardLinks>,
+    ) -> Walk {
         let mut walk = Walk {
             shared: Arc::new(Shared {
                 queue: Mutex::default(),
@@ -333,17 +419,20 @@ impl Walk {
                     root_dev: 0,
                     ahead_entries: ahead_entries.max(1),
                     threads: opts.walk_concurrency.max(1),
+                    tree: links.is_some(),
                 },
                 root: OnceLock::new(),
                 held: Arc::new(AtomicUsize::new(0)),
+                calls: Calls::default(),
             }),
             stack: Vec::new(),
             started: false,
             stats,
             max_key: opts.max_key_bytes,
             max_file_size: opts.max_file_size,
+            links,
         };
-        let (fd, m) = match open_root(&opts.root) {
+        let (fd, m) = match open_root(&opts.root, &walk.shared.calls) {
             Ok(r) => r,
             Err(e) => {
                 walk.stats.file_error(&opts.root, FileErrorKind::Walk, &e);
@@ -370,7 +459,7 @@ impl Walk {
         };
         // The root is read on the pool like any directory: a flat tree's one big directory needs
         // the pool's parallel stats as much as any other.
-        walk.shared.read_dir(root, fd, ancestry);
+        walk.shared.read_dir(root, fd, ancestry, m);
         for _ in 0..opts.walk_concurrency.max(1) {
             let shared = walk.shared.clone();
             // Detached: a worker stuck in a hung mount must not hold up the end of the run.
@@ -396,6 +485,17 @@ impl Walk {
     #[cfg(test)]
     pub(super) fn entries_held(&self) -> usize {
         self.shared.held.load(SeqCst)
+    }
+
+    /// Directories opened, stats and readlinks made so far (for the tests of what a mode costs).
+    #[cfg(test)]
+    pub(super) fn calls(&self) -> (usize, usize, usize) {
+        let c = &self.shared.calls;
+        (
+            c.open.load(SeqCst),
+            c.stat.load(SeqCst),
+            c.readlink.load(SeqCst),
+        )
     }
 
     fn path_of(&self, listing: &Listing, slot: &Slot) -> PathBuf {
@@ -480,19 +580,37 @@ impl Walk {
             mode: m.mode,
             uid: m.uid,
             gid: m.gid,
+            nlink: m.nlink.into(),
             dev: m.dev,
             ino: m.ino,
             followed: slot.followed,
         })
     }
 
-    /// What a directory slot (or the root) led to.
-    fn descend(&mut self, found: &Found, path: &Path) {
+    /// What a directory slot (or the root, `at` none) led to: in tree mode, the directory's item
+    /// when it is one the walk keeps.
+    fn descend(
+        &mut self,
+        found: &Found,
+        path: &Path,
+        at: Option<(&Listing, &Slot)>,
+    ) -> Option<Item> {
+        let tree = self.links.is_some() && at.is_some();
+        let item = |m: &Meta| {
+            let (listing, slot) = at.expect("not the root");
+            let key = listing.child_key(slot) + "/";
+            Item::Dir(m.tree_entry(key, listing.rel.join(&slot.name)))
+        };
         match found {
             Found::Dir(child) => {
-                let child = child.lock().unwrap().take();
-                self.stack
-                    .push((child.expect("a directory is entered once"), 0));
+                let child = child
+                    .lock()
+                    .unwrap()
+                    .take()
+                    .expect("a directory is entered once");
+                let entered = tree.then(|| item(&child.meta));
+                self.stack.push((child, 0));
+                return entered;
             }
             Found::Vanished => self.stats.vanished(path),
             Found::Error(e) => self.stats.file_error(path, FileErrorKind::Walk, e),
@@ -500,27 +618,56 @@ impl Walk {
                 self.stats
                     .file_error(path, FileErrorKind::Walk, &"symlink loop: not followed")
             }
-            Found::OtherFilesystem => tracing::debug!(
-                path = %path.display(),
-                "{}: another filesystem (one-file-system): not entered",
-                keys::shown(path)
-            ),
-            Found::File(_) => unreachable!("a directory slot"),
+            Found::OtherFilesystem(m) => {
+                tracing::debug!(
+                    path = %path.display(),
+                    "{}: another filesystem (one-file-system): not entered",
+                    keys::shown(path)
+                );
+                return tree.then(|| item(m));
+            }
+            Found::File(_) | Found::Node(_) => unreachable!("a directory slot"),
+        }
+        None
+    }
+
+    /// A symlink or special file in tree mode: its item, or what went wrong, counted.
+    fn node(&self, listing: &Listing, slot: &Slot, path: &Path, symlink: bool) -> Option<Item> {
+        match self.wait(&slot.found, None) {
+            Found::Node(n) => {
+                let mut t = n
+                    .meta
+                    .tree_entry(listing.child_key(slot), listing.rel.join(&slot.name));
+                t.rdev = n.rdev;
+                t.target = n.target.clone();
+                Some(if symlink {
+                    Item::Symlink(t)
+                } else {
+                    Item::Special(t)
+                })
+            }
+            Found::Vanished => {
+                self.stats.vanished(path);
+                None
+            }
+            Found::Error(e) => {
+                self.stats.file_error(path, FileErrorKind::Unreadable, e);
+                None
+            }
+            _ => unreachable!("a symlink's or special's slot"),
         }
     }
-}
 
-impl Iterator for Walk {
-    type Item = LocalEntry;
-
-    fn next(&mut self) -> Option<LocalEntry> {
+    /// The next item in key order: only files (and no hard links) unless in tree mode.
+    fn next_item(&mut self) -> Option<Item> {
         if !self.started {
             self.started = true;
             let shared = self.shared.clone();
             let found = self.wait(&shared.root, None);
             let root = shared.opts.root.clone();
-            self.descend(found, &root);
+            self.descend(found, &root, None);
         }
+        let tree = self.links.is_some();
         loop {
             let (listing, index) = {
                 let (listing, next) = self.stack.last_mut()?;
@@ -536,6 +683,16 @@ impl Iterator for Walk {
             let path = self.path_of(&listing, slot);
             match slot.kind {
                 Kind::Excluded => self.stats.excluded(&path),
+                Kind::Symlink if tree => {
+                    if let Some(item) = self.node(&listing, slot, &path, true) {
+                        return Some(item);
+                    }
+                }
+                Kind::Special if tree => {
+                    if let Some(item) = self.node(&listing, slot, &path, false) {
+                        return Some(item);
+                    }
+                }
                 Kind::Symlink => self.stats.skipped_symlink(&path),
                 Kind::Special => self.stats.skipped_special(&path),
                 Kind::Dangling => self.stats.vanished(&path),
@@ -545,7 +702,9 @@ impl Iterator for Walk {
                 },
                 Kind::Dir => {
                     let found = self.wait(&slot.found, Some((&listing, index)));
-                    self.descend(found, &path);
+                    if let Some(item) = self.descend(found, &path, Some((&listing, slot))) {
+                        return Some(item);
+                    }
                 }
                 Kind::File => {
                     self.stats.scanned();
@@ -553,7 +712,10 @@ impl Iterator for Walk {
                         Found::File(m) => {
                             let m = *m;
                             if let Some(e) = self.entry(&listing, slot, path, m) {
-                                return Some(e);
+                                return Some(match &mut self.links {
+                                    Some(links) => links.item(e),
+                                    None => Item::File(e),
+                                });
                             }
                         }
                         Found::Vanished => self.stats.vanished(&path),
@@ -566,6 +728,40 @@ impl Iterator for Walk {
                 Kind::Unknown | Kind::Link => unreachable!("resolved before sorting"),
             }
         }
+    }
+}
+
+impl Iterator for Walk {
+    type Item = LocalEntry;
+
+    fn next(&mut self) -> Option<LocalEntry> {
+        match self.next_item()? {
+            Item::File(e) => Some(e),
+            _ => unreachable!("only files outside tree mode"),
+        }
+    }
+}
+
+impl Iterator for Tree {
+    type Item = Item;
+
+    fn next(&mut self) -> Option<Item> {
+        self.0.next_item()
+    }
+}
+
+impl Tree {
+    /// See `Walk::calls`.
+    #[cfg(test)]
+    pub(super) fn calls(&self) -> (usize, usize, usize) {
+        self.0.calls()
+    }
+
+    /// First names of multiply-linked files kept, and whether the bound was reached.
+    #[cfg(test)]
+    pub(super) fn hard_links_kept(&self) -> (usize, bool) {
+        let l = self.0.links.as_ref().expect("tree mode");
+        (l.first.len(), l.full)
     }
 }
 
@@ -610,7 +806,13 @@ impl Shared {
                 Work::Stat { listing, from, to } => {
                     if let Some(fd) = listing.fd() {
                         for slot in &listing.slots[from..to] {
-                            let _ = slot.found.set(stat_file(&fd, &slot.name, false));
+                            let found = match slot.kind {
+                                Kind::File => self.stat_file(&fd, &slot.name, false),
+                                Kind::Symlink => self.stat_node(&fd, slot, true),
+                                Kind::Special => self.stat_node(&fd, slot, false),
+                                _ => unreachable!("only files, symlinks and specials are stat'ed"),
+                            };
+                            let _ = slot.found.set(found);
                         }
                     }
                     listing.one_done();
@@ -633,7 +835,8 @@ impl Shared {
                 }
                 Work::Resolve { unsorted, from, to } => {
                     for (i, &index) in unsorted.unresolved[from..to].iter().enumerate() {
-                        let r = resolve(&self.opts, &unsorted.fd, &unsorted.slots[index]);
+                        let slot = &unsorted.slots[index];
+                        let r = self.resolve(&unsorted.fd, slot);
                         let _ = unsorted.resolved[from + i].set(r);
                     }
                     if unsorted.left.fetch_sub(1, SeqCst) == 1 {
@@ -667,6 +870,7 @@ impl Shared {
         if !slot.followed {
             flags |= OFlag::O_NOFOLLOW;
         }
+        self.calls.open.fetch_add(1, Relaxed);
         let opened = nix::fcntl::openat(
             parent_fd.as_fd(),
             slot.name.as_os_str(),
@@ -681,12 +885,14 @@ impl Shared {
             Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => return fail(Found::Vanished),
             Err(e) => return fail(Found::Error(std::io::Error::from(e).to_string())),
         };
+        // What one-file-system and the loop check need, and in tree mode the directory's item.
+        self.calls.stat.fetch_add(1, Relaxed);
         let m = match fstat(fd.as_fd()) {
             Ok(st) => Meta::of(&st),
             Err(e) => return fail(Found::Error(std::io::Error::from(e).to_string())),
         };
         if self.opts.one_file_system && m.dev != self.opts.root_dev {
-            return fail(Found::OtherFilesystem);
+            return fail(Found::OtherFilesystem(m));
         }
         if parent.ancestry.contains(m.dev, m.ino) {
             return fail(Found::Loop);
@@ -704,12 +910,12 @@ impl Shared {
             index,
             admitted,
         };
-        self.read_dir(place, fd, ancestry);
+        self.read_dir(place, fd, ancestry, m);
     }
 
-    /// Reads the directory open at `fd` and, once every entry's type is known (stat'ed side by
-    /// side where readdir did not say), sorts and publishes it.
-    fn read_dir(&self, place: Place, fd: OwnedFd, ancestry: Arc<Ancestry>) {
+    /// Reads the directory open at `fd` (whose `fstat` is `meta`) and, once every entry's type is
+    /// known (stat'ed side by side where readdir did not say), sorts and publishes it.
+    fn read_dir(&self, place: Place, fd: OwnedFd, ancestry: Arc<Ancestry>, meta: Meta) {
         let slots = match read_entries(&self.opts, &fd) {
             Ok(s) => s,
             Err(e) => return self.publish(&place, Found::Error(e.to_string())),
@@ -727,6 +933,7 @@ impl Shared {
             place,
             fd,
             ancestry,
+            meta,
             slots,
             resolved: (0..unresolved.len()).map(|_| OnceLock::new()).collect(),
             unresolved,
@@ -800,7 +1007,7 @@ impl Shared {
             keys::sibling_order(&a.key, a.kind == Kind::Dir, &b.key, b.kind == Kind::Dir)
         });
         let pending = slots.iter().filter(|s| s.kind == Kind::Dir).count()
-            + stat_runs(&slots)
+            + stat_runs(&slots, self.opts.tree)
                 .map(|(from, to)| (to - from).div_ceil(STAT_CHUNK))
                 .sum::<usize>();
         let fd = match (pending > 0).then(|| unsorted.fd.try_clone()).transpose() {
@@ -812,6 +1019,7 @@ impl Shared {
             key: place.key.clone(),
             escaped: place.escaped,
             ancestry: unsorted.ancestry.clone(),
+            meta: unsorted.meta,
             fd: Mutex::new(fd),
             pending: AtomicUsize::new(pending),
             slots,
@@ -847,7 +1055,7 @@ impl Shared {
         q.ahead += listing.slots.len();
         q.dirs_read += 1;
         q.entries_read += listing.slots.len();
-        for (from, to) in stat_runs(&listing.slots) {
+        for (from, to) in stat_runs(&listing.slots, self.opts.tree) {
             for start in (from..to).step_by(STAT_CHUNK) {
                 q.seq += 1;
                 let seq = q.seq;
@@ -906,9 +1114,13 @@ impl Shared {
     }
 }
 
-/// The runs of consecutive files still to stat, as index ranges.
-fn stat_runs(slots: &[Slot]) -> impl Iterator<Item = (usize, usize)> + '_ {
-    let needs = |s: &Slot| s.kind == Kind::File && s.found.get().is_none();
+/// The runs of consecutive files (and in tree mode symlinks and specials) still to stat, as index
+/// ranges.
+fn stat_runs(slots: &[Slot], tree: bool) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let needs = move |s: &Slot| {
+        (s.kind == Kind::File || tree && matches!(s.kind, Kind::Symlink | Kind::Special))
+            && s.found.get().is_none()
+    };
     let mut i = 0;
     std::iter::from_fn(move || {
         while i < slots.len() && !needs(&slots[i]) {
@@ -925,33 +1137,125 @@ fn stat_runs(slots: &[Slot]) -> impl Iterator<Item = (usize, usize)> + '_ {
     })
 }
 
-fn open_root(root: &Path) -> std::io::Result<(OwnedFd, Meta)> {
+fn open_root(root: &Path, calls: &Calls) -> std::io::Result<(OwnedFd, Meta)> {
     use std::os::unix::fs::OpenOptionsExt;
+    calls.open.fetch_add(1, Relaxed);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_CLOEXEC)
         .open(root)?;
     let fd = OwnedFd::from(f);
+    calls.stat.fetch_add(1, Relaxed);
     let m = Meta::of(&fstat(fd.as_fd())?);
     Ok((fd, m))
 }
 
-fn stat_file(dir: &OwnedFd, name: &OsStr, follow: bool) -> Found {
-    let res = match statx_cached(dir, name, follow) {
-        Some(res) => res,
-        None => {
-            let flags = if follow {
-                AtFlags::empty()
-            } else {
-                AtFlags::AT_SYMLINK_NOFOLLOW
-            };
-            fstatat(dir.as_fd(), name, flags).map(|st| Meta::of(&st))
+impl Shared {
+    /// A symlink's or special file's own metadata (tree mode), by a plain `fstatat`: unlike a file's,
+    /// it is recorded as it is, and no `fstat` of an opened file comes after to correct a cached
+    /// one. A symlink is then read. What is no longer the kind readdir said (replaced since) is
+    /// `Vanished`, as a directory swapped for something else is.
+    fn stat_node(&self, dir: &OwnedFd, slot: &Slot, symlink: bool) -> Found {
+        let calls = &self.calls;
+        let flags = if slot.followed {
+            AtFlags::empty()
+        } else {
+            AtFlags::AT_SYMLINK_NOFOLLOW
+        };
+        calls.stat.fetch_add(1, Relaxed);
+        let st = match fstatat(dir.as_fd(), slot.name.as_os_str(), flags) {
+            Ok(st) => st,
+            Err(Errno::ENOENT | Errno::ENOTDIR) => return Found::Vanished,
+            Err(e) => return Found::Error(std::io::Error::from(e).to_string()),
+        };
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        let expected = if symlink {
+            kind == SFlag::S_IFLNK
+        } else {
+            [
+                SFlag::S_IFIFO,
+                SFlag::S_IFSOCK,
+                SFlag::S_IFCHR,
+                SFlag::S_IFBLK,
+            ]
+            .contains(&kind)
+        };
+        if !expected {
+            return Found::Vanished;
         }
-    };
-    match res {
-        Ok(m) => Found::File(m),
-        Err(Errno::ENOENT) => Found::Vanished,
-        Err(e) => Found::Error(std::io::Error::from(e).to_string()),
+        let target = if symlink {
+            calls.readlink.fetch_add(1, Relaxed);
+            match nix::fcntl::readlinkat(dir.as_fd(), slot.name.as_os_str()) {
+                Ok(t) => Some(t),
+                // Gone, or no longer a symlink (EINVAL), since the stat.
+                Err(Errno::ENOENT | Errno::ENOTDIR | Errno::EINVAL) => return Found::Vanished,
+                Err(e) => return Found::Error(std::io::Error::from(e).to_string()),
+            }
+        } else {
+            None
+        };
+        Found::Node(Box::new(Node {
+            meta: Meta::of(&st),
+            rdev: st.st_rdev,
+            target,
+        }))
+    }
+
+    fn stat_file(&self, dir: &OwnedFd, name: &OsStr, follow: bool) -> Found {
+        self.calls.stat.fetch_add(1, Relaxed);
+        let res = match statx_cached(dir, name, follow, self.opts.tree) {
+            Some(res) => res,
+            None => {
+                let flags = if follow {
+                    AtFlags::empty()
+                } else {
+                    AtFlags::AT_SYMLINK_NOFOLLOW
+                };
+                fstatat(dir.as_fd(), name, flags).map(|st| Meta::of(&st))
+            }
+        };
+        match res {
+            Ok(m) => Found::File(m),
+            Err(Errno::ENOENT) => Found::Vanished,
+            Err(e) => Found::Error(std::io::Error::from(e).to_string()),
+        }
+    }
+
+    /// Decides what an entry of unknown type is (or what a symlink to follow points to), from a
+    /// stat; a file keeps the stat, so it is not stat'ed again.
+    fn resolve(&self, dir: &OwnedFd, slot: &Slot) -> Resolved {
+        let opts = &self.opts;
+        let is = |m: &Meta, t: SFlag| m.mode & SFlag::S_IFMT.bits() == t.bits();
+        let mut link = slot.kind == Kind::Link;
+        let mut found = self.stat_file(dir, &slot.name, link);
+        if let Found::File(m) = &found {
+            if !link && is(m, SFlag::S_IFLNK) {
+                if !opts.follow {
+                    return Resolved {
+                        kind: Kind::Symlink,
+                        followed: false,
+                        found: None,
+                    };
+                }
+                link = true;
+                found = self.stat_file(dir, &slot.name, true);
+            }
+        }
+        let (kind, keep) = match &found {
+            Found::File(m) if m.is_dir() => (Kind::Dir, false),
+            Found::File(m) if m.is_file() => (Kind::File, true),
+            Found::File(_) => (Kind::Special, false),
+            Found::Vanished if link => (Kind::Dangling, false),
+            Found::Error(_) if link => (Kind::Broken, true),
+            // Gone, or unreadable: the file's slot says so when the consumer gets there.
+            _ => (Kind::File, true),
+        };
+        Resolved {
+            kind,
+            // A special reached through a link is stat'ed through it again in tree mode.
+            followed: link && matches!(kind, Kind::Dir | Kind::File | Kind::Special),
+            found: keep.then_some(found),
+        }
     }
 }
 
@@ -969,7 +1273,12 @@ static NO_STATX: AtomicBool = AtomicBool::new(false);
 /// default): for deciding what changed, that only moves the walk's view of that file by as much,
 /// as a walk that takes hours is no snapshot anyway. What is uploaded and recorded never comes
 /// from this stat, but from `fstat` of the opened file (upload.rs). `None`: use fstatat.
-fn statx_cached(dir: &OwnedFd, name: &OsStr, follow: bool) -> Option<Result<Meta, Errno>> {
+fn statx_cached(
+    dir: &OwnedFd,
+    name: &OsStr,
+    follow: bool,
+    tree: bool,
+) -> Option<Result<Meta, Errno>> {
     use rustix::fs::{AtFlags as X, StatxFlags};
     if NO_STATX.load(SeqCst) {
         return None;
@@ -978,14 +1287,19 @@ fn statx_cached(dir: &OwnedFd, name: &OsStr, follow: bool) -> Option<Result<Meta
     if !follow {
         flags |= X::SYMLINK_NOFOLLOW;
     }
-    let need = StatxFlags::TYPE
+    let mut need = StatxFlags::TYPE
         | StatxFlags::MODE
         | StatxFlags::UID
         | StatxFlags::GID
         | StatxFlags::MTIME
         | StatxFlags::INO
         | StatxFlags::SIZE;
-    match rustix::fs::statx(dir, name, flags, need) {
+    // The number of names is asked for always (it costs nothing more), but needed only to find
+    // hard links in tree mode: a files-only walk does not stat again for it.
+    if tree {
+        need |= StatxFlags::NLINK;
+    }
+    match rustix::fs::statx(dir, name, flags, need | StatxFlags::NLINK) {
         // A filesystem that leaves out a field it was asked for gets the plain stat instead.
         Ok(st) if StatxFlags::from_bits_retain(st.stx_mask).contains(need) => Some(Ok(Meta {
             size: st.stx_size,
@@ -993,6 +1307,11 @@ fn statx_cached(dir: &OwnedFd, name: &OsStr, follow: bool) -> Option<Result<Meta
             mode: st.stx_mode.into(),
             uid: st.stx_uid,
             gid: st.stx_gid,
+            nlink: if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::NLINK) {
+                st.stx_nlink
+            } else {
+                0
+            },
             dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
             ino: st.stx_ino,
         })),
@@ -1002,41 +1321,6 @@ fn statx_cached(dir: &OwnedFd, name: &OsStr, follow: bool) -> Option<Result<Meta
             None
         }
         Err(e) => Some(Err(Errno::from_raw(e.raw_os_error()))),
-    }
-}
-
-/// Decides what an entry of unknown type is (or what a symlink to follow points to), from a
-/// stat; a file keeps the stat, so it is not stat'ed again.
-fn resolve(opts: &Opts, dir: &OwnedFd, slot: &Slot) -> Resolved {
-    let is = |m: &Meta, t: SFlag| m.mode & SFlag::S_IFMT.bits() == t.bits();
-    let mut link = slot.kind == Kind::Link;
-    let mut found = stat_file(dir, &slot.name, link);
-    if let Found::File(m) = &found {
-        if !link && is(m, SFlag::S_IFLNK) {
-            if !opts.follow {
-                return Resolved {
-                    kind: Kind::Symlink,
-                    followed: false,
-                    found: None,
-                };
-            }
-            link = true;
-            found = stat_file(dir, &slot.name, true);
-        }
-    }
-    let (kind, keep) = match &found {
-        Found::File(m) if m.is_dir() => (Kind::Dir, false),
-        Found::File(m) if m.is_file() => (Kind::File, true),
-        Found::File(_) => (Kind::Special, false),
-        Found::Vanished if link => (Kind::Dangling, false),
-        Found::Error(_) if link => (Kind::Broken, true),
-        // Gone, or unreadable: the file's slot says so when the consumer gets there.
-        _ => (Kind::File, true),
-    };
-    Resolved {
-        kind,
-        followed: link && matches!(kind, Kind::Dir | Kind::File),
-        found: keep.then_some(found),
     }
 }
 
