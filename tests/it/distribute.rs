@@ -4,8 +4,8 @@
 
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::common::cloudwatch::{cloudwatch, unique_namespace};
@@ -14,58 +14,7 @@ use crate::common::run::{pseudo_random, Case, Output};
 use crate::common::s3::s3;
 use crate::common::sqs::{queues, TestQueues};
 use crate::common::wait::wait_for;
-
-/// A worker process; stopped with SIGTERM when dropped.
-struct Worker {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Worker {
-    fn start(c: &Case, config: Option<&Path>, n: usize) -> Worker {
-        let log = c.root.join(format!("worker-{n}.log"));
-        let mut cmd = match config {
-            Some(cfg) => c.command_for(&["worker"], None, cfg),
-            None => c.command(&["worker"], None),
-        };
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Worker { child, log }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then the exit code (SIGKILL after 30 s).
-    fn stop(&mut self) -> Option<i32> {
-        self.terminate();
-        self.wait()
-    }
-
-    fn terminate(&self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    }
-
-    /// The exit code after a SIGTERM: a stopped worker first waits for its receive in flight
-    /// (up to the 20 s long poll); SIGKILL after 30 s.
-    fn wait(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        None
-    }
-}
+use crate::common::worker::Worker;
 
 /// Workers stopped all at once when dropped (each then waits for its long poll to end).
 struct Fleet(Vec<Worker>);
@@ -79,14 +28,6 @@ impl Fleet {
 impl Drop for Fleet {
     fn drop(&mut self) {
         self.0.iter().for_each(Worker::terminate);
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            self.stop();
-        }
     }
 }
 

@@ -6,13 +6,14 @@
 use std::fs;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nightcopy::queue::{FileOutcome, FileReport, Report, WorkBatch, WorkFile};
 
 use crate::common::run::{Case, Output};
 use crate::common::sqs::{queues, TestQueues};
 use crate::common::wait::until;
+use crate::common::worker::Worker;
 
 fn distributed(hint: &str, deadline: &str) -> (Case, TestQueues) {
     let mut c = Case::new(hint);
@@ -45,23 +46,10 @@ fn work_file(path: &str, key: &str) -> WorkFile {
 /// Runs one worker until the results queue holds `reports` reports (or 60 s), stops it, and
 /// returns the reports and the worker's log.
 fn work(c: &Case, q: &TestQueues, reports: usize) -> (Vec<Report>, String) {
-    let log = c.root.join("worker.log");
-    let mut child = c
-        .command(&["worker"], None)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut worker = Worker::start(c, None, 0);
     let came = q.wait_for_depth(&q.results, reports as u64, Duration::from_secs(60));
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let log = fs::read_to_string(&log).unwrap();
+    worker.stop();
+    let log = worker.log();
     assert!(
         came,
         "the worker did not report {reports} batches within 60 s:\n{log}"
@@ -308,18 +296,10 @@ fn with_a_key_unsigned_or_wrongly_signed_messages_are_never_acted_on() {
     let other = AuthKey::from_bytes(hex::encode([8u8; 32]).as_bytes());
     q.send(&q.work, &json);
     q.send(&q.work, &seal(Some(&other), Domain::Work, json.clone()));
-    let log = c.root.join("worker-forged.log");
-    let mut worker = c
-        .command(&["worker"], None)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let refused = wait_for_lines(&log, "is refused", 2, Duration::from_secs(60));
-    let pid = nix::unistd::Pid::from_raw(worker.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let _ = worker.wait();
-    let text = fs::read_to_string(&log).unwrap();
+    let mut worker = Worker::start(&c, None, 0);
+    let refused = wait_for_lines(worker.log_path(), "is refused", 2, Duration::from_secs(60));
+    worker.stop();
+    let text = worker.log();
     assert!(
         refused,
         "the worker did not refuse both forged batches:\n{text}"
@@ -347,24 +327,10 @@ fn with_a_key_unsigned_or_wrongly_signed_messages_are_never_acted_on() {
     };
     q.send(&q.results, &serde_json::to_string(&forged).unwrap());
     q.send(&q.work, &taken[0]);
-    let worker_log = c.root.join("worker.log");
-    let mut worker = c
-        .command(&["worker"], None)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&worker_log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut worker = Worker::start(&c, None, 1);
     let out = Output::from(coordinator.wait_with_output().unwrap());
-    let pid = nix::unistd::Pid::from_raw(worker.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let _ = worker.wait();
-    assert_eq!(
-        out.code,
-        0,
-        "{}\n{}",
-        out.stderr,
-        fs::read_to_string(&worker_log).unwrap()
-    );
+    worker.stop();
+    assert_eq!(out.code, 0, "{}\n{}", out.stderr, worker.log());
     assert_eq!(out.figure("files transferred"), 2, "{}", out.stderr);
     assert!(out.stderr.contains("carries no MAC"), "{}", out.stderr);
     assert!(out.stderr.contains("1 reports refused"), "{}", out.stderr);

@@ -15,3 +15,4 @@ pub mod s3;
 pub mod slowfs;
 pub mod sqs;
 pub mod wait;
+pub mod worker;
