@@ -1,12 +1,30 @@
-//! The errors that end a command (`Fatal`), shared by every command so that "what ends a run" is
-//! decided in one place.
+//! The errors that end a command (`Fatal`), shared by every command so that what ends one, and
+//! with which exit code, is decided in one place.
 //!
-//! The rules: only the config, the credentials, the bucket, the source mount and the state
-//! directory are fatal — a problem with one file never is (it is counted in TransferErrors and the
-//! run goes on). Every message is one line that names what failed and says what to do next, and
-//! never contains a credential.
+//! The rules:
+//! - **Per file, never fatal**: a file that cannot be read, named, uploaded, checked or restored,
+//!   a store error whose kind does not end the run (`store::ErrorKind::ends_the_run`: a digest or
+//!   checksum mismatch, throttling on every attempt, a reply that makes no sense), a worker's
+//!   report on one file, the manifest's copy in the bucket (`offsite::SaveError`). Each is one
+//!   journal line naming the path or key and its `ERROR_KIND`, counted (TransferErrors for a
+//!   backup), and the command goes on; the count decides exit 2 (or 4 for `verify`'s problems).
+//!   Metrics that could not be published (`metrics::PublishError`) are no failure either: exit 3
+//!   after a success.
+//! - **Fatal**, only what every file would meet: the config (`Config`, `NotDistributed`: exit
+//!   78); the credentials and the SDK (`Setup`, `Key`); the bucket (`Bucket`, and `Store` for an
+//!   error whose kind ends the run or a listing that failed half way); the source (`Guard`,
+//!   `Source`); the state directory (`Guard`, `Lock`, `Manifest`, `Spool`, `NoRecord`); the queues
+//!   of a distributed run (`Queue`); all exit 1. A stop (`Stopped`) exits 128 + the signal.
+//!   [`Fatal::ending`] is that mapping, and `report::Ending` the exit code it gives.
+//! - A command's own errors keep the same split: `restore`'s `RestoreError` adds a bad `--path`
+//!   (exit 64, like the command-line errors clap finds, `--as-of` among them).
+//!
+//! Every message is one line that names what failed and says what to do next, and never contains
+//! a credential.
 
+use crate::config::ConfigError;
 use crate::guard::GuardError;
+use crate::queue::QueueError;
 use crate::report::Ending;
 use crate::state::LockError;
 use crate::stop;
@@ -16,8 +34,8 @@ use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Fatal {
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Guard(#[from] GuardError),
     #[error(transparent)]
@@ -47,8 +65,8 @@ pub enum Fatal {
     #[error(transparent)]
     Key(#[from] crate::auth::KeyError),
     /// A queue of a distributed run could not be used (docs/scale-out.md).
-    #[error("{0}")]
-    Queue(String),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
     /// `worker` and `dlq` have nothing to work on without `distribute:`.
     #[error(
         "nightcopy {0} needs a distribute: section in the config (queue-url, results-queue-url, \

@@ -154,7 +154,7 @@ impl Inputs {
         let prefix = config.destination.prefix.as_str().to_owned();
         let cuts = manifest.as_mut().map(Reader::take_cuts).unwrap_or_default();
         let remote = list::start(store, prefix, stats, cuts).await?;
-        let scan = ScanOptions::for_config(config).map_err(Fatal::Config)?;
+        let scan = ScanOptions::for_config(config)?;
         Ok(Inputs {
             manifest,
             remote,

@@ -71,6 +71,20 @@ pub async fn instance_id(cfg: &config::Metrics) -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
+/// Why the metrics were not published. Never fatal: the run says so and exits 3 after a success.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// No SDK to publish with (the run failed before it was loaded, and loading it again failed).
+    #[error(transparent)]
+    Setup(#[from] crate::store::sdk::SetupError),
+    #[error("PutMetricData to namespace {namespace} failed {tries} times: {why}")]
+    Refused {
+        namespace: String,
+        tries: u32,
+        why: String,
+    },
+}
+
 /// One PutMetricData with all six points, retried with back-off. `Err` says why it was not
 /// published.
 pub async fn publish_cloudwatch(
@@ -79,7 +93,7 @@ pub async fn publish_cloudwatch(
     allow_insecure_endpoint: bool,
     instance_id: &str,
     data: &[Datum],
-) -> Result<(), String> {
+) -> Result<(), PublishError> {
     let mut b = aws_sdk_cloudwatch::config::Builder::from(sdk).interceptor(
         crate::store::sdk::TransportGuard {
             allow_insecure: allow_insecure_endpoint,
@@ -130,10 +144,11 @@ pub async fn publish_cloudwatch(
             }
         }
     }
-    Err(format!(
-        "PutMetricData to namespace {} failed {PUBLISH_TRIES} times: {last}",
-        cfg.namespace
-    ))
+    Err(PublishError::Refused {
+        namespace: cfg.namespace.clone(),
+        tries: PUBLISH_TRIES,
+        why: last,
+    })
 }
 
 /// What the Prometheus textfile says about the last run.

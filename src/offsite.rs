@@ -122,6 +122,27 @@ pub fn key(config: &Config) -> String {
     format!("{}{MANIFEST_KEY}", config.destination.prefix.as_str())
 }
 
+/// Why the manifest's copy was not saved. Never fatal: the backup itself is whole, and the run
+/// counts this as one transfer error (`commands::run`).
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error(transparent)]
+    Key(#[from] crate::auth::KeyError),
+    #[error("cannot compress the manifest: {0}")]
+    Compress(io::Error),
+    /// The upload failed as a file's would (its kind and the journal line are the uploader's).
+    #[error("{0}")]
+    Upload(String),
+    #[error("a stop was requested first")]
+    Stopped,
+    #[error("the compressed copy vanished")]
+    Vanished,
+    #[error("the compressed copy was replaced by {0}")]
+    Replaced(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Compresses the state directory's manifest and uploads it. Returns the compressed size. The
 /// upload goes through the uploader like any file (checksummed, multipart when large, under the
 /// bandwidth limit), in the bucket's default class: it is read back whole on a rebuild, which a
@@ -131,11 +152,11 @@ pub async fn save<S: ObjectStore>(
     config: &Config,
     run_started: u64,
     stop: crate::stop::Stop,
-) -> Result<u64, String> {
+) -> Result<u64, SaveError> {
     let state_dir = config.state_dir.0.clone();
     let destination = config.destination_id();
     let source = source_id(config);
-    let key = config.auth_key().map_err(|e| e.to_string())?;
+    let key = config.auth_key()?;
     let path = state_dir.join(UPLOAD_FILE);
     let written = path.clone();
     let compressed = blocking(move || {
@@ -153,7 +174,7 @@ pub async fn save<S: ObjectStore>(
         Ok(entry) => entry,
         Err(e) => {
             let _ = std::fs::remove_file(&path);
-            return Err(format!("cannot compress the manifest: {e}"));
+            return Err(SaveError::Compress(e));
         }
     };
     let size = entry.size;
@@ -166,15 +187,12 @@ pub async fn save<S: ObjectStore>(
     );
     let done = uploader.upload(entry, Reason::New).await;
     let _ = std::fs::remove_file(&path);
-    match done {
-        Ok(Upload::Stored(..)) => Ok(size),
-        Ok(Upload::Skipped(Skip::Error(_, why))) => Err(why),
-        Ok(Upload::Skipped(Skip::Stopped)) => Err("a stop was requested first".into()),
-        Ok(Upload::Skipped(Skip::Vanished)) => Err("the compressed copy vanished".into()),
-        Ok(Upload::Skipped(Skip::Replaced(by))) => {
-            Err(format!("the compressed copy was replaced by {by}"))
-        }
-        Err(e) => Err(e.to_string()),
+    match done? {
+        Upload::Stored(..) => Ok(size),
+        Upload::Skipped(Skip::Error(_, why)) => Err(SaveError::Upload(why)),
+        Upload::Skipped(Skip::Stopped) => Err(SaveError::Stopped),
+        Upload::Skipped(Skip::Vanished) => Err(SaveError::Vanished),
+        Upload::Skipped(Skip::Replaced(by)) => Err(SaveError::Replaced(by)),
     }
 }
 

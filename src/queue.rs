@@ -146,11 +146,33 @@ pub struct Received {
     pub receives: u32,
 }
 
+/// A queue operation that failed: the whole call, or some of the messages of a batch call. Either
+/// ends the command that needed it (`error::Fatal::Queue`); a worker's batch then goes back to the
+/// queue, or comes back after its visibility timeout.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct QueueError(pub String);
+pub enum QueueError {
+    /// SQS (or the connection to it) refused the call. `why` is the service's words, escaped.
+    #[error(
+        "{what} {queue} failed: {why} (check distribute.* in the config, the queue's existence \
+         and the instance role's sqs: permissions, docs/scale-out.md)"
+    )]
+    Call {
+        what: &'static str,
+        queue: String,
+        why: String,
+    },
+    /// A batch call that SQS answered, refusing some of its entries.
+    #[error("{what} {queue} failed for {failed} of the messages: {message} ({code})")]
+    Entries {
+        what: &'static str,
+        queue: String,
+        failed: usize,
+        message: String,
+        code: String,
+    },
+}
 
-fn error(what: &str, url: &str, e: impl std::error::Error) -> QueueError {
+fn error(what: &'static str, queue: &str, e: impl std::error::Error) -> QueueError {
     // The service's code and message, not the SDK's debug dump; escaped, as they are the
     // server's words and a newline in them must not make a second journal line.
     let mut why = e.to_string();
@@ -159,11 +181,11 @@ fn error(what: &str, url: &str, e: impl std::error::Error) -> QueueError {
         why = format!("{why}: {s}");
         source = s.source();
     }
-    QueueError(format!(
-        "{what} {url} failed: {} (check distribute.* in the config, the queue's existence \
-         and the instance role's sqs: permissions, docs/scale-out.md)",
-        crate::keys::shown(&why)
-    ))
+    QueueError::Call {
+        what,
+        queue: queue.to_owned(),
+        why: crate::keys::shown(&why).to_string(),
+    }
 }
 
 /// The queues of `distribute:`, through one SQS client, and the key that seals what is sent and
@@ -365,15 +387,20 @@ impl Queues {
 }
 
 /// A batch request's verdict: an error naming how many of its entries failed, and why the first.
-fn all_done(failed: &[BatchResultErrorEntry], what: &str, queue: &str) -> Result<(), QueueError> {
+fn all_done(
+    failed: &[BatchResultErrorEntry],
+    what: &'static str,
+    queue: &str,
+) -> Result<(), QueueError> {
     match failed.first() {
         None => Ok(()),
-        Some(f) => Err(QueueError(format!(
-            "{what} {queue} failed for {} of the messages: {} ({})",
-            failed.len(),
-            f.message.as_deref().unwrap_or("no message"),
-            f.code
-        ))),
+        Some(f) => Err(QueueError::Entries {
+            what,
+            queue: queue.to_owned(),
+            failed: failed.len(),
+            message: f.message.as_deref().unwrap_or("no message").to_owned(),
+            code: f.code.clone(),
+        }),
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::error::{self, Fatal};
 use crate::keys::shown;
-use crate::queue::{Queues, MAX_PER_CALL};
+use crate::queue::{QueueError, Queues, MAX_PER_CALL};
 use crate::report::Ending;
 use crate::store::sdk;
 
@@ -29,9 +29,7 @@ pub async fn run(config: &Config, redrive: bool) -> Ending {
         let sdk = sdk::load_checked(config).await?;
         let key = config.auth_key()?;
         let queues = Queues::new(&sdk, d, config.destination.allow_insecure_endpoint, key);
-        walk(&queues, redrive)
-            .await
-            .map_err(|e| Fatal::Queue(e.to_string()))
+        Ok(walk(&queues, redrive).await?)
     }
     .await;
     let listed = result.map(|(batches, files)| {
@@ -45,7 +43,7 @@ pub async fn run(config: &Config, redrive: bool) -> Ending {
     error::ending("dlq", listed)
 }
 
-async fn walk(queues: &Queues, redrive: bool) -> Result<(u64, u64), crate::queue::QueueError> {
+async fn walk(queues: &Queues, redrive: bool) -> Result<(u64, u64), QueueError> {
     let (mut batches, mut files) = (0, 0);
     let mut seen = HashSet::new();
     loop {

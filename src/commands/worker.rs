@@ -35,7 +35,9 @@ use crate::error::{self, Fatal};
 use crate::keys;
 use crate::notify;
 use crate::plan::Reason;
-use crate::queue::{self, FileOutcome, FileReport, Queues, Received, Report, WorkBatch, WorkFile};
+use crate::queue::{
+    self, FileOutcome, FileReport, QueueError, Queues, Received, Report, WorkBatch, WorkFile,
+};
 use crate::report::{Ending, FileErrorKind, Stats};
 use crate::scan::beneath::{Beneath, Refused};
 use crate::scan::ScanOptions;
@@ -63,7 +65,7 @@ pub async fn run(config: &Config, bar: Option<indicatif::ProgressBar>) -> Ending
         worker.d.queue_url.0
     ));
     let progress = notify::Progress::start(worker.stats.clone(), started, bar);
-    let result = worker.serve().await.map_err(Fatal::from);
+    let result = worker.serve().await;
     let refused = worker.refused.load(Relaxed);
     drop(progress);
     let g = worker.stats.snapshot(started.elapsed());
@@ -126,27 +128,18 @@ impl Drop for Unstarted<'_> {
     }
 }
 
-/// How a batch's work failed: its message given back at once, or left to its visibility timeout.
-enum Give {
-    Back(StoreError),
-    Keep(WorkerError),
-}
-
+/// How a batch's work failed, by the step of the protocol (upload, report, delete) it failed in.
+/// Either ends the worker.
 #[derive(Debug, thiserror::Error)]
-enum WorkerError {
+enum BatchError {
+    /// An upload, before any report: the message is given back at once, for another worker.
     #[error(transparent)]
-    Queue(#[from] queue::QueueError),
+    Upload(#[from] StoreError),
+    /// The report, or the delete after it: the report may have gone out, or the batch is
+    /// reported but not deleted, so the message is not given back. It comes back after its
+    /// visibility timeout, and a second report is harmless.
     #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl From<WorkerError> for Fatal {
-    fn from(e: WorkerError) -> Fatal {
-        match e {
-            WorkerError::Queue(e) => Fatal::Queue(e.to_string()),
-            WorkerError::Store(e) => Fatal::Store(e),
-        }
-    }
+    Report(#[from] QueueError),
 }
 
 impl<'a> Worker<'a> {
@@ -156,7 +149,7 @@ impl<'a> Worker<'a> {
             .distribute
             .as_ref()
             .ok_or(Fatal::NotDistributed("worker"))?;
-        let opts = ScanOptions::for_config(config).map_err(Fatal::Config)?;
+        let opts = ScanOptions::for_config(config)?;
         let beneath = Beneath::open(opts)
             .map_err(|e| Fatal::Source(keys::shown(&config.source.path.0).to_string(), e))?;
         let sdk = sdk::load_checked(config).await?;
@@ -169,10 +162,7 @@ impl<'a> Worker<'a> {
             );
         }
         let queues = Queues::new(&sdk, d, config.destination.allow_insecure_endpoint, key);
-        queues
-            .check(&queues.work)
-            .await
-            .map_err(|e| Fatal::Queue(e.to_string()))?;
+        queues.check(&queues.work).await?;
         let stats = Arc::new(Stats::default());
         let stop =
             Stop::on_signals("no new batch is taken; the batches in hand go back to the queue")
@@ -209,7 +199,7 @@ impl<'a> Worker<'a> {
         })
     }
 
-    async fn serve(&self) -> Result<(), WorkerError> {
+    async fn serve(&self) -> Result<(), Fatal> {
         let visibility = self.d.visibility_timeout.0;
         let concurrency = self.config.transfer.concurrency.0.max(1);
         let most = concurrency.div_ceil(self.d.batch_files.0) + 1;
@@ -324,7 +314,7 @@ impl<'a> Worker<'a> {
 
     /// A batch to work on, or `None` for a message that is not one of this worker's (left for
     /// the dead-letter queue, or given back for a worker that is configured for it).
-    async fn accept(&self, m: Received) -> Result<Option<(Received, WorkBatch)>, WorkerError> {
+    async fn accept(&self, m: Received) -> Result<Option<(Received, WorkBatch)>, Fatal> {
         let batch = match self.queues.decode_batch(&m.body) {
             Ok(batch) => batch,
             Err(e) => {
@@ -362,22 +352,18 @@ impl<'a> Worker<'a> {
 
     /// One batch, start to finish. A stop or a fatal error returns its receipt, for `serve` to
     /// give it back once no receive is in flight.
-    async fn take(
-        &self,
-        m: Received,
-        batch: WorkBatch,
-    ) -> (Option<String>, Result<(), WorkerError>) {
+    async fn take(&self, m: Received, batch: WorkBatch) -> (Option<String>, Result<(), Fatal>) {
         let done = self.work(&m, batch).await;
         match done {
             Ok(true) => (None, Ok(())),
             Ok(false) => (Some(m.receipt), Ok(())),
-            Err(Give::Back(e)) => (Some(m.receipt), Err(e.into())),
-            Err(Give::Keep(e)) => (None, Err(e)),
+            Err(BatchError::Upload(e)) => (Some(m.receipt), Err(e.into())),
+            Err(BatchError::Report(e)) => (None, Err(e.into())),
         }
     }
 
     /// Uploads, reports and deletes the batch: `true`; `false` when a stop came first.
-    async fn work(&self, m: &Received, batch: WorkBatch) -> Result<bool, Give> {
+    async fn work(&self, m: &Received, batch: WorkBatch) -> Result<bool, BatchError> {
         // Counted as waiting from now, before this future first runs: the loop that took the
         // batch looks at the count before it asks for another.
         let unstarted = batch
@@ -399,7 +385,7 @@ impl<'a> Worker<'a> {
             Ok(Some(files)) => files,
             // Stopped, or a fatal error: the batch goes back to the queue.
             Ok(None) => return Ok(false),
-            Err(e) => return Err(Give::Back(e)),
+            Err(e) => return Err(e.into()),
         };
         let report = Report {
             run: batch.run.clone(),
@@ -408,18 +394,9 @@ impl<'a> Worker<'a> {
             files,
         };
         let body = self.queues.encode_report(&report);
-        // A report that may have gone out, or a batch reported but not deleted, is not given
-        // back: it comes back after its visibility timeout, and a second report is harmless.
-        let keep = |e: queue::QueueError| Give::Keep(e.into());
-        self.queues
-            .send(&self.queues.results, vec![body])
-            .await
-            .map_err(keep)?;
+        self.queues.send(&self.queues.results, vec![body]).await?;
         // Only now: a worker that dies before this point leaves the batch to another one.
-        self.queues
-            .delete(&self.queues.work, &m.receipt)
-            .await
-            .map_err(keep)?;
+        self.queues.delete(&self.queues.work, &m.receipt).await?;
         Ok(true)
     }
 

@@ -388,6 +388,9 @@ pub enum ConfigError {
     },
     #[error("config {path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    /// The exclude list of a config that `parse` did not compile it for.
+    #[error("{0}")]
+    Excludes(String),
 }
 
 impl Config {
@@ -611,10 +614,13 @@ impl Config {
     }
 
     /// The compiled exclude set: inline patterns plus the `exclude-from` file.
-    pub fn excludes(&self) -> Result<std::sync::Arc<Excludes>, String> {
+    pub fn excludes(&self) -> Result<std::sync::Arc<Excludes>, ConfigError> {
         match &self.compiled_excludes {
             Some(e) => Ok(e.clone()),
-            None => self.compile_excludes().map(std::sync::Arc::new),
+            None => self
+                .compile_excludes()
+                .map(std::sync::Arc::new)
+                .map_err(ConfigError::Excludes),
         }
     }
 

@@ -43,7 +43,7 @@ pub mod beneath;
 mod reference;
 mod walk;
 
-use crate::config::{Config, Excludes, SymlinkPolicy};
+use crate::config::{Config, ConfigError, Excludes, SymlinkPolicy};
 use crate::keys;
 use crate::report::Stats;
 
@@ -289,7 +289,7 @@ pub struct ScanOptions {
 impl ScanOptions {
     /// The walk `config` describes: its source, excludes and policies, and the key length left
     /// after its prefix.
-    pub fn for_config(config: &Config) -> Result<ScanOptions, String> {
+    pub fn for_config(config: &Config) -> Result<ScanOptions, ConfigError> {
         Ok(ScanOptions {
             root: config.source.path.0.clone(),
             excludes: config.excludes()?,

@@ -17,9 +17,9 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Body, CompletedPart, Download, ErrorClass, ErrorKind, HeadInfo, ListPage, ListedPart,
-    ObjectMeta, ObjectStore, PartLayout, PutRequest, RemoteObject, StoreError, VersionMarker,
-    VersionPage, Versioning,
+    Body, CompletedPart, Download, ErrorKind, HeadInfo, ListPage, ListedPart, ObjectMeta,
+    ObjectStore, PartLayout, PutRequest, RemoteObject, StoreError, VersionMarker, VersionPage,
+    Versioning,
 };
 
 /// The operations of [`ObjectStore`], for counting.
@@ -96,18 +96,6 @@ impl Default for MemoryStore {
 
 fn b64(digest: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(digest)
-}
-
-fn refused(kind: ErrorKind, message: String) -> StoreError {
-    StoreError {
-        class: if kind.ends_the_run() {
-            ErrorClass::Fatal
-        } else {
-            ErrorClass::PerObject
-        },
-        kind,
-        message,
-    }
 }
 
 impl MemoryStore {
@@ -204,7 +192,7 @@ impl ObjectStore for MemoryStore {
         };
         let got: [u8; 32] = Sha256::digest(&body).into();
         if got != req.sha256 {
-            return Err(refused(
+            return Err(StoreError::new(
                 ErrorKind::DigestMismatch,
                 format!("upload of {} failed: BadDigest", req.key),
             ));
@@ -274,7 +262,7 @@ impl ObjectStore for MemoryStore {
         self.called(Op::UploadPart);
         let got: [u8; 32] = Sha256::digest(&data).into();
         if got != sha256 {
-            return Err(refused(
+            return Err(StoreError::new(
                 ErrorKind::DigestMismatch,
                 format!("upload of part {number} of {key} failed: BadDigest"),
             ));
@@ -314,7 +302,7 @@ impl ObjectStore for MemoryStore {
                 StoreError::per_object(format!("part {} of {key} was never uploaded", p.number))
             })?;
             if *sha != p.sha256 {
-                return Err(refused(
+                return Err(StoreError::new(
                     ErrorKind::DigestMismatch,
                     format!("part {} of {key}: checksum differs", p.number),
                 ));
@@ -385,7 +373,7 @@ impl ObjectStore for MemoryStore {
         _marker: Option<VersionMarker>,
     ) -> Result<VersionPage, StoreError> {
         self.called(Op::ListVersions);
-        Err(refused(
+        Err(StoreError::new(
             ErrorKind::NotImplemented,
             format!("listing versions of {prefix} failed: NotImplemented"),
         ))

@@ -174,32 +174,48 @@ impl ErrorKind {
     }
 }
 
+/// A failed request. Whether it ends the command follows from its kind
+/// ([`ErrorKind::ends_the_run`]), so the two cannot disagree; only [`StoreError::into_fatal`]
+/// makes an error fatal that its kind alone would not.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct StoreError {
-    pub class: ErrorClass,
     pub kind: ErrorKind,
     pub message: String,
+    /// Fatal whatever the kind (`into_fatal`).
+    escalated: bool,
 }
 
 impl StoreError {
+    pub fn new(kind: ErrorKind, message: String) -> StoreError {
+        StoreError {
+            kind,
+            message,
+            escalated: false,
+        }
+    }
+
     /// A per-object error of kind `Other`: a local problem or a reply that makes no sense.
     pub fn per_object(message: String) -> StoreError {
-        StoreError {
-            class: ErrorClass::PerObject,
-            kind: ErrorKind::Other,
-            message,
+        StoreError::new(ErrorKind::Other, message)
+    }
+
+    /// What the error means for the command: its kind's, unless it was made fatal.
+    pub fn class(&self) -> ErrorClass {
+        match self.escalated || self.kind.ends_the_run() {
+            true => ErrorClass::Fatal,
+            false => ErrorClass::PerObject,
         }
     }
 
     pub fn is_fatal(&self) -> bool {
-        self.class == ErrorClass::Fatal
+        self.class() == ErrorClass::Fatal
     }
 
     /// The same error, made fatal: a listing that fails half way leaves the rest unknown.
     pub fn into_fatal(self) -> StoreError {
         StoreError {
-            class: ErrorClass::Fatal,
+            escalated: true,
             ..self
         }
     }
@@ -480,4 +496,38 @@ pub trait ObjectStore: Send + Sync + 'static {
         key: &str,
         version_id: Option<&str>,
     ) -> impl Future<Output = Result<Option<PartLayout>, StoreError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ErrorClass, ErrorKind, StoreError};
+
+    #[test]
+    fn an_error_is_fatal_as_its_kind_says_unless_made_fatal() {
+        let kinds = [
+            (ErrorKind::DigestMismatch, ErrorClass::PerObject),
+            (ErrorKind::ChecksumMismatch, ErrorClass::PerObject),
+            (ErrorKind::NotImplemented, ErrorClass::PerObject),
+            (ErrorKind::Throttled, ErrorClass::PerObject),
+            (ErrorKind::NoSuchUpload, ErrorClass::PerObject),
+            (ErrorKind::Other, ErrorClass::PerObject),
+            (ErrorKind::NoCredentials, ErrorClass::Fatal),
+            (ErrorKind::BadCredentials, ErrorClass::Fatal),
+            (ErrorKind::AccessDenied, ErrorClass::Fatal),
+            (ErrorKind::NoSuchBucket, ErrorClass::Fatal),
+            (ErrorKind::WrongRegion, ErrorClass::Fatal),
+            (ErrorKind::ClockSkew, ErrorClass::Fatal),
+            (ErrorKind::StorageClass, ErrorClass::Fatal),
+            (ErrorKind::Kms, ErrorClass::Fatal),
+            (ErrorKind::Unreachable, ErrorClass::Fatal),
+            (ErrorKind::Tls, ErrorClass::Fatal),
+            (ErrorKind::InsecureEndpoint, ErrorClass::Fatal),
+        ];
+        for (kind, class) in kinds {
+            let e = StoreError::new(kind, "x".into());
+            assert_eq!(e.class(), class, "{kind:?}");
+            assert!(e.into_fatal().is_fatal(), "{kind:?}");
+        }
+        assert!(!StoreError::per_object("x".into()).is_fatal());
+    }
 }

@@ -42,9 +42,9 @@ use bytes::Bytes;
 use std::os::fd::AsRawFd;
 
 use super::{
-    CompletedPart, Download, ErrorClass, ErrorKind, HeadInfo, ListPage, ListedPart, ObjectMeta,
-    ObjectStore, ObjectVersion, PartLayout, PutRequest, RemoteObject, StoreError, VersionMarker,
-    VersionPage, Versioning,
+    CompletedPart, Download, ErrorKind, HeadInfo, ListPage, ListedPart, ObjectMeta, ObjectStore,
+    ObjectVersion, PartLayout, PutRequest, RemoteObject, StoreError, VersionMarker, VersionPage,
+    Versioning,
 };
 use crate::config::Destination;
 use crate::keys::shown;
@@ -207,11 +207,6 @@ impl S3Store {
             (_, Some(c)) => ErrorKind::of_code(c),
             (_, None) => ErrorKind::Other,
         };
-        let class = if kind.ends_the_run() {
-            ErrorClass::Fatal
-        } else {
-            ErrorClass::PerObject
-        };
         let advice = kind.advice();
         // A service error is its code, message and status; the SDK's full context (with the raw
         // response) only helps for connection-level errors.
@@ -231,11 +226,7 @@ impl S3Store {
         } else {
             format!("{op} {what} failed: {advice} ({detail})")
         };
-        StoreError {
-            class,
-            kind,
-            message,
-        }
+        StoreError::new(kind, message)
     }
 }
 
@@ -674,11 +665,8 @@ impl ObjectStore for S3Store {
                         } else {
                             ErrorKind::Other
                         };
-                        let err = StoreError {
-                            class: ErrorClass::PerObject,
-                            kind,
-                            message: format!("downloading {what} failed: {detail}"),
-                        };
+                        let err =
+                            StoreError::new(kind, format!("downloading {what} failed: {detail}"));
                         Some((Err(err), None))
                     }
                 }

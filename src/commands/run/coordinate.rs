@@ -339,10 +339,7 @@ impl Sender<'_> {
         while left > 0 {
             let call = self.batches.next_call(left);
             left -= call.len();
-            self.queues
-                .send(&self.queues.work, call)
-                .await
-                .map_err(|e| Fatal::Queue(e.to_string()))?;
+            self.queues.send(&self.queues.work, call).await?;
         }
         Ok(())
     }
@@ -665,7 +662,6 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
     /// are accounted for, the deadline passes, or a stop is requested; with `enough`, only
     /// until that many more are.
     async fn collect(&self, r: &mut Round<'_>, enough: Option<u64>) -> Result<(), Fatal> {
-        let queue_error = |e: crate::queue::QueueError| Fatal::Queue(e.to_string());
         let total = r.sender.batches.sent;
         let goal = enough.map_or(total, |n| (r.collect.accounted + n).min(total));
         while r.collect.accounted < goal
@@ -677,8 +673,7 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
             let received = tokio::select! {
                 r = self.queues.receive(&self.queues.results, MAX_PER_CALL, wait, REPORT_VISIBILITY) => r,
                 () = self.stop.clone().wait() => break,
-            }
-            .map_err(queue_error)?;
+            }?;
             self.stats.polled();
             // Nothing came: the workers are busy, or stuck on a batch; a good time to look at
             // the dead-letter queue too.
@@ -695,10 +690,7 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
             }
             // Deleted once recorded, all of one receive in one request: a report whose delete
             // is lost comes again and is dropped as a repeat.
-            self.queues
-                .delete_all(&self.queues.results, done)
-                .await
-                .map_err(queue_error)?;
+            self.queues.delete_all(&self.queues.results, done).await?;
             if idle || Instant::now() >= r.collect.next_dlq {
                 r.collect.accounted += self
                     .look_at_dead_letters(&r.run, total, &mut r.spool)
@@ -880,8 +872,7 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
                     Duration::ZERO,
                     DLQ_VISIBILITY,
                 )
-                .await
-                .map_err(|e| Fatal::Queue(e.to_string()))?;
+                .await?;
             let mut fresh = false;
             for m in received {
                 // Looked at, not taken: it stays for `nightcopy dlq` (and another look later).

@@ -364,18 +364,16 @@ async fn publish_cloudwatch(
         return true;
     }
     let data = metrics::data(&report.figures, report.outcome.is_success());
-    let sdk = match sdk {
-        Some(s) => Ok(s.clone()),
-        None => sdk::load(config).await.map_err(|e| e.to_string()),
-    };
-    let sent = match sdk {
-        Ok(sdk) => {
-            let instance = metrics::instance_id(&config.metrics).await;
-            let insecure = config.destination.allow_insecure_endpoint;
-            metrics::publish_cloudwatch(&sdk, &config.metrics, insecure, &instance, &data).await
-        }
-        Err(e) => Err(e),
-    };
+    let sent = async {
+        let sdk = match sdk {
+            Some(s) => s.clone(),
+            None => sdk::load(config).await?,
+        };
+        let instance = metrics::instance_id(&config.metrics).await;
+        let insecure = config.destination.allow_insecure_endpoint;
+        metrics::publish_cloudwatch(&sdk, &config.metrics, insecure, &instance, &data).await
+    }
+    .await;
     match sent {
         Ok(()) => true,
         Err(e) => {
