@@ -429,157 +429,48 @@ impl Config {
         Ok(config)
     }
 
-    /// Rules that span keys; single values were checked while parsing.
+    /// Rules that span keys, section by section; single values were checked while parsing.
     fn validate(&self) -> Result<(), String> {
-        let t = &self.transfer;
-        if t.part_size.0 < MIN_PART_SIZE || t.part_size.0 > MAX_PART_SIZE {
-            return Err(format!(
-                "transfer.part-size: {} is outside S3's limits: use 5MiB to 5GiB",
-                t.part_size
-            ));
-        }
-        let timeout = t.request_timeout.0;
-        if timeout < std::time::Duration::from_secs(1) || timeout > MAX_REQUEST_TIMEOUT {
-            return Err(format!(
-                "transfer.request-timeout: {} is outside 1s to 24h (default 5min): it bounds one \
-                 attempt of one request",
-                humantime::format_duration(timeout)
-            ));
-        }
-        if t.multipart_threshold.0 < MIN_PART_SIZE || t.multipart_threshold.0 > MAX_SINGLE_PUT {
-            return Err(format!(
-                "transfer.multipart-threshold: {} is outside 5MiB to 5GiB (S3's smallest part and \
-                 largest single upload; default 64MiB)",
-                t.multipart_threshold
-            ));
-        }
-        let bandwidth = t.bandwidth_limit.0;
-        if bandwidth != 0 && bandwidth < MIN_BANDWIDTH {
-            return Err(format!(
-                "transfer.bandwidth-limit: {} is below 64KiB (per second): use 0 for no limit, \
-                 or at least 64KiB",
-                t.bandwidth_limit
-            ));
-        }
-        let budget = (t.concurrency.0 as u64).saturating_mul(t.part_size.0);
-        if budget > MAX_PART_BUDGET {
-            return Err(format!(
-                "transfer.concurrency × transfer.part-size is {} × {} = {}: that is the memory \
-                 multipart parts may hold at once, and at most 8GiB is allowed: lower one of them",
-                t.concurrency.0,
-                t.part_size,
-                Size(budget)
-            ));
-        }
+        self.transfer.validate()?;
         if let Some(d) = &self.distribute {
-            let v = d.visibility_timeout.0.as_secs();
-            if !(30..=12 * 3600).contains(&v) {
-                return Err(format!(
-                    "distribute.visibility-timeout: {} is outside 30s to 12h (SQS's limit)",
-                    humantime::format_duration(d.visibility_timeout.0)
-                ));
-            }
-            if d.deadline.0 < std::time::Duration::from_secs(5) {
-                return Err("distribute.deadline: at least 5s (default 6h)".into());
-            }
-            if d.max_queued == 0 {
-                return Err("distribute.max-queued: at least 1 (default 10000)".into());
-            }
+            d.validate()?;
         }
-        if self.source.max_file_size.0 > MAX_OBJECT_SIZE {
-            return Err(format!(
-                "source.max-file-size: {} is above S3's largest object, 5TiB",
-                self.source.max_file_size
-            ));
-        }
-        // Every endpoint nightcopy sends to: a request over plain http to another host shows its
-        // signed headers and session token to the network.
-        for (key, url) in [
-            ("destination.endpoint-url", &self.destination.endpoint_url),
-            ("metrics.endpoint-url", &self.metrics.endpoint_url),
-            ("heartbeat-url", &self.heartbeat_url),
-            (
-                "distribute.queue-url",
-                &self.distribute.as_ref().map(|d| d.queue_url.clone()),
-            ),
-            (
-                "distribute.results-queue-url",
-                &self
-                    .distribute
-                    .as_ref()
-                    .map(|d| d.results_queue_url.clone()),
-            ),
-            (
-                "distribute.dead-letter-queue-url",
-                &self
-                    .distribute
-                    .as_ref()
-                    .map(|d| d.dead_letter_queue_url.clone()),
-            ),
-            (
-                "distribute.endpoint-url",
-                &self
-                    .distribute
-                    .as_ref()
-                    .and_then(|d| d.endpoint_url.clone()),
-            ),
-        ] {
-            if let Some(url) = url {
-                self.check_transport(key, url)?;
-            }
-        }
-        if let Some(lock) = &self.destination.object_lock {
-            let r = lock.retain.0;
-            if r < std::time::Duration::from_secs(1) || r > MAX_RETENTION {
-                return Err(format!(
-                    "destination.object-lock.retain: {} is outside 1s to 100 years (e.g. 30d)",
-                    humantime::format_duration(r)
-                ));
-            }
-        }
-        match (&self.destination.sse, &self.destination.sse_kms_key_id) {
-            (Some(Sse::Kms), _) | (_, None) => {}
-            (_, Some(_)) => {
-                return Err(
-                    "destination.sse-kms-key-id is set but destination.sse is not aws:kms: set sse: aws:kms or drop the key id"
-                        .into(),
-                )
-            }
-        }
-        if let Some(r) = &self.destination.region {
-            let ok = !r.is_empty()
-                && r.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-            if !ok {
-                return Err(format!(
-                    "destination.region: {r:?} is not a region name (e.g. us-east-1)"
-                ));
-            }
-        }
+        self.source.validate()?;
+        self.check_endpoints()?;
+        self.destination.validate()?;
         if self.source.path.0 == self.state_dir.0
             || self.state_dir.0.starts_with(&self.source.path.0)
         {
             // Not fatal for correctness, but the manifest would be backed up while it is rewritten.
             tracing::debug!("state-dir lies inside the source tree");
         }
-        let m = &self.metrics;
-        if m.namespace.is_empty() || m.namespace.len() > 255 || m.namespace.starts_with(':') {
-            return Err(format!(
-                "metrics.namespace: {:?} is not a CloudWatch namespace (1 to 255 characters, not starting with ':')",
-                m.namespace
-            ));
-        }
-        if m.dimensions.len() > 29 {
-            return Err(
-                "metrics.dimensions: at most 29 (CloudWatch allows 30, InstanceId is one)".into(),
-            );
-        }
-        for (k, v) in &m.dimensions {
-            if k == "InstanceId" {
-                return Err("metrics.dimensions: InstanceId is added automatically; set metrics.instance-id to override its value".into());
-            }
-            if k.is_empty() || v.is_empty() || k.len() > 255 || v.len() > 1024 {
-                return Err(format!("metrics.dimensions: {k:?}: {v:?} — names and values must be non-empty (name ≤ 255, value ≤ 1024 characters)"));
+        self.metrics.validate()
+    }
+
+    /// Every endpoint nightcopy sends to: a request over plain http to another host shows its
+    /// signed headers and session token to the network.
+    fn check_endpoints(&self) -> Result<(), String> {
+        let d = self.distribute.as_ref();
+        for (key, url) in [
+            ("destination.endpoint-url", &self.destination.endpoint_url),
+            ("metrics.endpoint-url", &self.metrics.endpoint_url),
+            ("heartbeat-url", &self.heartbeat_url),
+            ("distribute.queue-url", &d.map(|d| d.queue_url.clone())),
+            (
+                "distribute.results-queue-url",
+                &d.map(|d| d.results_queue_url.clone()),
+            ),
+            (
+                "distribute.dead-letter-queue-url",
+                &d.map(|d| d.dead_letter_queue_url.clone()),
+            ),
+            (
+                "distribute.endpoint-url",
+                &d.and_then(|d| d.endpoint_url.clone()),
+            ),
+        ] {
+            if let Some(url) = url {
+                self.check_transport(key, url)?;
             }
         }
         Ok(())
@@ -691,6 +582,150 @@ impl Config {
             d.bucket.0,
             d.prefix.0
         )
+    }
+}
+
+impl Transfer {
+    /// S3's limits on parts and single uploads, a sane request timeout and bandwidth, and the
+    /// memory multipart parts may hold at once.
+    fn validate(&self) -> Result<(), String> {
+        if self.part_size.0 < MIN_PART_SIZE || self.part_size.0 > MAX_PART_SIZE {
+            return Err(format!(
+                "transfer.part-size: {} is outside S3's limits: use 5MiB to 5GiB",
+                self.part_size
+            ));
+        }
+        let timeout = self.request_timeout.0;
+        if timeout < std::time::Duration::from_secs(1) || timeout > MAX_REQUEST_TIMEOUT {
+            return Err(format!(
+                "transfer.request-timeout: {} is outside 1s to 24h (default 5min): it bounds one \
+                 attempt of one request",
+                humantime::format_duration(timeout)
+            ));
+        }
+        let threshold = self.multipart_threshold.0;
+        if !(MIN_PART_SIZE..=MAX_SINGLE_PUT).contains(&threshold) {
+            return Err(format!(
+                "transfer.multipart-threshold: {} is outside 5MiB to 5GiB (S3's smallest part and \
+                 largest single upload; default 64MiB)",
+                self.multipart_threshold
+            ));
+        }
+        let bandwidth = self.bandwidth_limit.0;
+        if bandwidth != 0 && bandwidth < MIN_BANDWIDTH {
+            return Err(format!(
+                "transfer.bandwidth-limit: {} is below 64KiB (per second): use 0 for no limit, \
+                 or at least 64KiB",
+                self.bandwidth_limit
+            ));
+        }
+        let budget = (self.concurrency.0 as u64).saturating_mul(self.part_size.0);
+        if budget > MAX_PART_BUDGET {
+            return Err(format!(
+                "transfer.concurrency × transfer.part-size is {} × {} = {}: that is the memory \
+                 multipart parts may hold at once, and at most 8GiB is allowed: lower one of them",
+                self.concurrency.0,
+                self.part_size,
+                Size(budget)
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Distribute {
+    /// SQS's visibility limits, and a deadline and queue bound a run can work with.
+    fn validate(&self) -> Result<(), String> {
+        let v = self.visibility_timeout.0.as_secs();
+        if !(30..=12 * 3600).contains(&v) {
+            return Err(format!(
+                "distribute.visibility-timeout: {} is outside 30s to 12h (SQS's limit)",
+                humantime::format_duration(self.visibility_timeout.0)
+            ));
+        }
+        if self.deadline.0 < std::time::Duration::from_secs(5) {
+            return Err("distribute.deadline: at least 5s (default 6h)".into());
+        }
+        if self.max_queued == 0 {
+            return Err("distribute.max-queued: at least 1 (default 10000)".into());
+        }
+        Ok(())
+    }
+}
+
+impl Source {
+    fn validate(&self) -> Result<(), String> {
+        if self.max_file_size.0 > MAX_OBJECT_SIZE {
+            return Err(format!(
+                "source.max-file-size: {} is above S3's largest object, 5TiB",
+                self.max_file_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Destination {
+    /// A retention S3 takes, a KMS key only with aws:kms, a region that is a region's name.
+    fn validate(&self) -> Result<(), String> {
+        if let Some(lock) = &self.object_lock {
+            let r = lock.retain.0;
+            if r < std::time::Duration::from_secs(1) || r > MAX_RETENTION {
+                return Err(format!(
+                    "destination.object-lock.retain: {} is outside 1s to 100 years (e.g. 30d)",
+                    humantime::format_duration(r)
+                ));
+            }
+        }
+        match (&self.sse, &self.sse_kms_key_id) {
+            (Some(Sse::Kms), _) | (_, None) => {}
+            (_, Some(_)) => {
+                return Err(
+                    "destination.sse-kms-key-id is set but destination.sse is not aws:kms: set sse: aws:kms or drop the key id"
+                        .into(),
+                )
+            }
+        }
+        if let Some(r) = &self.region {
+            let ok = !r.is_empty()
+                && r.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !ok {
+                return Err(format!(
+                    "destination.region: {r:?} is not a region name (e.g. us-east-1)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    /// What CloudWatch accepts as a namespace and as dimensions.
+    fn validate(&self) -> Result<(), String> {
+        if self.namespace.is_empty()
+            || self.namespace.len() > 255
+            || self.namespace.starts_with(':')
+        {
+            return Err(format!(
+                "metrics.namespace: {:?} is not a CloudWatch namespace (1 to 255 characters, not starting with ':')",
+                self.namespace
+            ));
+        }
+        if self.dimensions.len() > 29 {
+            return Err(
+                "metrics.dimensions: at most 29 (CloudWatch allows 30, InstanceId is one)".into(),
+            );
+        }
+        for (k, v) in &self.dimensions {
+            if k == "InstanceId" {
+                return Err("metrics.dimensions: InstanceId is added automatically; set metrics.instance-id to override its value".into());
+            }
+            if k.is_empty() || v.is_empty() || k.len() > 255 || v.len() > 1024 {
+                return Err(format!("metrics.dimensions: {k:?}: {v:?} — names and values must be non-empty (name ≤ 255, value ≤ 1024 characters)"));
+            }
+        }
+        Ok(())
     }
 }
 
