@@ -226,6 +226,77 @@ struct Target {
     listed: Vec<ListedPart>,
 }
 
+/// A multipart upload's parts as they are read and sent: the file and the whole file's hash
+/// (taken to the blocking thread for each read and given back), the parts in flight and done.
+struct Parts {
+    file: Option<File>,
+    whole: Option<Sha256>,
+    in_flight: JoinSet<Result<CompletedPart, StoreError>>,
+    done: Vec<CompletedPart>,
+    reused_parts: usize,
+    reused_bytes: u64,
+}
+
+/// One part read: its number, bytes and SHA-256, and the request slot and memory it holds.
+struct Part {
+    number: i32,
+    data: Bytes,
+    sha256: [u8; 32],
+    held: (
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
+}
+
+impl Parts {
+    fn new(file: File) -> Parts {
+        Parts {
+            file: Some(file),
+            whole: Some(Sha256::new()),
+            in_flight: JoinSet::new(),
+            done: Vec::new(),
+            reused_parts: 0,
+            reused_bytes: 0,
+        }
+    }
+
+    /// Reads the next `want` bytes on a blocking thread, adding them to the whole file's hash;
+    /// returns them with their own SHA-256. A file that ends early changed under the read.
+    async fn read(&mut self, want: usize) -> Result<(Bytes, [u8; 32]), Failure> {
+        let (f, h) = (
+            self.file.take().expect("file"),
+            self.whole.take().expect("hasher"),
+        );
+        let (f, h, data, part_sha) = blocking(move || {
+            let mut f = f;
+            let mut h = h;
+            let mut buf = BytesMut::zeroed(want);
+            let mut filled = 0;
+            while filled < want {
+                let n = read_retrying(&mut f, &mut buf[filled..])?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the file became shorter while it was read",
+                    ));
+                }
+                filled += n;
+            }
+            h.update(&buf);
+            let part_sha: [u8; 32] = Sha256::digest(&buf).into();
+            Ok((f, h, buf.freeze(), part_sha))
+        })
+        .await
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => Failure::Changed(e.to_string()),
+            _ => Failure::from(e),
+        })?;
+        self.file = Some(f);
+        self.whole = Some(h);
+        Ok((data, part_sha))
+    }
+}
+
 /// The memory multipart parts may hold at once: one part per request slot at the configured part
 /// size. A file so large that its parts had to grow (past 10,000 × part-size) has fewer parts in
 /// flight instead of more memory: a 1 TiB sparse file, which any user can make, must not cost 16
@@ -684,6 +755,8 @@ impl<S: ObjectStore> Uploader<S> {
         same.then(|| p.etag.clone())
     }
 
+    /// Sends the file's parts, at most one per request slot and within the part budget, reusing
+    /// those the upload already holds; returns the file's SHA-256 and the upload's composite.
     async fn parts(
         &self,
         key: &str,
@@ -691,15 +764,8 @@ impl<S: ObjectStore> Uploader<S> {
         file: File,
         before: Fingerprint,
     ) -> Result<([u8; 32], [u8; 32]), Failure> {
-        let part_size = target.part_size;
-        let upload_id = target.upload_id.as_str();
-        let mut file = Some(file);
-        let mut whole = Some(Sha256::new());
-        let mut in_flight: JoinSet<Result<CompletedPart, StoreError>> = JoinSet::new();
-        let mut done = Vec::new();
-        let mut offset = 0u64;
-        let mut number = 0i32;
-        let (mut reused_parts, mut reused_bytes) = (0usize, 0u64);
+        let mut parts = Parts::new(file);
+        let (mut offset, mut number) = (0u64, 0i32);
         while offset < before.size {
             // The slot is taken before the part is read, so buffers in memory stay bounded.
             // Waiting for a slot or for memory can take as long as a part's upload: a stop
@@ -708,7 +774,7 @@ impl<S: ObjectStore> Uploader<S> {
                 .until_stopped(self.requests.clone().acquire_owned())
                 .await?
                 .expect("never closed");
-            let want = part_size.min(before.size - offset) as usize;
+            let want = target.part_size.min(before.size - offset) as usize;
             let kib = (want as u64)
                 .div_ceil(1024)
                 .clamp(1, u64::from(self.part_budget_kib));
@@ -716,80 +782,95 @@ impl<S: ObjectStore> Uploader<S> {
                 .until_stopped(self.part_bytes.clone().acquire_many_owned(kib as u32))
                 .await?
                 .expect("never closed");
-            let (f, h) = (file.take().expect("file"), whole.take().expect("hasher"));
-            let (f, h, data, part_sha) = blocking(move || {
-                let mut f = f;
-                let mut h = h;
-                let mut buf = BytesMut::zeroed(want);
-                let mut filled = 0;
-                while filled < want {
-                    let n = read_retrying(&mut f, &mut buf[filled..])?;
-                    if n == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the file became shorter while it was read",
-                        ));
-                    }
-                    filled += n;
-                }
-                h.update(&buf);
-                let part_sha: [u8; 32] = Sha256::digest(&buf).into();
-                Ok((f, h, buf.freeze(), part_sha))
-            })
-            .await
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => Failure::Changed(e.to_string()),
-                _ => Failure::from(e),
-            })?;
-            file = Some(f);
-            whole = Some(h);
+            let (data, sha256) = parts.read(want).await?;
             number += 1;
             offset += want as u64;
-            if let Some(etag) = self.reusable(target, number, &data, &part_sha) {
-                reused_parts += 1;
-                reused_bytes += want as u64;
-                done.push(CompletedPart {
-                    number,
-                    etag,
-                    sha256: part_sha,
-                });
-                continue;
-            }
-            self.throttle(want as u64).await;
-            let store = self.store.clone();
-            let stats = self.stats.clone();
-            let (key, upload_id) = (key.to_owned(), upload_id.to_owned());
-            in_flight.spawn(async move {
-                let _slot = slot;
-                let _memory = memory;
-                let part = store
-                    .upload_part(&key, &upload_id, number, data, part_sha)
-                    .await?;
-                stats.sent(want as u64);
-                Ok(part)
+            let part = Part {
+                number,
+                data,
+                sha256,
+                held: (slot, memory),
+            };
+            self.reuse_or_send(key, target, &mut parts, part).await?;
+        }
+        self.finish(key, target, parts, before).await
+    }
+
+    /// The part the upload already holds, if it is these bytes; else the part sent, on a task of
+    /// its own that keeps its slot and memory until it is done.
+    async fn reuse_or_send(
+        &self,
+        key: &str,
+        target: &Target,
+        parts: &mut Parts,
+        part: Part,
+    ) -> Result<(), Failure> {
+        let Part {
+            number,
+            data,
+            sha256,
+            held,
+        } = part;
+        let len = data.len() as u64;
+        if let Some(etag) = self.reusable(target, number, &data, &sha256) {
+            parts.reused_parts += 1;
+            parts.reused_bytes += len;
+            parts.done.push(CompletedPart {
+                number,
+                etag,
+                sha256,
             });
-            // Reap finished parts as we go, so an early failure stops reading.
-            while let Some(r) = in_flight.try_join_next() {
-                done.push(r.expect("part task panicked")?);
-            }
+            return Ok(());
         }
-        while let Some(r) = in_flight.join_next().await {
-            done.push(r.expect("part task panicked")?);
+        self.throttle(len).await;
+        let store = self.store.clone();
+        let stats = self.stats.clone();
+        let (key, upload_id) = (key.to_owned(), target.upload_id.clone());
+        parts.in_flight.spawn(async move {
+            let _held = held;
+            let part = store
+                .upload_part(&key, &upload_id, number, data, sha256)
+                .await?;
+            stats.sent(len);
+            Ok(part)
+        });
+        // Reap finished parts as we go, so an early failure stops reading.
+        while let Some(r) = parts.in_flight.try_join_next() {
+            parts.done.push(r.expect("part task panicked")?);
         }
-        let after = Fingerprint::of(file.as_ref().expect("file")).map_err(Failure::from)?;
+        Ok(())
+    }
+
+    /// Waits for the parts in flight, holds the file to the stat it had before the read, and
+    /// completes the upload.
+    async fn finish(
+        &self,
+        key: &str,
+        target: &Target,
+        mut parts: Parts,
+        before: Fingerprint,
+    ) -> Result<([u8; 32], [u8; 32]), Failure> {
+        while let Some(r) = parts.in_flight.join_next().await {
+            parts.done.push(r.expect("part task panicked")?);
+        }
+        let after = Fingerprint::of(parts.file.as_ref().expect("file"))?;
         if after != before {
             return Err(Failure::Changed(format!(
                 "stat {before:?} became {after:?}"
             )));
         }
+        let mut done = parts.done;
         done.sort_by_key(|p| p.number);
         let composite = crate::integrity::composite_of(done.iter().map(|p| &p.sha256));
-        self.store.complete_multipart(key, upload_id, done).await?;
+        self.store
+            .complete_multipart(key, &target.upload_id, done)
+            .await?;
         if !target.listed.is_empty() {
+            let reused = parts.reused_bytes;
             self.stats
-                .resumed(key, reused_parts, reused_bytes, before.size - reused_bytes);
+                .resumed(key, parts.reused_parts, reused, before.size - reused);
         }
-        Ok((whole.expect("hasher").finalize().into(), composite))
+        Ok((parts.whole.expect("hasher").finalize().into(), composite))
     }
 
     /// `f`, unless a stop is requested first.
