@@ -128,6 +128,24 @@ impl Drop for Unstarted<'_> {
     }
 }
 
+/// What the worker does with what a receive brings, and whether it takes more.
+///
+/// A stop or a fatal error ends serving. Nothing goes back to the queue while a receive is in
+/// flight (it could take it again at once, and a batch has only two receives before the
+/// dead-letter queue): first the receive is answered and the batches in hand run to their end,
+/// then what is left goes back, visible at once for other workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Batches are taken; a failed receive is fatal.
+    Serving,
+    /// After a fatal error, what the receive in flight brings is worked on like the batches in
+    /// hand: an error of one key (access denied to it) must not spend a receive of the batches
+    /// that merely came with it; an error of every key fails them at once.
+    Failing,
+    /// After a stop, what the receive in flight brings goes back unopened.
+    Stopping,
+}
+
 /// How a batch's work failed, by the step of the protocol (upload, report, delete) it failed in.
 /// Either ends the worker.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +217,8 @@ impl<'a> Worker<'a> {
         })
     }
 
+    /// Takes batches until a stop or a fatal error, then winds down (`Mode`): one loop, whose
+    /// every turn waits for the receive in flight, a batch in hand, or (serving) a stop.
     async fn serve(&self) -> Result<(), Fatal> {
         let visibility = self.d.visibility_timeout.0;
         let concurrency = self.config.transfer.concurrency.0.max(1);
@@ -210,13 +230,18 @@ impl<'a> Worker<'a> {
         let mut receiving = None;
         let mut failed = None;
         let mut back = Vec::new();
-        while self.stop.requested().is_none() && failed.is_none() {
-            if receiving.is_none()
+        let mut mode = Mode::Serving;
+        loop {
+            if mode == Mode::Serving {
+                mode = self.mode(&failed, receiving.is_some());
+            }
+            if mode == Mode::Serving
+                && receiving.is_none()
                 && in_hand.len() < most
                 && self.waiting.load(Relaxed) < concurrency
             {
                 // With batches in hand, a short poll: a stop or a fatal error waits for the
-                // receive in flight (below), and this bounds that wait.
+                // receive in flight, and this bounds that wait.
                 let wait = if in_hand.is_empty() {
                     queue::LONG_POLL
                 } else {
@@ -232,18 +257,8 @@ impl<'a> Worker<'a> {
             tokio::select! {
                 r = async { receiving.as_mut().expect("checked").await }, if receiving.is_some() => {
                     receiving = None;
-                    self.stats.polled();
-                    match r {
-                        Ok(received) => {
-                            for m in received {
-                                match self.accept(m).await {
-                                    Ok(Some((m, batch))) => in_hand.push(self.take(m, batch)),
-                                    Ok(None) => {}
-                                    Err(e) => _ = failed.get_or_insert(e),
-                                }
-                            }
-                        }
-                        Err(e) => failed = Some(e.into()),
+                    for (m, batch) in self.received(mode, r, &mut failed, &mut back).await {
+                        in_hand.push(self.take(m, batch));
                     }
                 }
                 Some((give_back, done)) = in_hand.next(), if !in_hand.is_empty() => {
@@ -252,49 +267,7 @@ impl<'a> Worker<'a> {
                         failed.get_or_insert(e);
                     }
                 }
-                () = self.stop.clone().wait() => break,
-            }
-        }
-        // A stop or a fatal error. Nothing goes back to the queue while a receive is in flight
-        // (it could take it again at once, and a batch has only two receives before the
-        // dead-letter queue): first the receive is answered and the batches in hand run to their
-        // end, then what is left goes back, visible at once for other workers. After a stop, what
-        // the receive brings goes back unopened. After a fatal error it is worked on like the
-        // batches in hand: an error of one key (access denied to it) must not spend a receive of
-        // the batches that merely came with it; an error of every key fails them at once.
-        let stopped = failed.is_none();
-        if stopped && receiving.is_some() {
-            tracing::info!(
-                "stopping: waiting for the receive in flight (at most {}s), then the batches in \
-                 hand go back to the queue",
-                queue::LONG_POLL.as_secs()
-            );
-        }
-        loop {
-            tokio::select! {
-                r = async { receiving.as_mut().expect("checked").await }, if receiving.is_some() => {
-                    receiving = None;
-                    for m in r.unwrap_or_else(|e| {
-                        tracing::warn!("{e}");
-                        Vec::new()
-                    }) {
-                        if stopped {
-                            back.push(m.receipt);
-                            continue;
-                        }
-                        match self.accept(m).await {
-                            Ok(Some((m, batch))) => in_hand.push(self.take(m, batch)),
-                            Ok(None) => {}
-                            Err(e) => _ = failed.get_or_insert(e),
-                        }
-                    }
-                }
-                Some((give_back, done)) = in_hand.next(), if !in_hand.is_empty() => {
-                    back.extend(give_back);
-                    if let Err(e) = done {
-                        failed.get_or_insert(e);
-                    }
-                }
+                () = self.stop.clone().wait(), if mode == Mode::Serving => {}
                 else => break,
             }
         }
@@ -310,6 +283,63 @@ impl<'a> Worker<'a> {
             }
         }
         failed.map_or(Ok(()), Err)
+    }
+
+    /// Serving, until a fatal error or a stop; then how to wind down.
+    fn mode(&self, failed: &Option<Fatal>, receiving: bool) -> Mode {
+        match (failed, self.stop.requested()) {
+            (Some(_), _) => Mode::Failing,
+            (None, Some(_)) => {
+                if receiving {
+                    tracing::info!(
+                        "stopping: waiting for the receive in flight (at most {}s), then the \
+                         batches in hand go back to the queue",
+                        queue::LONG_POLL.as_secs()
+                    );
+                }
+                Mode::Stopping
+            }
+            (None, None) => Mode::Serving,
+        }
+    }
+
+    /// What a receive brought, as `mode` wants it: the batches to take; stopping, the receipts
+    /// to give back. An error that ends serving goes to `failed`.
+    async fn received(
+        &self,
+        mode: Mode,
+        r: Result<Vec<Received>, QueueError>,
+        failed: &mut Option<Fatal>,
+        back: &mut Vec<String>,
+    ) -> Vec<(Received, WorkBatch)> {
+        let received = match (mode, r) {
+            (_, Ok(received)) => received,
+            (Mode::Serving, Err(e)) => {
+                failed.get_or_insert(e.into());
+                Vec::new()
+            }
+            // Winding down already: said, and nothing more to give back.
+            (_, Err(e)) => {
+                tracing::warn!("{e}");
+                Vec::new()
+            }
+        };
+        if mode == Mode::Serving {
+            self.stats.polled();
+        }
+        let mut taken = Vec::new();
+        for m in received {
+            if mode == Mode::Stopping {
+                back.push(m.receipt);
+                continue;
+            }
+            match self.accept(m).await {
+                Ok(Some(batch)) => taken.push(batch),
+                Ok(None) => {}
+                Err(e) => _ = failed.get_or_insert(e),
+            }
+        }
+        taken
     }
 
     /// A batch to work on, or `None` for a message that is not one of this worker's (left for
