@@ -3,9 +3,10 @@
 //! flag or future change can send one without first changing this trait. (AbortMultipartUpload
 //! discards the parts of an upload this run started; it cannot touch a stored object.)
 //!
-//! One trait so that tests can wrap the real client to count calls or inject failures; `memory`
-//! is an in-memory implementation with operation counters for tests, `sdk` loads the AWS SDK's
-//! configuration and proves credentials before anything is read.
+//! One trait, so that unit tests run against `memory`, an in-memory implementation with operation
+//! counters (the integration tests count and fail requests at an HTTP proxy in front of a real S3
+//! API server instead); `s3` is the real client, and `sdk` loads the AWS SDK's configuration and
+//! proves credentials before anything is read.
 
 pub mod bucket;
 pub mod memory;
