@@ -38,8 +38,31 @@ of the mount itself: 64 `stat`s in parallel saturate the FUSE daemon (which is P
 CPU-bound near a few thousand operations per second on 2 cores). slow-c runs at the first delay
 only. Needs /dev/fuse and root; without them the scenario is skipped, and the report says so.
 
+The restore scenarios (`--only restore`) read back what nightcopy wrote. Per tree, one
+`nightcopy run` into a bucket of its own (not measured; if it fails, every tool gets a failed row
+saying so), then each tool downloads that whole bucket into an empty directory of its own:
+`nightcopy restore --to DIR` with the backup's config (its state directory, so the manifest's
+SHA-256s), `rclone copy` and `s5cmd cp`, 16 transfers each; the peers leave out nightcopy's own
+`.nightcopy/` objects. Every restored directory is then compared with the tree: the same regular
+files, byte for byte, and nothing else. A difference, or a tool's non-zero exit, makes that run a
+failed row, and the table names what differed; it is never a figure. The table adds files/s and
+MiB/s. Trees:
+  restore-small    the `small` tree, and its bound: get-parallel, s5cmd with 64 downloads in
+                   flight (per-request latency hidden: what the server and the disk deliver)
+  restore-large    the `large` tree
+  restore-slow-a   `slow-a`, restored into a writable slow mount: scripts/slowfs.py --rw over an
+                   empty directory, a new mount per run, at the first of --mount-delays (1 ms);
+                   the table gets each tool's FUSE operations (and by kind under it), and the
+                   mount's bound: 64 `cp`s side by side copying the tree in from the local disk
+                   (write-parallel), whose operations per second give each tool's daemon bound
+                   beside its latency bound (operations × delay ÷ 16). Needs /dev/fuse and root.
+  restore-million  (not in --quick) the `million` tree, nightcopy only, once, for its memory,
+                   from the `million` scenario's bucket when it ran (its backup is run again as a
+                   nothing-changed run, so a first copy stopped at its limit is finished).
+
 A run still going after RUN_LIMIT (300) seconds is stopped and reported as stopped; the
-million-file first copy gets LONG_LIMIT (1,800), the coordinator's run --coordinator-limit.
+million-file first copy and restore get LONG_LIMIT (1,800), the coordinator's run
+--coordinator-limit.
 
 Writes a results block into docs/benchmarks.md (between the bench:begin/end markers) and the raw
 figures to target/bench/results.json. Everything listens on 127.0.0.1 only.
@@ -155,6 +178,46 @@ def tree_bytes(root):
         for n in names:
             total += os.lstat(os.path.join(dirpath, n)).st_size
     return total
+
+
+def same_bytes(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(8 << 20), fb.read(8 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def compare_trees(source, restored):
+    """None when `restored` holds exactly `source`'s files (regular files, same relative paths,
+    same bytes) and nothing else but directories; otherwise what differs, for the report."""
+    def files(root):
+        found = {}
+        for dirpath, _, names in os.walk(root):
+            for n in names:
+                path = os.path.join(dirpath, n)
+                found[os.path.relpath(path, root)] = os.lstat(path)
+        return found
+
+    want, got = files(source), files(restored)
+    missing = sorted(want.keys() - got.keys())
+    extra = sorted(got.keys() - want.keys())
+    differ = sorted(rel for rel in want.keys() & got.keys()
+                    if not stat_is_file(got[rel]) or got[rel].st_size != want[rel].st_size
+                    or not same_bytes(os.path.join(source, rel), os.path.join(restored, rel)))
+    if not (missing or extra or differ):
+        return None
+    parts = [f"the restored tree is not the source: {len(got):,} files where it has {len(want):,}"]
+    for what, rels in [("missing", missing), ("not in the source", extra), ("other bytes", differ)]:
+        if rels:
+            parts.append(f"{len(rels):,} {what} (e.g. {', '.join(rels[:3])})")
+    return "; ".join(parts)
+
+
+def stat_is_file(st):
+    return (st.st_mode & 0o170000) == 0o100000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,16 +507,19 @@ class StandInWorker:
 
 
 class SlowMount:
-    """scripts/slowfs.py over a tree: every metadata operation sleeps `delay_ms`, caches off."""
+    """scripts/slowfs.py over a tree: every metadata operation sleeps `delay_ms`, caches off.
+    With `rw`, writable (`--rw`): writes go to `source`, and write operations sleep too."""
 
-    def __init__(self, python, source, work, delay_ms, threads=64):
-        self.mountpoint = work / f"mnt-{source.name}-{delay_ms:g}ms"
+    def __init__(self, python, source, work, delay_ms, threads=64, rw=False, label=None):
+        label = label or f"{source.name}-{delay_ms:g}ms"
+        self.mountpoint = work / f"mnt-{label}"
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        self.stats = work / f"slowfs-{source.name}-{delay_ms:g}ms.json"
+        self.stats = work / f"slowfs-{label}.json"
         self.log = open(work / "slowfs.log", "ab")
         self.proc = subprocess.Popen(
             [python, str(REPO / "scripts/slowfs.py"), str(source), str(self.mountpoint),
-             "--delay-ms", str(delay_ms), "--stats", str(self.stats), "--max-threads", str(threads)],
+             "--delay-ms", str(delay_ms), "--stats", str(self.stats), "--max-threads", str(threads)]
+            + (["--rw"] if rw else []),
             stdout=subprocess.PIPE, stderr=self.log)
         line = self.proc.stdout.readline().decode().strip()
         if line != "ready":
@@ -515,7 +581,10 @@ class Tools:
 
     def names(self, scenario):
         # rclone's fast flags only change how it decides "unchanged": no use on an empty bucket.
-        if scenario.startswith("full"):
+        if scenario == "restore":
+            # The peers of the restore are the two fast downloaders; the AWS CLI is not one.
+            names = ["nightcopy", "rclone", "s5cmd"]
+        elif scenario.startswith("full"):
             names = ["nightcopy", "rclone", "s5cmd", "aws"]
         else:
             names = ["nightcopy", "rclone", "rclone-fast", "s5cmd", "aws"]
@@ -523,12 +592,22 @@ class Tools:
             names = [n for n in names if n in self.only]
         return names
 
-    def command(self, tool, tree, bucket, endpoint, walk_concurrency=None, distribute=None,
-                concurrency=None, args=("run", "--force", "-q")):
+    def env(self, endpoint):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
         env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
                    AWS_REGION="us-east-1", AWS_CONFIG_FILE=str(self.aws_config),
                    AWS_SHARED_CREDENTIALS_FILE="/dev/null", AWS_EC2_METADATA_DISABLED="true")
+        # rclone's remote `B:`, from the environment alone.
+        env.update(RCLONE_CONFIG_B_TYPE="s3", RCLONE_CONFIG_B_PROVIDER="Other",
+                   RCLONE_CONFIG_B_ENDPOINT=endpoint, RCLONE_CONFIG_B_ACCESS_KEY_ID=ACCESS_KEY,
+                   RCLONE_CONFIG_B_SECRET_ACCESS_KEY=SECRET_KEY,
+                   RCLONE_CONFIG_B_REGION="us-east-1", RCLONE_CONFIG_B_FORCE_PATH_STYLE="true",
+                   RCLONE_CONFIG="/dev/null")
+        return env
+
+    def command(self, tool, tree, bucket, endpoint, walk_concurrency=None, distribute=None,
+                concurrency=None, args=("run", "--force", "-q")):
+        env = self.env(endpoint)
         if tool == "nightcopy":
             state = self.work / "nightcopy-state" / bucket
             state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -558,11 +637,6 @@ metrics:
             part.replace(cfg)
             return [self.nightcopy, *args[:1], "--config", str(cfg), *args[1:]], env
         if tool.startswith("rclone"):
-            env.update(RCLONE_CONFIG_B_TYPE="s3", RCLONE_CONFIG_B_PROVIDER="Other",
-                       RCLONE_CONFIG_B_ENDPOINT=endpoint, RCLONE_CONFIG_B_ACCESS_KEY_ID=ACCESS_KEY,
-                       RCLONE_CONFIG_B_SECRET_ACCESS_KEY=SECRET_KEY,
-                       RCLONE_CONFIG_B_REGION="us-east-1", RCLONE_CONFIG_B_FORCE_PATH_STYLE="true",
-                       RCLONE_CONFIG="/dev/null")
             argv = [str(self.bin / "rclone"), "copy", str(tree), f"B:{bucket}/",
                     "--transfers", str(CONCURRENCY), "--checkers", str(CONCURRENCY)]
             if tool == "rclone-fast":
@@ -583,6 +657,35 @@ metrics:
                     "stat --printf '%s %Y\\n' >/dev/null"], env
         raise ValueError(tool)
 
+    def restore_command(self, tool, tree, bucket, endpoint, target, walk_concurrency=None):
+        """A download of the whole bucket that nightcopy backed `tree` up into, into the empty
+        directory `target`. nightcopy's own objects (`.nightcopy/`: the manifest's copy) are
+        no file of the tree: the peers leave them out, nightcopy's restore never writes them."""
+        if tool == "nightcopy":
+            # The backup's own config: bucket, endpoint, state directory (its manifest) and
+            # transfer.concurrency.
+            return self.command("nightcopy", tree, bucket, endpoint, walk_concurrency,
+                                args=("restore", "--to", str(target), "-q"))
+        env = self.env(endpoint)
+        if tool == "rclone":
+            return [str(self.bin / "rclone"), "copy", f"B:{bucket}/", str(target), "--transfers",
+                    str(CONCURRENCY), "--checkers", str(CONCURRENCY), "--exclude",
+                    "/.nightcopy/**"], env
+        if tool in ("s5cmd", "get-parallel"):
+            # get-parallel: the same with 64 downloads in flight, which hides the server's
+            # per-request latency: what the server and the disk deliver (the bound).
+            workers = 64 if tool == "get-parallel" else CONCURRENCY
+            return [str(self.bin / "s5cmd"), "--endpoint-url", endpoint, "--numworkers",
+                    str(workers), "cp", "--exclude", ".nightcopy/*", f"s3://{bucket}/*",
+                    f"{target}/"], env
+        if tool == "write-parallel":
+            # What a mount can take at most: the tree's directories made, then 64 `cp`s side by
+            # side copy its files in from the local disk (no S3, no checks, no metadata).
+            return ["sh", "-c", f"cd '{tree}' && find . -mindepth 1 -type d -print0 | "
+                    f"(cd '{target}' && xargs -0 -r -P 64 -n 64 mkdir -p) && "
+                    f"find . -type f -print0 | xargs -0 -r -P 64 -n 64 cp --parents -t '{target}'"], env
+        raise ValueError(tool)
+
     def flags(self):
         c = CONCURRENCY
         return {
@@ -593,6 +696,15 @@ metrics:
             "aws": f"`aws s3 sync` with `s3.max_concurrent_requests = {c}`",
             "find": "`find TREE -type f -printf '%s %T@\\n' >/dev/null`",
             "find-parallel": "`find TREE -type f -print0 | xargs -0 -P 64 -n 64 stat` (what the mount delivers at most: the bound)",
+            "restore: nightcopy": "`nightcopy restore --to DIR` (the backup's config: transfer.concurrency "
+                                  f"{c}, its state directory's manifest)",
+            "restore: rclone": f"`rclone copy B:BUCKET/ DIR --transfers {c} --checkers {c} --exclude '/.nightcopy/**'`",
+            "restore: s5cmd": f"`s5cmd --numworkers {c} cp --exclude '.nightcopy/*' 's3://BUCKET/*' DIR/`",
+            "restore: get-parallel": "`s5cmd --numworkers 64 cp` as above (64 downloads in flight: what the "
+                                     "server and the disk deliver, the bound of restore-small)",
+            "restore: write-parallel": "the tree's directories by `mkdir -p`, then `find TREE -type f -print0 | "
+                                       "xargs -0 -P 64 -n 64 cp --parents -t MOUNT` from the local disk "
+                                       "(what the writable mount takes at most: the bound)",
         }
 
 
@@ -691,14 +803,21 @@ class Bench:
         r = measure(argv, env, self.log, None if tool.startswith("find") else self.garage, limit)
         if mount:
             r["fuse_ops"] = mount.ops()
+        return self.record(scenario, tool, r)
+
+    def record(self, scenario, tool, r):
         self.results.setdefault(scenario, {}).setdefault(tool, []).append(r)
         reqs = r.get("requests", {})
         fuse = r.get("fuse_ops")
-        say(f"  {scenario:<22} {tool:<12} {r['wall']:7.2f}s wall {r['cpu']:7.2f}s cpu "
+        say(f"  {scenario:<22} {tool:<14} {r['wall']:7.2f}s wall {r['cpu']:7.2f}s cpu "
             f"{r['rss_mib']:7.1f} MiB  rc={r['rc']}  "
             + " ".join(f"{k}={v}" for k, v in reqs.items() if v)
-            + (f"  fuse={sum(fuse.values())}" if fuse else ""))
-        if r["rc"] != 0:
+            + (f"  fuse={sum(fuse.values())}" if fuse else "")
+            + (f"  {r['files_per_s']:,.0f} files/s {r['mib_per_s']:,.1f} MiB/s"
+               if r.get("files_per_s") else ""))
+        if r.get("mismatch"):
+            say(f"  !!! {scenario} {tool} FAILED (exit {r.get('exit', r['rc'])}): {r['mismatch']}")
+        elif r["rc"] != 0:
             say(f"  ! {tool} exited {r['rc']}: see {self.log}")
         return r
 
@@ -889,11 +1008,128 @@ class Bench:
         tree, spec = self.tree("million")
         self.notes["million"] = dict(files=spec["files"])
         bucket = self.garage.bucket("million-nightcopy")
+        self.million_bucket = bucket  # the restore's million-file scenario reads it back
         # The first copy of a million files is PUT-bound (about 6 minutes here): it must finish,
         # or the nothing-changed runs after it would be finishing it.
         self.run("first-copy-million", "nightcopy", tree, bucket, limit=LONG_LIMIT)
         for _ in range(self.args.reps):
             self.run("incr-nothing-million", "nightcopy", tree, bucket)
+
+    # -- restore ------------------------------------------------------------------------------
+
+    def restore(self):
+        """nightcopy backs each tree up once; then each tool restores that bucket into an empty
+        directory of its own, and the result is compared with the tree, byte for byte."""
+        tools = self.tools.names("restore")
+        for name in ["small", "large"]:
+            tree, spec = self.tree(name)
+            self.notes[f"restore-{name}"] = dict(files=spec["files"], bytes=tree_bytes(tree))
+            bucket = self.backup_for_restore(name, tree, f"restore-{name}", tools)
+            if not bucket:
+                continue
+            for rep in range(self.args.reps):
+                # Many small files: 64 downloads at once show what the server gives when its
+                # per-request latency is hidden (for four large files 64 workers are four).
+                bound = ["get-parallel"] if name == "small" else []
+                for tool in rotate(tools + bound, rep):
+                    self.restore_run(f"restore-{name}", tool, tree, bucket, rep)
+        self.restore_slow(tools)
+        if not self.args.quick:
+            self.restore_million()
+
+    def backup_for_restore(self, name, tree, scenario, tools, bucket=None, limit=RUN_LIMIT):
+        """The bucket a restore reads: one `nightcopy run` of the tree (not measured). If it
+        fails, every tool gets a failed row in `scenario` rather than a restore of half a tree."""
+        bucket = bucket or self.garage.bucket(f"restore-{name}")
+        argv, env = self.tools.command("nightcopy", tree, bucket, self.garage.endpoint,
+                                       self.args.walk_concurrency)
+        t0 = time.monotonic()
+        r = measure(argv, env, self.log, limit=limit)
+        say(f"  backup of {name} for the restores: {time.monotonic() - t0:.1f}s rc={r['rc']}")
+        if r["rc"] == 0:
+            return bucket
+        for tool in tools:
+            self.record(scenario, tool, dict(
+                wall=0.0, cpu=0.0, rss_mib=0.0, rc=f"no backup ({r['rc']})",
+                mismatch=f"the nightcopy backup of {name} that the restores read failed "
+                         f"(exit {r['rc']}; see {self.log}): nothing restored"))
+        return None
+
+    def restore_run(self, scenario, tool, tree, bucket, rep, mount_delay=None, limit=RUN_LIMIT):
+        done = self.results.get(scenario, {}).get(tool, [])
+        if done and (done[0]["wall"] > SLOW_SECONDS or done[0]["rc"] == "timeout"):
+            return None  # one slow run says enough; it is not repeated
+        label = f"{scenario}-{tool}-{rep}".replace("@", "-")
+        # The directory the tool writes into: empty, its own; on the slow mount, the mount's
+        # backing directory, checked after the mount is gone.
+        target = self.work / "restored" / label
+        target.mkdir(parents=True)
+        mount = None
+        if mount_delay is not None:
+            mount = SlowMount(self.args.python, target, self.work, mount_delay, rw=True, label=label)
+        try:
+            argv, env = self.tools.restore_command(
+                tool, tree, bucket, self.garage.endpoint, mount.mountpoint if mount else target,
+                self.args.walk_concurrency)
+            if mount:
+                mount.reset()
+            r = measure(argv, env, self.log, None if tool == "write-parallel" else self.garage,
+                        limit)
+            if mount:
+                r["fuse_ops"] = mount.ops()
+        finally:
+            if mount:
+                mount.stop()
+        files, size = tree_spec_files(self.notes, scenario)
+        r["files"] = files
+        if r["rc"] == 0 and r["wall"] > 0:
+            r["files_per_s"] = files / r["wall"]
+            r["mib_per_s"] = size / 2**20 / r["wall"]
+        if r["rc"] != "timeout":
+            problem = compare_trees(tree, target)
+            if problem:
+                r["mismatch"] = problem
+                r["exit"] = r["rc"]
+                if r["rc"] == 0:
+                    r["rc"] = "mismatch"  # a failed row: its figures are not a restore's
+        shutil.rmtree(target, ignore_errors=True)
+        return self.record(scenario, tool, r)
+
+    def restore_slow(self, tools):
+        """Into a writable slow mount (scripts/slowfs.py --rw over an empty directory), at the
+        first of --mount-delays: the slow-a tree, each tool into a mount of its own, and the
+        bound, 64 `cp`s side by side from the local tree."""
+        why = fuse_usable()
+        if why:
+            say(f"SKIPPED the restore into the slow mount: {why}")
+            self.notes["restore-slowmount-skipped"] = dict(files=0, why=why)
+            return
+        delay = float(self.args.mount_delays.split(",")[0])
+        name = "slow-a"
+        scenario = f"restore-{name}@{delay:g}ms"
+        tree, spec = self.tree(name)
+        self.notes[f"restore-{name}"] = dict(files=spec["files"], bytes=tree_bytes(tree))
+        bucket = self.backup_for_restore(name, tree, scenario, tools)
+        if not bucket:
+            return
+        for rep in range(self.args.reps):
+            for tool in rotate(tools + ["write-parallel"], rep):
+                self.restore_run(scenario, tool, tree, bucket, rep, mount_delay=delay)
+        self.notes[f"bound-{scenario}"] = dict(files=spec["files"], delay=delay)
+
+    def restore_million(self):
+        """nightcopy alone, once, for memory: the million-file tree's bucket (the `million`
+        scenario's, when it ran; the backup is run again, as a nothing-changed run there, so
+        that a first copy stopped at its limit is finished)."""
+        if self.tools.only and "nightcopy" not in self.tools.only:
+            return
+        tree, spec = self.tree("million")
+        self.notes["restore-million"] = dict(files=spec["files"], bytes=tree_bytes(tree))
+        bucket = getattr(self, "million_bucket", None) or self.garage.bucket("million-nightcopy")
+        self.million_bucket = bucket
+        if self.backup_for_restore("million", tree, "restore-million", ["nightcopy"],
+                                   bucket=bucket, limit=LONG_LIMIT):
+            self.restore_run("restore-million", "nightcopy", tree, bucket, 0, limit=LONG_LIMIT)
 
     def close(self):
         if self.proxy:
@@ -903,6 +1139,12 @@ class Bench:
         self.garage.stop()
         if not self.args.keep:
             shutil.rmtree(self.work, ignore_errors=True)
+
+
+def tree_spec_files(notes, scenario):
+    """Files and bytes of the tree a restore scenario restores."""
+    note = notes[scenario.split("@")[0]]
+    return note["files"], note["bytes"]
 
 
 def rotate(items, k):
@@ -994,6 +1236,9 @@ def report(bench, command, started):
         if key == "slowmount-skipped":
             lines.append(f"- **slow-mount scenarios SKIPPED**: {note['why']}")
             continue
+        if key == "restore-slowmount-skipped":
+            lines.append(f"- **restore into the slow mount SKIPPED**: {note['why']}")
+            continue
         if key.startswith("bound-") or key == "coordinator-disk":
             continue
         if key == "earlier-rows":
@@ -1013,8 +1258,12 @@ def report(bench, command, started):
         lines.append(f"#### {scenario}")
         lines.append("")
         fuse = any(r.get("fuse_ops") for runs in by_tool.values() for r in runs)
+        restore = scenario.startswith("restore-")
         head = "| tool | runs | wall s | ÷ nightcopy | CPU s | peak RSS MiB | LIST | HEAD | PUT | GET | other |"
         rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        if restore:
+            head += " files/s | MiB/s |"
+            rule += "---:|---:|"
         if fuse:
             head += " FUSE ops | per file |"
             rule += "---:|---:|"
@@ -1043,9 +1292,12 @@ def report(bench, command, started):
                           + ")")
             row = (f"| {name} | {len(runs)} | {fmt(wall)}{extra} | {ratio} | {fmt(med(runs, 'cpu'))} | "
                    f"{fmt(med(runs, 'rss_mib'), 1)} | " + " | ".join(cells) + " |")
+            if restore:
+                row += f" {fmt(med(runs, 'files_per_s'), 0)} | {fmt(med(runs, 'mib_per_s'), 1)} |"
             if fuse:
                 ops = [sum(r["fuse_ops"].values()) for r in runs if r.get("fuse_ops") and r["rc"] == 0]
-                files = bench.notes.get(scenario.split("-", 1)[1].split("@")[0], {}).get("files")
+                files = next((r["files"] for r in runs if r.get("files")), None) or \
+                    bench.notes.get(scenario.split("-", 1)[1].split("@")[0], {}).get("files")
                 if ops:
                     n = statistics.median(ops)
                     row += f" {int(n):,} | {n / files:.1f} |" if files else f" {int(n):,} | |"
@@ -1053,7 +1305,15 @@ def report(bench, command, started):
                     row += " | |"
             lines.append(row)
         lines.append("")
+        for tool, runs in by_tool.items():
+            for i, r in enumerate(runs):
+                if r.get("mismatch"):
+                    lines += [f"**{tool}, run {i + 1} failed** (exit {r.get('exit', r['rc'])}): "
+                              f"{r['mismatch']}.", ""]
         lines += bounds(bench, scenario, by_tool)
+        lines += write_bounds(scenario, by_tool)
+        lines += get_bounds(scenario, by_tool)
+        lines += fuse_kinds(scenario, by_tool)
         lines += sqs_requests(bench, scenario, by_tool)
         disk = bench.notes.get("coordinator-disk")
         answered = [r.get("answered") for r in by_tool.get("nightcopy", []) if r.get("answered")]
@@ -1113,12 +1373,71 @@ def bounds(bench, scenario, by_tool):
             f"= {daemon:.2f} s. nightcopy took {wall:.2f} s, {wall / bound:.1f}× the higher bound.", ""]
 
 
-ALL_SCENARIOS = "small,large,incr,million,slowmount,scaleout"
+def write_bounds(scenario, by_tool):
+    """For a restore into the writable slow mount: what the mount allows each tool. Latency
+    bound: the tool's FUSE operations × the delay ÷ its 16 transfers; daemon bound: the same
+    operations at the rate 64 `cp`s side by side (write-parallel) got out of the daemon."""
+    if not scenario.startswith("restore-slow"):
+        return []
+    wp = [r for r in by_tool.get("write-parallel", []) if r["rc"] == 0 and r.get("fuse_ops")]
+    if not wp:
+        return []
+    delay = float(scenario.rsplit("@", 1)[1].rstrip("ms")) / 1000
+    rate = statistics.median(sum(r["fuse_ops"].values()) / r["wall"] for r in wp)
+    out = [f"Bounds: 64 `cp`s side by side (write-parallel) got {rate:,.0f} operations/s out of "
+           f"the mount's daemon ({statistics.median(r['wall'] for r in wp):.2f} s for the tree)."]
+    for tool, runs in by_tool.items():
+        ok = [r for r in runs if r["rc"] == 0 and r.get("fuse_ops")]
+        if tool == "write-parallel" or not ok:
+            continue
+        ops = statistics.median(sum(r["fuse_ops"].values()) for r in ok)
+        wall = statistics.median(r["wall"] for r in ok)
+        latency, daemon = ops * delay / CONCURRENCY, ops / rate
+        out.append(f"{tool}: {int(ops):,} operations × {delay * 1000:g} ms ÷ {CONCURRENCY} = "
+                   f"{latency:.2f} s; at the daemon's rate {daemon:.2f} s; took {wall:.2f} s, "
+                   f"{wall / max(latency, daemon):.1f}× the higher bound.")
+    return [" ".join(out), ""]
+
+
+def get_bounds(scenario, by_tool):
+    """For a restore to the local disk: what 64 downloads in flight (get-parallel) got, beside
+    each tool's 16."""
+    gp = [r for r in by_tool.get("get-parallel", []) if r["rc"] == 0 and r.get("files_per_s")]
+    if not scenario.startswith("restore-") or not gp:
+        return []
+    fps = statistics.median(r["files_per_s"] for r in gp)
+    mps = statistics.median(r["mib_per_s"] for r in gp)
+    out = [f"Bound: 64 downloads in flight (get-parallel) got {fps:,.0f} files/s, {mps:,.1f} "
+           "MiB/s out of the server and the disk;"]
+    for tool, runs in by_tool.items():
+        if tool != "get-parallel" and med(runs, "files_per_s"):
+            out.append(f"{tool} {med(runs, 'files_per_s') / fps:.0%} of it,")
+    return [" ".join(out).rstrip(",") + ".", ""]
+
+
+def fuse_kinds(scenario, by_tool):
+    """The FUSE operations of a restore into the slow mount, by kind (medians): what each tool
+    asks of a network filesystem per file."""
+    if not scenario.startswith("restore-slow"):
+        return []
+    out = []
+    for tool, runs in by_tool.items():
+        ok = [r["fuse_ops"] for r in runs if r["rc"] == 0 and r.get("fuse_ops")]
+        if not ok:
+            continue
+        kinds = sorted({k for o in ok for k in o})
+        per = {k: statistics.median(o.get(k, 0) for o in ok) for k in kinds}
+        out.append(f"- {tool}: " + ", ".join(f"{k} {int(n):,}" for k, n in
+                                             sorted(per.items(), key=lambda kv: -kv[1]) if n))
+    return (["FUSE operations by kind (medians):", ""] + out + [""]) if out else []
+
+
+ALL_SCENARIOS = "small,large,incr,million,slowmount,scaleout,restore"
 
 
 def scenario_group(scenario):
     """The --only name a results key belongs to."""
-    for prefix, group in [("full-slow", "slowmount"), ("nothing-slow", "slowmount"),
+    for prefix, group in [("restore", "restore"), ("full-slow", "slowmount"), ("nothing-slow", "slowmount"),
                           ("scaleout", "scaleout"), ("full-small", "small"), ("full-large", "large"),
                           ("first-copy-million", "million"), ("incr-nothing-million", "million")]:
         if scenario.startswith(prefix):
@@ -1157,7 +1476,7 @@ def main():
                     help="transfers in flight, the same for every tool")
     ap.add_argument("--tools", help="comma-separated subset of the tools to run")
     ap.add_argument("--only", default=ALL_SCENARIOS,
-                    help="comma-separated scenarios: small,large,incr,million,slowmount,scaleout")
+                    help="comma-separated scenarios: small,large,incr,million,slowmount,scaleout,restore")
     ap.add_argument("--mount-delays", default="1,5",
                     help="milliseconds per metadata operation on the slow mount (quick: 1)")
     ap.add_argument("--walk-concurrency", type=int, default=None,
@@ -1226,6 +1545,8 @@ def main():
             bench.slowmount()
         if "scaleout" in only:
             bench.scaleout()
+        if "restore" in only:
+            bench.restore()
     finally:
         if args.merge_results:
             take_earlier_rows(bench, earlier, only, args.merge_results)
