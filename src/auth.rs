@@ -155,6 +155,22 @@ impl AuthKey {
     }
 }
 
+/// Whether one of nightcopy's own files in the bucket may be taken: without a key, on its own word
+/// (as before keys existed); with one, only if its `mac` is the key's over `signed`.
+pub fn check_mac(
+    key: Option<&AuthKey>,
+    domain: Domain,
+    signed: &[u8],
+    mac: Option<&str>,
+) -> Result<(), &'static str> {
+    match (key, mac) {
+        (None, _) => Ok(()),
+        (Some(_), None) => Err("it carries no MAC"),
+        (Some(k), Some(mac)) if k.verify(domain, signed, mac) => Ok(()),
+        (Some(_), Some(_)) => Err("its MAC does not match (another key, or altered)"),
+    }
+}
+
 /// A secret may belong to root or to the user reading it, no one else.
 fn owner_ok(owner: u32, reader: u32) -> bool {
     owner == 0 || owner == reader

@@ -438,17 +438,13 @@ fn accept(
     }
     // Without a key a copy is taken on its own word, as before keys existed; with one, only a
     // copy this fleet sealed.
-    if let Some(key) = &expected.key {
-        match &preamble.mac {
-            None => return Err(Refused::Unauthenticated("it carries no MAC".into())),
-            Some(mac) if !key.verify(Domain::Manifest, &preamble.signed_bytes(), mac) => {
-                return Err(Refused::Unauthenticated(
-                    "its MAC does not match (another key, or altered)".into(),
-                ))
-            }
-            Some(_) => {}
-        }
-    }
+    crate::auth::check_mac(
+        expected.key.as_ref(),
+        Domain::Manifest,
+        &preamble.signed_bytes(),
+        preamble.mac.as_deref(),
+    )
+    .map_err(|why| Refused::Unauthenticated(why.into()))?;
     if let Some(read) = read {
         if hex::encode(read.sha256) != preamble.sha256 {
             return Err(Refused::Damaged("its checksum does not match".into()));

@@ -220,28 +220,39 @@ impl Queues {
         }
     }
 
-    /// A batch as it is sent to the work queue.
-    pub fn encode_batch(&self, batch: &WorkBatch) -> String {
-        let body = serde_json::to_string(batch).expect("a batch serializes");
-        auth::seal(self.key.as_ref(), Domain::Work, body)
+    /// `value` as it is sent: JSON, sealed in `domain` when there is a key.
+    fn encode(&self, domain: Domain, value: &impl Serialize) -> String {
+        let body = serde_json::to_string(value).expect("a message serializes");
+        auth::seal(self.key.as_ref(), domain, body)
     }
 
-    /// A received work message as a batch, once its MAC holds (with a key).
+    /// A received message as a `what`, once its MAC holds (with a key).
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        domain: Domain,
+        what: &'static str,
+        message: &str,
+    ) -> Result<T, MessageError> {
+        let body = auth::unseal(self.key.as_ref(), domain, message)?;
+        serde_json::from_str(body).map_err(|e| MessageError::NotOurs(what, e.to_string()))
+    }
+
+    /// A batch as it is sent to the work queue.
+    pub fn encode_batch(&self, batch: &WorkBatch) -> String {
+        self.encode(Domain::Work, batch)
+    }
+
     pub fn decode_batch(&self, message: &str) -> Result<WorkBatch, MessageError> {
-        let body = auth::unseal(self.key.as_ref(), Domain::Work, message)?;
-        serde_json::from_str(body).map_err(|e| MessageError::NotOurs("batch", e.to_string()))
+        self.decode(Domain::Work, "batch", message)
     }
 
     /// A report as it is sent to the results queue.
     pub fn encode_report(&self, report: &Report) -> String {
-        let body = serde_json::to_string(report).expect("a report serializes");
-        auth::seal(self.key.as_ref(), Domain::Report, body)
+        self.encode(Domain::Report, report)
     }
 
-    /// A received results message as a report, once its MAC holds (with a key).
     pub fn decode_report(&self, message: &str) -> Result<Report, MessageError> {
-        let body = auth::unseal(self.key.as_ref(), Domain::Report, message)?;
-        serde_json::from_str(body).map_err(|e| MessageError::NotOurs("report", e.to_string()))
+        self.decode(Domain::Report, "report", message)
     }
 
     /// Proves a queue exists and may be used (GetQueueAttributes), before any work is taken.

@@ -353,17 +353,13 @@ impl<R: Read> Reader<R> {
         if header.destination != expected.destination {
             return Err(Refused::OtherDestination(header.destination.clone()));
         }
-        if let Some(key) = expected.key {
-            match &header.mac {
-                None => return Err(Refused::Unauthenticated("it carries no MAC")),
-                Some(mac) if !key.verify(Domain::Snapshot, &header.signed_bytes(), mac) => {
-                    return Err(Refused::Unauthenticated(
-                        "its MAC does not match (another key, or altered)",
-                    ))
-                }
-                Some(_) => {}
-            }
-        }
+        crate::auth::check_mac(
+            expected.key,
+            Domain::Snapshot,
+            &header.signed_bytes(),
+            header.mac.as_deref(),
+        )
+        .map_err(Refused::Unauthenticated)?;
         Ok(Reader {
             r,
             inflated: line.len() as u64,
