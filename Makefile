@@ -30,7 +30,8 @@ demo: build
 	@$(DEMO_ENV); scripts/demo.sh
 
 # Side by side with rclone, s5cmd and aws s3 sync on a local Garage (scripts/bench.py); writes
-# docs/benchmarks.md. About 45 min; bench-quick (trees / 10) a few minutes. BENCH_ARGS passes flags.
+# docs/benchmarks.md. About 45 min before the restore scenario was added (not timed since);
+# bench-quick (trees / 10) a few minutes. BENCH_ARGS passes flags.
 BENCH_ENV = eval "$$(scripts/test-tools.sh --bench | sed 's/^/export /')"
 
 bench:
