@@ -313,6 +313,30 @@ pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     dir.replace(name, bytes, mode)
 }
 
+/// An unnamed file for scratch data (0600, in `$TMPDIR` or /tmp): it has no name anyone could
+/// open or replace, and it is gone when closed, also after a crash. Where the filesystem has no
+/// `O_TMPFILE`, a fresh name is created exclusively and unlinked at once.
+pub fn anonymous_file() -> io::Result<File> {
+    let dir = std::env::temp_dir();
+    let rw = OFlag::O_RDWR | OFlag::O_CLOEXEC;
+    match nix::fcntl::open(&dir, rw | OFlag::O_TMPFILE, Mode::from_bits_truncate(0o600)) {
+        Ok(fd) => Ok(File::from(fd)),
+        Err(Errno::EOPNOTSUPP | Errno::EISDIR) => {
+            let mut random = [0u8; 8];
+            File::open("/dev/urandom")?.read_exact(&mut random)?;
+            let path = dir.join(format!(".nightcopy-scratch-{}", hex::encode(random)));
+            let fd = nix::fcntl::open(
+                &path,
+                rw | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
+                Mode::from_bits_truncate(0o600),
+            )?;
+            std::fs::remove_file(&path)?;
+            Ok(File::from(fd))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Runs blocking file work on tokio's blocking pool; a panic there becomes an I/O error.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> io::Result<T> + Send + 'static,

@@ -31,6 +31,8 @@ use sha2::{Digest, Sha256};
 
 use crate::auth::{AuthKey, Domain};
 use crate::fsutil::{AtomicFile, Dir};
+use crate::store::{ObjectStore, StoreError};
+use futures::StreamExt;
 
 /// The format this nightcopy writes and reads.
 pub const FORMAT: u32 = 1;
@@ -334,6 +336,29 @@ fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>, most: usize) -> Result<boo
     Ok(true)
 }
 
+/// The header line, checked: format, destination, MAC.
+fn check_header(line: &[u8], expected: &Expected) -> Result<Header, Refused> {
+    let header: Header = serde_json::from_slice(line)
+        .map_err(|e| Refused::Damaged(format!("no valid header ({e})")))?;
+    if header.nightcopy_snapshot != FORMAT {
+        return Err(Refused::Damaged(format!(
+            "format {} (this nightcopy reads {FORMAT})",
+            header.nightcopy_snapshot
+        )));
+    }
+    if header.destination != expected.destination {
+        return Err(Refused::OtherDestination(header.destination.clone()));
+    }
+    crate::auth::check_mac(
+        expected.key,
+        Domain::Snapshot,
+        &header.signed_bytes(),
+        header.mac.as_deref(),
+    )
+    .map_err(Refused::Unauthenticated)?;
+    Ok(header)
+}
+
 impl<R: Read> Reader<R> {
     /// Reads and checks the header (format, destination, MAC).
     pub fn open(input: R, expected: &Expected, limits: Limits) -> Result<Reader<R>, Refused> {
@@ -342,24 +367,7 @@ impl<R: Read> Reader<R> {
         if !read_line(&mut r, &mut line, 64 * 1024)? {
             return Err(Refused::Damaged("it is empty".into()));
         }
-        let header: Header = serde_json::from_slice(&line)
-            .map_err(|e| Refused::Damaged(format!("no valid header ({e})")))?;
-        if header.nightcopy_snapshot != FORMAT {
-            return Err(Refused::Damaged(format!(
-                "format {} (this nightcopy reads {FORMAT})",
-                header.nightcopy_snapshot
-            )));
-        }
-        if header.destination != expected.destination {
-            return Err(Refused::OtherDestination(header.destination.clone()));
-        }
-        crate::auth::check_mac(
-            expected.key,
-            Domain::Snapshot,
-            &header.signed_bytes(),
-            header.mac.as_deref(),
-        )
-        .map_err(Refused::Unauthenticated)?;
+        let header = check_header(&line, expected)?;
         Ok(Reader {
             r,
             inflated: line.len() as u64,
@@ -405,6 +413,202 @@ impl<R: Read> Reader<R> {
             .map(Some)
             .map_err(|e| Refused::Damaged(format!("entry {} is not valid ({e})", self.read)))
     }
+}
+
+// Reading snapshots from the bucket.
+
+/// A snapshot's key below the prefix.
+pub fn object_key(prefix: &str, id: &str) -> String {
+    format!("{prefix}{DIR}{id}.gz")
+}
+
+/// The header member is one line of at most 64 KiB: this much of the object always holds it.
+const HEADER_BYTES: usize = 256 * 1024;
+
+/// Why a snapshot could not be had. One line, naming the object.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("snapshot {}: no such object under the prefix", crate::keys::shown(.0))]
+    Missing(String),
+    #[error("snapshot {} is refused: {why}", crate::keys::shown(.key))]
+    Refused { key: String, why: Refused },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The ids of the snapshots under `prefix`, oldest first. Anything else in the folder — a name
+/// `new_id` does not make — is not a snapshot and is left out (said at debug level).
+pub async fn list<S: ObjectStore>(store: &S, prefix: &str) -> Result<Vec<String>, StoreError> {
+    let folder = format!("{prefix}{DIR}");
+    let mut ids = Vec::new();
+    let mut token = None;
+    loop {
+        let page = store.list_page(&folder, None, token.take()).await?;
+        for o in page.objects {
+            match o.key.strip_suffix(".gz").filter(|id| is_id(id)) {
+                Some(id) => ids.push(id.to_owned()),
+                None => tracing::debug!(
+                    "{}{} is not a snapshot: left out",
+                    crate::keys::shown(&folder),
+                    crate::keys::shown(&o.key)
+                ),
+            }
+        }
+        // The store refuses a continuation token it handed out before.
+        match page.next {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Only the header of snapshot `id` (its first member), checked — what `nightcopy snapshots` and
+/// the choice of a snapshot by time need. Reads at most `HEADER_BYTES` of the object.
+pub async fn fetch_header<S: ObjectStore>(
+    store: &S,
+    prefix: &str,
+    id: &str,
+    expected: &Expected<'_>,
+) -> Result<Header, FetchError> {
+    let key = object_key(prefix, id);
+    let refused = |why| FetchError::Refused {
+        key: key.clone(),
+        why,
+    };
+    let Some(download) = store.get(&key, None).await? else {
+        return Err(FetchError::Missing(key));
+    };
+    let mut head = Vec::with_capacity(HEADER_BYTES.min(download.size as usize));
+    let mut body = download.body;
+    while head.len() < HEADER_BYTES {
+        match body.next().await {
+            Some(chunk) => {
+                let chunk = chunk?;
+                let room = HEADER_BYTES - head.len();
+                head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            None => break,
+        }
+    }
+    drop(body);
+    // The first member alone: the body's members are not read.
+    let mut r = BufReader::new(flate2::read::GzDecoder::new(&head[..]));
+    let mut line = Vec::new();
+    if !read_line(&mut r, &mut line, 64 * 1024).map_err(refused)? {
+        return Err(refused(Refused::Damaged("it is empty".into())));
+    }
+    let header = check_header(&line, expected).map_err(refused)?;
+    same_id(&header, id).map_err(refused)?;
+    Ok(header)
+}
+
+/// A snapshot whose id is not the one its key names is an old one copied under a new name (to
+/// make a restore pick it): refused.
+fn same_id(header: &Header, id: &str) -> Result<(), Refused> {
+    match header.id == id {
+        true => Ok(()),
+        false => Err(Refused::Damaged(format!(
+            "its header names snapshot {}, not the one its key names",
+            crate::keys::shown(&header.id)
+        ))),
+    }
+}
+
+/// A whole snapshot, downloaded into an unnamed temporary file and checked end to end (every
+/// entry, the count and the checksum) before anything uses it: a restore never acts on an entry
+/// of a snapshot that turns out damaged further on.
+pub struct Fetched {
+    pub header: Header,
+    file: std::fs::File,
+    expected_destination: String,
+}
+
+impl Fetched {
+    /// Its entries, from the first (one reader at a time: they share the file's offset).
+    pub fn entries(&self) -> Result<Reader<std::fs::File>, Refused> {
+        use std::io::Seek;
+        let mut file = self.file.try_clone()?;
+        file.rewind()?;
+        // Checked once already; the MAC was part of that check, so no key is needed again.
+        let expected = Expected {
+            destination: &self.expected_destination,
+            key: None,
+        };
+        Reader::open(file, &expected, LIMITS)
+    }
+}
+
+/// Downloads snapshot `id` and checks it whole (see [`Fetched`]). The download is bounded by
+/// `LIMITS.inflated`: gzip never makes data much larger, so no snapshot nightcopy reads is larger
+/// compressed.
+pub async fn fetch<S: ObjectStore>(
+    store: &S,
+    prefix: &str,
+    id: &str,
+    expected: &Expected<'_>,
+) -> Result<Fetched, FetchError> {
+    let key = object_key(prefix, id);
+    let refused = |why| FetchError::Refused {
+        key: key.clone(),
+        why,
+    };
+    let Some(download) = store.get(&key, None).await? else {
+        return Err(FetchError::Missing(key));
+    };
+    if download.size > LIMITS.inflated {
+        return Err(refused(Refused::TooLarge(format!(
+            "{} stored",
+            bytesize::ByteSize(download.size).display().iec()
+        ))));
+    }
+    let mut file = crate::fsutil::anonymous_file().map_err(|e| refused(e.into()))?;
+    let mut body = download.body;
+    let mut got = 0u64;
+    let mut w = io::BufWriter::with_capacity(256 * 1024, &mut file);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        got += chunk.len() as u64;
+        if got > download.size {
+            return Err(refused(Refused::Damaged(
+                "its download is longer than its size".into(),
+            )));
+        }
+        w.write_all(&chunk).map_err(|e| refused(e.into()))?;
+    }
+    w.flush().map_err(|e| refused(e.into()))?;
+    drop(w);
+    if got != download.size {
+        return Err(FetchError::Store(StoreError::per_object(format!(
+            "the download of {} ended after {got} of {} bytes",
+            crate::keys::shown(&key),
+            download.size
+        ))));
+    }
+    let destination = expected.destination.to_owned();
+    let key_for_check = expected.key.cloned();
+    let id_owned = id.to_owned();
+    let checked = tokio::task::spawn_blocking(move || -> Result<Fetched, Refused> {
+        use std::io::Seek;
+        file.rewind()?;
+        let expected = Expected {
+            destination: &destination,
+            key: key_for_check.as_ref(),
+        };
+        let mut r = Reader::open(file.try_clone()?, &expected, LIMITS)?;
+        same_id(&r.header, &id_owned)?;
+        while r.next_entry()?.is_some() {}
+        Ok(Fetched {
+            header: r.header,
+            file,
+            expected_destination: destination,
+        })
+    })
+    .await
+    .unwrap_or_else(|e| Err(io::Error::other(format!("checking it failed: {e}")).into()));
+    checked.map_err(refused)
 }
 
 #[cfg(test)]
@@ -598,6 +802,82 @@ mod tests {
         gz.write_all(&vec![b'x'; LIMITS.line * 3]).unwrap();
         let err = read_all(&gz.finish().unwrap(), &PLAIN).unwrap_err();
         assert!(matches!(err, Refused::TooLarge(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn snapshots_are_listed_fetched_and_checked_from_the_bucket() {
+        use crate::store::memory::{MemoryStore, Object};
+        let t = tempfile::tempdir().unwrap();
+        let dir = Dir::open(t.path()).unwrap();
+        let store = MemoryStore::new(2);
+        let ids = ["20261201T020000Z-00000001", "20261202T020000Z-00000002"];
+        for (n, id) in ids.iter().enumerate() {
+            let mut w = Writer::create(&dir).unwrap();
+            for i in 0..=n {
+                w.push(&file(&format!("f{i}"), i as u64)).unwrap();
+            }
+            let h = Header {
+                id: (*id).into(),
+                ..header()
+            };
+            w.finish(&dir, "out.gz", h, None).unwrap();
+            let bytes = std::fs::read(t.path().join("out.gz")).unwrap();
+            store.insert(&object_key("p/", id), Object::new(bytes, None));
+        }
+        // Not snapshots: left out of the list.
+        store.insert("p/.nightcopy/snapshots/notes.txt", Object::new("x", None));
+        store.insert("p/.nightcopy/snapshots/../x.gz", Object::new("x", None));
+        assert_eq!(list(&store, "p/").await.unwrap(), ids);
+
+        let h = fetch_header(&store, "p/", ids[1], &PLAIN).await.unwrap();
+        assert_eq!((h.id.as_str(), h.entries), (ids[1], 2));
+        let f = fetch(&store, "p/", ids[1], &PLAIN).await.unwrap();
+        for _ in 0..2 {
+            let mut r = f.entries().unwrap();
+            let mut n = 0;
+            while r.next_entry().unwrap().is_some() {
+                n += 1;
+            }
+            assert_eq!(n, 2);
+        }
+
+        // An old snapshot copied under a newer name is not taken for the newer one.
+        let old = store.object(&object_key("p/", ids[0])).unwrap();
+        let newer = "20261203T020000Z-00000003";
+        store.insert(&object_key("p/", newer), old);
+        for err in [
+            fetch_header(&store, "p/", newer, &PLAIN).await.unwrap_err(),
+            fetch(&store, "p/", newer, &PLAIN).await.err().unwrap(),
+        ] {
+            assert!(
+                err.to_string().contains("not the one its key names"),
+                "{err}"
+            );
+        }
+        // Damaged after its header: only the whole fetch can tell, and it refuses before use.
+        let mut text = String::new();
+        let good = store.object(&object_key("p/", ids[1])).unwrap();
+        MultiGzDecoder::new(&good.body[..])
+            .read_to_string(&mut text)
+            .unwrap();
+        let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(text.replacen("\"s\":1", "\"s\":2", 1).as_bytes())
+            .unwrap();
+        store.insert(
+            &object_key("p/", ids[1]),
+            Object::new(gz.finish().unwrap(), None),
+        );
+        assert!(fetch_header(&store, "p/", ids[1], &PLAIN).await.is_ok());
+        let err = fetch(&store, "p/", ids[1], &PLAIN).await.err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "snapshot p/.nightcopy/snapshots/20261202T020000Z-00000002.gz is refused: it is \
+             damaged: its checksum does not match"
+        );
+        assert!(matches!(
+            fetch(&store, "p/", "20261204T020000Z-00000004", &PLAIN).await,
+            Err(FetchError::Missing(_))
+        ));
     }
 
     proptest! {
