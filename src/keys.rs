@@ -14,7 +14,7 @@
 use std::borrow::Cow;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 
 use percent_encoding::{percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
@@ -77,6 +77,50 @@ pub fn relative_key(rel: &Path) -> (String, bool) {
         key.push_str(&part);
     }
     (key, escaped)
+}
+
+/// A `--path` that names nothing below the source: a usage error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubpathError {
+    #[error(
+        "--path {arg}: an absolute path must be below source.path ({root}); or give it relative \
+         to source.path"
+    )]
+    OutsideSource { arg: String, root: String },
+    #[error("--path {0}: `..` is not allowed; give the path below source.path")]
+    Parent(String),
+}
+
+/// The `--path` argument as the key of a file or directory below the source root ("" = all).
+/// It may be relative to the source root or absolute below it; names are escaped like the
+/// backup escapes them, so a non-UTF-8 name given as raw bytes finds its object.
+pub fn subpath_key(arg: &Path, source_root: &Path) -> Result<String, SubpathError> {
+    let rel = if arg.is_absolute() {
+        arg.strip_prefix(source_root)
+            .map_err(|_| SubpathError::OutsideSource {
+                arg: arg.display().to_string(),
+                root: source_root.display().to_string(),
+            })?
+    } else {
+        arg
+    };
+    let mut clean = PathBuf::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => clean.push(n),
+            Component::CurDir => {}
+            _ => return Err(SubpathError::Parent(arg.display().to_string())),
+        }
+    }
+    Ok(relative_key(&clean).0)
+}
+
+/// Whether `key` is the file `sub` or lies below the directory `sub`.
+pub fn in_subpath(key: &str, sub: &str) -> bool {
+    sub.is_empty()
+        || key
+            .strip_prefix(sub)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// Everything but unreserved characters and '/': the form of `nightcopy-raw-path`, which must be
@@ -209,6 +253,41 @@ mod tests {
         );
         let p = std::path::PathBuf::from(OsString::from_vec(b"d/x\xffy".to_vec()));
         assert_eq!(relative_key(&p), ("d/x%FFy".into(), true));
+    }
+
+    #[test]
+    fn subpaths() {
+        let root = Path::new("/mnt/fs");
+        let ok: &[(&str, &str)] = &[
+            ("home/alice", "home/alice"),
+            ("home/alice/", "home/alice"),
+            ("./home//alice", "home/alice"),
+            ("/mnt/fs/home/alice", "home/alice"),
+            ("/mnt/fs", ""),
+            (".", ""),
+            ("a b/100%", "a b/100%"),
+        ];
+        for (arg, want) in ok {
+            assert_eq!(
+                subpath_key(Path::new(arg), root).as_deref(),
+                Ok(*want),
+                "{arg}"
+            );
+        }
+        let raw = PathBuf::from(OsString::from_vec(b"d/caf\xe9".to_vec()));
+        assert_eq!(subpath_key(&raw, root).unwrap(), "d/caf%E9");
+        for bad in ["../etc", "home/../..", "/etc/passwd", "/mnt/fsx/a"] {
+            assert!(subpath_key(Path::new(bad), root).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn subpath_matching_respects_name_boundaries() {
+        assert!(in_subpath("home/alice/a.txt", "home/alice"));
+        assert!(in_subpath("home/alice", "home/alice"));
+        assert!(!in_subpath("home/alice2/a.txt", "home/alice"));
+        assert!(!in_subpath("home/alicea", "home/alice"));
+        assert!(in_subpath("anything", ""));
     }
 
     proptest::proptest! {

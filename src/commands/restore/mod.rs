@@ -77,7 +77,7 @@ pub struct RestoreOptions {
 pub enum RestoreError {
     /// A bad `--path`: exit 64 like any command-line error.
     #[error(transparent)]
-    Usage(#[from] select::SubpathError),
+    Usage(#[from] keys::SubpathError),
     #[error("{0}")]
     Unsupported(String),
     #[error("target directory {path}: {why}")]
@@ -371,7 +371,7 @@ pub async fn restore<S: ObjectStore>(
 ) -> Result<(), RestoreError> {
     let prefix = config.destination.prefix.as_str().to_owned();
     let sub = match &opts.path {
-        Some(p) => select::subpath_key(p, &config.source.path.0)?,
+        Some(p) => keys::subpath_key(p, &config.source.path.0)?,
         None => String::new(),
     };
     check_target(&opts.to)?;
@@ -625,7 +625,7 @@ async fn produce<S: ObjectStore>(
             match c {
                 Candidate::Absent(key) => {
                     let key = format!("{sub}{key}");
-                    if select::in_subpath(&key, &sub) && !keys::is_reserved(&key) {
+                    if keys::in_subpath(&key, &sub) && !keys::is_reserved(&key) {
                         stats.absent(&key);
                     }
                 }
@@ -637,7 +637,7 @@ async fn produce<S: ObjectStore>(
                     let key = format!("{sub}{key}");
                     // The listing prefix "home/alice" also lists "home/alice2/…". nightcopy's own
                     // objects (the manifest's copy) are no file to restore.
-                    if !select::in_subpath(&key, &sub) || keys::is_reserved(&key) {
+                    if !keys::in_subpath(&key, &sub) || keys::is_reserved(&key) {
                         continue;
                     }
                     stats.listed();

@@ -1,28 +1,16 @@
 //! Which objects a restore brings back and where each one goes — pure functions, so every rule is
-//! tested directly: the `--path` argument as a key prefix, `--as-of` as a time and the version it
-//! picks per key, and the local path a key restores to (never outside the target directory).
+//! tested directly: `--as-of` as a time and the version it picks per key, and the local path a key
+//! restores to (never outside the target directory). `--path` as a key prefix is `keys::subpath_key`.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_sdk_s3::primitives::{DateTime, DateTimeFormat};
 
 use crate::keys;
 use crate::store::ObjectVersion;
-
-/// A `--path` that names nothing below the source: a usage error.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SubpathError {
-    #[error(
-        "--path {arg}: an absolute path must be below source.path ({root}); or give it relative \
-         to source.path"
-    )]
-    OutsideSource { arg: String, root: String },
-    #[error("--path {0}: `..` is not allowed; give the path below source.path")]
-    Parent(String),
-}
 
 /// A key that cannot be a path below the restore target: counted as a bad name, not restored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,38 +36,6 @@ pub enum AsOfError {
     OutOfRange(String),
     #[error("--as-of {0:?} is not a time: {forms}", forms = AS_OF_FORMS)]
     NotATime(String),
-}
-
-/// The `--path` argument as the key of a file or directory below the source root ("" = all).
-/// It may be relative to the source root or absolute below it; names are escaped like the
-/// backup escapes them, so a non-UTF-8 name given as raw bytes finds its object.
-pub fn subpath_key(arg: &Path, source_root: &Path) -> Result<String, SubpathError> {
-    let rel = if arg.is_absolute() {
-        arg.strip_prefix(source_root)
-            .map_err(|_| SubpathError::OutsideSource {
-                arg: arg.display().to_string(),
-                root: source_root.display().to_string(),
-            })?
-    } else {
-        arg
-    };
-    let mut clean = PathBuf::new();
-    for c in rel.components() {
-        match c {
-            Component::Normal(n) => clean.push(n),
-            Component::CurDir => {}
-            _ => return Err(SubpathError::Parent(arg.display().to_string())),
-        }
-    }
-    Ok(keys::relative_key(&clean).0)
-}
-
-/// Whether `key` is the file `sub` or lies below the directory `sub`.
-pub fn in_subpath(key: &str, sub: &str) -> bool {
-    sub.is_empty()
-        || key
-            .strip_prefix(sub)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// The path below the target directory that `key` restores to: the exact bytes of the original
@@ -239,41 +195,6 @@ pub fn is_temp_name(name: &std::ffi::OsStr) -> bool {
 mod tests {
     use super::*;
     use std::time::Duration;
-
-    #[test]
-    fn subpaths() {
-        let root = Path::new("/mnt/fs");
-        let ok: &[(&str, &str)] = &[
-            ("home/alice", "home/alice"),
-            ("home/alice/", "home/alice"),
-            ("./home//alice", "home/alice"),
-            ("/mnt/fs/home/alice", "home/alice"),
-            ("/mnt/fs", ""),
-            (".", ""),
-            ("a b/100%", "a b/100%"),
-        ];
-        for (arg, want) in ok {
-            assert_eq!(
-                subpath_key(Path::new(arg), root).as_deref(),
-                Ok(*want),
-                "{arg}"
-            );
-        }
-        let raw = PathBuf::from(OsString::from_vec(b"d/caf\xe9".to_vec()));
-        assert_eq!(subpath_key(&raw, root).unwrap(), "d/caf%E9");
-        for bad in ["../etc", "home/../..", "/etc/passwd", "/mnt/fsx/a"] {
-            assert!(subpath_key(Path::new(bad), root).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn subpath_matching_respects_name_boundaries() {
-        assert!(in_subpath("home/alice/a.txt", "home/alice"));
-        assert!(in_subpath("home/alice", "home/alice"));
-        assert!(!in_subpath("home/alice2/a.txt", "home/alice"));
-        assert!(!in_subpath("home/alicea", "home/alice"));
-        assert!(in_subpath("anything", ""));
-    }
 
     #[test]
     fn target_paths_never_leave_the_target() {
