@@ -4,7 +4,7 @@
 #
 # The folder is keyed by the toolchain and Cargo.lock. A new key is seeded from the newest folder
 # already there (cargo then rebuilds only the crates whose versions changed); only the two newest
-# folders are kept. nightcopy's own artifacts are removed before each run: a fresh clone rebuilds
+# folders are kept. With --prune (what CI runs) nightcopy's own artifacts are removed first: a fresh clone rebuilds
 # them anyway (new mtimes), and clones at different paths would otherwise pile up copies of them.
 # A machine with no cache simply fills it (docs/packaging.md, "CI").
 set -euo pipefail
@@ -31,9 +31,13 @@ prune() {
       "$1/$profile"/build/nightcopy-* "$1/$profile"/incremental
   done
 }
-for d in "$root"/*/; do
-  [ -d "$d" ] && prune "${d%/}"
-done
+# Only with --prune (CI's fresh clone): a build in progress in the folder — a developer's, using
+# this script only to find the folder — would lose its files under it.
+if [ "${1:-}" = "--prune" ]; then
+  for d in "$root"/*/; do
+    [ -d "$d" ] && prune "${d%/}"
+  done
+fi
 
 if [ ! -d "$dir" ]; then
   newest="$(find "$root" -mindepth 1 -maxdepth 1 -type d -printf '%T@ %p\n' | sort -rn | head -1 | cut -d' ' -f2-)"
