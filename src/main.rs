@@ -81,7 +81,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Restore files from the bucket into a directory (docs/restore.md).
+    /// Restore the tree of a snapshot (the latest by default) into a directory (docs/restore.md).
     Restore {
         #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
         config: PathBuf,
@@ -91,10 +91,22 @@ enum Command {
         /// Only this file or directory: relative to source.path, or absolute below it.
         #[arg(long, value_name = "SUBPATH")]
         path: Option<PathBuf>,
-        /// Restore each file as it was at TIME (needs a versioned bucket):
+        /// Restore the newest snapshot whose run had completed by TIME (with --include-deleted,
+        /// or where no snapshot is that old: each object's version at TIME):
         /// 2026-11-20T23:00:00Z, 2026-11-20T23:00:00+01:00, @UNIX-SECONDS or "36h ago".
         #[arg(long, value_name = "TIME", value_parser = as_of_ns)]
         as_of: Option<i64>,
+        /// Restore this snapshot (`nightcopy snapshots` lists them).
+        #[arg(long, value_name = "ID", conflicts_with_all = ["as_of", "include_deleted"])]
+        snapshot: Option<String>,
+        /// Restore every object under the path instead of a snapshot's tree: files deleted or
+        /// renamed long ago come back too (for a bucket written before snapshots existed, or to
+        /// dig out an old file).
+        #[arg(long)]
+        include_deleted: bool,
+        /// Create the device nodes a snapshot records (as root; never by default).
+        #[arg(long)]
+        devices: bool,
         /// Replace files that already exist under DIR (by default they are kept).
         #[arg(long)]
         overwrite: bool,
@@ -229,6 +241,9 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> Ending {
                 overwrite,
                 dry_run,
                 keep_setid,
+                snapshot,
+                include_deleted,
+                devices,
                 ..
             } => {
                 let opts = RestoreOptions {
@@ -238,6 +253,9 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> Ending {
                     overwrite,
                     dry_run,
                     keep_setid,
+                    snapshot,
+                    include_deleted,
+                    devices,
                 };
                 restore::run(&config, &opts, bar).await
             }

@@ -18,6 +18,7 @@
 
 pub mod select;
 mod target;
+mod tree;
 
 use std::fmt;
 use std::fs::{File, FileTimes, Permissions};
@@ -70,6 +71,13 @@ pub struct RestoreOptions {
     /// Keep set-user-ID and set-group-ID bits from the objects' metadata (stripped by default:
     /// whoever can write the prefix could otherwise plant a set-uid-root program).
     pub keep_setid: bool,
+    /// Restore this snapshot (`nightcopy snapshots` lists them); default: the latest, or with
+    /// `--as-of` the newest whose run had completed by then.
+    pub snapshot: Option<String>,
+    /// Every object under the path, not a snapshot's tree (files deleted before included).
+    pub include_deleted: bool,
+    /// Create device nodes the snapshot records (as root only).
+    pub devices: bool,
 }
 
 /// Errors that end a restore. Each says what to do next.
@@ -84,6 +92,9 @@ pub enum RestoreError {
     Target { path: String, why: String },
     #[error(transparent)]
     Setup(#[from] SetupError),
+    /// A snapshot that cannot be used (damaged, foreign, not authenticated, a bad id).
+    #[error("{0}")]
+    BadSnapshot(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(
@@ -118,6 +129,11 @@ pub struct RestoreStats {
     absent: AtomicU64,
     skipped: AtomicU64,
     dirs_created: AtomicU64,
+    nodes: AtomicU64,
+    not_created: AtomicU64,
+    newer: AtomicU64,
+    /// The snapshot being restored, once chosen.
+    snapshot_id: std::sync::OnceLock<String>,
 }
 
 /// The figures of a restore.
@@ -136,8 +152,16 @@ pub struct RestoreFigures {
     pub absent: u64,
     /// Keys that are not files (folder markers ending in `/`).
     pub skipped: u64,
-    /// Directories created below the target, each 0700 (directory metadata is not backed up).
+    /// Directories created below the target: from a snapshot with their recorded metadata, from
+    /// the listing each 0700.
     pub dirs_created: u64,
+    /// Symlinks, hard links, FIFOs and device nodes made (from a snapshot).
+    pub nodes: u64,
+    /// Paths of the snapshot not made: sockets, and device nodes without `--devices`.
+    pub not_created: u64,
+    /// Files whose snapshot names no version (an unversioned bucket) and whose object changed
+    /// since: restored with their newest bytes, not the snapshot's.
+    pub newer: u64,
     pub elapsed_seconds: f64,
 }
 
@@ -201,6 +225,25 @@ impl RestoreStats {
         tracing::debug!(key, "{}: did not exist at the --as-of time", shown(key));
     }
 
+    fn node_made(&self) {
+        self.nodes.fetch_add(1, Relaxed);
+    }
+
+    fn not_created(&self, path: &Path, what: &str) {
+        self.not_created.fetch_add(1, Relaxed);
+        tracing::info!(path = %path.display(), "{}: {what}, not created", shown(path));
+    }
+
+    fn newer(&self, target: &Path, key: &str) {
+        self.newer.fetch_add(1, Relaxed);
+        tracing::warn!(
+            path = %target.display(),
+            key,
+            "{}: newer than the snapshot (bucket not versioned): restored with the bytes backed              up last, not those of the snapshot's run",
+            shown(target)
+        );
+    }
+
     fn skipped(&self, key: &str) {
         self.skipped.fetch_add(1, Relaxed);
         tracing::debug!(key, "{}: a folder marker, not a file: skipped", shown(key));
@@ -228,6 +271,9 @@ impl RestoreStats {
             absent: self.absent.load(Relaxed),
             skipped: self.skipped.load(Relaxed),
             dirs_created: self.dirs_created.load(Relaxed),
+            nodes: self.nodes.load(Relaxed),
+            not_created: self.not_created.load(Relaxed),
+            newer: self.newer.load(Relaxed),
             elapsed_seconds: elapsed.as_secs_f64(),
         }
     }
@@ -237,6 +283,8 @@ impl RestoreStats {
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreReport {
     pub figures: RestoreFigures,
+    /// The snapshot restored; `None`: every object under the path.
+    pub snapshot: Option<String>,
     pub to: PathBuf,
     pub dry_run: bool,
     pub error: Option<String>,
@@ -287,7 +335,25 @@ impl fmt::Display for RestoreReport {
         if g.skipped > 0 {
             write!(f, ", {} folder markers skipped", g.skipped)?;
         }
-        if g.dirs_created > 0 {
+        if g.newer > 0 {
+            write!(
+                f,
+                ", {} newer than the snapshot (bucket not versioned: restored with their latest \
+                 bytes)",
+                g.newer
+            )?;
+        }
+        if g.not_created > 0 {
+            write!(f, ", {} sockets or device nodes not created", g.not_created)?;
+        }
+        if let Some(id) = &self.snapshot {
+            write!(
+                f,
+                "; snapshot {id}: {} directories made with their recorded modes, owners and \
+                 mtimes, {} links and special files",
+                g.dirs_created, g.nodes
+            )?;
+        } else if g.dirs_created > 0 {
             write!(
                 f,
                 "; {} directories created 0700, owned by the restoring user (directory modes \
@@ -329,6 +395,7 @@ pub async fn run(
     let ending = result.as_ref().err().map(RestoreError::ending);
     let report = RestoreReport {
         figures: stats.snapshot(started.elapsed()),
+        snapshot: stats.snapshot_id.get().cloned(),
         to: opts.to.clone(),
         dry_run: opts.dry_run,
         error: result.err().map(|e| e.to_string()),
@@ -360,6 +427,19 @@ struct Job {
     version_id: Option<String>,
     /// The manifest's entry for this key, if any.
     record: Option<ManifestEntry>,
+    /// From a snapshot: where it goes and what it was.
+    snap: Option<Box<SnapFile>>,
+}
+
+/// A file as a snapshot records it: the reference its bytes are checked against, and the
+/// metadata it gets (the snapshot's, not the object's).
+#[derive(Debug)]
+struct SnapFile {
+    rel: PathBuf,
+    meta: ObjectMeta,
+    sha256: Option<[u8; 32]>,
+    /// No version named (an unversioned bucket): the object may have changed since.
+    unversioned: bool,
 }
 
 /// The restore over any store. Figures go to `stats` as they happen.
@@ -376,6 +456,80 @@ pub async fn restore<S: ObjectStore>(
     };
     check_target(&opts.to)?;
 
+    let stop = Stop::on_signals("downloads in flight cancelled, files already restored kept")
+        .map_err(|e| RestoreError::Target {
+            path: opts.to.display().to_string(),
+            why: format!("cannot listen for SIGTERM/SIGINT: {e}"),
+        })?;
+    let fetched = match tree::choose(store.as_ref(), config, opts).await? {
+        tree::Source::Snapshot(fetched) => fetched,
+        tree::Source::Listing => {
+            return restore_listing(config, opts, store, stats, prefix, sub, &stop).await
+        }
+    };
+    let _ = stats.snapshot_id.set(fetched.header.id.clone());
+    let target = open_target(opts)?;
+    let ctx = Ctx::new(opts, store, stats.clone(), prefix, target.clone());
+    let pass = Arc::new(tree::Pass {
+        stats: stats.clone(),
+        target: target.clone(),
+        to: opts.to.clone(),
+        sub,
+        dry_run: opts.dry_run,
+        overwrite: opts.overwrite,
+        as_root: ctx.as_root,
+        devices: opts.devices,
+        next_tmp: ctx.next_tmp.clone(),
+    });
+    let fetched: Arc<crate::snapshot::Fetched> = Arc::from(fetched);
+    let concurrency = config.transfer.concurrency.0.max(1);
+    // Files (and directories, symlinks, special files) first; then hard links to them; then
+    // each directory's own metadata.
+    for links in [false, true] {
+        let (tx, rx) = mpsc::channel::<Result<Job, StoreError>>(JOBS_AHEAD);
+        let (p, f) = (pass.clone(), fetched.clone());
+        let producer = tokio::task::spawn_blocking(move || match links {
+            false => p.first(&f, &tx),
+            true => p.links(&f, &tx),
+        });
+        let done = run_jobs(ctx.clone(), rx, concurrency, opts, &stop).await;
+        let produced = producer.await.expect("the snapshot's reader panicked");
+        done?;
+        produced?;
+    }
+    let (p, f) = (pass.clone(), fetched.clone());
+    tokio::task::spawn_blocking(move || p.dir_meta(&f))
+        .await
+        .expect("the snapshot's reader panicked")?;
+    if let Some(t) = target.filter(|t| t.dirs_created() > 0) {
+        stats.dirs_created.fetch_add(t.dirs_created(), Relaxed);
+    }
+    Ok(())
+}
+
+/// The target directory, created unless this is a dry run (whose target may not exist).
+fn open_target(opts: &RestoreOptions) -> Result<Option<Arc<Target>>, RestoreError> {
+    match Target::open(&opts.to, !opts.dry_run) {
+        Ok(t) => Ok(Some(Arc::new(t))),
+        Err(e) if opts.dry_run && e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(RestoreError::Target {
+            path: opts.to.display().to_string(),
+            why: format!("cannot create or open it: {e}"),
+        }),
+    }
+}
+
+/// Every object under the path (or each one's version at `--as-of`): the restore before
+/// snapshots, and with `--include-deleted`.
+async fn restore_listing<S: ObjectStore>(
+    config: &Config,
+    opts: &RestoreOptions,
+    store: Arc<S>,
+    stats: Arc<RestoreStats>,
+    prefix: String,
+    sub: String,
+    stop: &Stop,
+) -> Result<(), RestoreError> {
     // The manifest's SHA-256s are the strongest check there is (they cover multipart objects
     // too); on another host the bucket's copy of it is used (read, not installed: a restore
     // leaves the backup's state alone), and without either the objects' own checksums have to do.
@@ -395,34 +549,14 @@ pub async fn restore<S: ObjectStore>(
         .next_page()
         .await
         .map_err(|e| listing_error(e, opts.as_of_ns.is_some()))?;
-    let target = match Target::open(&opts.to, !opts.dry_run) {
-        Ok(t) => Some(Arc::new(t)),
-        Err(e) if opts.dry_run && e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => {
-            return Err(RestoreError::Target {
-                path: opts.to.display().to_string(),
-                why: format!("cannot create or open it: {e}"),
-            })
-        }
-    };
+    let target = open_target(opts)?;
 
     let (tx, rx) = mpsc::channel::<Result<Job, StoreError>>(JOBS_AHEAD);
     let producer = tokio::spawn(produce(pager, first, sub, manifest, stats.clone(), tx));
 
-    let ctx = Arc::new(Ctx {
-        store,
-        stats: stats.clone(),
-        prefix,
-        target: target.clone(),
-        to: opts.to.clone(),
-        overwrite: opts.overwrite,
-        dry_run: opts.dry_run,
-        as_root: nix::unistd::geteuid().is_root(),
-        keep_setid: opts.keep_setid,
-        next_tmp: AtomicU64::new(0),
-    });
+    let ctx = Ctx::new(opts, store, stats.clone(), prefix, target.clone());
     let concurrency = config.transfer.concurrency.0.max(1);
-    let result = run_jobs(ctx, rx, concurrency, opts).await;
+    let result = run_jobs(ctx, rx, concurrency, opts, stop).await;
     producer.abort();
     if let Some(t) = target.filter(|t| t.dirs_created() > 0) {
         stats.dirs_created.store(t.dirs_created(), Relaxed);
@@ -437,13 +571,9 @@ async fn run_jobs<S: ObjectStore>(
     mut rx: mpsc::Receiver<Result<Job, StoreError>>,
     concurrency: usize,
     opts: &RestoreOptions,
+    stop: &Stop,
 ) -> Result<(), RestoreError> {
-    let stop = Stop::on_signals("downloads in flight cancelled, files already restored kept")
-        .map_err(|e| RestoreError::Target {
-            path: opts.to.display().to_string(),
-            why: format!("cannot listen for SIGTERM/SIGINT: {e}"),
-        })?
-        .signalled();
+    let stop = stop.clone().signalled();
     tokio::pin!(stop);
     let mut running: JoinSet<Result<(), StoreError>> = JoinSet::new();
     let mut listing_done = false;
@@ -647,6 +777,7 @@ async fn produce<S: ObjectStore>(
                         size,
                         version_id,
                         record,
+                        snap: None,
                     };
                     if tx.send(Ok(job)).await.is_err() {
                         return;
@@ -675,7 +806,30 @@ struct Ctx<S> {
     dry_run: bool,
     as_root: bool,
     keep_setid: bool,
-    next_tmp: AtomicU64,
+    next_tmp: Arc<AtomicU64>,
+}
+
+impl<S> Ctx<S> {
+    fn new(
+        opts: &RestoreOptions,
+        store: Arc<S>,
+        stats: Arc<RestoreStats>,
+        prefix: String,
+        target: Option<Arc<Target>>,
+    ) -> Arc<Ctx<S>> {
+        Arc::new(Ctx {
+            store,
+            stats,
+            prefix,
+            target,
+            to: opts.to.clone(),
+            overwrite: opts.overwrite,
+            dry_run: opts.dry_run,
+            as_root: nix::unistd::geteuid().is_root(),
+            keep_setid: opts.keep_setid,
+            next_tmp: Arc::new(AtomicU64::new(0)),
+        })
+    }
 }
 
 /// What one attempt at a file ran into.
@@ -710,13 +864,14 @@ impl<S: ObjectStore> Ctx<S> {
     /// Restores one object. `Err` only for a fatal store error; everything else is counted.
     async fn restore_one(self: Arc<Self>, job: Job) -> Result<(), StoreError> {
         let full_key = format!("{}{}", self.prefix, job.key);
-        if job.key.is_empty() || job.key.ends_with('/') {
+        if job.snap.is_none() && (job.key.is_empty() || job.key.ends_with('/')) {
             self.stats.skipped(&full_key);
             return Ok(());
         }
         // A key without '%' was not escaped, so its path is known without a request: an existing
-        // file costs nothing, which is what makes a rerun after an interruption quick.
-        let may_be_escaped = job.key.contains('%');
+        // file costs nothing, which is what makes a rerun after an interruption quick. A
+        // snapshot names every path.
+        let may_be_escaped = job.snap.is_none() && job.key.contains('%');
         if !may_be_escaped || self.dry_run {
             let raw = if may_be_escaped {
                 match self.store.head(&full_key).await {
@@ -727,8 +882,12 @@ impl<S: ObjectStore> Ctx<S> {
             } else {
                 None
             };
-            let Some(rel) = self.rel(&job.key, &full_key, raw.as_deref()) else {
-                return Ok(());
+            let rel = match &job.snap {
+                Some(snap) => snap.rel.clone(),
+                None => match self.rel(&job.key, &full_key, raw.as_deref()) {
+                    Some(rel) => rel,
+                    None => return Ok(()),
+                },
             };
             match self.exists(&rel) {
                 Ok(true) if !self.overwrite => {
@@ -810,16 +969,31 @@ impl<S: ObjectStore> Ctx<S> {
     ) -> Result<(), Failure> {
         let version = job.version_id.as_deref();
         let Some(download) = self.store.get(full_key, version).await? else {
-            self.stats.file_error(
-                full_key,
-                FileErrorKind::Missing,
-                &"listed, but gone when it was downloaded",
-            );
+            let why = match (&job.snap, version) {
+                (Some(_), Some(v)) => format!(
+                    "the version the snapshot names ({}) is gone from the bucket (a lifecycle \
+                     rule on noncurrent versions?); an older snapshot, or --include-deleted, may \
+                     find another",
+                    shown(v)
+                ),
+                (Some(_), None) => "the snapshot names it, but the bucket has no such object \
+                                    (deleted by hand or by a lifecycle rule?)"
+                    .to_owned(),
+                (None, _) => "listed, but gone when it was downloaded".to_owned(),
+            };
+            self.stats
+                .file_error(full_key, FileErrorKind::Missing, &why);
             return Err(Failure::Counted);
         };
-        let raw = download.meta.get(META_RAW_PATH).cloned();
-        let Some(rel) = self.rel(&job.key, full_key, raw.as_deref()) else {
-            return Err(Failure::Counted);
+        let rel = match &job.snap {
+            Some(snap) => snap.rel.clone(),
+            None => {
+                let raw = download.meta.get(META_RAW_PATH).cloned();
+                match self.rel(&job.key, full_key, raw.as_deref()) {
+                    Some(rel) => rel,
+                    None => return Err(Failure::Counted),
+                }
+            }
         };
         if may_be_escaped && !self.overwrite && self.exists(&rel)? {
             self.stats
@@ -827,14 +1001,26 @@ impl<S: ObjectStore> Ctx<S> {
             return Err(Failure::Counted);
         }
         let meta = ObjectMeta::from_map(&download.meta);
+        let stored = Stored::parse(download.checksum_sha256.as_deref());
         let reference = Reference::new(
-            check::manifest_sha(job.record.as_ref(), download.size, meta.as_ref()),
-            Stored::parse(download.checksum_sha256.as_deref()),
+            match &job.snap {
+                Some(snap) => snap.sha256,
+                None => check::manifest_sha(job.record.as_ref(), download.size, meta.as_ref()),
+            },
+            stored,
             download.etag_md5,
         );
+        // Without a version, an object that changed since the snapshot is not corrupt: it is
+        // newer, which its own checksum tells (`write`).
+        let newer_check = job
+            .snap
+            .as_ref()
+            .filter(|s| s.unversioned && s.sha256.is_some())
+            .map(|_| Reference::new(None, stored, download.etag_md5));
         // The composite checksum needs the part boundaries: one HEAD, only when nothing better
         // covers the object.
-        let layout = if reference.manifest.is_none() && reference.stored.is_composite() {
+        let needs_layout = reference.manifest.is_none() || newer_check.is_some();
+        let layout = if needs_layout && reference.stored.is_composite() {
             match self.store.part_layout(full_key, version).await {
                 Ok(l) => l,
                 Err(e) if e.is_fatal() => return Err(Failure::Fatal(e)),
@@ -869,10 +1055,29 @@ impl<S: ObjectStore> Ctx<S> {
         }));
         let owned = ObjectMeta::from_map(&download.meta).is_some();
         let why_unverified = check::why_unverified(&reference, layout.is_some());
-        let (verdict, bytes) = self
-            .write(&rel, full_key, download, (reference, layout), meta, owned)
+        // From a snapshot, the snapshot's metadata (nightcopy's own, so the owner too); the
+        // object's only for bytes newer than the snapshot.
+        let (meta, owned, newer) = match &job.snap {
+            Some(snap) => {
+                let newer = newer_check.map(|r| (r, meta.or(Some(snap.meta.clone()))));
+                (Some(snap.meta.clone()), true, newer)
+            }
+            None => (meta, owned, None),
+        };
+        let (verdict, bytes, was_newer) = self
+            .write(
+                &rel,
+                full_key,
+                download,
+                (reference, layout),
+                (meta, newer),
+                owned,
+            )
             .await?;
         let target = self.shown_path(&rel);
+        if was_newer {
+            self.stats.newer(&target, full_key);
+        }
         self.stats
             .restored(&target, full_key, bytes, &verdict, why_unverified);
         Ok(())
@@ -884,9 +1089,9 @@ impl<S: ObjectStore> Ctx<S> {
         full_key: &str,
         download: Download,
         (reference, layout): (Reference, Option<crate::store::PartLayout>),
-        meta: Option<ObjectMeta>,
+        (meta, newer): (Option<ObjectMeta>, Option<(Reference, Option<ObjectMeta>)>),
         owned: bool,
-    ) -> Result<(Verdict, u64), Failure> {
+    ) -> Result<(Verdict, u64, bool), Failure> {
         let local = |what: &str, e: io::Error| Failure::Local(format!("{what}: {e}"));
         let target = self.target.clone().expect("only a dry run has no target");
         let name = rel.file_name().expect("a target has a name").to_owned();
@@ -904,7 +1109,8 @@ impl<S: ObjectStore> Ctx<S> {
 
         let mut out =
             tokio::io::BufWriter::with_capacity(WRITE_BUF, tokio::fs::File::from_std(file));
-        let mut hasher = StreamHasher::new(download.size, layout).with_md5(reference.md5.is_some());
+        let md5 = reference.md5.is_some() || newer.as_ref().is_some_and(|n| n.0.md5.is_some());
+        let mut hasher = StreamHasher::new(download.size, layout).with_md5(md5);
         let mut body = download.body;
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
@@ -922,7 +1128,17 @@ impl<S: ObjectStore> Ctx<S> {
                 digests.bytes, download.size
             ))));
         }
-        let verdict = check::judge(&reference, &digests);
+        let mut verdict = check::judge(&reference, &digests);
+        let mut meta = meta;
+        let mut was_newer = false;
+        if let (Verdict::Mismatch { against, .. }, Some((own, own_meta))) = (&verdict, newer) {
+            if *against == check::MANIFEST {
+                let again = check::judge(&own, &digests);
+                if !matches!(again, Verdict::Mismatch { .. }) {
+                    (verdict, meta, was_newer) = (again, own_meta, true);
+                }
+            }
+        }
         if let Verdict::Mismatch {
             against,
             expected,
@@ -951,7 +1167,7 @@ impl<S: ObjectStore> Ctx<S> {
         match placed {
             Ok(()) => {
                 tmp.disarm();
-                Ok((verdict, digests.bytes))
+                Ok((verdict, digests.bytes, was_newer))
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 self.stats

@@ -62,7 +62,8 @@ pub fn target_rel(key: &str, raw_path: Option<&str>) -> Result<PathBuf, BadKey> 
     }
 }
 
-fn checked(bytes: &[u8], key: &str) -> Result<PathBuf, BadKey> {
+/// `bytes` as a path of plain components below the target, or `BadKey` naming `key`.
+pub fn checked(bytes: &[u8], key: &str) -> Result<PathBuf, BadKey> {
     let mut out = PathBuf::new();
     for part in bytes.split(|&b| b == b'/') {
         if part.is_empty() || part == b"." || part == b".." || part.contains(&0) {

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, renameat, renameat2, OFlag, RenameFlags};
-use nix::sys::stat::{fstatat, mkdirat, Mode};
+use nix::sys::stat::{fstatat, mkdirat, Mode, SFlag};
 use nix::unistd::{linkat, unlinkat, UnlinkatFlags};
 
 use crate::keys::shown;
@@ -190,6 +190,131 @@ impl Dir {
             }
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// How a symlink, FIFO or device node is given its owner and mtime: by name within its
+/// directory, never following it.
+pub struct NodeMeta {
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    /// Only root can give a file to someone else.
+    pub chown: bool,
+}
+
+impl Dir {
+    /// Creates directory `name` (0700, as every directory is until its own metadata is set at
+    /// the end); `Ok(false)` when one is there already. Anything else at the name is an error.
+    pub fn mkdir(&self, name: &OsStr) -> Result<bool, PlaceError> {
+        match mkdirat(self.fd.as_fd(), name, Mode::S_IRWXU) {
+            Ok(()) => Ok(true),
+            Err(Errno::EEXIST) => match openat(self.fd.as_fd(), name, dir_flags(), Mode::empty()) {
+                Ok(_) => Ok(false),
+                Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                    Err(PlaceError::NotADirectory(self.path.join(name)))
+                }
+                Err(e) => Err(PlaceError::Io(self.path.join(name), e.into())),
+            },
+            Err(e) => Err(PlaceError::Io(self.path.join(name), e.into())),
+        }
+    }
+
+    /// Opens directory `name` itself (not following a symlink), to set its metadata.
+    pub fn open_dir(&self, name: &OsStr) -> Result<File, PlaceError> {
+        match openat(self.fd.as_fd(), name, dir_flags(), Mode::empty()) {
+            Ok(fd) => Ok(File::from(fd)),
+            Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                Err(PlaceError::NotADirectory(self.path.join(name)))
+            }
+            Err(e) => Err(PlaceError::Io(self.path.join(name), e.into())),
+        }
+    }
+
+    /// Creates a symlink at `name` holding `target` (bytes as recorded: never resolved, never
+    /// followed, by this or by anything later in the restore — every later open below the target
+    /// is `O_NOFOLLOW`). Made under a temp name and renamed into place, so `overwrite` replaces
+    /// what is there atomically and, without it, an existing name is never replaced.
+    pub fn symlink(
+        &self,
+        tmp: &OsStr,
+        name: &OsStr,
+        target: &OsStr,
+        meta: &NodeMeta,
+        overwrite: bool,
+    ) -> io::Result<()> {
+        nix::unistd::symlinkat(target, self.fd.as_fd(), tmp)?;
+        let done = self
+            .node_meta(tmp, meta)
+            .and_then(|()| self.place(tmp, name, overwrite));
+        if done.is_err() {
+            let _ = self.remove(tmp);
+        }
+        done
+    }
+
+    /// Creates a FIFO or (as root, when asked) a device node at `name`, like [`Dir::symlink`].
+    pub fn node(
+        &self,
+        tmp: &OsStr,
+        name: &OsStr,
+        (kind, perm, rdev): (SFlag, u32, u64),
+        meta: &NodeMeta,
+        overwrite: bool,
+    ) -> io::Result<()> {
+        nix::sys::stat::mknodat(
+            self.fd.as_fd(),
+            tmp,
+            kind,
+            Mode::from_bits_truncate(perm & 0o777),
+            rdev,
+        )?;
+        let done = self
+            .node_meta(tmp, meta)
+            .and_then(|()| self.place(tmp, name, overwrite));
+        if done.is_err() {
+            let _ = self.remove(tmp);
+        }
+        done
+    }
+
+    /// Owner and mtime of the node at `name` itself (`AT_SYMLINK_NOFOLLOW`).
+    fn node_meta(&self, name: &OsStr, meta: &NodeMeta) -> io::Result<()> {
+        if meta.chown {
+            nix::unistd::fchownat(
+                self.fd.as_fd(),
+                name,
+                Some(nix::unistd::Uid::from_raw(meta.uid)),
+                Some(nix::unistd::Gid::from_raw(meta.gid)),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )?;
+        }
+        let t = nix::sys::time::TimeSpec::from_duration(
+            crate::fsutil::system_time(meta.mtime_ns)
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        nix::sys::stat::utimensat(
+            self.fd.as_fd(),
+            name,
+            &nix::sys::time::TimeSpec::UTIME_OMIT,
+            &t,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )?;
+        Ok(())
+    }
+
+    /// Links `name` here to `existing` in `from` (a hard link; `linkat` without
+    /// `AT_SYMLINK_FOLLOW`, so a symlink at `existing` is linked itself, never what it points at).
+    /// Never replaces an existing name.
+    pub fn link_from(&self, from: &Dir, existing: &OsStr, name: &OsStr) -> io::Result<()> {
+        Ok(linkat(
+            from.fd.as_fd(),
+            existing,
+            self.fd.as_fd(),
+            name,
+            nix::fcntl::AtFlags::empty(),
+        )?)
     }
 }
 
