@@ -377,6 +377,7 @@ mod tests {
                 None => b64(d),
             }),
             etag_md5: None,
+            version_id: None,
         }
     }
 
@@ -620,6 +621,7 @@ mod tests {
             size: 4,
             mtime_ns: 77,
             sha256: Some([9; 32]),
+            version: None,
         };
         let meta = |mtime_ns| ObjectMeta {
             mtime_ns,

@@ -202,6 +202,7 @@ pub(crate) mod tests {
             size: 1,
             mtime_ns: 1,
             sha256: None,
+            version: None,
         }
     }
 

@@ -55,9 +55,10 @@ struct Limits {
     /// Preamble and manifest together, once inflated.
     decompressed: u64,
     /// One line of the manifest, newline included. An entry is a key (S3 allows 1,024 bytes,
-    /// prefix included), two numbers and a hex SHA-256: at most about 1,130 bytes; the header
-    /// names the destination (endpoint, bucket, prefix). 8 KiB leaves room for all of that, and
-    /// is what the reader holds of a line that has no end.
+    /// prefix included), two numbers, a hex SHA-256 and an object version (at most 1,024 bytes;
+    /// S3's are 32): at most about 2,160 bytes; the header names the destination (endpoint,
+    /// bucket, prefix). 8 KiB leaves room for all of that, and is what the reader holds of a
+    /// line that has no end.
     line: usize,
 }
 
@@ -550,6 +551,7 @@ mod tests {
                 size: i,
                 mtime_ns: i as i64,
                 sha256: Some([i as u8; 32]),
+                version: None,
             })
             .unwrap();
         }

@@ -123,6 +123,7 @@ fn decide(
                 size: entry.size,
                 mtime_ns: entry.mtime_ns,
                 sha256: None,
+                version: None,
             }),
         },
     }
@@ -187,6 +188,7 @@ mod tests {
             size,
             mtime_ns,
             sha256: Some([1; 32]),
+            version: None,
         }
     }
 

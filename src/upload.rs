@@ -518,7 +518,7 @@ impl<S: ObjectStore> Uploader<S> {
         };
         let key = format!("{}{}", self.prefix, entry.key);
         let class = self.class_for(before.size);
-        let (sha256, composite) = match (small, file) {
+        let (sha256, composite, version) = match (small, file) {
             (Some((data, sha256, after)), _) => {
                 let body = Body::Bytes(Bytes::from(data));
                 let checked = Checked {
@@ -526,13 +526,18 @@ impl<S: ObjectStore> Uploader<S> {
                     before,
                     after,
                 };
-                (self.put(&key, body, checked, meta, class).await?, None)
+                let (sha256, version) = self.put(&key, body, checked, meta, class).await?;
+                (sha256, None, version)
             }
             (None, Some(file)) if before.size > self.threshold => {
-                let (whole, composite) = self.multipart(&key, file, before, &meta, class).await?;
-                (whole, Some(composite))
+                let (whole, composite, version) =
+                    self.multipart(&key, file, before, &meta, class).await?;
+                (whole, Some(composite), version)
             }
-            (None, Some(file)) => (self.streamed(&key, file, before, meta, class).await?, None),
+            (None, Some(file)) => {
+                let (sha256, version) = self.streamed(&key, file, before, meta, class).await?;
+                (sha256, None, version)
+            }
             (None, None) => unreachable!("a file is either read or handed back"),
         };
         let record = ManifestEntry {
@@ -540,6 +545,7 @@ impl<S: ObjectStore> Uploader<S> {
             size: before.size,
             mtime_ns: before.mtime_ns,
             sha256: Some(sha256),
+            version,
         };
         Ok((record, composite))
     }
@@ -553,7 +559,7 @@ impl<S: ObjectStore> Uploader<S> {
         before: Fingerprint,
         meta: ObjectMeta,
         class: Option<StorageClass>,
-    ) -> Result<[u8; 32], Failure> {
+    ) -> Result<([u8; 32], Option<String>), Failure> {
         let file = Arc::new(file);
         let reader = file.clone();
         let (sha256, after) = blocking(move || {
@@ -583,7 +589,8 @@ impl<S: ObjectStore> Uploader<S> {
         self.put(key, body, checked, meta, class).await
     }
 
-    /// One PUT of what was read, unless the file changed while it was read.
+    /// One PUT of what was read, unless the file changed while it was read: the SHA-256 sent and
+    /// the version S3 gave the object.
     async fn put(
         &self,
         key: &str,
@@ -591,7 +598,7 @@ impl<S: ObjectStore> Uploader<S> {
         checked: Checked,
         meta: ObjectMeta,
         storage_class: Option<StorageClass>,
-    ) -> Result<[u8; 32], Failure> {
+    ) -> Result<([u8; 32], Option<String>), Failure> {
         let Checked {
             sha256,
             before,
@@ -604,7 +611,8 @@ impl<S: ObjectStore> Uploader<S> {
         }
         let _slot = self.requests.acquire().await.expect("never closed");
         self.throttle(before.size).await;
-        self.store
+        let version = self
+            .store
             .put(PutRequest {
                 key: key.to_owned(),
                 body,
@@ -614,7 +622,7 @@ impl<S: ObjectStore> Uploader<S> {
             })
             .await?;
         self.stats.sent(before.size);
-        Ok(sha256)
+        Ok((sha256, version))
     }
 
     async fn multipart(
@@ -624,7 +632,7 @@ impl<S: ObjectStore> Uploader<S> {
         before: Fingerprint,
         meta: &ObjectMeta,
         class: Option<StorageClass>,
-    ) -> Result<([u8; 32], [u8; 32]), Failure> {
+    ) -> Result<([u8; 32], [u8; 32], Option<String>), Failure> {
         let target = match self.resumable(key, before).await? {
             Some(target) => target,
             None => {
@@ -756,14 +764,15 @@ impl<S: ObjectStore> Uploader<S> {
     }
 
     /// Sends the file's parts, at most one per request slot and within the part budget, reusing
-    /// those the upload already holds; returns the file's SHA-256 and the upload's composite.
+    /// those the upload already holds; returns the file's SHA-256, the upload's composite and
+    /// the object's version.
     async fn parts(
         &self,
         key: &str,
         target: &Target,
         file: File,
         before: Fingerprint,
-    ) -> Result<([u8; 32], [u8; 32]), Failure> {
+    ) -> Result<([u8; 32], [u8; 32], Option<String>), Failure> {
         let mut parts = Parts::new(file);
         let (mut offset, mut number) = (0u64, 0i32);
         while offset < before.size {
@@ -849,7 +858,7 @@ impl<S: ObjectStore> Uploader<S> {
         target: &Target,
         mut parts: Parts,
         before: Fingerprint,
-    ) -> Result<([u8; 32], [u8; 32]), Failure> {
+    ) -> Result<([u8; 32], [u8; 32], Option<String>), Failure> {
         while let Some(r) = parts.in_flight.join_next().await {
             parts.done.push(r.expect("part task panicked")?);
         }
@@ -862,7 +871,8 @@ impl<S: ObjectStore> Uploader<S> {
         let mut done = parts.done;
         done.sort_by_key(|p| p.number);
         let composite = crate::integrity::composite_of(done.iter().map(|p| &p.sha256));
-        self.store
+        let version = self
+            .store
             .complete_multipart(key, &target.upload_id, done)
             .await?;
         if !target.listed.is_empty() {
@@ -870,7 +880,8 @@ impl<S: ObjectStore> Uploader<S> {
             self.stats
                 .resumed(key, parts.reused_parts, reused, before.size - reused);
         }
-        Ok((parts.whole.expect("hasher").finalize().into(), composite))
+        let whole = parts.whole.expect("hasher").finalize().into();
+        Ok((whole, composite, version))
     }
 
     /// `f`, unless a stop is requested first.
@@ -1120,6 +1131,30 @@ mod tests {
             .map(|c| (c.class.as_str(), c.files))
             .collect();
         assert_eq!(split, [("STANDARD", 1), ("DEEP_ARCHIVE", 2)]);
+    }
+
+    #[test]
+    fn the_record_names_the_version_each_upload_made() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Arc::new(MemoryStore::default().keeping_versions());
+        let u = uploader(&store, t.path());
+        // A PUT from memory, a PUT streamed from the file, and a multipart upload.
+        for (name, len) in [("small", 1000u64), ("large", 3 * MIB), ("multi", 9 * MIB)] {
+            let path = t.path().join(name);
+            std::fs::write(&path, data(len)).unwrap();
+            let Upload::Stored(record, _) = run(&u, entry_for(&path, name)) else {
+                panic!("{name} not stored");
+            };
+            let object = store.object(&format!("p/{name}")).unwrap();
+            assert!(object.version_id.is_some(), "{name}");
+            assert_eq!(record.version, object.version_id, "{name}");
+        }
+        let plain = Arc::new(MemoryStore::default());
+        let u = uploader(&plain, t.path());
+        let Upload::Stored(record, _) = run(&u, entry_for(&t.path().join("small"), "small")) else {
+            panic!("not stored");
+        };
+        assert_eq!(record.version, None, "an unversioned bucket gives none");
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //! when the run completes; a trailer with the entry count and a SHA-256 of everything before it
 //! lets a torn or edited file be detected and ignored (the run then falls back to the listing).
 //!
-//! Keys never contain control characters (see `keys`), so a line per entry is unambiguous.
+//! Keys never contain control characters (see `keys`), so a line per entry is unambiguous. A
+//! line is `key`, size, mtime, SHA-256 (hex, or `-`) and, where the bucket keeps versions, the
+//! object version that holds those bytes, separated by tabs; a manifest written before versions
+//! were recorded has four fields on every line and reads as it did.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Seek, Write};
@@ -27,13 +30,24 @@ pub struct ManifestEntry {
     pub mtime_ns: i64,
     /// None when the entry was adopted from the listing without an upload (no manifest yet).
     pub sha256: Option<[u8; 32]>,
+    /// The object version that holds these bytes, where the bucket keeps versions (from the
+    /// upload's reply, carried forward while the file is unchanged); printable ASCII
+    /// (`store::is_version_id`).
+    pub version: Option<String>,
 }
 
 impl ManifestEntry {
     /// The entry as one line of the manifest (also how a distributed run spools it).
     pub fn to_line(&self) -> String {
         let sha = self.sha256.map_or_else(|| "-".to_owned(), hex::encode);
-        format!("{}\t{}\t{}\t{}\n", self.key, self.size, self.mtime_ns, sha)
+        let (tab, version) = match &self.version {
+            Some(v) => ("\t", v.as_str()),
+            None => ("", ""),
+        };
+        format!(
+            "{}\t{}\t{}\t{sha}{tab}{version}\n",
+            self.key, self.size, self.mtime_ns
+        )
     }
 
     pub fn parse(line: &str) -> Option<ManifestEntry> {
@@ -47,11 +61,17 @@ impl ManifestEntry {
         } else {
             Some(hex::decode(sha).ok()?.try_into().ok()?)
         };
+        let version = match f.next() {
+            None => None,
+            Some(v) if crate::store::is_version_id(v) => Some(v.to_owned()),
+            Some(_) => return None,
+        };
         f.next().is_none().then_some(ManifestEntry {
             key,
             size,
             mtime_ns,
             sha256,
+            version,
         })
     }
 }
@@ -338,7 +358,47 @@ mod tests {
             size: 42,
             mtime_ns: -5,
             sha256: sha.then_some([7; 32]),
+            version: None,
         }
+    }
+
+    #[test]
+    fn a_line_has_four_fields_or_five_with_a_version() {
+        let old = "a b\t42\t-5\t".to_owned() + &"07".repeat(32);
+        let parsed = ManifestEntry::parse(&old).expect("a line without a version");
+        assert_eq!(parsed, e("a b", true));
+        assert_eq!(
+            parsed.to_line(),
+            format!("{old}\n"),
+            "written as it was read"
+        );
+
+        let adopted = ManifestEntry::parse("k\t1\t2\t-").unwrap();
+        assert_eq!((adopted.sha256, adopted.version), (None, None));
+
+        let v = "3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY+MTRCxf3vjVBH40Nr8X8gdRQBpUMLUo";
+        let with = ManifestEntry::parse(&format!("{old}\t{v}")).expect("five fields");
+        assert_eq!(with.version.as_deref(), Some(v));
+        assert_eq!(with.to_line(), format!("{old}\t{v}\n"));
+        assert_eq!(ManifestEntry::parse(with.to_line().trim_end()), Some(with));
+
+        let longest = "v".repeat(1024);
+        assert!(ManifestEntry::parse(&format!("{old}\t{longest}")).is_some());
+        for bad in [
+            String::new(),
+            "v".repeat(1025),
+            "\u{1b}[2J".into(),
+            "caf\u{e9}".into(),
+            "v\u{7f}".into(),
+            "v\tw".into(),
+        ] {
+            assert_eq!(
+                ManifestEntry::parse(&format!("{old}\t{bad}")),
+                None,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(ManifestEntry::parse("k\t1\t2"), None, "three fields");
     }
 
     #[test]
@@ -346,7 +406,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         assert!(open(d.path(), "x", STEP).unwrap().is_none());
         let mut w = Writer::create(d.path(), "dest|b|p/").unwrap();
-        let entries = [e("a b", true), e("a/b", false), e("z%FF", true)];
+        let mut versioned = e("z%FF", true);
+        versioned.version = Some("v1".into());
+        let entries = [e("a b", true), e("a/b", false), versioned];
         for x in &entries {
             w.push(x).unwrap();
         }

@@ -7,6 +7,11 @@
 //! PUT and part (a wrong one is `DigestMismatch`), composite `…-N` checksums for multipart
 //! objects, metadata kept as given. Objects can also be inserted with any checksum and part
 //! layout, to test how a reader judges them.
+//!
+//! Versions are kept only when asked for ([`MemoryStore::keeping_versions`]): then every write
+//! gets a version id (`v1`, `v2` …) that put, complete and head return, and `get` of an older
+//! version gives its bytes. By default it is an unversioned bucket: no version ids, and `get`
+//! gives the current object whatever version is asked for. (ListObjectVersions is not modelled.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -51,6 +56,8 @@ pub struct Object {
     pub last_modified_ns: i64,
     /// As it was sent; `None` for the bucket's default.
     pub storage_class: Option<String>,
+    /// Set by a store that keeps versions.
+    pub version_id: Option<String>,
 }
 
 impl Object {
@@ -64,6 +71,7 @@ impl Object {
             layout: None,
             last_modified_ns: 0,
             storage_class: None,
+            version_id: None,
         }
     }
 }
@@ -77,6 +85,8 @@ struct Upload {
 
 pub struct MemoryStore {
     objects: Mutex<BTreeMap<String, Object>>,
+    /// Every version written, by key and version id, when versions are kept.
+    versions: Option<Mutex<BTreeMap<(String, String), Object>>>,
     uploads: Mutex<HashMap<String, Upload>>,
     counts: Mutex<BTreeMap<Op, usize>>,
     /// Keys per listing page (S3's is 1,000).
@@ -102,6 +112,7 @@ impl MemoryStore {
     pub fn new(page_size: usize) -> MemoryStore {
         MemoryStore {
             objects: Mutex::default(),
+            versions: None,
             uploads: Mutex::default(),
             counts: Mutex::default(),
             page_size: page_size.max(1),
@@ -109,6 +120,12 @@ impl MemoryStore {
             clock: AtomicU64::new(1),
             next_upload: AtomicU64::new(1),
         }
+    }
+
+    /// The same store, keeping every version of every object written from now on.
+    pub fn keeping_versions(mut self) -> MemoryStore {
+        self.versions = Some(Mutex::default());
+        self
     }
 
     pub fn insert(&self, key: &str, object: Object) {
@@ -137,9 +154,21 @@ impl MemoryStore {
         *self.counts.lock().unwrap().entry(op).or_default() += 1;
     }
 
-    fn store(&self, key: &str, mut object: Object) {
-        object.last_modified_ns = self.clock.fetch_add(1, Relaxed) as i64;
+    /// Stores a write; returns its version id when versions are kept.
+    fn store(&self, key: &str, mut object: Object) -> Option<String> {
+        let tick = self.clock.fetch_add(1, Relaxed);
+        object.last_modified_ns = tick as i64;
+        if let Some(versions) = &self.versions {
+            let id = format!("v{tick}");
+            object.version_id = Some(id.clone());
+            versions
+                .lock()
+                .unwrap()
+                .insert((key.to_owned(), id), object.clone());
+        }
+        let id = object.version_id.clone();
         self.insert(key, object);
+        id
     }
 }
 
@@ -177,7 +206,7 @@ impl ObjectStore for MemoryStore {
         })
     }
 
-    async fn put(&self, req: PutRequest) -> Result<(), StoreError> {
+    async fn put(&self, req: PutRequest) -> Result<Option<String>, StoreError> {
         self.called(Op::Put);
         let body = match req.body {
             Body::Bytes(b) => b,
@@ -197,7 +226,7 @@ impl ObjectStore for MemoryStore {
                 format!("upload of {} failed: BadDigest", req.key),
             ));
         }
-        self.store(
+        Ok(self.store(
             &req.key,
             Object {
                 body,
@@ -206,9 +235,9 @@ impl ObjectStore for MemoryStore {
                 layout: None,
                 last_modified_ns: 0,
                 storage_class: req.storage_class.map(|c| c.as_str().to_owned()),
+                version_id: None,
             },
-        );
-        Ok(())
+        ))
     }
 
     async fn create_multipart(
@@ -285,7 +314,7 @@ impl ObjectStore for MemoryStore {
         key: &str,
         upload_id: &str,
         parts: Vec<CompletedPart>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<String>, StoreError> {
         self.called(Op::CompleteMultipart);
         let upload = self
             .uploads
@@ -313,7 +342,7 @@ impl ObjectStore for MemoryStore {
             outer.update(sha);
             body.extend_from_slice(data);
         }
-        self.store(
+        Ok(self.store(
             key,
             Object {
                 body: Bytes::from(body),
@@ -325,9 +354,9 @@ impl ObjectStore for MemoryStore {
                     first_part_size,
                 }),
                 last_modified_ns: 0,
+                version_id: None,
             },
-        );
-        Ok(())
+        ))
     }
 
     async fn abort_multipart(&self, _key: &str, upload_id: &str) -> Result<(), StoreError> {
@@ -343,16 +372,25 @@ impl ObjectStore for MemoryStore {
             etag_md5: None,
             meta: o.meta,
             checksum_sha256: o.checksum,
+            version_id: o.version_id,
         }))
     }
 
     async fn get(
         &self,
         key: &str,
-        _version_id: Option<&str>,
+        version_id: Option<&str>,
     ) -> Result<Option<Download>, StoreError> {
         self.called(Op::Get);
-        Ok(self.object(key).map(|o| {
+        let object = match (&self.versions, version_id) {
+            (Some(versions), Some(v)) => versions
+                .lock()
+                .unwrap()
+                .get(&(key.to_owned(), v.to_owned()))
+                .cloned(),
+            _ => self.object(key),
+        };
+        Ok(object.map(|o| {
             let chunks: Vec<Result<Bytes, StoreError>> = (0..o.body.len())
                 .step_by(self.chunk)
                 .map(|at| Ok(o.body.slice(at..(at + self.chunk).min(o.body.len()))))
@@ -458,5 +496,48 @@ mod tests {
             })
         );
         assert_eq!(store.open_uploads(), 0);
+    }
+
+    fn put(store: &MemoryStore, key: &str, body: &'static [u8]) -> Option<String> {
+        block_on(store.put(PutRequest {
+            key: key.into(),
+            body: Body::Bytes(Bytes::from_static(body)),
+            sha256: Sha256::digest(body).into(),
+            meta: ObjectMeta::default(),
+            storage_class: None,
+        }))
+        .unwrap()
+    }
+
+    fn got(store: &MemoryStore, key: &str, version: Option<&str>) -> Vec<u8> {
+        use futures::StreamExt;
+        let d = block_on(store.get(key, version)).unwrap().unwrap();
+        let chunks: Vec<_> = block_on(d.body.collect::<Vec<_>>());
+        chunks
+            .into_iter()
+            .flat_map(|c| c.unwrap().to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn versions_are_kept_only_when_asked_for() {
+        let plain = MemoryStore::default();
+        assert_eq!(put(&plain, "k", b"one"), None);
+        assert_eq!(block_on(plain.head("k")).unwrap().unwrap().version_id, None);
+
+        let store = MemoryStore::default().keeping_versions();
+        let first = put(&store, "k", b"one").expect("a version id");
+        let second = put(&store, "k", b"two").expect("a version id");
+        assert_ne!(first, second);
+        let head = block_on(store.head("k")).unwrap().unwrap();
+        assert_eq!(head.version_id.as_deref(), Some(second.as_str()));
+        assert_eq!(got(&store, "k", Some(&first)), b"one");
+        assert_eq!(got(&store, "k", Some(&second)), b"two");
+        assert_eq!(got(&store, "k", None), b"two");
+        let id = block_on(store.create_multipart("m", &ObjectMeta::default(), None)).unwrap();
+        let sha: [u8; 32] = Sha256::digest(b"abc").into();
+        let part = block_on(store.upload_part("m", &id, 1, Bytes::from_static(b"abc"), sha));
+        let done = block_on(store.complete_multipart("m", &id, vec![part.unwrap()])).unwrap();
+        assert!(done.is_some_and(|v| v != second));
     }
 }

@@ -351,6 +351,37 @@ pub struct HeadInfo {
     pub checksum_sha256: Option<String>,
     /// The MD5 the ETag is, when it is one (see [`etag_md5`]).
     pub etag_md5: Option<[u8; 16]>,
+    /// The current version's id, where the bucket keeps versions ([`version_id`]).
+    pub version_id: Option<String>,
+}
+
+/// The most bytes of a version id nightcopy records (S3's are 32; other servers' differ).
+pub const MAX_VERSION_BYTES: usize = 1024;
+
+/// Whether `id` is a version id nightcopy records: non-empty printable ASCII (no tab or other
+/// control character, so it fits a manifest line and a snapshot entry as it is), at most
+/// [`MAX_VERSION_BYTES`].
+pub fn is_version_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_VERSION_BYTES
+        && id.bytes().all(|b| (b' '..=b'~').contains(&b))
+}
+
+/// The version id a reply names, as nightcopy records it: `None` when there is none, when it is
+/// `null` — what a bucket without versioning, or with versioning suspended, answers; such a
+/// version is replaced by the next PUT of the key, so it protects nothing — and when it is not
+/// one [`is_version_id`] accepts (said at debug level).
+pub fn version_id(raw: Option<String>) -> Option<String> {
+    let id = raw.filter(|v| v != "null")?;
+    if is_version_id(&id) {
+        return Some(id);
+    }
+    tracing::debug!(
+        "a version id that is not printable ASCII of at most {MAX_VERSION_BYTES} bytes was \
+         not recorded: {}",
+        crate::keys::shown(&id)
+    );
+    None
 }
 
 /// The body of a download, chunk by chunk as it arrives: nothing holds a whole object.
@@ -425,7 +456,12 @@ pub trait ObjectStore: Send + Sync + 'static {
         continuation: Option<String>,
     ) -> impl Future<Output = Result<ListPage, StoreError>> + Send;
 
-    fn put(&self, req: PutRequest) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Stores one object; returns the version S3 gave it, where the bucket keeps versions
+    /// ([`version_id`]: none for an unversioned or suspended bucket).
+    fn put(
+        &self,
+        req: PutRequest,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
 
     /// Starts a multipart upload with SHA-256 part checksums; returns the upload id.
     fn create_multipart(
@@ -452,12 +488,13 @@ pub trait ObjectStore: Send + Sync + 'static {
         sha256: [u8; 32],
     ) -> impl Future<Output = Result<CompletedPart, StoreError>> + Send;
 
+    /// Completes an upload; returns the version of the object it made, like [`ObjectStore::put`].
     fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
         parts: Vec<CompletedPart>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
 
     /// Discards the parts of an unfinished upload; an upload that is already gone is not an error.
     fn abort_multipart(
@@ -501,7 +538,26 @@ pub trait ObjectStore: Send + Sync + 'static {
 
 #[cfg(test)]
 mod tests {
-    use super::{ErrorClass, ErrorKind, StoreError};
+    use super::{version_id, ErrorClass, ErrorKind, StoreError};
+
+    #[test]
+    fn only_a_real_version_id_is_recorded() {
+        let v = |s: &str| version_id(Some(s.to_owned()));
+        assert_eq!(version_id(None), None);
+        assert_eq!(
+            v("null"),
+            None,
+            "unversioned or suspended: replaced by the next PUT"
+        );
+        assert_eq!(v(""), None);
+        assert_eq!(v("a\tb"), None);
+        assert_eq!(v("a\u{7f}"), None);
+        assert_eq!(v("é"), None);
+        assert_eq!(v(&"x".repeat(1025)), None);
+        let s3 = "3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY+MTRCxf3vjVBH40Nr8X8gdRQBpUMLUo";
+        assert_eq!(v(s3).as_deref(), Some(s3));
+        assert_eq!(v(&"x".repeat(1024)).map(|s| s.len()), Some(1024));
+    }
 
     #[test]
     fn an_error_is_fatal_as_its_kind_says_unless_made_fatal() {

@@ -337,7 +337,7 @@ impl ObjectStore for S3Store {
         Ok(ListPage { objects, next })
     }
 
-    async fn put(&self, req: PutRequest) -> Result<(), StoreError> {
+    async fn put(&self, req: PutRequest) -> Result<Option<String>, StoreError> {
         let mut keep_open = None;
         let (body, len) = match req.body {
             super::Body::Bytes(b) => {
@@ -362,7 +362,8 @@ impl ObjectStore for S3Store {
             }
         };
         let (lock_mode, retain_until) = self.retention();
-        self.client
+        let out = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(&req.key)
@@ -385,7 +386,7 @@ impl ObjectStore for S3Store {
             .await
             .map_err(|e| self.error("upload of", &req.key, e))?;
         drop(keep_open);
-        Ok(())
+        Ok(super::version_id(out.version_id))
     }
 
     async fn create_multipart(
@@ -457,7 +458,7 @@ impl ObjectStore for S3Store {
         key: &str,
         upload_id: &str,
         parts: Vec<CompletedPart>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<String>, StoreError> {
         let parts = parts
             .into_iter()
             .map(|p| {
@@ -468,7 +469,8 @@ impl ObjectStore for S3Store {
                     .build()
             })
             .collect();
-        self.client
+        let out = self
+            .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
@@ -481,7 +483,7 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| self.error("completing multipart upload of", key, e))?;
-        Ok(())
+        Ok(super::version_id(out.version_id))
     }
 
     async fn list_parts(
@@ -617,6 +619,7 @@ impl ObjectStore for S3Store {
                 ),
                 meta: o.metadata.unwrap_or_default(),
                 checksum_sha256: o.checksum_sha256,
+                version_id: super::version_id(o.version_id),
             })),
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
             Err(e) => Err(self.error("reading metadata of", key, e)),

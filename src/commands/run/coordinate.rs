@@ -47,6 +47,9 @@ const DLQ_VISIBILITY: Duration = Duration::from_secs(60);
 /// Index values: where a batch's report starts in the results file (+1), or that it was lost.
 const LOST: u64 = u64::MAX;
 
+/// A report as it was taken, and the version of each of its files' objects.
+type Taken = (Report, Vec<Option<String>>);
+
 /// One line of the spooled plan.
 #[derive(Serialize, Deserialize)]
 enum PlanLine {
@@ -124,8 +127,10 @@ impl Spool {
         Ok(self.slot(batch)?.is_some())
     }
 
-    fn record(&mut self, report: &Report) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(report)?;
+    /// A report taken, with the version of each object it names (as the coordinator's HEAD
+    /// found it; `None` for a file not uploaded or a bucket without versions).
+    fn record(&mut self, report: &Report, versions: &[Option<String>]) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(&(report, versions))?;
         line.push(b'\n');
         self.results.write_all_at(&line, self.results_len)?;
         self.index
@@ -138,7 +143,7 @@ impl Spool {
         self.index.write_all_at(&LOST.to_le_bytes(), batch * 8)
     }
 
-    fn report(&self, batch: u64) -> std::io::Result<Option<Report>> {
+    fn report(&self, batch: u64) -> std::io::Result<Option<Taken>> {
         match self.slot(batch)? {
             None | Some(LOST) => Ok(None),
             Some(at) => {
@@ -569,14 +574,14 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
                     path,
                     previous,
                 } => {
-                    let file = reports.file(batch, index).map_err(spool_error)?;
+                    let (file, version) = reports.file(batch, index).map_err(spool_error)?;
                     let previous = previous.as_deref().map(manifest_line);
                     let unaccounted = !r.spool.has(batch).map_err(spool_error)?;
                     if unaccounted && stopped.is_none() {
                         self.name_unaccounted(&path, batch, total);
                     }
                     // Not uploaded: the old record still describes what the bucket holds.
-                    file.and_then(uploaded_record).or(previous)
+                    file.and_then(|f| uploaded_record(f, version)).or(previous)
                 }
             };
             if let Some(entry) = entry {
@@ -751,11 +756,11 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
             );
             return Ok(false);
         }
-        self.hold_to_bucket(&mut report).await?;
+        let versions = self.hold_to_bucket(&mut report).await?;
         for f in &report.files {
             self.count(f);
         }
-        spool.record(&report).map_err(err)?;
+        spool.record(&report, &versions).map_err(err)?;
         tracing::debug!(
             "batch {} done by {} ({} files)",
             report.batch,
@@ -766,8 +771,10 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
     }
 
     /// Turns each reported upload the bucket does not bear out into an error: one HEAD per
-    /// uploaded file, side by side.
-    async fn hold_to_bucket(&self, report: &mut Report) -> Result<(), Fatal> {
+    /// uploaded file, side by side. Returns, per file, the version of the object the HEAD found,
+    /// for the manifest: the bucket's word, not the worker's, and the version of bytes held to
+    /// the report's checksum.
+    async fn hold_to_bucket(&self, report: &mut Report) -> Result<Vec<Option<String>>, Fatal> {
         use futures::StreamExt as _;
         let prefix = self.config.destination.prefix.as_str();
         let heads: Vec<_> = futures::stream::iter(
@@ -784,6 +791,7 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
         .buffer_unordered(self.config.transfer.concurrency.0.max(1))
         .collect()
         .await;
+        let mut versions = vec![None; report.files.len()];
         for (i, head) in heads {
             let f = &mut report.files[i];
             let head = match head {
@@ -804,9 +812,11 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
                 f.sha256.as_deref(),
                 f.composite.as_deref(),
             );
+            let version = head.and_then(|h| h.version_id);
             match held {
-                Ok(Held::Checksum) => {}
+                Ok(Held::Checksum) => versions[i] = version,
                 Ok(Held::SizeAndMtime) => {
+                    versions[i] = version;
                     if !self
                         .unchecksummed
                         .swap(true, std::sync::atomic::Ordering::Relaxed)
@@ -826,7 +836,7 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
                 ),
             }
         }
-        Ok(())
+        Ok(versions)
     }
 
     fn count(&self, f: &FileReport) {
@@ -917,20 +927,25 @@ impl<'a, S: ObjectStore> Coordinator<'a, S> {
 /// The report of each batch, read from the spool once per batch as the plan goes by.
 struct BatchReports<'s> {
     spool: &'s Spool,
-    cached: Option<(u64, Option<Report>)>,
+    cached: Option<(u64, Option<Taken>)>,
 }
 
 impl BatchReports<'_> {
-    /// The report on file `index` of batch `batch`, if a report on the batch was taken.
-    fn file(&mut self, batch: u64, index: usize) -> std::io::Result<Option<&FileReport>> {
+    /// The report on file `index` of batch `batch`, if a report on the batch was taken, and the
+    /// version of its object.
+    fn file(
+        &mut self,
+        batch: u64,
+        index: usize,
+    ) -> std::io::Result<(Option<&FileReport>, Option<String>)> {
         if self.cached.as_ref().is_none_or(|(b, _)| *b != batch) {
             self.cached = Some((batch, self.spool.report(batch)?));
         }
-        Ok(self
-            .cached
-            .as_ref()
-            .and_then(|(_, r)| r.as_ref())
-            .and_then(|r| r.files.get(index)))
+        let taken = self.cached.as_ref().and_then(|(_, t)| t.as_ref());
+        Ok((
+            taken.and_then(|(r, _)| r.files.get(index)),
+            taken.and_then(|(_, v)| v.get(index).cloned().flatten()),
+        ))
     }
 }
 
@@ -945,8 +960,8 @@ fn manifest_line(text: &str) -> ManifestEntry {
     ManifestEntry::parse(text.trim_end_matches('\n')).expect("the spool holds lines it wrote")
 }
 
-/// The manifest record of an uploaded file, from its report.
-fn uploaded_record(f: &FileReport) -> Option<ManifestEntry> {
+/// The manifest record of an uploaded file, from its report and the version the bucket named.
+fn uploaded_record(f: &FileReport, version: Option<String>) -> Option<ManifestEntry> {
     if f.outcome != FileOutcome::Uploaded {
         return None;
     }
@@ -960,6 +975,7 @@ fn uploaded_record(f: &FileReport) -> Option<ManifestEntry> {
         size: f.size,
         mtime_ns: f.mtime_ns,
         sha256,
+        version,
     })
 }
 
