@@ -21,6 +21,7 @@ mod moving;
 mod offsite;
 mod rclone;
 mod restore;
+mod restore_snapshot;
 mod resume;
 mod servers_selftest;
 mod statedir;

@@ -631,6 +631,7 @@ fn without_a_manifest_objects_are_checked_against_their_own_and_composite_checks
         layout,
         last_modified_ns: 0,
         storage_class: None,
+        version_id: None,
     };
     let store = MemoryStore::default();
     let put = |k: &str, o| store.insert(&format!("p/{k}"), o);
