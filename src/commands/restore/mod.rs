@@ -1012,10 +1012,16 @@ impl<S: ObjectStore> Ctx<S> {
         );
         // Without a version, an object that changed since the snapshot is not corrupt: it is
         // newer, which its own checksum tells (`write`).
+        // Only an object uploaded again since says so: its own mtime or size is not the
+        // snapshot's. Other bytes under the same mtime and size are corrupt.
         let newer_check = job
             .snap
             .as_ref()
             .filter(|s| s.unversioned && s.sha256.is_some())
+            .filter(|s| {
+                download.size != job.size
+                    || meta.as_ref().map(|m| m.mtime_ns) != Some(s.meta.mtime_ns)
+            })
             .map(|_| Reference::new(None, stored, download.etag_md5));
         // The composite checksum needs the part boundaries: one HEAD, only when nothing better
         // covers the object.
@@ -1097,12 +1103,15 @@ impl<S: ObjectStore> Ctx<S> {
         let name = rel.file_name().expect("a target has a name").to_owned();
         let tmp = TempFile::new(select::temp_name(self.next_tmp.fetch_add(1, Relaxed)));
         let (rel_owned, state) = (rel.to_owned(), tmp.state.clone());
+        // Created with its final permission bits (set-id aside): one chmod less per file, a
+        // round trip on a network or FUSE mount.
+        let created = final_mode(meta.as_ref(), false) & 0o777;
         let (dir, file) = blocking(move || {
             let dir = target
                 .parent_of(&rel_owned, true)
                 .map_err(io::Error::other)?
                 .expect("created");
-            TempFile::create(&state, &dir).map(|file| (dir, file))
+            TempFile::create(&state, &dir, created).map(|file| (dir, file))
         })
         .await
         .map_err(|e| local("cannot create the file", e))?;
@@ -1156,7 +1165,7 @@ impl<S: ObjectStore> Ctx<S> {
         let (place_dir, tmp_name) = (dir, tmp.name().to_owned());
         let placed = blocking(move || {
             // An owner only from nightcopy's own metadata; rclone's carries none.
-            apply_meta(&file, meta.as_ref(), as_root && owned, keep_setid)?;
+            apply_meta(&file, meta.as_ref(), as_root && owned, keep_setid, created)?;
             // On disk before it gets its real name: after a power cut the name never points
             // at a file whose data was not written yet.
             file.sync_data()?;
@@ -1184,31 +1193,56 @@ impl<S: ObjectStore> Ctx<S> {
 /// hand them a root shell. Kept only with `--keep-setid`.
 const SETID: u32 = 0o6000;
 
-/// Owner (as root; first, because chown clears set-id bits), mode, then mtime — all on the open
-/// file, never by path.
+/// The mode a restored file ends with: its recorded one, set-id bits only with `--keep-setid`;
+/// 0644 for an object without nightcopy's metadata.
+fn final_mode(meta: Option<&ObjectMeta>, keep_setid: bool) -> u32 {
+    match meta {
+        None => 0o644,
+        Some(m) if keep_setid => m.mode & 0o7777,
+        Some(m) => m.mode & 0o7777 & !SETID,
+    }
+}
+
+/// The process's umask (from /proc; it cannot be read without being set, which would race with
+/// the other threads). Unknown: every bit, so that every file gets its chmod.
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o777)
+    })
+}
+
+/// Owner (as root; first, because chown clears set-id bits), mode — unless the file was created
+/// with it (`created`, before the umask) —, then mtime: all on the open file, never by path.
 fn apply_meta(
     file: &File,
     meta: Option<&ObjectMeta>,
     as_root: bool,
     keep_setid: bool,
+    created: u32,
 ) -> io::Result<()> {
-    let Some(m) = meta else {
-        return file.set_permissions(Permissions::from_mode(0o644));
-    };
-    if as_root {
+    let mode = final_mode(meta, keep_setid);
+    if let (Some(m), true) = (meta, as_root) {
         nix::unistd::fchown(
             file,
             Some(nix::unistd::Uid::from_raw(m.uid)),
             Some(nix::unistd::Gid::from_raw(m.gid)),
         )?;
     }
-    let mode = if keep_setid {
-        m.mode & 0o7777
-    } else {
-        m.mode & 0o7777 & !SETID
-    };
-    file.set_permissions(Permissions::from_mode(mode))?;
-    file.set_times(FileTimes::new().set_modified(system_time(m.mtime_ns)))
+    if mode != created & !umask() {
+        file.set_permissions(Permissions::from_mode(mode))?;
+    }
+    match meta {
+        Some(m) => file.set_times(FileTimes::new().set_modified(system_time(m.mtime_ns))),
+        None => Ok(()),
+    }
 }
 
 /// A temp file that removes itself unless it was renamed into place: a failed, corrupt or
@@ -1243,12 +1277,12 @@ impl TempFile {
     }
 
     /// Creates the file in `dir` (blocking); refuses, leaving nothing, if the guard is gone.
-    fn create(state: &std::sync::Mutex<TempState>, dir: &Dir) -> io::Result<File> {
+    fn create(state: &std::sync::Mutex<TempState>, dir: &Dir, mode: u32) -> io::Result<File> {
         let mut s = state.lock().unwrap();
         if s.dropped {
             return Err(io::Error::other("cancelled"));
         }
-        let file = dir.create_new(&s.name)?;
+        let file = dir.create_new(&s.name, mode)?;
         s.created = Some(dir.clone());
         Ok(file)
     }

@@ -52,7 +52,15 @@ pub struct Target {
     root: Arc<OwnedFd>,
     path: PathBuf,
     dirs_created: AtomicU64,
+    /// Directories opened lately, by their path below the target: files come in key order, so
+    /// the next file's directory is nearly always one just used, and on a network or FUSE mount
+    /// each open is a round trip (two, with its close). A handle stays the directory it was
+    /// opened as — a name swapped for a symlink later is still not followed.
+    opened: std::sync::Mutex<std::collections::HashMap<PathBuf, Dir>>,
 }
+
+/// Directory handles kept open for reuse; past this the set starts over.
+const OPEN_DIRS: usize = 256;
 
 /// A directory below the target, open, and where it is (for messages).
 #[derive(Clone)]
@@ -79,6 +87,7 @@ impl Target {
             root: Arc::new(OwnedFd::from(fd)),
             path: path.to_owned(),
             dirs_created: AtomicU64::new(0),
+            opened: std::sync::Mutex::default(),
         })
     }
 
@@ -91,9 +100,33 @@ impl Target {
     /// `select::target_rel` makes them), opened component by component without following a
     /// symlink; missing directories are created 0700 when `create`, else `Ok(None)`.
     pub fn parent_of(&self, rel: &Path, create: bool) -> Result<Option<Dir>, PlaceError> {
-        let mut fd = self.root.clone();
-        let mut path = self.path.clone();
-        let parents: Vec<&OsStr> = match rel.parent() {
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        // The deepest directory on the way that is open already.
+        let (start, mut below) = {
+            let opened = self.opened.lock().expect("not poisoned");
+            let mut hit = None;
+            for (n, a) in parent.ancestors().enumerate() {
+                if let Some(d) = opened.get(a) {
+                    hit = Some((d.clone(), n));
+                    break;
+                }
+            }
+            match hit {
+                Some((d, 0)) => return Ok(Some(d)),
+                Some((d, n)) => (Some(d), parent.ancestors().nth(n).map(Path::to_path_buf)),
+                None => (None, None),
+            }
+        };
+        let (mut fd, mut path) = match start {
+            Some(d) => (d.fd, d.path),
+            None => (self.root.clone(), self.path.clone()),
+        };
+        let rest = match &below {
+            Some(b) => rel.strip_prefix(b).unwrap_or(rel),
+            None => rel,
+        };
+        let mut key = below.take().unwrap_or_default();
+        let parents: Vec<&OsStr> = match rest.parent() {
             Some(p) => p
                 .components()
                 .map(|c| match c {
@@ -128,8 +161,24 @@ impl Target {
                 Err(Errno::ELOOP | Errno::ENOTDIR) => return Err(PlaceError::NotADirectory(path)),
                 Err(e) => return Err(PlaceError::Io(path, e.into())),
             };
+            key.push(name);
+            self.keep(&key, &fd, &path);
         }
         Ok(Some(Dir { fd, path }))
+    }
+
+    fn keep(&self, key: &Path, fd: &Arc<OwnedFd>, path: &Path) {
+        let mut opened = self.opened.lock().expect("not poisoned");
+        if opened.len() >= OPEN_DIRS {
+            opened.clear();
+        }
+        opened.insert(
+            key.to_owned(),
+            Dir {
+                fd: fd.clone(),
+                path: path.to_owned(),
+            },
+        );
     }
 
     /// Whether something (a file, a directory, a symlink — even a dangling one) is at `rel`.
@@ -159,12 +208,18 @@ impl Dir {
         }
     }
 
-    /// Creates `name` new (never an existing name, never through a symlink), 0600 until it is
-    /// complete and checked: nobody reads a half file.
-    pub fn create_new(&self, name: &OsStr) -> io::Result<File> {
+    /// Creates `name` new (never an existing name, never through a symlink) with permission
+    /// bits `mode` (the file's own, set-id aside: a temp name nobody knows beforehand, holding
+    /// bytes the final file shows to the same readers).
+    pub fn create_new(&self, name: &OsStr, mode: u32) -> io::Result<File> {
         let flags =
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let fd = openat(self.fd.as_fd(), name, flags, Mode::S_IRUSR | Mode::S_IWUSR)?;
+        let fd = openat(
+            self.fd.as_fd(),
+            name,
+            flags,
+            Mode::from_bits_truncate(mode & 0o777),
+        )?;
         Ok(File::from(fd))
     }
 
@@ -374,7 +429,11 @@ mod tests {
             dir.exists(OsStr::new("f")).unwrap(),
             "a dangling or not, a symlink is there"
         );
-        std::io::Write::write_all(&mut dir.create_new(OsStr::new("tmp")).unwrap(), b"new").unwrap();
+        std::io::Write::write_all(
+            &mut dir.create_new(OsStr::new("tmp"), 0o600).unwrap(),
+            b"new",
+        )
+        .unwrap();
         let kept = dir
             .place(OsStr::new("tmp"), OsStr::new("f"), false)
             .unwrap_err();
@@ -386,6 +445,6 @@ mod tests {
             .unwrap()
             .is_symlink());
         // A name that exists is never opened for creation.
-        assert!(dir.create_new(OsStr::new("f")).is_err());
+        assert!(dir.create_new(OsStr::new("f"), 0o600).is_err());
     }
 }

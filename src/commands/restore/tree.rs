@@ -483,8 +483,10 @@ impl Pass {
                         .map_err(|err| PlaceError::Io(self.to.join(&rel), err)),
                     None => Ok(()),
                 });
-            if let Err(err) = set {
-                self.local_error(&rel, &err);
+            match set {
+                // Said by the first pass, which could not make it.
+                Err(PlaceError::NotADirectory(_)) | Ok(()) => {}
+                Err(err) => self.local_error(&rel, &err),
             }
             true
         })
