@@ -119,6 +119,17 @@ enum Command {
         #[arg(long)]
         keep_setid: bool,
     },
+    /// List the snapshots of the destination, oldest first: one line each with its id, when its
+    /// run started and ended (UTC), files, bytes, errors (files that run could not back up) and
+    /// host. Each completed run writes one. A snapshot that is damaged, made for another
+    /// destination or not sealed with auth-key-file is named on stderr and left out.
+    Snapshots {
+        #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// One JSON object per line: id, started, ended, files, bytes, errors, host.
+        #[arg(long)]
+        json: bool,
+    },
     /// Take batches from the work queue of a distributed run and upload them (a long-running
     /// service on each worker host; docs/scale-out.md).
     Worker {
@@ -259,6 +270,7 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> Ending {
                 };
                 restore::run(&config, &opts, bar).await
             }
+            Command::Snapshots { json, .. } => commands::snapshots::run(&config, json).await,
             Command::Worker { .. } => commands::worker::run(&config, bar).await,
             Command::Dlq { redrive, .. } => commands::dlq::run(&config, redrive).await,
             Command::CheckConfig { .. } => commands::check_config::remote(&config).await,
@@ -276,6 +288,7 @@ impl Command {
             | Command::CheckConfig { config, .. }
             | Command::Verify { config, .. }
             | Command::Restore { config, .. }
+            | Command::Snapshots { config, .. }
             | Command::Status { config, .. } => config,
             Command::GenerateMan => Path::new(DEFAULT_PATH),
         }

@@ -611,6 +611,16 @@ pub async fn fetch<S: ObjectStore>(
     checked.map_err(refused)
 }
 
+// Writing a run's snapshot.
+
+impl Writer {
+    /// A file this run could not back up and that has no earlier record: absent from the body,
+    /// and counted in `Counts::errors`.
+    pub fn count_absent(&mut self) {
+        self.counts.errors += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ pub mod check_config;
 pub mod dlq;
 pub mod restore;
 pub mod run;
+pub mod snapshots;
 pub mod status;
 pub mod verify;
 pub mod worker;
