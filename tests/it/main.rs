@@ -18,6 +18,7 @@ mod layout;
 mod messages;
 mod mount;
 mod moving;
+mod nights;
 mod offsite;
 mod rclone;
 mod restore;

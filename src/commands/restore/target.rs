@@ -317,16 +317,19 @@ impl Dir {
         meta: &NodeMeta,
         overwrite: bool,
     ) -> io::Result<()> {
-        nix::sys::stat::mknodat(
+        let perm = Mode::from_bits_truncate(perm & 0o777);
+        nix::sys::stat::mknodat(self.fd.as_fd(), tmp, kind, perm, rdev)?;
+        // mknod applied the umask. Not following a link: the name is the node just made, or
+        // something swapped in, which is then not changed.
+        let done = nix::sys::stat::fchmodat(
             self.fd.as_fd(),
             tmp,
-            kind,
-            Mode::from_bits_truncate(perm & 0o777),
-            rdev,
-        )?;
-        let done = self
-            .node_meta(tmp, meta)
-            .and_then(|()| self.place(tmp, name, overwrite));
+            perm,
+            nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+        )
+        .map_err(io::Error::from)
+        .and_then(|()| self.node_meta(tmp, meta))
+        .and_then(|()| self.place(tmp, name, overwrite));
         if done.is_err() {
             let _ = self.remove(tmp);
         }
