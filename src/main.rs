@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use nightcopy::commands;
+use nightcopy::commands::diff::DiffOptions;
 use nightcopy::commands::restore::{self, RestoreOptions};
 use nightcopy::commands::run::RunOptions;
 use nightcopy::commands::verify::VerifyOptions;
@@ -119,6 +120,33 @@ enum Command {
         #[arg(long)]
         keep_setid: bool,
     },
+    /// Compare two snapshots of the tree: which paths were added, removed, changed (a file's size
+    /// or SHA-256, a link's target, the kind of path) or changed only in their metadata (mode,
+    /// owner, mtime, extended attributes). Without ids, the last two snapshots; with OLDER alone,
+    /// OLDER against the latest.
+    ///
+    /// One line per path on stdout, in key order, tab-separated: the class (added, removed,
+    /// changed, metadata), then the kind of an added or removed path or what differs (such as
+    /// "mode 644→600"), then the path, escaped, always last. A renamed directory is its old
+    /// paths removed and its new ones added. The summary is the closing log line.
+    Diff {
+        #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// The older snapshot's id, such as 20261206T020000Z-0a1b2c3d (`nightcopy snapshots`
+        /// lists them); default: the one before the latest.
+        #[arg(value_name = "OLDER", value_parser = snapshot_id)]
+        older: Option<String>,
+        /// The newer snapshot's id; default: the latest.
+        #[arg(value_name = "NEWER", value_parser = snapshot_id)]
+        newer: Option<String>,
+        /// Only this file or directory: relative to source.path, or absolute below it.
+        #[arg(long, value_name = "SUBPATH")]
+        path: Option<PathBuf>,
+        /// One JSON object per line: change, path (escaped), raw_path (percent-encoded bytes),
+        /// kind, and for a changed path changes: [{what, old, new}].
+        #[arg(long)]
+        json: bool,
+    },
     /// List the snapshots of the destination, oldest first: one line each with its id, when its
     /// run started and ended (UTC), files, bytes, errors (files that run could not back up) and
     /// host. Each completed run writes one. A snapshot that is damaged, made for another
@@ -161,6 +189,15 @@ enum Command {
 /// before anything is read.
 fn as_of_ns(arg: &str) -> Result<i64, restore::select::AsOfError> {
     restore::select::parse_as_of(arg, std::time::SystemTime::now())
+}
+
+/// A snapshot id on the command line, checked with it: one that no run could have made is a usage
+/// error (exit 64) before anything is read.
+fn snapshot_id(arg: &str) -> Result<String, String> {
+    match nightcopy::snapshot::is_id(arg) {
+        true => Ok(arg.to_owned()),
+        false => Err("not a snapshot id, which looks like 20261206T020000Z-0a1b2c3d".to_owned()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -270,6 +307,21 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> Ending {
                 };
                 restore::run(&config, &opts, bar).await
             }
+            Command::Diff {
+                older,
+                newer,
+                path,
+                json,
+                ..
+            } => {
+                let opts = DiffOptions {
+                    older,
+                    newer,
+                    path,
+                    json,
+                };
+                commands::diff::run(&config, &opts).await
+            }
             Command::Snapshots { json, .. } => commands::snapshots::run(&config, json).await,
             Command::Worker { .. } => commands::worker::run(&config, bar).await,
             Command::Dlq { redrive, .. } => commands::dlq::run(&config, redrive).await,
@@ -289,6 +341,7 @@ impl Command {
             | Command::Verify { config, .. }
             | Command::Restore { config, .. }
             | Command::Snapshots { config, .. }
+            | Command::Diff { config, .. }
             | Command::Status { config, .. } => config,
             Command::GenerateMan => Path::new(DEFAULT_PATH),
         }

@@ -4,6 +4,7 @@
 //! integrity, report, metrics, queue, auth, state, store) and never call each other.
 
 pub mod check_config;
+pub mod diff;
 pub mod dlq;
 pub mod restore;
 pub mod run;
