@@ -15,7 +15,10 @@
 //! - `metadata`: only its permission bits, owner, mtime or extended attributes differ.
 //!
 //! Two names can share a key (an escaped name equal to a real one, docs/keys.md): such entries
-//! come together in the walk, are met as one group and joined by their raw paths.
+//! come together in the walk, are met as one group and joined by their raw paths. Two
+//! *directories* whose names share a key do not: the walk gives the second after the first's
+//! whole subtree, out of key order, so a snapshot of such a tree is refused like any other out of
+//! order.
 //!
 //! A path that is a directory on one side and not on the other sorts at two places (`name` and
 //! `name/`, with `name-b` and `name.txt` between them). Its first entry is held, with the changes
