@@ -8,13 +8,15 @@
 //! the last manifest in key order, so memory stays flat however many files there are.
 //!
 //! Beside the flow: `state` (lock, run record, manifest, unfinished uploads), `offsite` (the
-//! manifest's copy in the bucket), `store` (S3 behind a trait without delete), `integrity` (what
-//! restored and verified bytes are checked against); for a distributed run `queue` (the work and
-//! results queues and what travels in them), `auth` (the key that seals queue messages and the
-//! manifest's copy) and `scan::beneath` (a message's path resolved beneath the source as the walk
-//! would have reached it); and the small pieces every part uses: `error` (what ends a command),
-//! `exit` (the exit codes), `keys` (path ↔ key), `fsutil` (files in the state directory through
-//! its handle), `stop` (SIGTERM/SIGINT). Machinery never imports a command.
+//! manifest's copy in the bucket), `snapshot` (the index of the tree a run saw) and `tree` (the
+//! walk spooled and joined with the committed manifest into the night's snapshot), `store` (S3
+//! behind a trait without delete), `integrity` (what restored and verified bytes are checked
+//! against); for a distributed run `queue` (the work and results queues and what travels in
+//! them), `auth` (the key that seals queue messages and the manifest's copy) and `scan::beneath`
+//! (a message's path resolved beneath the source as the walk would have reached it); and the
+//! small pieces every part uses: `error` (what ends a command), `exit` (the exit codes), `keys`
+//! (path ↔ key), `fsutil` (files in the state directory through its handle), `stop`
+//! (SIGTERM/SIGINT). Machinery never imports a command.
 
 pub mod commands;
 
@@ -27,6 +29,7 @@ pub mod plan;
 pub mod upload;
 pub mod offsite;
 pub mod snapshot;
+pub mod tree;
 pub mod queue;
 pub mod integrity;
 pub mod report;

@@ -9,7 +9,8 @@ use crate::common::proxy::Op;
 use crate::common::run::{pseudo_random, Case};
 use crate::common::s3::{garage, moto_s3, Dest, S3Server};
 
-/// The storage class moto reports for each key in a listing ("STANDARD" when none was sent).
+/// The storage class moto reports for each key in a listing ("STANDARD" when none was sent); a
+/// snapshot's key as `.nightcopy/snapshots/ID.gz`.
 fn classes(server: &S3Server, dest: &Dest) -> Vec<(String, String)> {
     let client = server.direct_client();
     let listed = server
@@ -19,8 +20,12 @@ fn classes(server: &S3Server, dest: &Dest) -> Vec<(String, String)> {
         .contents()
         .iter()
         .map(|o| {
+            let key = o.key().unwrap();
             (
-                o.key().unwrap().to_owned(),
+                match key.starts_with(nightcopy::snapshot::DIR) {
+                    true => format!("{}ID.gz", nightcopy::snapshot::DIR),
+                    false => key.to_owned(),
+                },
                 o.storage_class()
                     .map_or("STANDARD", |c| c.as_str())
                     .to_owned(),
@@ -64,6 +69,10 @@ fn small_files_go_to_standard_and_the_rest_to_the_configured_class() {
         classes(server, &c.dest),
         [
             (".nightcopy/manifest.gz".to_owned(), "STANDARD".to_owned()),
+            (
+                ".nightcopy/snapshots/ID.gz".to_owned(),
+                "STANDARD".to_owned()
+            ),
             ("big.bin".to_owned(), "DEEP_ARCHIVE".to_owned()),
             ("edge-at.bin".to_owned(), "DEEP_ARCHIVE".to_owned()),
             ("edge-below.bin".to_owned(), "STANDARD".to_owned()),
@@ -87,7 +96,10 @@ fn small_files_go_to_standard_and_the_rest_to_the_configured_class() {
     off.write("tiny.txt", b"a few bytes");
     off.destination_extra = "  storage-class: STANDARD_IA\n  small-files:\n    below: 0\n".into();
     assert_eq!(off.run(&["run"]).code, 0);
-    assert_eq!(classes(server, &off.dest)[1].1, "STANDARD_IA");
+    let tiny = classes(server, &off.dest)
+        .into_iter()
+        .find(|(k, _)| k == "tiny.txt");
+    assert_eq!(tiny.unwrap().1, "STANDARD_IA");
 }
 
 #[test]
@@ -111,7 +123,8 @@ fn every_object_written_is_locked_until_its_retention_ends_and_a_delete_is_refus
         .into_iter()
         .filter(|r| matches!(r.op, Op::PutObject | Op::CreateMultipartUpload))
         .collect();
-    assert_eq!(starts.len(), 3, "{starts:?}");
+    // The two files, the manifest's copy and the night's snapshot.
+    assert_eq!(starts.len(), 4, "{starts:?}");
     for r in &starts {
         assert_eq!(
             r.header("x-amz-object-lock-mode"),
@@ -125,9 +138,13 @@ fn every_object_written_is_locked_until_its_retention_ends_and_a_delete_is_refus
             r.key
         );
     }
+    let snapshot = starts
+        .iter()
+        .find(|r| r.key.starts_with(nightcopy::snapshot::DIR))
+        .expect("the night's snapshot was written");
     // What the objects hold, by HEAD (not GetObjectRetention: moto 5.2.5 answers that with the
     // object itself).
-    for key in ["doc.txt", ".nightcopy/manifest.gz"] {
+    for key in ["doc.txt", ".nightcopy/manifest.gz", snapshot.key.as_str()] {
         let head = server
             .block_on(client.head_object().bucket(&c.dest.bucket).key(key).send())
             .unwrap_or_else(|e| panic!("{key}: {e:?}"));

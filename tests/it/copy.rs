@@ -318,7 +318,7 @@ fn dry_run_lists_the_plan_and_sends_no_put() {
 }
 
 #[test]
-fn special_files_and_symlinks_are_skipped_and_counted() {
+fn special_files_and_symlinks_are_not_uploaded_but_recorded_in_the_snapshot() {
     let c = Case::new("special");
     c.write("real.txt", b"real");
     nix::unistd::mkfifo(
@@ -327,11 +327,18 @@ fn special_files_and_symlinks_are_skipped_and_counted() {
     )
     .unwrap();
     std::os::unix::fs::symlink("real.txt", c.src.join("link")).unwrap();
+    // A dry run walks the files only: the others are counted as skipped.
+    let dry = c.run(&["run", "--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert_eq!(dry.figure("special files skipped"), 1);
+    assert_eq!(dry.figure("symlinks skipped"), 1);
     let out = c.run(&["run"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert_eq!(out.figure("special files skipped"), 1);
-    assert_eq!(out.figure("symlinks skipped"), 1);
+    assert_eq!(out.figure("special files skipped"), 0);
+    assert_eq!(out.figure("symlinks skipped"), 0);
     assert_eq!(s3().list_keys(&c.dest), [c.key("real.txt")]);
+    let (header, _) = crate::snapshots::snapshots(&c).remove(0);
+    assert_eq!((header.counts.specials, header.counts.symlinks), (1, 1));
 }
 
 #[test]

@@ -25,6 +25,7 @@ mod restore;
 mod restore_snapshot;
 mod resume;
 mod servers_selftest;
+mod snapshots;
 mod statedir;
 mod trust;
 mod verify;

@@ -110,11 +110,18 @@ fn links_planted_at_the_state_files_names_are_never_written_through() {
     fs::remove_file(state.join("lock")).unwrap();
 
     // The temp names a run wrote before it renamed: the manifest, the run record, the
-    // compressed copy it uploads, an upload's record, the metrics textfile.
+    // compressed copy it uploads, an upload's record, the metrics textfile; and the names of the
+    // night's snapshot: the walk's spool, the body, the object it uploads.
     for name in [
         "manifest.new",
         "last-run.json.new",
         "manifest.gz.upload.new",
+        "snapshot.tree.gz",
+        "snapshot.tree.gz.new",
+        "snapshot.body.gz",
+        "snapshot.body.gz.new",
+        "snapshot.gz",
+        "snapshot.gz.new",
     ] {
         victims.plant(state.join(name));
     }
@@ -147,10 +154,12 @@ fn links_planted_at_the_state_files_names_are_never_written_through() {
     );
     assert_eq!(out.figure("files transferred"), 0, "{}", out.stderr);
 
-    // A restore reads the copy into a file of its own.
+    // A restore of every object (not of a snapshot, which is read into an unnamed file) reads
+    // the copy into a file of its own.
     fs::remove_file(state.join("manifest")).unwrap();
     victims.plant(state.join("manifest.fetched.new"));
-    let (to, out) = c.restore_into("restored");
+    let to = c.root.join("restored");
+    let out = c.run(&["restore", "--include-deleted", "--to", to.to_str().unwrap()]);
     victims.assert_untouched();
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(

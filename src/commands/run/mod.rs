@@ -25,7 +25,7 @@ use crate::state::{self, manifest, RunRecord};
 use crate::stop::Stop;
 use crate::store::s3::S3Store;
 use crate::store::sdk;
-use crate::{fsutil, guard, metrics, notify, offsite, scan};
+use crate::{fsutil, guard, metrics, notify, offsite, scan, tree};
 use coordinate::Coordinator;
 
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -135,15 +135,25 @@ pub async fn run(
         Stop::never()
     });
     let result = back_up(config, opts, &sdk, key, store.clone(), &ctx.stats, &stop).await;
-    if result.is_ok() && !opts.dry_run {
-        save_manifest_copy(store, config, ctx.started_unix, stop, &ctx.stats).await;
-    }
+    let fatal = match result {
+        Ok(walked) if !opts.dry_run => {
+            let (started, stats) = (ctx.started_unix, &ctx.stats);
+            save_manifest_copy(store.clone(), config, started, stop.clone(), stats).await;
+            if let Some(tree) = walked {
+                save_snapshot(store, config, tree, started, stop, stats).await;
+            }
+            None
+        }
+        Ok(_) => None,
+        Err(e) => Some(e),
+    };
     drop(progress);
-    ctx.finish(result.err()).await
+    ctx.finish(fatal).await
 }
 
 /// The backup: the walk, the listing and the manifest merged and planned on a blocking thread
-/// (`merge`, `plan`), and the plan carried out on this host or by the workers.
+/// (`merge`, `plan`), and the plan carried out on this host or by the workers. Returns the walk
+/// spooled for the night's snapshot (`tree`), unless it was a dry run or the spool was given up.
 async fn back_up(
     config: &Config,
     opts: &RunOptions,
@@ -152,7 +162,7 @@ async fn back_up(
     store: Arc<S3Store>,
     stats: &Arc<Stats>,
     stop: &Stop,
-) -> Result<(), Fatal> {
+) -> Result<Option<tree::Tree>, Fatal> {
     let state_dir = &config.state_dir.0;
     // A run installs the bucket's copy when the state directory has no manifest; a dry run only
     // reads it.
@@ -170,7 +180,11 @@ async fn back_up(
             "no manifest for this destination yet: comparing with the bucket listing only"
         );
     }
-    let (steps, planner) = spawn_planner(inputs, stats.clone());
+    let spool = match opts.dry_run {
+        true => None,
+        false => Some(tree::Spool::start(state_dir, &config.source.path.0)),
+    };
+    let (steps, planner) = spawn_planner(inputs, spool, stats.clone());
     let writer = match opts.dry_run {
         true => None,
         false => Some(
@@ -191,26 +205,41 @@ async fn back_up(
         (_, writer) => copy::copy(config, store, stats, stop, steps, writer).await,
     };
     // Once the steps are dropped, the planner stops at its next send; its figures count.
-    let _ = planner.await;
-    result
+    let walked = planner.await.ok().flatten();
+    result.map(|()| walked)
 }
 
-/// Scans and plans on a blocking thread; the steps come out of the channel in key order.
+/// Scans and plans on a blocking thread; the steps come out of the channel in key order. With a
+/// `spool` (not in a dry run) the walk yields the whole tree, spooled for the night's snapshot
+/// as it goes by, and the planner still gets the files; the spooled tree comes back once the
+/// walk went to its end.
 fn spawn_planner(
     inputs: Inputs,
+    spool: Option<tree::Spool>,
     stats: Arc<Stats>,
 ) -> (
     tokio::sync::mpsc::Receiver<StepResult>,
-    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<Option<tree::Tree>>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel::<StepResult>(STEPS_AHEAD);
     let planner = tokio::task::spawn_blocking(move || {
-        let local = scan::scan(inputs.scan, stats);
         let manifest_entries = inputs.manifest.into_iter().flatten();
-        for step in Planner::new(local, inputs.remote, manifest_entries) {
-            let failed = step.is_err();
-            if tx.blocking_send(step).is_err() || failed {
-                break;
+        let plan = |local: &mut dyn Iterator<Item = scan::LocalEntry>| {
+            for step in Planner::new(local, inputs.remote, manifest_entries) {
+                let failed = step.is_err();
+                if tx.blocking_send(step).is_err() || failed {
+                    break;
+                }
+            }
+        };
+        match spool {
+            None => {
+                plan(&mut scan::scan(inputs.scan, stats));
+                None
+            }
+            Some(mut spool) => {
+                plan(&mut spool.files(scan::scan_tree(inputs.scan, stats)));
+                spool.finish()
             }
         }
     });
@@ -240,6 +269,40 @@ async fn save_manifest_copy(
             &format_args!(
                 "the manifest's copy in the bucket was not saved ({why}); the backup itself is \
                  complete, and the next run tries again"
+            ),
+        ),
+    }
+}
+
+/// The night's snapshot (`tree`), saved after the manifest's copy. One that fails is a transfer
+/// error like the copy's: the backup is whole, but this night cannot be restored as a tree.
+async fn save_snapshot(
+    store: Arc<S3Store>,
+    config: &Config,
+    walked: tree::Tree,
+    started_unix: u64,
+    stop: Stop,
+    stats: &Stats,
+) {
+    match tree::save(store, config, walked, started_unix, stop).await {
+        Ok(saved) => tracing::info!(
+            "snapshot {} saved: {} entries, {} bytes (s3://{}/{})",
+            saved.header.id,
+            saved.header.entries,
+            saved.size,
+            config.destination.bucket.0,
+            crate::keys::shown(&saved.key)
+        ),
+        Err(why) => stats.file_error(
+            std::path::Path::new(&format!(
+                "{}{}",
+                config.destination.prefix.as_str(),
+                crate::snapshot::DIR
+            )),
+            FileErrorKind::Upload,
+            &format_args!(
+                "the night's snapshot was not saved ({why}); the backup itself is complete, \
+                 but this night cannot be restored as a tree"
             ),
         ),
     }

@@ -369,20 +369,20 @@ impl S3Server {
     /// prefix lies under its prefix (bucket-level requests such as HeadBucket cannot be told
     /// apart there and are left out).
     ///
-    /// Requests for nightcopy's own objects (the manifest's copy under `.nightcopy/`) are left
-    /// out: tests count the requests for files. [`S3Server::own_requests`] has those.
+    /// Requests for nightcopy's own objects (the manifest's copy and snapshots under
+    /// `.nightcopy/`) are left out: tests count the requests for files. [`S3Server::own_requests`] has those.
     pub fn requests(&self, dest: &Dest) -> Vec<Request> {
         self.requests_with_own(dest)
             .into_iter()
-            .filter(|r| !is_own_key(dest, &r.key))
+            .filter(|r| !is_own_request(dest, r))
             .collect()
     }
 
-    /// The requests for nightcopy's own objects under `dest` (the manifest's copy).
+    /// The requests for nightcopy's own objects under `dest` (the manifest's copy, snapshots).
     pub fn own_requests(&self, dest: &Dest) -> Vec<Request> {
         self.requests_with_own(dest)
             .into_iter()
-            .filter(|r| is_own_key(dest, &r.key))
+            .filter(|r| is_own_request(dest, r))
             .collect()
     }
 
@@ -491,6 +491,17 @@ impl S3Server {
 fn is_own_key(dest: &Dest, key: &str) -> bool {
     key.strip_prefix(&dest.prefix)
         .is_some_and(nightcopy::keys::is_reserved)
+}
+
+/// Whether a request is for nightcopy's own objects: one of them, or a listing inside them (a
+/// new snapshot's key is listed before it is written).
+fn is_own_request(dest: &Dest, r: &Request) -> bool {
+    match r.key.is_empty() {
+        true => r
+            .query_param("prefix")
+            .is_some_and(|p| is_own_key(dest, &p)),
+        false => is_own_key(dest, &r.key),
+    }
 }
 
 fn make_client(endpoint: &str, region: &str, credentials: &Credentials) -> Client {
