@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, renameat, renameat2, OFlag, RenameFlags};
-use nix::sys::stat::{fstatat, mkdirat, Mode, SFlag};
+use nix::sys::stat::{fstat, fstatat, mkdirat, Mode, SFlag};
 use nix::unistd::{linkat, unlinkat, UnlinkatFlags};
 
 use crate::keys::shown;
@@ -57,6 +57,8 @@ pub struct Target {
     /// each open is a round trip (two, with its close). A handle stays the directory it was
     /// opened as — a name swapped for a symlink later is still not followed.
     opened: std::sync::Mutex<std::collections::HashMap<PathBuf, Dir>>,
+    root_setgid: bool,
+    root_made: bool,
 }
 
 /// Directory handles kept open for reuse; past this the set starts over.
@@ -67,6 +69,11 @@ const OPEN_DIRS: usize = 256;
 pub struct Dir {
     fd: Arc<OwnedFd>,
     path: PathBuf,
+    /// Set-group-ID: files made in it take its group, not the creator's.
+    pub setgid: bool,
+    /// Made empty by this restore (or the target, empty when it began): nothing is in it that
+    /// this restore did not put there, so a name needs no lookup to know it is free.
+    made: bool,
 }
 
 fn dir_flags() -> OFlag {
@@ -76,14 +83,19 @@ fn dir_flags() -> OFlag {
 impl Target {
     /// Opens `path` (creating it first when `create`), following it as given.
     pub fn open(path: &Path, create: bool) -> io::Result<Target> {
+        let existed = path.exists();
         if create {
             std::fs::create_dir_all(path)?;
         }
         let fd = File::open(path)?;
-        if !fd.metadata()?.is_dir() {
+        let m = fd.metadata()?;
+        if !m.is_dir() {
             return Err(io::Error::other("not a directory"));
         }
+        let root_made = !existed || std::fs::read_dir(path)?.next().is_none();
         Ok(Target {
+            root_made,
+            root_setgid: std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o2000 != 0,
             root: Arc::new(OwnedFd::from(fd)),
             path: path.to_owned(),
             dirs_created: AtomicU64::new(0),
@@ -100,7 +112,13 @@ impl Target {
     /// `select::target_rel` makes them), opened component by component without following a
     /// symlink; missing directories are created 0700 when `create`, else `Ok(None)`.
     pub fn parent_of(&self, rel: &Path, create: bool) -> Result<Option<Dir>, PlaceError> {
-        let parent = rel.parent().unwrap_or(Path::new(""));
+        self.dir(rel.parent().unwrap_or(Path::new("")), create)
+    }
+
+    /// The directory `rel` itself (`""`: the target), opened as [`Target::parent_of`] opens a
+    /// parent, created with its parents when `create`.
+    pub fn dir(&self, parent: &Path, create: bool) -> Result<Option<Dir>, PlaceError> {
+        let rel = parent;
         // The deepest directory on the way that is open already.
         let (start, mut below) = {
             let opened = self.opened.lock().expect("not poisoned");
@@ -117,34 +135,40 @@ impl Target {
                 None => (None, None),
             }
         };
-        let (mut fd, mut path) = match start {
-            Some(d) => (d.fd, d.path),
-            None => (self.root.clone(), self.path.clone()),
+        let (mut fd, mut path, mut setgid, mut made_all) = match start {
+            Some(d) => (d.fd, d.path, d.setgid, d.made),
+            None => (
+                self.root.clone(),
+                self.path.clone(),
+                self.root_setgid,
+                self.root_made,
+            ),
         };
         let rest = match &below {
             Some(b) => rel.strip_prefix(b).unwrap_or(rel),
             None => rel,
         };
         let mut key = below.take().unwrap_or_default();
-        let parents: Vec<&OsStr> = match rest.parent() {
-            Some(p) => p
-                .components()
-                .map(|c| match c {
-                    Component::Normal(n) => Ok(n),
-                    _ => Err(PlaceError::Io(
-                        rel.to_owned(),
-                        io::Error::other("not a plain relative path"),
-                    )),
-                })
-                .collect::<Result<_, _>>()?,
-            None => Vec::new(),
-        };
+        let parents: Vec<&OsStr> = rest
+            .components()
+            .map(|c| match c {
+                Component::Normal(n) => Ok(n),
+                _ => Err(PlaceError::Io(
+                    rel.to_owned(),
+                    io::Error::other("not a plain relative path"),
+                )),
+            })
+            .collect::<Result<_, _>>()?;
         for name in parents {
             path.push(name);
+            // A directory made here inherits set-group-ID from its parent; one that was there
+            // says with a stat.
+            let mut made = false;
             let opened = match openat(fd.as_fd(), name, dir_flags(), Mode::empty()) {
                 Err(Errno::ENOENT) if create => {
                     match mkdirat(fd.as_fd(), name, Mode::S_IRWXU) {
                         Ok(()) => {
+                            made = true;
                             self.dirs_created.fetch_add(1, Relaxed);
                         }
                         // Made meanwhile by another download: open what is there, as strictly.
@@ -161,13 +185,26 @@ impl Target {
                 Err(Errno::ELOOP | Errno::ENOTDIR) => return Err(PlaceError::NotADirectory(path)),
                 Err(e) => return Err(PlaceError::Io(path, e.into())),
             };
+            made_all = made;
+            if !made {
+                setgid = fstat(fd.as_fd())
+                    .map_err(|e| PlaceError::Io(path.clone(), e.into()))?
+                    .st_mode
+                    & 0o2000
+                    != 0;
+            }
             key.push(name);
-            self.keep(&key, &fd, &path);
+            self.keep(&key, &fd, &path, (setgid, made));
         }
-        Ok(Some(Dir { fd, path }))
+        Ok(Some(Dir {
+            fd,
+            path,
+            setgid,
+            made: made_all,
+        }))
     }
 
-    fn keep(&self, key: &Path, fd: &Arc<OwnedFd>, path: &Path) {
+    fn keep(&self, key: &Path, fd: &Arc<OwnedFd>, path: &Path, (setgid, made): (bool, bool)) {
         let mut opened = self.opened.lock().expect("not poisoned");
         if opened.len() >= OPEN_DIRS {
             opened.clear();
@@ -177,6 +214,8 @@ impl Target {
             Dir {
                 fd: fd.clone(),
                 path: path.to_owned(),
+                setgid,
+                made,
             },
         );
     }
@@ -197,6 +236,9 @@ impl Dir {
     }
 
     pub fn exists(&self, name: &OsStr) -> Result<bool, PlaceError> {
+        if self.made {
+            return Ok(false);
+        }
         match fstatat(
             self.fd.as_fd(),
             name,
@@ -259,22 +301,6 @@ pub struct NodeMeta {
 }
 
 impl Dir {
-    /// Creates directory `name` (0700, as every directory is until its own metadata is set at
-    /// the end); `Ok(false)` when one is there already. Anything else at the name is an error.
-    pub fn mkdir(&self, name: &OsStr) -> Result<bool, PlaceError> {
-        match mkdirat(self.fd.as_fd(), name, Mode::S_IRWXU) {
-            Ok(()) => Ok(true),
-            Err(Errno::EEXIST) => match openat(self.fd.as_fd(), name, dir_flags(), Mode::empty()) {
-                Ok(_) => Ok(false),
-                Err(Errno::ELOOP | Errno::ENOTDIR) => {
-                    Err(PlaceError::NotADirectory(self.path.join(name)))
-                }
-                Err(e) => Err(PlaceError::Io(self.path.join(name), e.into())),
-            },
-            Err(e) => Err(PlaceError::Io(self.path.join(name), e.into())),
-        }
-    }
-
     /// Opens directory `name` itself (not following a symlink), to set its metadata.
     pub fn open_dir(&self, name: &OsStr) -> Result<File, PlaceError> {
         match openat(self.fd.as_fd(), name, dir_flags(), Mode::empty()) {

@@ -308,16 +308,10 @@ impl Pass {
             self.stats.dirs_created.fetch_add(1, Relaxed);
             return;
         }
+        // Made (and counted) by the target, and kept open for the files that follow it.
         let target = self.target.as_ref().expect("only a dry run has no target");
-        let made = target
-            .parent_of(rel, true)
-            .and_then(|d| d.expect("created").mkdir(name_of(rel)));
-        match made {
-            Ok(true) => {
-                self.stats.dirs_created.fetch_add(1, Relaxed);
-            }
-            Ok(false) => {}
-            Err(e) => self.local_error(rel, &e),
+        if let Err(e) = target.dir(rel, true) {
+            self.local_error(rel, &e);
         }
     }
 
@@ -437,9 +431,6 @@ impl Pass {
         let Some(from) = target.parent_of(&first_rel, false)? else {
             return Ok(false);
         };
-        if !from.exists(name_of(&first_rel))? {
-            return Ok(false);
-        }
         let here = target.parent_of(rel, true)?.expect("created");
         match here.link_from(&from, name_of(&first_rel), name_of(rel)) {
             Ok(()) => {
@@ -450,6 +441,7 @@ impl Pass {
                 self.stats.existing(&shown_path, &e.path, e.size, false);
                 Ok(true)
             }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
             // Another filesystem below the target, or one without hard links: a copy instead.
             Err(err) => {
                 tracing::debug!(
