@@ -734,4 +734,42 @@ mod tests {
         };
         assert!(b.diff(&older).await.0.is_ok());
     }
+
+    /// Takes one write, then is a closed pipe (`nightcopy diff | head -1`).
+    struct Closed(bool);
+
+    impl Write for Closed {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            match std::mem::replace(&mut self.0, true) {
+                false => Ok(buf.len()),
+                true => Err(io::ErrorKind::BrokenPipe.into()),
+            }
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_stops_reading_ends_the_diff_quietly() {
+        let b = Bucket::new();
+        let ids = ids(2);
+        b.put(&ids[0], &[]);
+        // More than the output's buffer holds, so the closed pipe is met before the end.
+        let many: Vec<Entry> = (0..5000)
+            .map(|i| {
+                entry(
+                    &format!("f{i:05}-a-longer-name-for-a-longer-line"),
+                    Kind::File,
+                    1,
+                )
+            })
+            .collect();
+        b.put(&ids[1], &many);
+        let opts = DiffOptions::default();
+        let r = diff(&b.config, &opts, "", &b.store, Box::new(Closed(false))).await;
+        let f = r.unwrap();
+        assert!(f.cut_short);
+        assert!(f.added < 5000, "{f:?}");
+    }
 }
