@@ -8,6 +8,7 @@ mod agent;
 mod bucket;
 mod cli;
 mod copy;
+mod diff;
 mod distribute;
 mod faults;
 mod harness_selftest;
