@@ -2,8 +2,9 @@
 # make demo: a whole nightcopy run against a local S3-compatible server (s3s-fs) and a local
 # CloudWatch endpoint (moto behind the CBOR translator the tests use), all on 127.0.0.1, over a
 # generated sample tree: the first run, a catch-up run the guard skips, a forced rerun that finds
-# nothing to do, a local delete that is not propagated; then the bucket listing, the six metrics
-# read back from CloudWatch, and `nightcopy status`. Everything lives in a temp dir removed at the end.
+# nothing to do, a local delete that is not propagated, a change the next night; then `nightcopy
+# status`, the snapshots, what changed between the last two, a restore of the latest compared with
+# the source, the bucket listing and the six metrics read back from CloudWatch. Everything lives in a temp dir removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${NIGHTCOPY_S3S_FS:?run through 'make demo' (it installs the local server first)}"
@@ -93,8 +94,27 @@ echo; echo "== forced rerun (nothing changed: 0 PUTs)"
 echo; echo "== a local delete is never propagated"
 rm "$src/docs/reports/r1.txt"
 "$BIN" run --force --config "$work/config.yaml"; echo "exit code $?"
+echo; echo "== the next night: a report revised, a symlink and a new directory"
+echo "report 2, revised" > "$src/docs/reports/r2.txt"
+ln -s reports/r2.txt "$src/docs/latest-report"
+mkdir -p "$src/docs/minutes" && echo "minutes of the 5th" > "$src/docs/minutes/05.txt"
+"$BIN" run --force --config "$work/config.yaml"; echo "exit code $?"
 echo; echo "== nightcopy status"
 "$BIN" status --config "$work/config.yaml"
+echo; echo "== nightcopy snapshots: one per completed run, each the tree that run saw"
+"$BIN" snapshots --config "$work/config.yaml"
+echo; echo "== nightcopy diff: what changed between the last two"
+"$BIN" diff --config "$work/config.yaml"
+echo; echo "== nightcopy restore (the latest snapshot) into an empty directory, compared with the source"
+"$BIN" restore --config "$work/config.yaml" --to "$work/restored"; echo "exit code $?"
+# The excluded paths were never backed up; everything else must be there, symlink included.
+if diff -r --no-dereference -x .cache -x '*.tmp' "$src" "$work/restored"; then
+  echo "  the restored tree is the source as the last run saw it (docs/reports/r1.txt, deleted"
+  echo "  before, is still in the bucket but not in the tree: 'restore --include-deleted' brings it)"
+else
+  echo "  the restored tree differs from the source" >&2
+  exit 1
+fi
 
 echo; echo "== bucket s3://demo-bucket/host1/ (listed with boto3)"
 "$NIGHTCOPY_PYTHON" - "$port" <<'PY'

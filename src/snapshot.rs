@@ -178,17 +178,21 @@ impl Header {
     }
 }
 
-/// A snapshot's id: when its run started (UTC, so ids sort as runs do) and eight random hex
-/// digits, so that two runs in one second never share a key.
-pub fn new_id(started_unix: u64) -> io::Result<String> {
+/// A snapshot's id: when it was made — at the end of its run — as a UTC second, then that
+/// second's millisecond in the first three hex digits and five random ones. Runs of one
+/// destination never overlap (the state directory's lock), so ids sort as runs do, also two in
+/// one second; the random digits keep two hosts writing one prefix from sharing a key.
+pub fn new_id(at: std::time::SystemTime) -> io::Result<String> {
+    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let when = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(started_unix),
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(since.as_secs()),
     )
     .to_string()
     .replace(['-', ':'], "");
     let mut random = [0u8; 4];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
-    Ok(format!("{when}-{}", hex::encode(random)))
+    let random = u32::from_be_bytes(random) & 0xf_ffff;
+    Ok(format!("{when}-{:03x}{random:05x}", since.subsec_millis()))
 }
 
 /// Whether `id` is one `new_id` makes (what a listing of the snapshot folder is held to).
@@ -688,8 +692,11 @@ mod tests {
 
     #[test]
     fn an_id_sorts_as_its_run_started_and_is_recognised() {
-        let a = new_id(1_765_000_000).unwrap();
-        let b = new_id(1_765_000_001).unwrap();
+        let at = |ms: u64| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+        let a = new_id(at(1_765_000_000_000)).unwrap();
+        let b = new_id(at(1_765_000_000_001)).unwrap();
+        let c = new_id(at(1_765_000_001_000)).unwrap();
+        assert!(b < c, "{b} {c}");
         assert!(a < b, "{a} {b}");
         assert!(is_id(&a), "{a}");
         assert_eq!(&a[..16], "20251206T054640Z");

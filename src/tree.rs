@@ -411,7 +411,7 @@ async fn write(config: &Config, run_started: u64) -> Result<Header, SaveError> {
     let destination = config.destination_id();
     let header = Header {
         nightcopy_snapshot: snapshot::FORMAT,
-        id: snapshot::new_id(run_started).map_err(SaveError::Write)?,
+        id: snapshot::new_id(std::time::SystemTime::now()).map_err(SaveError::Write)?,
         destination: destination.clone(),
         source: keys::encode_raw_path(&config.source.path.0),
         host: crate::queue::host_name(),
@@ -810,7 +810,9 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(saved.key, snapshot::object_key("p/", &saved.header.id));
-        assert!(saved.header.id.starts_with("20251206T054640Z-"));
+        // Named when it was made (now), so that ids sort as runs do.
+        assert!(snapshot::is_id(&saved.header.id), "{}", saved.header.id);
+        assert_eq!(saved.header.started, 1_765_000_000);
         let object = store.object(&saved.key).expect("uploaded");
         assert_eq!(object.body.len() as u64, saved.size);
         let expected = snapshot::Expected {

@@ -89,7 +89,8 @@ fn save(store: &MemoryStore, state: &Path, started: u64, entries: &[Entry]) -> S
     for e in entries {
         w.push(e).unwrap();
     }
-    let id = snapshot::new_id(started).unwrap();
+    let id =
+        snapshot::new_id(std::time::UNIX_EPOCH + std::time::Duration::from_secs(started)).unwrap();
     let header = Header {
         nightcopy_snapshot: snapshot::FORMAT,
         id: id.clone(),

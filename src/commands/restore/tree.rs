@@ -133,8 +133,9 @@ pub async fn choose<S: ObjectStore>(
     Ok(Source::Snapshot(Box::new(fetched)))
 }
 
-/// The newest snapshot whose run had ended by `t` (ns). Ids sort by their run's start, so only
-/// those started before `t` are read, newest first, and only their headers.
+/// The newest snapshot whose run had ended by `t` (ns). Ids sort as runs do and name when each
+/// snapshot was made (at its run's end), so only those made by `t` are read, newest first, and
+/// only their headers.
 async fn as_of<S: ObjectStore>(
     store: &S,
     prefix: &str,
@@ -144,7 +145,7 @@ async fn as_of<S: ObjectStore>(
 ) -> Result<Option<String>, RestoreError> {
     let secs = t.div_euclid(1_000_000_000);
     for id in ids.iter().rev() {
-        if started_of(id).is_some_and(|s| s > secs) {
+        if made_of(id).is_some_and(|s| s > secs) {
             continue;
         }
         let h = snapshot::fetch_header(store, prefix, id, expected)
@@ -162,8 +163,8 @@ async fn as_of<S: ObjectStore>(
     Ok(None)
 }
 
-/// When a snapshot's run started, from its id (UTC seconds).
-fn started_of(id: &str) -> Option<i64> {
+/// When a snapshot was made, from its id (UTC seconds).
+fn made_of(id: &str) -> Option<i64> {
     let t = format!(
         "{}-{}-{}T{}:{}:{}Z",
         id.get(0..4)?,
@@ -523,7 +524,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_id_gives_its_start() {
-        assert_eq!(started_of("20261206T020000Z-0a1b2c3d"), Some(1_796_522_400));
-        assert_eq!(started_of("x"), None);
+        assert_eq!(made_of("20261206T020000Z-0a1b2c3d"), Some(1_796_522_400));
+        assert_eq!(made_of("x"), None);
     }
 }
