@@ -1012,8 +1012,24 @@ class Bench:
         # The first copy of a million files is PUT-bound (about 6 minutes here): it must finish,
         # or the nothing-changed runs after it would be finishing it.
         self.run("first-copy-million", "nightcopy", tree, bucket, limit=LONG_LIMIT)
+        self.snapshot_cost("first-copy-million")
         for _ in range(self.args.reps):
             self.run("incr-nothing-million", "nightcopy", tree, bucket)
+            self.snapshot_cost("incr-nothing-million")
+
+    def snapshot_cost(self, scenario):
+        """What the night's snapshot cost the run just made: its size per entry and the seconds
+        after the walk (join, compression, upload), from the run's own log line, beside the run's
+        wall time and peak RSS (which include it)."""
+        runs = self.results.get(scenario, {}).get("nightcopy", [])
+        text = Path(self.log).read_text(errors="replace")
+        m = re.findall(r"snapshot \S+ saved: (\d+) entries, (\d+) bytes in ([0-9.]+)s", text)
+        if not runs or not m:
+            return
+        entries, size, secs = int(m[-1][0]), int(m[-1][1]), float(m[-1][2])
+        runs[-1]["snapshot"] = dict(entries=entries, bytes=size, seconds=secs)
+        say(f"  snapshot of {scenario}: {entries:,} entries, {size / 2**20:.1f} MiB "
+            f"({size / max(entries, 1):.1f} bytes per entry), {secs:.1f}s after the walk")
 
     # -- restore ------------------------------------------------------------------------------
 
@@ -1315,6 +1331,7 @@ def report(bench, command, started):
         lines += get_bounds(scenario, by_tool)
         lines += fuse_kinds(scenario, by_tool)
         lines += sqs_requests(bench, scenario, by_tool)
+        lines += snapshot_costs(scenario, by_tool)
         disk = bench.notes.get("coordinator-disk")
         answered = [r.get("answered") for r in by_tool.get("nightcopy", []) if r.get("answered")]
         if scenario == "scaleout-coordinator-1M-files" and answered:
@@ -1332,6 +1349,23 @@ def report(bench, command, started):
                       f"file: plan, reports, index, manifest) and {disk['end_mib']:,.0f} MiB after.",
                       ""]
     return "\n".join(lines)
+
+
+def snapshot_costs(scenario, by_tool):
+    """The snapshot index a million-file run wrote: bytes per entry, seconds after the walk (medians
+    over the runs), beside the run's peak RSS, which includes it."""
+    runs = [r for r in by_tool.get("nightcopy", []) if r.get("snapshot") and r["rc"] in (0, 2)]
+    if not runs:
+        return []
+    entries = runs[-1]["snapshot"]["entries"]
+    size = statistics.median(r["snapshot"]["bytes"] for r in runs)
+    secs = statistics.median(r["snapshot"]["seconds"] for r in runs)
+    rss = statistics.median(r["rss_mib"] for r in runs)
+    wall = statistics.median(r["wall"] for r in runs)
+    return [f"Snapshot of this run (median of {len(runs)}): {entries:,} entries in "
+            f"{size / 2**20:.1f} MiB ({size / entries:.1f} bytes per entry, gzip), written and "
+            f"uploaded in {secs:.1f}s after the walk ({100 * secs / wall:.0f}% of the run's "
+            f"{wall:.1f}s); the run's peak RSS with it: {rss:.1f} MiB.", ""]
 
 
 def sqs_requests(bench, scenario, by_tool):
