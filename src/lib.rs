@@ -1,6 +1,6 @@
 //! nightcopy: an additive-only nightly backup of a mounted filesystem to S3.
 //!
-//! The commands stand side by side on top (`commands`: run, verify, restore, status,
+//! The commands stand side by side on top (`commands`: run, verify, restore, snapshots, status,
 //! check-config, and for a distributed run worker and dlq); everything below is machinery they
 //! share, listed here in the order a nightly run's data flows through it:
 //! `config` → `guard` → `scan` ∥ `list` → `merge` → `plan` → `upload` → `report` →
