@@ -55,8 +55,8 @@ fn versioned_case(hint: &str) -> Case {
     Case::on(moto_s3(), moto_s3().versioned_dest(hint))
 }
 
-/// Ids start with the second their run started: the next run starts in a later second, so the
-/// two sort as they ran (the clock itself is what is waited for).
+/// The next run starts in a later second than the last one, so that their headers' start times
+/// (whole seconds) differ too (the clock itself is what is waited for).
 fn next_second() {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     clock_past_second(now.as_secs());
