@@ -378,6 +378,7 @@ mod tests {
             }),
             etag_md5: None,
             version_id: None,
+            archive: Default::default(),
         }
     }
 

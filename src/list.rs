@@ -284,6 +284,7 @@ mod tests {
                     key: s(k),
                     size: 0,
                     last_modified_ns: 0,
+                    storage_class: None,
                 })
                 .collect()
         };

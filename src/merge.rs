@@ -193,6 +193,7 @@ pub(crate) mod tests {
             key: key.into(),
             size: 1,
             last_modified_ns: 1,
+            storage_class: None,
         })
     }
 
@@ -250,6 +251,7 @@ pub(crate) mod tests {
                 key: "a".into(),
                 size: 1,
                 last_modified_ns: 1,
+                storage_class: None,
             }),
             Err("boom"),
         ];

@@ -179,6 +179,7 @@ mod tests {
             key: key.into(),
             size,
             last_modified_ns,
+            storage_class: None,
         })
     }
 

@@ -12,6 +12,13 @@
 //! gets a version id (`v1`, `v2` …) that put, complete and head return, and `get` of an older
 //! version gives its bytes. By default it is an unversioned bucket: no version ids, and `get`
 //! gives the current object whatever version is asked for. (ListObjectVersions is not modelled.)
+//!
+//! Archived objects are modelled as S3 keeps them, with a thaw that takes as long as the test
+//! says: an object [`MemoryStore::freeze`]s into a cold class and GET refuses it (`Cold`, S3's
+//! InvalidObjectState); RestoreObject starts a thaw, which HEAD reports as running
+//! (`ongoing-request="true"`) and which a second request does not restart (S3's 409
+//! RestoreAlreadyInProgress); only [`MemoryStore::finish_thaw`] makes it readable, with HEAD's
+//! `ongoing-request="false"` and an expiry. Every thaw request is kept with its days and tier.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -22,10 +29,11 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Body, CompletedPart, Download, ErrorKind, HeadInfo, ListPage, ListedPart, ObjectMeta,
-    ObjectStore, PartLayout, PutRequest, RemoteObject, StoreError, VersionMarker, VersionPage,
-    Versioning,
+    Archive, ArchiveTier, Body, CompletedPart, Download, ErrorKind, HeadInfo, ListPage, ListedPart,
+    ObjectMeta, ObjectStore, PartLayout, PutRequest, RemoteObject, StoreError, Thaw, ThawRequest,
+    ThawTier, VersionMarker, VersionPage, Versioning,
 };
+use crate::config::StorageClass;
 
 /// The operations of [`ObjectStore`], for counting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -43,6 +51,27 @@ pub enum Op {
     PartLayout,
     Versioning,
     ObjectLock,
+    RestoreObject,
+}
+
+/// Where an archived object is in its thaw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frozen {
+    /// Unreadable, no thaw asked for.
+    Cold,
+    /// A thaw was asked for and is running: still unreadable.
+    Thawing,
+    /// Readable (a thawed copy).
+    Thawed,
+}
+
+/// One RestoreObject request as the store received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThawAsked {
+    pub key: String,
+    pub version_id: Option<String>,
+    pub days: Option<u32>,
+    pub tier: ThawTier,
 }
 
 /// One stored object.
@@ -89,6 +118,9 @@ pub struct MemoryStore {
     versions: Option<Mutex<BTreeMap<(String, String), Object>>>,
     uploads: Mutex<HashMap<String, Upload>>,
     counts: Mutex<BTreeMap<Op, usize>>,
+    /// Archived objects by key, with the Intelligent-Tiering tier they are in, if they are.
+    frozen: Mutex<HashMap<String, (Frozen, Option<ArchiveTier>)>>,
+    thaws: Mutex<Vec<ThawAsked>>,
     /// Keys per listing page (S3's is 1,000).
     page_size: usize,
     /// Bytes per chunk of a download's body, so that readers meet chunk boundaries.
@@ -115,6 +147,8 @@ impl MemoryStore {
             versions: None,
             uploads: Mutex::default(),
             counts: Mutex::default(),
+            frozen: Mutex::default(),
+            thaws: Mutex::default(),
             page_size: page_size.max(1),
             chunk: 333,
             clock: AtomicU64::new(1),
@@ -143,6 +177,47 @@ impl MemoryStore {
     /// How many times `op` was called.
     pub fn count(&self, op: Op) -> usize {
         self.counts.lock().unwrap().get(&op).copied().unwrap_or(0)
+    }
+
+    /// Archives the object at `key` in `class` (GLACIER, DEEP_ARCHIVE; INTELLIGENT_TIERING with
+    /// the archive tier it went to): unreadable until a thaw is asked for and finished.
+    pub fn freeze(&self, key: &str, class: StorageClass, tier: Option<ArchiveTier>) {
+        if let Some(o) = self.objects.lock().unwrap().get_mut(key) {
+            o.storage_class = Some(class.as_str().to_owned());
+        }
+        if let Some(versions) = &self.versions {
+            for ((k, _), o) in versions.lock().unwrap().iter_mut() {
+                if k == key {
+                    o.storage_class = Some(class.as_str().to_owned());
+                }
+            }
+        }
+        self.frozen
+            .lock()
+            .unwrap()
+            .insert(key.to_owned(), (Frozen::Cold, tier));
+    }
+
+    /// Finishes the thaw running for `key`: readable from now on. Panics when no thaw was asked
+    /// for, so a test cannot finish one that nightcopy never requested.
+    pub fn finish_thaw(&self, key: &str) {
+        let mut frozen = self.frozen.lock().unwrap();
+        let state = frozen.get_mut(key).expect("a frozen object");
+        assert_eq!(state.0, Frozen::Thawing, "{key}: no thaw was requested");
+        state.0 = Frozen::Thawed;
+    }
+
+    /// The RestoreObject requests received, in order.
+    pub fn thaw_requests(&self) -> Vec<ThawAsked> {
+        self.thaws.lock().unwrap().clone()
+    }
+
+    fn readable(&self, key: &str) -> bool {
+        self.frozen
+            .lock()
+            .unwrap()
+            .get(key)
+            .is_none_or(|(f, _)| *f == Frozen::Thawed)
     }
 
     /// Multipart uploads started and neither completed nor aborted.
@@ -194,6 +269,10 @@ impl ObjectStore for MemoryStore {
                 key: k.to_owned(),
                 size: o.body.len() as u64,
                 last_modified_ns: o.last_modified_ns,
+                storage_class: o
+                    .storage_class
+                    .as_deref()
+                    .and_then(super::storage_class_named),
             })
             .collect();
         let next = match matching.next() {
@@ -366,10 +445,42 @@ impl ObjectStore for MemoryStore {
     }
 
     async fn head(&self, key: &str) -> Result<Option<HeadInfo>, StoreError> {
+        self.head_version(key, None).await
+    }
+
+    async fn head_version(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> Result<Option<HeadInfo>, StoreError> {
         self.called(Op::Head);
-        Ok(self.object(key).map(|o| HeadInfo {
+        let frozen = self.frozen.lock().unwrap().get(key).copied();
+        let object = match (&self.versions, version_id) {
+            (Some(versions), Some(v)) => versions
+                .lock()
+                .unwrap()
+                .get(&(key.to_owned(), v.to_owned()))
+                .cloned(),
+            _ => self.object(key),
+        };
+        Ok(object.map(|o| HeadInfo {
             size: o.body.len() as u64,
             etag_md5: None,
+            archive: Archive {
+                class: o
+                    .storage_class
+                    .as_deref()
+                    .and_then(super::storage_class_named),
+                tier: frozen.and_then(|(f, tier)| tier.filter(|_| f != Frozen::Thawed)),
+                thaw: match frozen {
+                    Some((Frozen::Thawing, _)) => Some(Thaw::Running),
+                    Some((Frozen::Thawed, None)) => Some(Thaw::Done {
+                        expiry: Some("Fri, 21 Dec 2012 00:00:00 GMT".to_owned()),
+                    }),
+                    Some((Frozen::Thawed, Some(_))) => Some(Thaw::Done { expiry: None }),
+                    _ => None,
+                },
+            },
             meta: o.meta,
             checksum_sha256: o.checksum,
             version_id: o.version_id,
@@ -382,6 +493,15 @@ impl ObjectStore for MemoryStore {
         version_id: Option<&str>,
     ) -> Result<Option<Download>, StoreError> {
         self.called(Op::Get);
+        if !self.readable(key) {
+            return Err(StoreError::new(
+                ErrorKind::Cold,
+                format!(
+                    "downloading {key} failed: InvalidObjectState: The operation is not valid \
+                     for the object's storage class, HTTP 403"
+                ),
+            ));
+        }
         let object = match (&self.versions, version_id) {
             (Some(versions), Some(v)) => versions
                 .lock()
@@ -424,6 +544,38 @@ impl ObjectStore for MemoryStore {
     ) -> Result<Option<PartLayout>, StoreError> {
         self.called(Op::PartLayout);
         Ok(self.object(key).and_then(|o| o.layout))
+    }
+
+    async fn restore_object(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+        days: Option<u32>,
+        tier: ThawTier,
+    ) -> Result<ThawRequest, StoreError> {
+        self.called(Op::RestoreObject);
+        self.thaws.lock().unwrap().push(ThawAsked {
+            key: key.to_owned(),
+            version_id: version_id.map(str::to_owned),
+            days,
+            tier,
+        });
+        let mut frozen = self.frozen.lock().unwrap();
+        match frozen.get_mut(key) {
+            Some((state @ Frozen::Cold, _)) => {
+                *state = Frozen::Thawing;
+                Ok(ThawRequest::Sent)
+            }
+            Some((Frozen::Thawing, _)) => Ok(ThawRequest::AlreadyRunning),
+            Some((Frozen::Thawed, _)) => Ok(ThawRequest::Sent),
+            None => Err(StoreError::new(
+                ErrorKind::Cold,
+                format!(
+                    "requesting the thaw of {key} failed: InvalidObjectState: restore is not \
+                     allowed for the object's current storage class, HTTP 403"
+                ),
+            )),
+        }
     }
 
     async fn versioning(&self) -> Result<Versioning, StoreError> {
@@ -517,6 +669,54 @@ mod tests {
             .into_iter()
             .flat_map(|c| c.unwrap().to_vec())
             .collect()
+    }
+
+    #[test]
+    fn a_frozen_object_is_read_only_after_its_thaw_is_asked_for_and_finished() {
+        let store = MemoryStore::default();
+        put(&store, "k", b"cold bytes");
+        store.freeze("k", StorageClass::DeepArchive, None);
+        let listed = block_on(store.list_page("", None, None)).unwrap();
+        assert_eq!(
+            listed.objects[0].storage_class,
+            Some(StorageClass::DeepArchive)
+        );
+        let refused = |s: &MemoryStore| match block_on(s.get("k", None)) {
+            Err(e) => e.kind == ErrorKind::Cold,
+            Ok(_) => false,
+        };
+        assert!(refused(&store));
+        assert_eq!(
+            block_on(store.head("k")).unwrap().unwrap().archive.thaw,
+            None
+        );
+        let ask = || block_on(store.restore_object("k", None, Some(7), ThawTier::Bulk)).unwrap();
+        assert_eq!(ask(), ThawRequest::Sent);
+        assert!(refused(&store), "still thawing");
+        let head = block_on(store.head("k")).unwrap().unwrap();
+        assert_eq!(head.archive.thaw, Some(Thaw::Running));
+        assert_eq!(head.archive.class, Some(StorageClass::DeepArchive));
+        assert_eq!(ask(), ThawRequest::AlreadyRunning);
+        store.finish_thaw("k");
+        assert_eq!(got(&store, "k", None), b"cold bytes");
+        assert!(matches!(
+            block_on(store.head("k")).unwrap().unwrap().archive.thaw,
+            Some(Thaw::Done { expiry: Some(_) })
+        ));
+        assert_eq!(store.count(Op::RestoreObject), 2);
+        assert_eq!(
+            store.thaw_requests()[0],
+            ThawAsked {
+                key: "k".into(),
+                version_id: None,
+                days: Some(7),
+                tier: ThawTier::Bulk
+            }
+        );
+        // Nothing to thaw in STANDARD: refused as S3 refuses it.
+        put(&store, "warm", b"x");
+        let e = block_on(store.restore_object("warm", None, Some(7), ThawTier::Bulk));
+        assert!(e.is_err());
     }
 
     #[test]

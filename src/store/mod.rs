@@ -1,7 +1,9 @@
 //! The object store as nightcopy needs it: list, put, multipart, head, get (and the version
-//! listing restore uses for `--as-of`) — and deliberately no delete of any kind, so no code path,
-//! flag or future change can send one without first changing this trait. (AbortMultipartUpload
-//! discards the parts of an upload this run started; it cannot touch a stored object.)
+//! listing restore uses for `--as-of`, and the thaw of an archived object restore asks for with
+//! `--thaw`) — and deliberately no delete of any kind, so no code path, flag or future change can
+//! send one without first changing this trait. (AbortMultipartUpload discards the parts of an
+//! upload this run started; it cannot touch a stored object. RestoreObject makes a temporary
+//! readable copy of an archived object; the object itself stays as it is.)
 //!
 //! One trait, so that unit tests run against `memory`, an in-memory implementation with operation
 //! counters (the integration tests count and fail requests at an HTTP proxy in front of a real S3
@@ -29,6 +31,14 @@ pub struct RemoteObject {
     pub size: u64,
     /// The upload time (S3's LastModified), not the file's mtime.
     pub last_modified_ns: i64,
+    /// The class the listing names (`None`: none said, which is STANDARD, or one nightcopy does
+    /// not know). Restore counts the cold ones from it before anything is downloaded.
+    pub storage_class: Option<StorageClass>,
+}
+
+/// The storage class of an S3 name (`DEEP_ARCHIVE`); `None` for a name nightcopy does not know.
+pub fn storage_class_named(name: &str) -> Option<StorageClass> {
+    StorageClass::ALL.into_iter().find(|c| c.as_str() == name)
 }
 
 /// What the S3 error means for the run. Per-file errors are counted; the rest end the run.
@@ -77,6 +87,10 @@ pub enum ErrorKind {
     InsecureEndpoint,
     /// The multipart upload is gone (completed, aborted, or expired by a lifecycle rule).
     NoSuchUpload,
+    /// The object is archived (GLACIER, DEEP_ARCHIVE, an Intelligent-Tiering archive tier) and
+    /// cannot be read until it is thawed with RestoreObject (InvalidObjectState; a 403 for the
+    /// archive tiers). One object's state, never the run's.
+    Cold,
     Other,
 }
 
@@ -99,6 +113,7 @@ impl ErrorKind {
             | "TooManyRequestsException" => ErrorKind::Throttled,
             "InvalidStorageClass" => ErrorKind::StorageClass,
             "NoSuchUpload" => ErrorKind::NoSuchUpload,
+            "InvalidObjectState" => ErrorKind::Cold,
             "AuthorizationHeaderMalformed"
             | "PermanentRedirect"
             | "IllegalLocationConstraintException" => ErrorKind::WrongRegion,
@@ -116,6 +131,7 @@ impl ErrorKind {
                 | ErrorKind::NotImplemented
                 | ErrorKind::Throttled
                 | ErrorKind::NoSuchUpload
+                | ErrorKind::Cold
                 | ErrorKind::Other
         )
     }
@@ -148,8 +164,9 @@ impl ErrorKind {
             ErrorKind::AccessDenied => {
                 "access denied: the instance role needs s3:ListBucket on the bucket and \
                  s3:PutObject on the prefix to back up, s3:GetObject to verify or restore \
-                 (plus s3:ListBucketVersions and s3:GetObjectVersion for --as-of) \
-                 (docs/operations.md)"
+                 (plus s3:ListBucketVersions and s3:GetObjectVersion for --as-of, and \
+                 s3:RestoreObject for restore --thaw: the restore policy, \
+                 packaging/aws/iam-restore-policy.json) (docs/operations.md)"
             }
             ErrorKind::BadCredentials => {
                 "the credentials were rejected: check the instance role or the keys in the environment"
@@ -170,6 +187,7 @@ impl ErrorKind {
             | ErrorKind::ChecksumMismatch
             | ErrorKind::NotImplemented
             | ErrorKind::NoSuchUpload
+            | ErrorKind::Cold
             | ErrorKind::Other => "",
         }
     }
@@ -353,6 +371,116 @@ pub struct HeadInfo {
     pub etag_md5: Option<[u8; 16]>,
     /// The current version's id, where the bucket keeps versions ([`version_id`]).
     pub version_id: Option<String>,
+    /// Where the object lies when it is archived, and its thaw.
+    pub archive: Archive,
+}
+
+/// What HEAD says of an object that may be archived: its class (`x-amz-storage-class`), the
+/// Intelligent-Tiering archive tier it is in (`x-amz-archive-status`), and its thaw
+/// (`x-amz-restore`). All `None` for an object in STANDARD that was never thawed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Archive {
+    pub class: Option<StorageClass>,
+    pub tier: Option<ArchiveTier>,
+    pub thaw: Option<Thaw>,
+}
+
+/// The archive tiers of INTELLIGENT_TIERING, where an object is as cold as in GLACIER or
+/// DEEP_ARCHIVE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveTier {
+    ArchiveAccess,
+    DeepArchiveAccess,
+}
+
+impl ArchiveTier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArchiveTier::ArchiveAccess => "ARCHIVE_ACCESS",
+            ArchiveTier::DeepArchiveAccess => "DEEP_ARCHIVE_ACCESS",
+        }
+    }
+}
+
+/// A thaw S3 knows of (`x-amz-restore`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Thaw {
+    /// `ongoing-request="true"`: requested, not done yet.
+    Running,
+    /// `ongoing-request="false"`: a readable copy exists, until `expiry` (as S3 wrote it; none
+    /// for an Intelligent-Tiering object, which moved back to its Frequent Access tier).
+    Done { expiry: Option<String> },
+}
+
+/// The value of `x-amz-restore` (`ongoing-request="false", expiry-date="Fri, 21 Dec 2012
+/// 00:00:00 GMT"`). A header that is there but says neither is taken as a thaw still running:
+/// it means S3 holds a thaw request for the object, and asking again would be a second one.
+pub fn parse_restore_header(value: &str) -> Thaw {
+    let mut ongoing = None;
+    let mut expiry = None;
+    let mut rest = value.trim();
+    while let Some((name, after)) = rest.split_once('=') {
+        let name = name
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
+        let after = after.trim_start();
+        let (v, next) = match after.strip_prefix('"') {
+            Some(quoted) => match quoted.split_once('"') {
+                Some((v, next)) => (v, next),
+                None => (quoted, ""),
+            },
+            None => after.split_once(',').unwrap_or((after, "")),
+        };
+        match name.as_str() {
+            "ongoing-request" => ongoing = Some(v.trim().to_ascii_lowercase()),
+            "expiry-date" => expiry = Some(v.trim().to_owned()),
+            _ => {}
+        }
+        rest = next;
+    }
+    match ongoing.as_deref() {
+        Some("false") => Thaw::Done {
+            expiry: expiry.filter(|e| !e.is_empty()),
+        },
+        _ => Thaw::Running,
+    }
+}
+
+/// How fast, and at what price, an archived object is thawed (RestoreObject's retrieval tier).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum ThawTier {
+    #[default]
+    Bulk,
+    Standard,
+    Expedited,
+}
+
+impl ThawTier {
+    pub const ALL: [ThawTier; 3] = [ThawTier::Bulk, ThawTier::Standard, ThawTier::Expedited];
+
+    /// As on the command line (`--thaw-tier bulk`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThawTier::Bulk => "bulk",
+            ThawTier::Standard => "standard",
+            ThawTier::Expedited => "expedited",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<ThawTier> {
+        ThawTier::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+}
+
+/// What a thaw request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThawRequest {
+    /// S3 accepted it (202, or 200 for an object already thawed, whose copy is kept longer).
+    Sent,
+    /// A thaw of the object was already running (409 RestoreAlreadyInProgress): nothing new.
+    AlreadyRunning,
 }
 
 /// The most bytes of a version id nightcopy records (S3's are 32; other servers' differ).
@@ -512,6 +640,14 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Size, metadata and stored checksum of one object; `Ok(None)` when it does not exist.
     fn head(&self, key: &str) -> impl Future<Output = Result<Option<HeadInfo>, StoreError>> + Send;
 
+    /// [`ObjectStore::head`] of a given version (or the current one): a restore from a snapshot
+    /// asks after the version it restores, whose thaw is its own.
+    fn head_version(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> impl Future<Output = Result<Option<HeadInfo>, StoreError>> + Send;
+
     /// Starts downloading one object (a given version, or the current one); `Ok(None)` when it
     /// (or that version) does not exist. The body is read as a stream.
     fn get(
@@ -534,11 +670,58 @@ pub trait ObjectStore: Send + Sync + 'static {
         key: &str,
         version_id: Option<&str>,
     ) -> impl Future<Output = Result<Option<PartLayout>, StoreError>> + Send;
+
+    /// Asks S3 to thaw an archived object (RestoreObject): a readable copy for `days` days (none
+    /// for an Intelligent-Tiering archive tier, which takes no days: the object moves back to its
+    /// Frequent Access tier), at `tier`'s speed and price. The object itself is not changed.
+    fn restore_object(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+        days: Option<u32>,
+        tier: ThawTier,
+    ) -> impl Future<Output = Result<ThawRequest, StoreError>> + Send;
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{version_id, ErrorClass, ErrorKind, StoreError};
+    use super::{parse_restore_header, version_id, ErrorClass, ErrorKind, StoreError, Thaw};
+
+    #[test]
+    fn the_restore_header_says_whether_a_thaw_runs_or_is_done() {
+        let done = |e: Option<&str>| Thaw::Done {
+            expiry: e.map(str::to_owned),
+        };
+        let cases = [
+            ("ongoing-request=\"true\"", Thaw::Running),
+            (
+                "ongoing-request=\"false\", expiry-date=\"Fri, 21 Dec 2012 00:00:00 GMT\"",
+                done(Some("Fri, 21 Dec 2012 00:00:00 GMT")),
+            ),
+            // The order of the fields, their case and the space around them do not matter.
+            (
+                " expiry-date=\"Fri, 21 Dec 2012 00:00:00 GMT\" ,Ongoing-Request=\"FALSE\"",
+                done(Some("Fri, 21 Dec 2012 00:00:00 GMT")),
+            ),
+            // An Intelligent-Tiering object moved back to Frequent Access: no expiry.
+            ("ongoing-request=\"false\"", done(None)),
+            ("ongoing-request=false", done(None)),
+            // A header that says neither: S3 holds a thaw request, so it is not asked again.
+            ("", Thaw::Running),
+            ("garbage", Thaw::Running),
+            ("ongoing-request=\"maybe\"", Thaw::Running),
+            ("ongoing-request=\"false", done(None)),
+        ];
+        for (header, want) in cases {
+            assert_eq!(parse_restore_header(header), want, "{header:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_object_state_is_one_cold_object_not_the_end_of_the_run() {
+        assert_eq!(ErrorKind::of_code("InvalidObjectState"), ErrorKind::Cold);
+        assert!(!StoreError::new(ErrorKind::Cold, "x".into()).is_fatal());
+    }
 
     #[test]
     fn only_a_real_version_id_is_recorded() {
@@ -567,6 +750,7 @@ mod tests {
             (ErrorKind::NotImplemented, ErrorClass::PerObject),
             (ErrorKind::Throttled, ErrorClass::PerObject),
             (ErrorKind::NoSuchUpload, ErrorClass::PerObject),
+            (ErrorKind::Cold, ErrorClass::PerObject),
             (ErrorKind::Other, ErrorClass::PerObject),
             (ErrorKind::NoCredentials, ErrorClass::Fatal),
             (ErrorKind::BadCredentials, ErrorClass::Fatal),

@@ -33,8 +33,9 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::DateTime;
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{
-    BucketVersioningStatus, ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload,
-    ObjectLockEnabled, ObjectLockMode, ServerSideEncryption, StorageClass,
+    ArchiveStatus, BucketVersioningStatus, ChecksumAlgorithm, ChecksumMode,
+    CompletedMultipartUpload, GlacierJobParameters, ObjectLockEnabled, ObjectLockMode,
+    RestoreRequest, ServerSideEncryption, StorageClass, Tier,
 };
 use aws_sdk_s3::Client;
 use base64::Engine as _;
@@ -42,9 +43,9 @@ use bytes::Bytes;
 use std::os::fd::AsRawFd;
 
 use super::{
-    CompletedPart, Download, ErrorKind, HeadInfo, ListPage, ListedPart, ObjectMeta, ObjectStore,
-    ObjectVersion, PartLayout, PutRequest, RemoteObject, StoreError, VersionMarker, VersionPage,
-    Versioning,
+    Archive, ArchiveTier, CompletedPart, Download, ErrorKind, HeadInfo, ListPage, ListedPart,
+    ObjectMeta, ObjectStore, ObjectVersion, PartLayout, PutRequest, RemoteObject, StoreError,
+    ThawRequest, ThawTier, VersionMarker, VersionPage, Versioning,
 };
 use crate::config::Destination;
 use crate::keys::shown;
@@ -323,6 +324,9 @@ impl ObjectStore for S3Store {
                     last_modified_ns: o.last_modified.map_or(0, |t| {
                         t.as_nanos().clamp(i64::MIN as i128, i64::MAX as i128) as i64
                     }),
+                    storage_class: o
+                        .storage_class
+                        .and_then(|c| super::storage_class_named(c.as_str())),
                 })
             })
             .collect();
@@ -599,11 +603,20 @@ impl ObjectStore for S3Store {
     }
 
     async fn head(&self, key: &str) -> Result<Option<HeadInfo>, StoreError> {
+        self.head_version(key, None).await
+    }
+
+    async fn head_version(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> Result<Option<HeadInfo>, StoreError> {
         match self
             .client
             .head_object()
             .bucket(&self.bucket)
             .key(key)
+            .set_version_id(version_id.map(str::to_owned))
             .checksum_mode(ChecksumMode::Enabled)
             .send()
             .await
@@ -620,6 +633,19 @@ impl ObjectStore for S3Store {
                 meta: o.metadata.unwrap_or_default(),
                 checksum_sha256: o.checksum_sha256,
                 version_id: super::version_id(o.version_id),
+                archive: Archive {
+                    class: o
+                        .storage_class
+                        .and_then(|c| super::storage_class_named(c.as_str())),
+                    tier: match o.archive_status {
+                        Some(ArchiveStatus::ArchiveAccess) => Some(ArchiveTier::ArchiveAccess),
+                        Some(ArchiveStatus::DeepArchiveAccess) => {
+                            Some(ArchiveTier::DeepArchiveAccess)
+                        }
+                        _ => None,
+                    },
+                    thaw: o.restore.as_deref().map(super::parse_restore_header),
+                },
             })),
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
             Err(e) => Err(self.error("reading metadata of", key, e)),
@@ -784,6 +810,45 @@ impl ObjectStore for S3Store {
             }),
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
             Err(e) => Err(self.error("reading the part layout of", key, e)),
+        }
+    }
+
+    async fn restore_object(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+        days: Option<u32>,
+        tier: ThawTier,
+    ) -> Result<ThawRequest, StoreError> {
+        let tier = match tier {
+            ThawTier::Bulk => Tier::Bulk,
+            ThawTier::Standard => Tier::Standard,
+            ThawTier::Expedited => Tier::Expedited,
+        };
+        let job = GlacierJobParameters::builder()
+            .tier(tier)
+            .build()
+            .map_err(|e| StoreError::per_object(format!("thaw request for {}: {e}", shown(key))))?;
+        let request = RestoreRequest::builder()
+            .set_days(days.map(|d| d.min(i32::MAX as u32) as i32))
+            .glacier_job_parameters(job)
+            .build();
+        match self
+            .client
+            .restore_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_version_id(version_id.map(str::to_owned))
+            .restore_request(request)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(ThawRequest::Sent),
+            // Another process asked first: the thaw it started is the one to wait for.
+            Err(e) if e.code() == Some("RestoreAlreadyInProgress") => {
+                Ok(ThawRequest::AlreadyRunning)
+            }
+            Err(e) => Err(self.error("requesting the thaw of", key, e)),
         }
     }
 }
