@@ -19,6 +19,10 @@ pub const SKIPPED: u8 = 75;
 /// `verify` completed and found files the bucket does not hold as they are: missing, a different
 /// size, a different SHA-256, or a corrupt object. Each is one line on stdout.
 pub const VERIFY_PROBLEMS: u8 = 4;
+/// `restore --thaw` restored everything it could read and asked S3 to thaw the archived rest (or
+/// found their thaws still running): run the same command again later. Not a failure: nothing
+/// went wrong, the data is on its way. A file error takes precedence (exit 2).
+pub const THAWING: u8 = 5;
 
 /// How an exit code reads to an operator: the level of the summary line that goes with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +38,7 @@ pub enum Severity {
 pub fn severity(code: u8) -> Severity {
     match code {
         SUCCESS => Severity::Fine,
-        FILE_ERRORS | METRICS_NOT_PUBLISHED | VERIFY_PROBLEMS | SKIPPED => Severity::Look,
+        FILE_ERRORS | METRICS_NOT_PUBLISHED | VERIFY_PROBLEMS | SKIPPED | THAWING => Severity::Look,
         _ => Severity::Failed,
     }
 }

@@ -10,13 +10,14 @@ use std::sync::OnceLock;
 use clap::{CommandFactory, Parser, Subcommand};
 use nightcopy::commands;
 use nightcopy::commands::diff::DiffOptions;
-use nightcopy::commands::restore::{self, RestoreOptions};
+use nightcopy::commands::restore::{self, RestoreOptions, ThawOptions};
 use nightcopy::commands::run::RunOptions;
 use nightcopy::commands::verify::VerifyOptions;
 use nightcopy::config::{Config, DEFAULT_PATH};
 use nightcopy::error::Fatal;
 use nightcopy::guard;
 use nightcopy::report::Ending;
+use nightcopy::store::ThawTier;
 use tracing_subscriber::prelude::*;
 
 const EXIT_CODES: &str = "\
@@ -27,6 +28,7 @@ Exit codes (docs/exit-codes.md):
       restore: some files could not be restored; verify: some files could not be checked
   3   the backup succeeded, but its metrics could not be published
   4   verify found problems: files missing, of another size or content, or corrupt
+  5   restore --thaw: archived objects are thawing; run the same command again later
   64  usage error on the command line
   75  skipped: another run holds the lock, or the last success is within guard.min-interval
   78  invalid config file";
@@ -119,6 +121,21 @@ enum Command {
         /// could otherwise plant a set-uid-root program (docs/restore.md).
         #[arg(long)]
         keep_setid: bool,
+        /// Have S3 thaw each archived object (GLACIER, DEEP_ARCHIVE, an Intelligent-Tiering
+        /// archive tier) the restore meets, once; everything readable is restored, and the
+        /// restore ends with exit 5: run the same command again once they are thawed
+        /// (docs/restore.md, "Cold storage classes"). Costs money: see a --dry-run first.
+        #[arg(long)]
+        thaw: bool,
+        /// How fast, and at what price, a thaw is done: bulk (the cheapest: GLACIER 5-12 hours,
+        /// DEEP_ARCHIVE within 48), standard (3-5 hours, within 12) or expedited (GLACIER only,
+        /// 1-5 minutes; DEEP_ARCHIVE gets standard). Also what a dry run's estimate is priced at.
+        #[arg(long, value_name = "TIER", default_value = "bulk", value_parser = thaw_tier)]
+        thaw_tier: ThawTier,
+        /// How many days a thawed copy stays readable (billed as STANDARD storage meanwhile).
+        #[arg(long, value_name = "DAYS", default_value_t = restore::thaw_days(),
+              value_parser = clap::value_parser!(u32).range(1..))]
+        thaw_days: u32,
     },
     /// Compare two snapshots of the tree: which paths were added, removed, changed (a file's size
     /// or SHA-256, a link's target, the kind of path) or changed only in their metadata (mode,
@@ -189,6 +206,10 @@ enum Command {
 /// before anything is read.
 fn as_of_ns(arg: &str) -> Result<i64, restore::select::AsOfError> {
     restore::select::parse_as_of(arg, std::time::SystemTime::now())
+}
+
+fn thaw_tier(arg: &str) -> Result<ThawTier, String> {
+    ThawTier::parse(arg).ok_or_else(|| "one of bulk, standard, expedited".to_owned())
 }
 
 /// A snapshot id on the command line, checked with it: one that no run could have made is a usage
@@ -292,6 +313,9 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> Ending {
                 snapshot,
                 include_deleted,
                 devices,
+                thaw,
+                thaw_tier,
+                thaw_days,
                 ..
             } => {
                 let opts = RestoreOptions {
@@ -304,6 +328,11 @@ fn dispatch(command: Command, bar: Option<indicatif::ProgressBar>) -> Ending {
                     snapshot,
                     include_deleted,
                     devices,
+                    thaw: ThawOptions {
+                        request: thaw,
+                        tier: thaw_tier,
+                        days: thaw_days,
+                    },
                 };
                 restore::run(&config, &opts, bar).await
             }

@@ -88,6 +88,9 @@ pub enum FileErrorKind {
     Write,
     /// Listed, but gone when downloaded.
     Missing,
+    /// Archived (GLACIER, DEEP_ARCHIVE, an Intelligent-Tiering archive tier) and not thawed: not
+    /// downloaded (restore without `--thaw`, or a thaw request S3 refused).
+    Cold,
     /// Larger than `source.max-file-size`: not read.
     TooLarge,
     /// A work message named a file a worker may not back up: outside the source, through a
@@ -97,7 +100,7 @@ pub enum FileErrorKind {
 
 impl FileErrorKind {
     #[cfg(test)]
-    const ALL: [FileErrorKind; 11] = [
+    const ALL: [FileErrorKind; 12] = [
         FileErrorKind::Unreadable,
         FileErrorKind::Walk,
         FileErrorKind::Changed,
@@ -107,6 +110,7 @@ impl FileErrorKind {
         FileErrorKind::Corrupt,
         FileErrorKind::Write,
         FileErrorKind::Missing,
+        FileErrorKind::Cold,
         FileErrorKind::TooLarge,
         FileErrorKind::Refused,
     ];
@@ -122,6 +126,7 @@ impl FileErrorKind {
             FileErrorKind::Corrupt => "corrupt",
             FileErrorKind::Write => "write",
             FileErrorKind::Missing => "missing",
+            FileErrorKind::Cold => "cold",
             FileErrorKind::TooLarge => "too-large",
             FileErrorKind::Refused => "refused",
         }
@@ -436,6 +441,9 @@ pub enum Ending {
     MetricsNotPublished,
     /// Not run: another run holds the lock, or the last success is within guard.min-interval.
     Skipped,
+    /// A restore that read everything it could and waits for thaws of archived objects it asked
+    /// for (or found running): to be run again later. Not a failure.
+    Thawing,
     /// Stopped by this signal.
     Stopped(i32),
     /// The command line was wrong.
@@ -453,6 +461,7 @@ impl Ending {
             Ending::Ran(outcome) => outcome.exit_code(),
             Ending::MetricsNotPublished => exit::METRICS_NOT_PUBLISHED,
             Ending::Skipped => exit::SKIPPED,
+            Ending::Thawing => exit::THAWING,
             Ending::Stopped(sig) => Stop::exit_code(sig),
             Ending::Usage => exit::USAGE,
             Ending::Config => exit::CONFIG,
@@ -583,6 +592,7 @@ mod tests {
             (Ending::Ran(Outcome::FileErrors), 2),
             (Ending::MetricsNotPublished, 3),
             (Ending::Ran(Outcome::Problems), 4),
+            (Ending::Thawing, 5),
             (Ending::Usage, 64),
             (Ending::Skipped, 75),
             (Ending::Config, 78),

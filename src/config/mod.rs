@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{de, Deserialize, Deserializer, Serialize};
 
-pub use classes::{ClassRule, SmallFiles};
+pub use classes::{price, ClassRule, SmallFiles};
 pub use excludes::Excludes;
 pub use units::{HumanDuration, Size};
 pub use url::{is_loopback, EndpointUrl};

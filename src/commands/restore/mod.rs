@@ -11,14 +11,19 @@
 //! - `--as-of` picks, per key, the version that was current at that time (ListObjectVersions);
 //! - names come back byte-exact: an escaped key's object carries its raw path (docs/keys.md);
 //! - one bad object never stops the restore: it is counted, named, and the exit code says so.
-//!   Only the bucket, credentials, the listing and the target directory are fatal.
+//!   Only the bucket, credentials, the listing and the target directory are fatal;
+//! - an archived object (GLACIER, DEEP_ARCHIVE) is counted before anything is downloaded, and
+//!   thawed with `--thaw` (`thaw`): the restore then ends with exit 5, to be run again later.
 //!
 //! Memory stays flat: the listing is read page by page, the manifest is merged in key order, and
 //! at most `transfer.concurrency` downloads are in flight, each with one write buffer.
 
 pub mod select;
 mod target;
+mod thaw;
 mod tree;
+
+pub use thaw::{thaw_days, ColdClass, ThawFigures, ThawOptions, THAW_PRICES};
 
 use std::fmt;
 use std::fs::{File, FileTimes, Permissions};
@@ -78,6 +83,8 @@ pub struct RestoreOptions {
     pub include_deleted: bool,
     /// Create device nodes the snapshot records (as root only).
     pub devices: bool,
+    /// What to do with archived objects (`--thaw`), and the tier a thaw is priced at.
+    pub thaw: ThawOptions,
 }
 
 /// Errors that end a restore. Each says what to do next.
@@ -132,6 +139,7 @@ pub struct RestoreStats {
     nodes: AtomicU64,
     not_created: AtomicU64,
     newer: AtomicU64,
+    thaw: thaw::ThawStats,
     /// The snapshot being restored, once chosen.
     snapshot_id: std::sync::OnceLock<String>,
 }
@@ -162,6 +170,9 @@ pub struct RestoreFigures {
     /// Files whose snapshot names no version (an unversioned bucket) and whose object changed
     /// since: restored with their newest bytes, not the snapshot's.
     pub newer: u64,
+    /// Archived objects: met cold, thaws asked for, found running; cold ones listed (`thaw`).
+    #[serde(flatten)]
+    pub thaw: ThawFigures,
     pub elapsed_seconds: f64,
 }
 
@@ -274,6 +285,7 @@ impl RestoreStats {
             nodes: self.nodes.load(Relaxed),
             not_created: self.not_created.load(Relaxed),
             newer: self.newer.load(Relaxed),
+            thaw: self.thaw.snapshot(),
             elapsed_seconds: elapsed.as_secs_f64(),
         }
     }
@@ -300,6 +312,15 @@ impl RestoreReport {
             Outcome::Success
         }
     }
+
+    /// How it ends: as its outcome says, except that a restore with nothing wrong but thaws to
+    /// wait for ends `Thawing` (exit 5): run it again later.
+    pub fn ending(&self) -> Ending {
+        match self.outcome() {
+            Outcome::Success if self.figures.thaw.pending() => Ending::Thawing,
+            outcome => outcome.into(),
+        }
+    }
 }
 
 impl fmt::Display for RestoreReport {
@@ -308,6 +329,9 @@ impl fmt::Display for RestoreReport {
         match (&self.error, self.dry_run, g.errors) {
             (Some(e), _, _) => write!(f, "restore FAILED: {e}")?,
             (None, true, _) => write!(f, "restore dry run finished (nothing written)")?,
+            (None, false, 0) if g.thaw.pending() => {
+                write!(f, "restore waits for thaws (run it again later)")?
+            }
             (None, false, 0) => write!(f, "restore finished")?,
             (None, false, _) => write!(f, "restore completed with errors")?,
         }
@@ -346,6 +370,7 @@ impl fmt::Display for RestoreReport {
         if g.not_created > 0 {
             write!(f, ", {} sockets or device nodes not created", g.not_created)?;
         }
+        thaw::summary(f, &g.thaw, self.dry_run)?;
         if let Some(id) = &self.snapshot {
             write!(
                 f,
@@ -400,17 +425,23 @@ pub async fn run(
         dry_run: opts.dry_run,
         error: result.err().map(|e| e.to_string()),
     };
-    let ending = ending.unwrap_or_else(|| report.outcome().into());
+    let ending = ending.unwrap_or_else(|| report.ending());
     let code = ending.exit_code();
     let g = &report.figures;
     crate::summary!(
         code,
-        outcome = report.outcome().as_str(),
+        outcome = match ending {
+            Ending::Thawing => "thawing",
+            _ => report.outcome().as_str(),
+        },
         files_restored = g.restored,
         bytes_restored = g.bytes,
         existing = g.existing,
         errors = g.errors,
         unverified = g.unverified,
+        cold = g.thaw.cold,
+        thaw_requests = g.thaw.thaw_requests,
+        thawing = g.thaw.thawing,
         exit_code = code,
         dry_run = report.dry_run,
         "{report}"
@@ -461,7 +492,18 @@ pub async fn restore<S: ObjectStore>(
             path: opts.to.display().to_string(),
             why: format!("cannot listen for SIGTERM/SIGINT: {e}"),
         })?;
-    let fetched = match tree::choose(store.as_ref(), config, opts).await? {
+    let source = tree::choose(store.as_ref(), config, opts).await?;
+    // Before anything is downloaded: what is archived under the path, and what a thaw costs.
+    thaw::survey(
+        store.as_ref(),
+        &prefix,
+        &sub,
+        (opts.thaw, opts.dry_run),
+        &stats.thaw,
+    )
+    .await
+    .map_err(|e| listing_error(e, false))?;
+    let fetched = match source {
         tree::Source::Snapshot(fetched) => fetched,
         tree::Source::Listing => {
             return restore_listing(config, opts, store, stats, prefix, sub, &stop).await
@@ -806,6 +848,7 @@ struct Ctx<S> {
     dry_run: bool,
     as_root: bool,
     keep_setid: bool,
+    thaw: ThawOptions,
     next_tmp: Arc<AtomicU64>,
 }
 
@@ -827,6 +870,7 @@ impl<S> Ctx<S> {
             dry_run: opts.dry_run,
             as_root: nix::unistd::geteuid().is_root(),
             keep_setid: opts.keep_setid,
+            thaw: opts.thaw,
             next_tmp: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -835,6 +879,8 @@ impl<S> Ctx<S> {
 /// What one attempt at a file ran into.
 enum Failure {
     Download(StoreError),
+    /// Archived, not thawed (InvalidObjectState): never retried as a download (`thaw`).
+    Cold(StoreError),
     Corrupt(String),
     Local(String),
     /// Already counted and logged (a missing object, a bad name, an existing target).
@@ -848,6 +894,8 @@ impl From<StoreError> for Failure {
             Failure::Fatal(e)
         } else if e.kind == ErrorKind::ChecksumMismatch {
             Failure::Corrupt(e.message)
+        } else if e.kind == ErrorKind::Cold {
+            Failure::Cold(e)
         } else {
             Failure::Download(e)
         }
@@ -909,10 +957,26 @@ impl<S: ObjectStore> Ctx<S> {
         }
 
         let mut last = None;
-        for _attempt in 0..2 {
+        for attempt in 0..2 {
             match self.attempt(&job, &full_key, may_be_escaped).await {
                 Ok(()) => return Ok(()),
                 Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Cold(e)) => {
+                    let met = thaw::Met {
+                        key: &full_key,
+                        version_id: job.version_id.as_deref(),
+                        size: job.size,
+                    };
+                    let thawing = (self.thaw, &self.stats.thaw);
+                    match thaw::cold(self.store.as_ref(), thawing, met, e, attempt == 1).await? {
+                        thaw::Cold::TryAgain => {}
+                        thaw::Cold::Thawing => return Ok(()),
+                        thaw::Cold::NotRestored(kind, why) => {
+                            self.stats.file_error(&full_key, kind, &why);
+                            return Ok(());
+                        }
+                    }
+                }
                 // A download that broke off is tried once more; anything else is final.
                 Err(Failure::Download(e)) => {
                     tracing::debug!(key = full_key, "download failed, retrying: {e}");
