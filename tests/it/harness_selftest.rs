@@ -297,6 +297,8 @@ fn proxy_classifies_requests_by_method_and_query() {
         ("PUT",    "/b/k?partNumber=2&uploadId=u&x-id=UploadPart",false, Op::UploadPart),
         ("PUT",    "/b/k?partNumber=2&uploadId=u",              true,  Op::Other), // UploadPartCopy
         ("POST",   "/b/k?uploadId=u",                           false, Op::CompleteMultipartUpload),
+        ("POST",   "/b/k?restore&x-id=RestoreObject",           false, Op::RestoreObject),
+        ("POST",   "/b/k?restore&versionId=v",                  false, Op::RestoreObject),
         ("DELETE", "/b/k?uploadId=u",                           false, Op::AbortMultipartUpload),
         ("GET",    "/b/k?uploadId=u",                           false, Op::ListParts),
         ("HEAD",   "/b/k",                                      false, Op::HeadObject),

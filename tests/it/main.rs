@@ -28,5 +28,6 @@ mod resume;
 mod servers_selftest;
 mod snapshots;
 mod statedir;
+mod thaw;
 mod trust;
 mod verify;

@@ -46,6 +46,8 @@ pub enum Op {
     ListParts,
     HeadObject,
     GetObject,
+    /// A thaw of an archived object (POST `?restore`).
+    RestoreObject,
     DeleteObject,
     DeleteObjects,
     CreateBucket,
@@ -221,6 +223,7 @@ fn classify(r: &Request) -> Op {
         "PUT" if plain(&[]) && !copy => Op::PutObject,
         "POST" if has("uploads") => Op::CreateMultipartUpload,
         "POST" if has("uploadId") => Op::CompleteMultipartUpload,
+        "POST" if has("restore") => Op::RestoreObject,
         "DELETE" if has("uploadId") => Op::AbortMultipartUpload,
         "GET" if has("uploadId") && plain(&["uploadId", "part-number-marker", "max-parts"]) => {
             Op::ListParts
