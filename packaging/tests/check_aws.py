@@ -6,6 +6,10 @@ test). Exit 0 when the property holds, else 1 with the reason on stderr.
   check_aws.py no-delete             no Allow statement of any policy grants a delete, a way
                                      around a retention, s3:* or *
   check_aws.py instance-policy       least privilege: exactly the actions a run uses, on the prefix
+  check_aws.py restore-policy        the restore policy: exactly what restore and verify use, on
+                                     the prefix, s3:RestoreObject included; no other document
+                                     grants s3:RestoreObject, and the bucket policy denies it to
+                                     the backup role
   check_aws.py bucket-policy         TLS required, only the role writes, levels split, the role
                                      can set a retention (bounded) but never lift one
   check_aws.py lifecycle             incomplete multipart uploads aborted after 7 days
@@ -57,6 +61,14 @@ INSTANCE_WANT = {
     "s3:AbortMultipartUpload": PREFIX_ARN,
     "s3:GetObject": MANIFEST_ARN,
     "cloudwatch:PutMetricData": "*",
+}
+# What the restore policy grants (restore and verify, `restore --thaw` included), per resource.
+RESTORE_WANT = {
+    "s3:ListBucket": BUCKET_ARN,
+    "s3:ListBucketVersions": BUCKET_ARN,
+    "s3:GetObject": PREFIX_ARN,
+    "s3:GetObjectVersion": PREFIX_ARN,
+    "s3:RestoreObject": PREFIX_ARN,
 }
 # The scale-out roles differ from the instance policy in one statement each (scale-out.yaml says
 # why): the coordinator reads every object under the prefix (a HEAD of each upload a worker
@@ -257,6 +269,40 @@ def check_instance_policy():
         ns = st.get("Condition", {}).get("StringEquals", {}).get("cloudwatch:namespace")
         if ns != NAMESPACE:
             fail(f"PutMetricData is not limited to the namespace {NAMESPACE}: {ns}")
+
+
+def check_restore_policy():
+    doc = load("iam-restore-policy.json")
+    allowed = {}
+    for st in statements(doc):
+        if st["Effect"] != "Allow":
+            fail(f"unexpected {st['Effect']} statement {st.get('Sid')}")
+        for action in as_list(st["Action"]):
+            allowed.setdefault(action, []).append(st)
+    if set(allowed) != set(RESTORE_WANT):
+        fail(f"actions are {sorted(allowed)}, want exactly {sorted(RESTORE_WANT)}")
+    for action, resource in RESTORE_WANT.items():
+        for st in allowed[action]:
+            if as_list(st["Resource"]) != [resource]:
+                fail(f"{action} on {st['Resource']}, want only {resource}")
+    for st in allowed["s3:ListBucket"] + allowed["s3:ListBucketVersions"]:
+        prefixes = as_list(st.get("Condition", {}).get("StringLike", {}).get("s3:prefix", []))
+        if not prefixes or any(not p.startswith(PREFIX) for p in prefixes):
+            fail(f"{st.get('Sid')} is not limited to the prefix {PREFIX}: {prefixes}")
+    # A thaw is billed: only whoever restores may ask for one, never the backup's roles.
+    others = [(name, load(name)) for name in POLICIES if name != "iam-restore-policy.json"]
+    others += template_policies(load_template())
+    others += template_policies(load_template(BUCKET_TEMPLATE), BUCKET_TEMPLATE)
+    for name, doc in others:
+        for st in statements(doc):
+            if st["Effect"] == "Allow" and any(
+                    fnmatch.fnmatch("s3:restoreobject", a.lower()) for a in as_list(st["Action"])):
+                fail(f"{name} {st.get('Sid')}: allows s3:RestoreObject; only the restore policy may")
+    denied = [s for s in statements(load("bucket-policy.json"))
+              if s["Effect"] == "Deny" and s.get("Principal") == {"AWS": ROLE}
+              and "Condition" not in s and "s3:RestoreObject" in as_list(s["Action"])]
+    if not denied:
+        fail("the bucket policy does not deny s3:RestoreObject to the backup role")
 
 
 def check_bucket_policy():
@@ -531,6 +577,7 @@ CHECKS = {
     "parse": check_parse,
     "no-delete": check_no_delete,
     "instance-policy": check_instance_policy,
+    "restore-policy": check_restore_policy,
     "bucket-policy": check_bucket_policy,
     "lifecycle": check_lifecycle,
     "bucket-template": check_bucket_template,

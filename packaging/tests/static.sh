@@ -209,6 +209,7 @@ aws_check() { "$NIGHTCOPY_PKG_VENV/bin/python" "$PKG_TESTS_DIR/check_aws.py" "$1
 check "aws: every JSON document parses" aws_check parse
 check "aws: no policy (JSON or the templates) allows s3:Delete*, a retention bypass, s3:*, sqs:*, a queue change or *" aws_check no-delete
 check "aws: instance policy is least privilege and names the prefix" aws_check instance-policy
+check "aws: restore policy reads and thaws the prefix; nothing else grants s3:RestoreObject, the bucket policy denies it to the backup role" aws_check restore-policy
 check "aws: bucket policy requires TLS, only the role writes, levels split, retention set but never lifted" aws_check bucket-policy
 check "aws: lifecycle aborts incomplete multipart uploads after 7 days" aws_check lifecycle
 check "aws: bucket.yaml is versioned, Object Lock, private, encrypted, lifecycle.json's rule, retained" aws_check bucket-template
