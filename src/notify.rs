@@ -13,6 +13,24 @@ use tokio::task::JoinHandle;
 
 use crate::report::Stats;
 
+/// What a command's live progress is read from: the backup's figures, or a restore's.
+pub trait Watched: Send + Sync + 'static {
+    /// The one-line status for `systemctl status` and the terminal.
+    fn status_line(&self, elapsed: Duration) -> String;
+    /// A number that grows whenever any stage makes progress: what the watchdog is fed on.
+    fn activity(&self) -> u64;
+}
+
+impl Watched for Stats {
+    fn status_line(&self, elapsed: Duration) -> String {
+        Stats::status_line(self, elapsed)
+    }
+
+    fn activity(&self) -> u64 {
+        Stats::activity(self)
+    }
+}
+
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 fn send(states: &[NotifyState]) {
@@ -41,8 +59,8 @@ pub struct Progress {
 
 impl Progress {
     /// `bar`: draw a progress line on the terminal (a person running it by hand).
-    pub fn start(
-        stats: Arc<Stats>,
+    pub fn start<W: Watched>(
+        stats: Arc<W>,
         started: Instant,
         bar: Option<indicatif::ProgressBar>,
     ) -> Progress {

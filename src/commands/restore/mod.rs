@@ -142,6 +142,8 @@ pub struct RestoreStats {
     thaw: thaw::ThawStats,
     /// The snapshot being restored, once chosen.
     snapshot_id: std::sync::OnceLock<String>,
+    /// Files and bytes to restore in all, when known.
+    total: std::sync::OnceLock<(u64, u64)>,
 }
 
 /// The figures of a restore.
@@ -260,16 +262,74 @@ impl RestoreStats {
         tracing::debug!(key, "{}: a folder marker, not a file: skipped", shown(key));
     }
 
-    pub fn status_line(&self) -> String {
-        format!(
-            "{} of {} listed restored ({}), {} already there, {} errors",
-            self.restored.load(Relaxed),
-            self.listed.load(Relaxed),
-            bytesize::ByteSize(self.bytes.load(Relaxed)).display().iec(),
-            self.existing.load(Relaxed),
-            self.errors.load(Relaxed),
-        )
+    /// The whole restore's size, when it is known before it ends (a snapshot's whole tree).
+    fn expect(&self, files: u64, bytes: u64) {
+        let _ = self.total.set((files, bytes));
     }
+}
+
+impl crate::notify::Watched for RestoreStats {
+    /// Files and bytes so far (of the total, when known), the rates, and with a total the time
+    /// left at the rate so far.
+    fn status_line(&self, elapsed: Duration) -> String {
+        let secs = elapsed.as_secs_f64().max(0.001);
+        let (files, bytes) = (self.restored.load(Relaxed), self.bytes.load(Relaxed));
+        let (existing, errors) = (self.existing.load(Relaxed), self.errors.load(Relaxed));
+        let iec = |b: u64| bytesize::ByteSize(b).display().iec().to_string();
+        let rate = bytes as f64 / secs;
+        let mut line = match self.total.get() {
+            Some(&(all, all_bytes)) => format!(
+                "{files} of {all} files restored ({} of {})",
+                iec(bytes),
+                iec(all_bytes)
+            ),
+            None => format!(
+                "{files} of {} listed restored ({})",
+                self.listed.load(Relaxed),
+                iec(bytes)
+            ),
+        };
+        line += &format!(
+            ", {}/s, {:.0} files/s, {existing} already there, {errors} errors",
+            iec(rate as u64),
+            files as f64 / secs
+        );
+        if let Some(&(all, all_bytes)) = self.total.get() {
+            // By bytes when there are many, else by files: small files are request-bound.
+            let done = (files + existing + errors) as f64;
+            let left = if all_bytes > 0 && bytes > 0 {
+                (all_bytes.saturating_sub(bytes)) as f64 / rate
+            } else if done > 0.0 {
+                (all as f64 - done).max(0.0) * secs / done
+            } else {
+                f64::NAN
+            };
+            if left.is_finite() {
+                line += &format!(
+                    ", about {} left",
+                    humantime::format_duration(Duration::from_secs(left.ceil() as u64))
+                );
+            }
+        }
+        line
+    }
+
+    fn activity(&self) -> u64 {
+        [
+            &self.listed,
+            &self.restored,
+            &self.bytes,
+            &self.existing,
+            &self.errors,
+            &self.nodes,
+        ]
+        .iter()
+        .map(|a| a.load(Relaxed))
+        .sum()
+    }
+}
+
+impl RestoreStats {
 
     pub fn snapshot(&self, elapsed: Duration) -> RestoreFigures {
         RestoreFigures {
@@ -343,7 +403,8 @@ impl fmt::Display for RestoreReport {
         write!(
             f,
             ": {} files {restored} ({}) to {}, {} already there (kept; --overwrite replaces \
-             them), {} errors, {} not verifiable by SHA-256, {:.1}s; {} listed",
+             them), {} errors, {} not verifiable by SHA-256, {:.1}s ({}/s, {:.0} files/s); {} \
+             listed",
             g.restored,
             bytesize::ByteSize(g.bytes).display().iec(),
             self.to.display(),
@@ -351,6 +412,10 @@ impl fmt::Display for RestoreReport {
             g.errors,
             g.unverified,
             g.elapsed_seconds,
+            bytesize::ByteSize((g.bytes as f64 / g.elapsed_seconds.max(0.001)) as u64)
+                .display()
+                .iec(),
+            g.restored as f64 / g.elapsed_seconds.max(0.001),
             g.listed,
         )?;
         if g.absent > 0 {
@@ -399,24 +464,14 @@ pub async fn run(
 ) -> Ending {
     let started = Instant::now();
     let stats = Arc::new(RestoreStats::default());
-    let progress = bar.map(|bar| {
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            loop {
-                bar.set_message(stats.status_line());
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        })
-    });
+    let progress = crate::notify::Progress::start(stats.clone(), started, bar);
     let result = async {
         let sdk = sdk::load_checked(config).await?;
         let store = Arc::new(S3Store::for_config(&sdk, config));
         restore(config, opts, store, stats.clone()).await
     }
     .await;
-    if let Some(p) = progress {
-        p.abort();
-    }
+    drop(progress);
     let ending = result.as_ref().err().map(RestoreError::ending);
     let report = RestoreReport {
         figures: stats.snapshot(started.elapsed()),
@@ -510,6 +565,10 @@ pub async fn restore<S: ObjectStore>(
         }
     };
     let _ = stats.snapshot_id.set(fetched.header.id.clone());
+    if opts.path.is_none() {
+        let c = &fetched.header.counts;
+        stats.expect(c.files, c.bytes);
+    }
     let target = open_target(opts)?;
     let ctx = Ctx::new(opts, store, stats.clone(), prefix, target.clone());
     let pass = Arc::new(tree::Pass {
@@ -1380,5 +1439,33 @@ impl Drop for TempFile {
                 let _ = dir.remove(&s.name);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::notify::Watched;
+
+    #[test]
+    fn the_live_line_says_rates_and_with_a_total_the_time_left() {
+        let s = RestoreStats::default();
+        s.restored.store(100, Relaxed);
+        s.bytes.store(50 << 20, Relaxed);
+        let line = s.status_line(Duration::from_secs(10));
+        assert_eq!(
+            line,
+            "100 of 0 listed restored (50.0 MiB), 5.0 MiB/s, 10 files/s, 0 already there, 0 errors"
+        );
+        s.expect(400, 200 << 20);
+        let line = s.status_line(Duration::from_secs(10));
+        assert_eq!(
+            line,
+            "100 of 400 files restored (50.0 MiB of 200.0 MiB), 5.0 MiB/s, 10 files/s, 0 already \
+             there, 0 errors, about 30s left"
+        );
+        let before = s.activity();
+        s.existing.fetch_add(1, Relaxed);
+        assert!(s.activity() > before, "an existing file is progress too");
     }
 }
