@@ -330,7 +330,6 @@ impl crate::notify::Watched for RestoreStats {
 }
 
 impl RestoreStats {
-
     pub fn snapshot(&self, elapsed: Duration) -> RestoreFigures {
         RestoreFigures {
             listed: self.listed.load(Relaxed),
@@ -514,18 +513,55 @@ struct Job {
     /// The manifest's entry for this key, if any.
     record: Option<ManifestEntry>,
     /// From a snapshot: where it goes and what it was.
-    snap: Option<Box<SnapFile>>,
+    snap: Option<Box<tree::SnapFile>>,
 }
 
-/// A file as a snapshot records it: the reference its bytes are checked against, and the
-/// metadata it gets (the snapshot's, not the object's).
-#[derive(Debug)]
-struct SnapFile {
-    rel: PathBuf,
-    meta: ObjectMeta,
-    sha256: Option<[u8; 32]>,
-    /// No version named (an unversioned bucket): the object may have changed since.
-    unversioned: bool,
+impl From<tree::FileJob> for Job {
+    fn from(j: tree::FileJob) -> Job {
+        Job {
+            key: j.key,
+            size: j.size,
+            version_id: j.version_id,
+            record: None,
+            snap: Some(Box::new(j.snap)),
+        }
+    }
+}
+
+impl From<tree::Refusal> for RestoreError {
+    fn from(r: tree::Refusal) -> RestoreError {
+        match r {
+            tree::Refusal::Snapshot(why) => RestoreError::BadSnapshot(why),
+            tree::Refusal::Key(why) => RestoreError::Unsupported(why),
+            tree::Refusal::Store(e) => RestoreError::Store(e),
+        }
+    }
+}
+
+impl tree::Counter for RestoreStats {
+    fn listed(&self) {
+        RestoreStats::listed(self)
+    }
+
+    fn file_error(&self, what: &str, kind: FileErrorKind, detail: &dyn fmt::Display) {
+        RestoreStats::file_error(self, what, kind, detail)
+    }
+
+    fn existing(&self, target: &Path, key: &str, bytes: u64, dry_run: bool) {
+        RestoreStats::existing(self, target, key, bytes, dry_run)
+    }
+
+    fn node_made(&self) {
+        RestoreStats::node_made(self)
+    }
+
+    fn not_created(&self, path: &Path, what: &str) {
+        RestoreStats::not_created(self, path, what)
+    }
+
+    fn dir_planned(&self) {
+        self.dirs_created.fetch_add(1, Relaxed);
+    }
 }
 
 /// The restore over any store. Figures go to `stats` as they happen.
@@ -547,7 +583,12 @@ pub async fn restore<S: ObjectStore>(
             path: opts.to.display().to_string(),
             why: format!("cannot listen for SIGTERM/SIGINT: {e}"),
         })?;
-    let source = tree::choose(store.as_ref(), config, opts).await?;
+    let choice = tree::Choice {
+        include_deleted: opts.include_deleted,
+        as_of_ns: opts.as_of_ns,
+        snapshot: opts.snapshot.as_deref(),
+    };
+    let source = tree::choose(store.as_ref(), config, &choice).await?;
     // Before anything is downloaded: what is archived under the path, and what a thaw costs.
     thaw::survey(
         store.as_ref(),

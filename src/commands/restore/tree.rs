@@ -20,12 +20,61 @@ use tokio::sync::mpsc;
 
 use super::select::{self, show_time};
 use super::target::{NodeMeta, PlaceError, Target};
-use super::{Job, RestoreError, RestoreOptions, RestoreStats, SnapFile};
+// Nothing from the restore command itself (`super`): what it needs from there comes in as the
+// `Counter` trait, `Choice` and a job type built `From<FileJob>`; its errors go out as `Refusal`.
 use crate::config::Config;
 use crate::keys::{self, shown};
 use crate::report::FileErrorKind;
 use crate::snapshot::{self, Entry, Expected, Fetched, Kind};
 use crate::store::{ObjectMeta, ObjectStore, StoreError};
+
+/// Which snapshot the command line names.
+pub struct Choice<'a> {
+    pub include_deleted: bool,
+    pub as_of_ns: Option<i64>,
+    pub snapshot: Option<&'a str>,
+}
+
+/// Why a snapshot restore cannot go on.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The snapshot cannot be used (damaged, foreign, not authenticated, a bad id).
+    Snapshot(String),
+    /// `auth-key-file` cannot be read.
+    Key(String),
+    Store(StoreError),
+}
+
+/// A file of the snapshot to download.
+#[derive(Debug)]
+pub struct FileJob {
+    pub key: String,
+    pub size: u64,
+    pub version_id: Option<String>,
+    pub snap: SnapFile,
+}
+
+/// A file as a snapshot records it: the reference its bytes are checked against, and the
+/// metadata it gets (the snapshot's, not the object's).
+#[derive(Debug)]
+pub struct SnapFile {
+    pub rel: PathBuf,
+    pub meta: ObjectMeta,
+    pub sha256: Option<[u8; 32]>,
+    /// No version named (an unversioned bucket): the object may have changed since.
+    pub unversioned: bool,
+}
+
+/// The restore's figures, as the passes count into them.
+pub trait Counter: Send + Sync {
+    fn listed(&self);
+    fn file_error(&self, what: &str, kind: FileErrorKind, detail: &dyn std::fmt::Display);
+    fn existing(&self, target: &Path, key: &str, bytes: u64, dry_run: bool);
+    fn node_made(&self);
+    fn not_created(&self, path: &Path, what: &str);
+    /// A dry run's directory that would be made.
+    fn dir_planned(&self);
+}
 
 /// What a restore restores from.
 pub enum Source {
@@ -41,8 +90,8 @@ pub enum Source {
 pub async fn choose<S: ObjectStore>(
     store: &S,
     config: &Config,
-    opts: &RestoreOptions,
-) -> Result<Source, RestoreError> {
+    opts: &Choice<'_>,
+) -> Result<Source, Refusal> {
     if opts.include_deleted {
         tracing::info!(
             "--include-deleted: restoring every object under the path{}, files deleted before \
@@ -56,27 +105,25 @@ pub async fn choose<S: ObjectStore>(
         return Ok(Source::Listing);
     }
     let prefix = config.destination.prefix.as_str();
-    let auth = config
-        .auth_key()
-        .map_err(|e| RestoreError::Unsupported(e.to_string()))?;
+    let auth = config.auth_key().map_err(|e| Refusal::Key(e.to_string()))?;
     let destination = config.destination_id();
     let expected = Expected {
         destination: &destination,
         key: auth.as_ref(),
     };
-    let id = match &opts.snapshot {
+    let id = match opts.snapshot {
         Some(id) if !snapshot::is_id(id) => {
-            return Err(RestoreError::BadSnapshot(format!(
+            return Err(Refusal::Snapshot(format!(
                 "--snapshot {}: not a snapshot id (YYYYMMDDTHHMMSSZ-xxxxxxxx, as `nightcopy \
                  snapshots` lists them)",
                 shown(id)
             )))
         }
-        Some(id) => id.clone(),
+        Some(id) => id.to_owned(),
         None => {
             let ids = snapshot::list(store, prefix)
                 .await
-                .map_err(|e| RestoreError::Store(e.into_fatal()))?;
+                .map_err(|e| Refusal::Store(e.into_fatal()))?;
             let chosen = match opts.as_of_ns {
                 None => ids.last().cloned(),
                 Some(t) => as_of(store, prefix, &ids, t, &expected).await?,
@@ -109,8 +156,8 @@ pub async fn choose<S: ObjectStore>(
     let fetched = snapshot::fetch(store, prefix, &id, &expected)
         .await
         .map_err(|e| match e {
-            snapshot::FetchError::Store(e) => RestoreError::Store(e.into_fatal()),
-            other => RestoreError::BadSnapshot(other.to_string()),
+            snapshot::FetchError::Store(e) => Refusal::Store(e.into_fatal()),
+            other => Refusal::Snapshot(other.to_string()),
         })?;
     let h = &fetched.header;
     tracing::info!(
@@ -142,7 +189,7 @@ async fn as_of<S: ObjectStore>(
     ids: &[String],
     t: i64,
     expected: &Expected<'_>,
-) -> Result<Option<String>, RestoreError> {
+) -> Result<Option<String>, Refusal> {
     let secs = t.div_euclid(1_000_000_000);
     for id in ids.iter().rev() {
         if made_of(id).is_some_and(|s| s > secs) {
@@ -151,8 +198,8 @@ async fn as_of<S: ObjectStore>(
         let h = snapshot::fetch_header(store, prefix, id, expected)
             .await
             .map_err(|e| match e {
-                snapshot::FetchError::Store(e) => RestoreError::Store(e.into_fatal()),
-                other => RestoreError::BadSnapshot(format!(
+                snapshot::FetchError::Store(e) => Refusal::Store(e.into_fatal()),
+                other => Refusal::Snapshot(format!(
                     "{other}; name another with --snapshot, or use --include-deleted"
                 )),
             })?;
@@ -180,7 +227,7 @@ fn made_of(id: &str) -> Option<i64> {
 
 /// The entry's key (where it sorts, and what `--path` is matched against) and its path below the
 /// target, checked: a path of plain components only. `None` after counting a bad one.
-fn place_of(e: &Entry, stats: Option<&RestoreStats>) -> Option<(String, PathBuf)> {
+fn place_of(e: &Entry, stats: Option<&dyn Counter>) -> Option<(String, PathBuf)> {
     let raw = keys::decode_raw_path(&e.path);
     let shown_raw = String::from_utf8_lossy(&raw).into_owned();
     let rel = match select::checked(&raw, &shown_raw) {
@@ -205,13 +252,12 @@ fn hex32(s: Option<&str>) -> Option<[u8; 32]> {
 }
 
 /// A file entry as a download job.
-fn job(e: &Entry, key: String, rel: PathBuf) -> Job {
-    Job {
+fn job(e: &Entry, key: String, rel: PathBuf) -> FileJob {
+    FileJob {
         key,
         size: e.size,
         version_id: e.version.clone(),
-        record: None,
-        snap: Some(Box::new(SnapFile {
+        snap: SnapFile {
             rel,
             meta: ObjectMeta {
                 mtime_ns: e.mtime_ns,
@@ -222,13 +268,13 @@ fn job(e: &Entry, key: String, rel: PathBuf) -> Job {
             },
             sha256: hex32(e.sha256.as_deref()),
             unversioned: e.version.is_none(),
-        })),
+        },
     }
 }
 
 /// What the passes need besides the snapshot.
 pub struct Pass {
-    pub stats: Arc<RestoreStats>,
+    pub stats: Arc<dyn Counter>,
     /// `None` only in a dry run whose `--to` does not exist yet.
     pub target: Option<Arc<Target>>,
     pub to: PathBuf,
@@ -261,13 +307,13 @@ impl Pass {
         fetched: &Fetched,
         first: bool,
         mut f: impl FnMut(&Entry, String, PathBuf) -> bool,
-    ) -> Result<(), RestoreError> {
+    ) -> Result<(), Refusal> {
         let mut r = fetched
             .entries()
-            .map_err(|e| RestoreError::BadSnapshot(e.to_string()))?;
+            .map_err(|e| Refusal::Snapshot(e.to_string()))?;
         while let Some(e) = r
             .next_entry()
-            .map_err(|e| RestoreError::BadSnapshot(e.to_string()))?
+            .map_err(|e| Refusal::Snapshot(e.to_string()))?
         {
             let Some((key, rel)) = place_of(&e, first.then_some(&*self.stats)) else {
                 continue;
@@ -283,16 +329,16 @@ impl Pass {
     }
 
     /// First pass: directories, symlinks and special files made here; files sent as jobs.
-    pub fn first(
+    pub fn first<J: From<FileJob>>(
         &self,
         fetched: &Fetched,
-        jobs: &mpsc::Sender<Result<Job, StoreError>>,
-    ) -> Result<(), RestoreError> {
+        jobs: &mpsc::Sender<Result<J, StoreError>>,
+    ) -> Result<(), Refusal> {
         self.each(fetched, true, |e, key, rel| {
             match e.kind {
                 Kind::File => {
                     self.stats.listed();
-                    return jobs.blocking_send(Ok(job(e, key, rel))).is_ok();
+                    return jobs.blocking_send(Ok(job(e, key, rel).into())).is_ok();
                 }
                 Kind::Hardlink => {}
                 Kind::Dir => self.dir(&rel),
@@ -306,7 +352,7 @@ impl Pass {
 
     fn dir(&self, rel: &Path) {
         if self.dry_run {
-            self.stats.dirs_created.fetch_add(1, Relaxed);
+            self.stats.dir_planned();
             return;
         }
         // Made (and counted) by the target, and kept open for the files that follow it.
@@ -386,11 +432,11 @@ impl Pass {
 
     /// Second pass: hard links to their first name; a link whose first name is not there (not
     /// restored, outside `--path`) becomes a download of its own key, sent to `jobs`.
-    pub fn links(
+    pub fn links<J: From<FileJob>>(
         &self,
         fetched: &Fetched,
-        jobs: &mpsc::Sender<Result<Job, StoreError>>,
-    ) -> Result<(), RestoreError> {
+        jobs: &mpsc::Sender<Result<J, StoreError>>,
+    ) -> Result<(), Refusal> {
         self.each(fetched, false, |e, key, rel| {
             if e.kind != Kind::Hardlink {
                 return true;
@@ -399,7 +445,7 @@ impl Pass {
                 Ok(true) => true,
                 Ok(false) => {
                     self.stats.listed();
-                    jobs.blocking_send(Ok(job(e, key, rel))).is_ok()
+                    jobs.blocking_send(Ok(job(e, key, rel).into())).is_ok()
                 }
                 Err(err) => {
                     self.local_error(&rel, &err);
@@ -456,7 +502,7 @@ impl Pass {
     }
 
     /// Last pass: each directory's mode, owner and mtime, now that its contents are made.
-    pub fn dir_meta(&self, fetched: &Fetched) -> Result<(), RestoreError> {
+    pub fn dir_meta(&self, fetched: &Fetched) -> Result<(), Refusal> {
         if self.dry_run {
             return Ok(());
         }
