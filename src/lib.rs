@@ -9,7 +9,8 @@
 //!
 //! Beside the flow: `state` (lock, run record, manifest, unfinished uploads), `offsite` (the
 //! manifest's copy in the bucket), `snapshot` (the index of the tree a run saw) and `tree` (the
-//! walk spooled and joined with the committed manifest into the night's snapshot), `store` (S3
+//! walk spooled and joined with the committed manifest into the night's snapshot), `sparse` (a
+//! sparse file's extents read for it, and its holes punched again on restore), `store` (S3
 //! behind a trait without delete), `integrity` (what restored and verified bytes are checked
 //! against); for a distributed run `queue` (the work and results queues and what travels in
 //! them), `auth` (the key that seals queue messages and the manifest's copy) and `scan::beneath`
@@ -29,6 +30,7 @@ pub mod plan;
 pub mod upload;
 pub mod offsite;
 pub mod snapshot;
+pub mod sparse;
 pub mod tree;
 pub mod queue;
 pub mod integrity;

@@ -184,6 +184,7 @@ pub(crate) mod tests {
             dev: 0,
             ino: 0,
             nlink: 1,
+            blocks: u64::MAX,
             followed: false,
         }
     }

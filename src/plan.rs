@@ -170,6 +170,7 @@ mod tests {
             dev: 0,
             ino: 0,
             nlink: 1,
+            blocks: u64::MAX,
             followed: false,
         }
     }

@@ -23,6 +23,12 @@
 //!   no manifest): the entry has none either, and restore checks the object against its own
 //!   checksums.
 //!
+//! A file whose walk's stat said it may have holes (fewer blocks allocated than its size needs)
+//! is opened once more at the join, beneath the source as a worker opens a file
+//! (`scan::beneath`, then `scan::open_entry`), and its data extents are read
+//! (`sparse::data_extents`); they are recorded when there is a hole and the file still has the
+//! size and mtime of the bytes its record names. Every other file costs the join nothing.
+//!
 //! Hard links: a later name whose first name is absent takes its place, as a file (with its own
 //! record), and the names after it link to it; the names of such dropped files are kept until
 //! the end of the join (only those of files with several names). Directories, symlinks and
@@ -31,6 +37,8 @@
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -43,8 +51,10 @@ use crate::fsutil::{self, blocking, AtomicFile, Dir};
 use crate::keys::{self, shown};
 use crate::plan::Reason;
 use crate::report::Stats;
-use crate::scan::{Item, LocalEntry, TreeEntry};
+use crate::scan::beneath::Beneath;
+use crate::scan::{Item, LocalEntry, ScanOptions, TreeEntry};
 use crate::snapshot::{self, Entry, Header, Kind};
+use crate::sparse::{self, Layout};
 use crate::state::manifest::{self, Cursor, ManifestEntry};
 use crate::stop::Stop;
 use crate::store::{ObjectStore, StoreError};
@@ -63,6 +73,10 @@ pub struct Walked {
     pub entry: Entry,
     #[serde(rename = "n", default, skip_serializing_if = "std::ops::Not::not")]
     pub linked: bool,
+    /// A file whose stat allows holes (`LocalEntry::may_have_holes`): its extents are read at
+    /// the join.
+    #[serde(rename = "sp", default, skip_serializing_if = "std::ops::Not::not")]
+    pub sparse: bool,
 }
 
 /// Where the spool's lines go: the file, or (in tests) nowhere that works.
@@ -246,17 +260,29 @@ fn walked(root: &Path, item: &Item) -> Walked {
         xattrs: None,
         xattrs_dropped: false,
     };
-    let (entry, linked) = match item {
-        Item::File(e) => (of_file(e, Kind::File, None), e.nlink > 1 && !e.followed),
+    let (entry, linked, sparse) = match item {
+        Item::File(e) => (
+            of_file(e, Kind::File, None),
+            e.nlink > 1 && !e.followed,
+            e.may_have_holes(),
+        ),
         Item::Hardlink { entry, first } => {
             let first = keys::encode_raw_path(first);
-            (of_file(entry, Kind::Hardlink, Some(first)), false)
+            (
+                of_file(entry, Kind::Hardlink, Some(first)),
+                false,
+                entry.may_have_holes(),
+            )
         }
-        Item::Dir(t) => (of_tree(t, Kind::Dir), false),
-        Item::Symlink(t) => (of_tree(t, Kind::Symlink), false),
-        Item::Special(t) => (of_tree(t, special_kind(t.mode)), false),
+        Item::Dir(t) => (of_tree(t, Kind::Dir), false, false),
+        Item::Symlink(t) => (of_tree(t, Kind::Symlink), false, false),
+        Item::Special(t) => (of_tree(t, special_kind(t.mode)), false, false),
     };
-    Walked { entry, linked }
+    Walked {
+        entry,
+        linked,
+        sparse,
+    }
 }
 
 fn special_kind(mode: u32) -> Kind {
@@ -268,18 +294,22 @@ fn special_kind(mode: u32) -> Kind {
     }
 }
 
+/// What reads a file entry's data extents at the join (`None`: none recorded).
+pub type Extents<'a> = Box<dyn FnMut(&Entry) -> Option<Vec<(u64, u64)>> + 'a>;
+
 /// The walk (in key order) joined with the committed manifest (in key order) by key: see the
 /// module's docs for what each entry says. `None` for a file with no record, which was never
 /// backed up and is absent.
-pub struct Join<W, M: Iterator<Item = ManifestEntry>> {
+pub struct Join<'a, W, M: Iterator<Item = ManifestEntry>> {
     walked: W,
     records: Cursor<M>,
     /// First names of multiply-linked files that are absent, and the later name that took the
     /// place of each (`None` until one did).
     dropped: HashMap<String, Option<String>>,
+    extents: Extents<'a>,
 }
 
-impl<W, M> Join<W, M>
+impl<'a, W, M> Join<'a, W, M>
 where
     W: Iterator<Item = io::Result<Walked>>,
     M: Iterator<Item = ManifestEntry>,
@@ -289,11 +319,21 @@ where
             walked,
             records: Cursor::new(manifest),
             dropped: HashMap::new(),
+            extents: Box::new(|_| None),
         }
     }
 
+    /// The join with `extents` asked for the files that may have holes.
+    pub fn with_extents(self, extents: Extents<'a>) -> Self {
+        Join { extents, ..self }
+    }
+
     fn join(&mut self, w: Walked) -> Option<Entry> {
-        let Walked { mut entry, linked } = w;
+        let Walked {
+            mut entry,
+            linked,
+            sparse,
+        } = w;
         let Some(key) = entry.key.clone() else {
             return Some(entry);
         };
@@ -324,6 +364,10 @@ where
         }
         entry.sha256 = record.sha256.map(hex::encode);
         entry.version = record.version;
+        // A stale entry names older bytes than the file has: its extents would not be theirs.
+        if sparse && !entry.stale && entry.kind == Kind::File {
+            entry.extents = (self.extents)(&entry);
+        }
         if let Some(first) = stands_in_for {
             self.dropped.insert(first, Some(entry.path.clone()));
         }
@@ -331,7 +375,7 @@ where
     }
 }
 
-impl<W, M> Iterator for Join<W, M>
+impl<W, M> Iterator for Join<'_, W, M>
 where
     W: Iterator<Item = io::Result<Walked>>,
     M: Iterator<Item = ManifestEntry>,
@@ -423,6 +467,7 @@ async fn write(config: &Config, run_started: u64) -> Result<Header, SaveError> {
         mac: None,
     };
     let key = config.auth_key()?;
+    let scan = ScanOptions::for_config(config);
     blocking(move || {
         let records = match manifest::open(&state_dir, &destination, usize::MAX) {
             Ok(Some(r)) => r,
@@ -438,12 +483,14 @@ async fn write(config: &Config, run_started: u64) -> Result<Header, SaveError> {
             .lines()
             .map(|l| l.and_then(|l| serde_json::from_str::<Walked>(&l).map_err(io::Error::other)));
         let mut w = snapshot::Writer::create(&state)?;
-        for joined in Join::new(walked, records) {
+        let mut sparse = Sparse::open(&scan);
+        for joined in Join::new(walked, records).with_extents(Box::new(|e| sparse.read(e))) {
             match joined? {
                 Some(e) => w.push(&e)?,
                 None => w.count_absent(),
             }
         }
+        sparse.said();
         // Read to its end (the open file stays readable): one file less on the disk while the
         // object is written.
         let _ = state.remove(SPOOL_FILE);
@@ -452,6 +499,93 @@ async fn write(config: &Config, run_started: u64) -> Result<Header, SaveError> {
     .await
     .map_err(SaveError::Write)?
     .map_err(SaveError::Manifest)
+}
+
+/// The extents of the files that may have holes, read at the join, and what that cost.
+struct Sparse {
+    beneath: Option<Beneath>,
+    looked: u64,
+    recorded: u64,
+    took: std::time::Duration,
+}
+
+impl Sparse {
+    fn open(scan: &Result<ScanOptions, crate::config::ConfigError>) -> Sparse {
+        let beneath = match scan {
+            Ok(opts) => Beneath::open(opts.clone())
+                .map_err(|e| {
+                    tracing::debug!("no extents of sparse files this run: the source: {e}");
+                })
+                .ok(),
+            Err(e) => {
+                tracing::debug!("no extents of sparse files this run: {e}");
+                None
+            }
+        };
+        Sparse {
+            beneath,
+            looked: 0,
+            recorded: 0,
+            took: std::time::Duration::ZERO,
+        }
+    }
+
+    /// The data extents of the file `e`, when it has a hole and is still the file whose bytes
+    /// its record names (same size and mtime).
+    fn read(&mut self, e: &Entry) -> Option<Vec<(u64, u64)>> {
+        let beneath = self.beneath.as_ref()?;
+        let started = std::time::Instant::now();
+        self.looked += 1;
+        let extents = extents_of(beneath, e);
+        self.took += started.elapsed();
+        self.recorded += u64::from(extents.is_some());
+        extents
+    }
+
+    fn said(&self) {
+        if self.looked > 0 {
+            tracing::debug!(
+                "extents of {} files that may have holes read in {:.3}s: {} recorded as sparse",
+                self.looked,
+                self.took.as_secs_f64(),
+                self.recorded
+            );
+        }
+    }
+}
+
+fn extents_of(beneath: &Beneath, e: &Entry) -> Option<Vec<(u64, u64)>> {
+    let raw = keys::decode_raw_path(&e.path);
+    let rel = Path::new(std::ffi::OsStr::from_bytes(&raw));
+    let shown_path = || keys::shown(rel).to_string();
+    let escaped = keys::relative_key(rel).1;
+    let local = beneath
+        .resolve(&raw, e.key.as_deref()?, escaped)
+        .map_err(|why| tracing::debug!("{}: no extents: {why}", shown_path()))
+        .ok()?;
+    let (file, m) = crate::scan::open_entry(&local)
+        .map_err(|why| tracing::debug!("{}: no extents: {why:?}", shown_path()))
+        .ok()?;
+    if (m.len(), fsutil::ns(m.mtime(), m.mtime_nsec())) != (e.size, e.mtime_ns) {
+        tracing::debug!("{}: no extents: changed since its upload", shown_path());
+        return None;
+    }
+    match sparse::data_extents(&file, m.len()) {
+        Ok(Layout::Sparse(extents)) => Some(extents),
+        Ok(Layout::TooMany) => {
+            tracing::debug!(
+                "{}: more than {} data extents: none recorded, it comes back without holes",
+                shown_path(),
+                sparse::MAX_EXTENTS
+            );
+            None
+        }
+        Ok(Layout::Dense | Layout::Unknown) => None,
+        Err(why) => {
+            tracing::debug!("{}: no extents: {why}", shown_path());
+            None
+        }
+    }
 }
 
 /// Uploads `OUT_FILE` as snapshot `header.id`, unless its key is taken (one ListObjectsV2 with
@@ -522,6 +656,7 @@ mod tests {
         Walked {
             entry: e,
             linked: false,
+            sparse: false,
         }
     }
 
@@ -549,6 +684,67 @@ mod tests {
         Join::new(walk.into_iter().map(Ok), records.into_iter())
             .map(Result::unwrap)
             .collect()
+    }
+
+    #[test]
+    fn extents_are_asked_for_only_for_files_that_may_have_holes_and_are_not_stale() {
+        let sparse = |path: &str, mtime_ns: i64| Walked {
+            sparse: true,
+            ..file(path, 5, mtime_ns)
+        };
+        let walk = vec![file("a", 5, 50), sparse("b", 50), sparse("c", 50)];
+        let records = vec![
+            rec("a", 5, 50, Some(1), None),
+            rec("b", 5, 50, Some(2), None),
+            // The upload of c failed: its record is older bytes.
+            rec("c", 5, 40, Some(3), None),
+        ];
+        let mut asked = Vec::new();
+        let joined: Vec<Entry> = Join::new(walk.into_iter().map(Ok), records.into_iter())
+            .with_extents(Box::new(|e| {
+                asked.push(e.path.clone());
+                Some(vec![(0, 1)])
+            }))
+            .map(|j| j.unwrap().unwrap())
+            .collect();
+        assert_eq!(asked, ["b"]);
+        let extents: Vec<_> = joined.iter().map(|e| e.extents.clone()).collect();
+        assert_eq!(extents, [None, Some(vec![(0, 1)]), None]);
+    }
+
+    #[test]
+    fn the_join_reads_a_sparse_files_extents_beneath_the_source() {
+        use std::io::{Seek, Write};
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("d")).unwrap();
+        let mut f = std::fs::File::create(root.path().join("d/img")).unwrap();
+        f.write_all(&[1; 4096]).unwrap();
+        f.seek(io::SeekFrom::Start(16 << 20)).unwrap();
+        f.write_all(&[2; 4096]).unwrap();
+        drop(f);
+        let m = std::fs::metadata(root.path().join("d/img")).unwrap();
+        let local = LocalEntry::from_metadata("d/img".into(), root.path().join("d/img"), None, &m);
+        assert!(local.may_have_holes(), "the test directory keeps no holes");
+        let mut e = entry("d/img", Kind::File, m.len(), local.mtime_ns);
+        let opts = ScanOptions {
+            root: root.path().to_owned(),
+            excludes: Arc::new(crate::config::Excludes::new(&[]).unwrap()),
+            one_file_system: true,
+            symlinks: crate::config::SymlinkPolicy::Skip,
+            max_key_bytes: 1024,
+            max_file_size: u64::MAX,
+            walk_concurrency: 1,
+        };
+        let mut sparse = Sparse::open(&Ok(opts));
+        assert_eq!(sparse.read(&e), Some(vec![(0, 4096), (16 << 20, 4096)]));
+        // Another mtime than its record's: not the bytes the record names.
+        e.mtime_ns += 1;
+        assert_eq!(sparse.read(&e), None);
+        // Reached through a symlink on the way: not followed.
+        std::os::unix::fs::symlink("d", root.path().join("l")).unwrap();
+        let through = entry("l/img", Kind::File, m.len(), local.mtime_ns);
+        assert_eq!(sparse.read(&through), None);
+        assert_eq!((sparse.looked, sparse.recorded), (3, 1));
     }
 
     #[test]
@@ -652,6 +848,7 @@ mod tests {
             dev: 1,
             ino: 2,
             nlink,
+            blocks: u64::MAX,
             followed: false,
         }
     }

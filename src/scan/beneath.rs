@@ -175,6 +175,7 @@ impl Beneath {
             dev: st.st_dev,
             ino: st.st_ino,
             nlink: st.st_nlink as u64,
+            blocks: st.st_blocks.max(0) as u64,
             followed: false,
         })
     }

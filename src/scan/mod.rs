@@ -66,6 +66,9 @@ pub struct LocalEntry {
     /// Its number of names (hard links). 0 where a files-only walk's statx did not give it (that
     /// walk needs no more).
     pub nlink: u64,
+    /// Allocated 512-byte blocks, from the same stat (`u64::MAX` where it did not say): fewer
+    /// than the size needs, and the file may have holes (`may_have_holes`).
+    pub blocks: u64,
     /// Reached through a symlink the walk chose to follow (`source.symlinks: follow`): only then
     /// may opening it follow a symlink.
     pub followed: bool,
@@ -93,8 +96,15 @@ impl LocalEntry {
             dev: m.dev(),
             ino: m.ino(),
             nlink: m.nlink(),
+            blocks: m.blocks(),
             followed: false,
         }
+    }
+
+    /// Whether its stat allows holes: fewer blocks allocated than its size takes. Not proof of
+    /// one (a compressed or deduplicated file looks the same), only what makes a look worth it.
+    pub fn may_have_holes(&self) -> bool {
+        self.blocks.saturating_mul(512) < self.size
     }
 }
 

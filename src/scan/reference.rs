@@ -252,6 +252,7 @@ fn entry(
         dev: meta.dev(),
         ino: meta.ino(),
         nlink: meta.nlink(),
+        blocks: meta.blocks(),
         path: e.into_path(),
         size: meta.len(),
         mtime_ns: crate::fsutil::ns(meta.mtime(), meta.mtime_nsec()),

@@ -57,8 +57,12 @@ pub const AHEAD_ENTRIES: usize = 20_000;
 /// Entries stat'ed by one task: small, so that a directory's stats spread over the pool.
 const STAT_CHUNK: usize = 8;
 
-/// What a stat says that the backup needs. 48 bytes, kept per file in a listing (a device's
-/// number and a symlink's target, wanted only in tree mode, travel apart: `Node`).
+/// What a stat says that the backup needs. 56 bytes, kept per file in a listing (a device's
+/// number and a symlink's target, wanted only in tree mode, travel apart: `Node`): the listings
+/// held are bounded by `AHEAD_ENTRIES` plus the largest directory, so each byte here is paid per
+/// entry held. `blocks` took it from 48 to 56 (160 KB more at `AHEAD_ENTRIES`, 8 MB for a
+/// directory of a million files): it is what tells a file that may have holes from one that
+/// cannot, with no call more (`tree.rs` reads extents only for the former).
 #[derive(Debug, Clone, Copy)]
 struct Meta {
     size: u64,
@@ -69,9 +73,11 @@ struct Meta {
     nlink: u32,
     dev: u64,
     ino: u64,
+    /// Allocated 512-byte blocks; `u64::MAX` where the stat did not say.
+    blocks: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<Meta>() == 48);
+const _: () = assert!(std::mem::size_of::<Meta>() == 56);
 
 impl Meta {
     fn of(st: &FileStat) -> Meta {
@@ -84,6 +90,7 @@ impl Meta {
             nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
             dev: st.st_dev,
             ino: st.st_ino,
+            blocks: st.st_blocks.max(0) as u64,
         }
     }
 
@@ -583,6 +590,7 @@ impl Walk {
             nlink: m.nlink.into(),
             dev: m.dev,
             ino: m.ino,
+            blocks: m.blocks,
             followed: slot.followed,
         })
     }
@@ -1299,7 +1307,14 @@ fn statx_cached(
     if tree {
         need |= StatxFlags::NLINK;
     }
-    match rustix::fs::statx(dir, name, flags, need | StatxFlags::NLINK) {
+    // The allocated blocks come with the same reply (a hint of holes, `LocalEntry::blocks`), and
+    // are not required: a filesystem without them only loses the hint.
+    match rustix::fs::statx(
+        dir,
+        name,
+        flags,
+        need | StatxFlags::NLINK | StatxFlags::BLOCKS,
+    ) {
         // A filesystem that leaves out a field it was asked for gets the plain stat instead.
         Ok(st) if StatxFlags::from_bits_retain(st.stx_mask).contains(need) => Some(Ok(Meta {
             size: st.stx_size,
@@ -1314,6 +1329,11 @@ fn statx_cached(
             },
             dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
             ino: st.stx_ino,
+            blocks: if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::BLOCKS) {
+                st.stx_blocks
+            } else {
+                u64::MAX
+            },
         })),
         Ok(_) => None,
         Err(e) if e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::PERM => {
