@@ -1,6 +1,7 @@
 //! A tree backed up night after night, restored from the bucket alone: every snapshot must come
 //! back as exactly the tree that night's run saw — types, bytes, modes, owners, mtimes, symlinks,
-//! hard links, empty directories — not the union of every file ever backed up.
+//! hard links, empty directories, the holes of sparse files — not the union of every file ever
+//! backed up.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -33,6 +34,8 @@ struct Node {
     uid: u32,
     gid: u32,
     mtime_ns: i64,
+    /// A file with fewer blocks allocated than its size needs: it has holes.
+    holes: bool,
 }
 
 type Tree = BTreeMap<Vec<u8>, Node>;
@@ -88,6 +91,7 @@ fn tree_of(root: &Path) -> Tree {
                 uid: m.uid(),
                 gid: m.gid(),
                 mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+                holes: t.is_file() && m.blocks() * 512 < m.size(),
             },
         );
     }
@@ -196,11 +200,28 @@ fn every_night_comes_back_as_it_was_from_the_bucket_alone() {
         )
         .unwrap();
     }
+    // 1 MiB of data, a 64 MiB hole, 1 MiB of data.
+    let sparse = c.write("sparse/disk.img", &[0x5a; 1 << 20]);
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = fs::OpenOptions::new().write(true).open(&sparse).unwrap();
+        f.seek(SeekFrom::Start(65 << 20)).unwrap();
+        f.write_all(&[0xa5; 1 << 20]).unwrap();
+    }
+    let m = fs::metadata(&sparse).unwrap();
+    assert!(
+        m.blocks() * 512 < m.size() / 8,
+        "the test directory {} keeps no holes ({} blocks for {} bytes): this test needs a \
+         filesystem that does (ext4, tmpfs)",
+        s.display(),
+        m.blocks(),
+        m.size()
+    );
     set_mtime(&report, 1_700_000_000_123_456_789);
     set_mtime(&s.join("links/absolute"), 1_600_000_000_000_000_001);
     set_mtime(&s.join("empty"), 1_650_000_000_000_000_002);
     let night1 = tree_of(s);
-    assert_eq!(night1.len(), 18, "{night1:#?}");
+    assert_eq!(night1.len(), 20, "{night1:#?}");
     assert_eq!(
         night1[&b"hard/two"[..]].what,
         What::HardLink(b"hard/one".to_vec())
@@ -224,6 +245,13 @@ fn every_night_comes_back_as_it_was_from_the_bucket_alone() {
         &night2,
         &tree_of(&to),
         "the latest snapshot is the second night's tree",
+    );
+    let restored = fs::metadata(to.join("sparse/disk.img")).unwrap();
+    assert_eq!(restored.size(), 66 << 20);
+    assert!(
+        restored.blocks() * 512 <= 4 << 20,
+        "the sparse file came back with {} blocks",
+        restored.blocks()
     );
     let (to, out) = c.restore_to("first", &["--as-of", &first_night]);
     assert_eq!(out.code, 0, "{}", out.stderr);

@@ -46,6 +46,7 @@ use crate::integrity::{self as check, Reference, Stored, StreamHasher, Verdict};
 use crate::keys::{self, shown};
 use crate::offsite;
 use crate::report::{self, Ending, FileErrorKind, Outcome};
+use crate::sparse::{self, ZeroCheck};
 use crate::state::manifest::{self, Cursor, ManifestEntry};
 use crate::stop::{self, Stop};
 use crate::store::s3::S3Store;
@@ -1234,6 +1235,11 @@ impl<S: ObjectStore> Ctx<S> {
             }
             None => (meta, owned, None),
         };
+        let holes = job
+            .snap
+            .as_ref()
+            .map(|s| s.holes.clone())
+            .unwrap_or_default();
         let (verdict, bytes, was_newer) = self
             .write(
                 &rel,
@@ -1241,7 +1247,7 @@ impl<S: ObjectStore> Ctx<S> {
                 download,
                 (reference, layout),
                 (meta, newer),
-                owned,
+                (owned, holes),
             )
             .await?;
         let target = self.shown_path(&rel);
@@ -1260,7 +1266,7 @@ impl<S: ObjectStore> Ctx<S> {
         download: Download,
         (reference, layout): (Reference, Option<crate::store::PartLayout>),
         (meta, newer): (Option<ObjectMeta>, Option<(Reference, Option<ObjectMeta>)>),
-        owned: bool,
+        (owned, holes): (bool, Vec<(u64, u64)>),
     ) -> Result<(Verdict, u64, bool), Failure> {
         let local = |what: &str, e: io::Error| Failure::Local(format!("{what}: {e}"));
         let target = self.target.clone().expect("only a dry run has no target");
@@ -1284,10 +1290,16 @@ impl<S: ObjectStore> Ctx<S> {
             tokio::io::BufWriter::with_capacity(WRITE_BUF, tokio::fs::File::from_std(file));
         let md5 = reference.md5.is_some() || newer.as_ref().is_some_and(|n| n.0.md5.is_some());
         let mut hasher = StreamHasher::new(download.size, layout).with_md5(md5);
+        // The holes to punch once the bytes are checked: only where they came as zeros, so
+        // that no recorded extent, however wrong, changes what the file reads.
+        let mut zeros = (!holes.is_empty()).then(|| ZeroCheck::new(holes));
         let mut body = download.body;
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
             hasher.update(&chunk);
+            if let Some(z) = zeros.as_mut() {
+                z.update(&chunk);
+            }
             out.write_all(&chunk)
                 .await
                 .map_err(|e| local("cannot write", e))?;
@@ -1336,6 +1348,10 @@ impl<S: ObjectStore> Ctx<S> {
                 .filter(|_| as_root && owned)
                 .filter(|m| place_dir.setgid || (m.uid, m.gid) != *EFFECTIVE)
                 .map(|m| (m.uid, m.gid));
+            // Before the mtime is set: punching a hole changes it.
+            if let Some(z) = zeros {
+                sparse::punch(&file, z.zero_holes());
+            }
             apply_meta(&file, meta.as_ref(), owner, keep_setid, created)?;
             // On disk before it gets its real name: after a power cut the name never points
             // at a file whose data was not written yet.

@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::keys::{self, shown};
 use crate::report::FileErrorKind;
 use crate::snapshot::{self, Entry, Expected, Fetched, Kind};
+use crate::sparse;
 use crate::store::{ObjectMeta, ObjectStore, StoreError};
 
 /// Which snapshot the command line names.
@@ -63,6 +64,8 @@ pub struct SnapFile {
     pub sha256: Option<[u8; 32]>,
     /// No version named (an unversioned bucket): the object may have changed since.
     pub unversioned: bool,
+    /// A sparse file's holes, from its checked extents (empty: none to punch).
+    pub holes: Vec<(u64, u64)>,
 }
 
 /// The restore's figures, as the passes count into them.
@@ -258,7 +261,6 @@ fn job(e: &Entry, key: String, rel: PathBuf) -> FileJob {
         size: e.size,
         version_id: e.version.clone(),
         snap: SnapFile {
-            rel,
             meta: ObjectMeta {
                 mtime_ns: e.mtime_ns,
                 mode: e.mode,
@@ -268,7 +270,28 @@ fn job(e: &Entry, key: String, rel: PathBuf) -> FileJob {
             },
             sha256: hex32(e.sha256.as_deref()),
             unversioned: e.version.is_none(),
+            holes: holes_of(e, &rel),
+            rel,
         },
+    }
+}
+
+/// The holes of a file entry's recorded extents, when they pass `sparse::check`: whoever can
+/// write the prefix can write them. Extents that do not are ignored with a warning (the file
+/// comes back whole, without holes).
+fn holes_of(e: &Entry, rel: &Path) -> Vec<(u64, u64)> {
+    let Some(extents) = &e.extents else {
+        return Vec::new();
+    };
+    match sparse::check(extents, e.size) {
+        Ok(()) => sparse::holes(extents, e.size),
+        Err(why) => {
+            tracing::warn!(
+                "{}: the snapshot's extents of it are not used ({why}): it comes back without                  holes",
+                shown(rel)
+            );
+            Vec::new()
+        }
     }
 }
 
@@ -572,5 +595,41 @@ mod tests {
     fn a_snapshot_id_gives_its_start() {
         assert_eq!(made_of("20261206T020000Z-0a1b2c3d"), Some(1_796_522_400));
         assert_eq!(made_of("x"), None);
+    }
+
+    #[test]
+    fn a_files_holes_come_from_its_extents_only_when_they_pass_the_checks() {
+        let entry = |extents: Option<Vec<(u64, u64)>>| Entry {
+            path: "img".into(),
+            kind: Kind::File,
+            mode: 0o100644,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            size: 100,
+            key: Some("img".into()),
+            sha256: None,
+            version: None,
+            stale: false,
+            link: None,
+            rdev: None,
+            extents,
+            xattrs: None,
+            xattrs_dropped: false,
+        };
+        let rel = Path::new("img");
+        assert_eq!(
+            holes_of(&entry(Some(vec![(10, 10), (50, 10)])), rel),
+            [(0, 10), (20, 30), (60, 40)]
+        );
+        assert_eq!(holes_of(&entry(None), rel), []);
+        // Past the end, overlapping, unsorted: ignored (with a warning), the file comes whole.
+        for bad in [
+            vec![(90, 20)],
+            vec![(0, 10), (5, 10)],
+            vec![(50, 1), (10, 1)],
+        ] {
+            assert_eq!(holes_of(&entry(Some(bad.clone())), rel), [], "{bad:?}");
+        }
     }
 }
