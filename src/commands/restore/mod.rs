@@ -59,6 +59,9 @@ use target::{Dir, PlaceError, Target};
 
 /// Per download: bytes gathered before a write to the temp file.
 const WRITE_BUF: usize = 256 * 1024;
+/// Files in hand per download slot: the one downloading, and those being made durable and named
+/// (`Ctx::downloads`). Each holds a file handle and a little memory, never a write buffer.
+const FINISHING: usize = 4;
 /// Listed objects queued ahead of the downloads.
 const JOBS_AHEAD: usize = 1024;
 
@@ -612,7 +615,15 @@ pub async fn restore<S: ObjectStore>(
         stats.expect(c.files, c.bytes);
     }
     let target = open_target(opts)?;
-    let ctx = Ctx::new(opts, store, stats.clone(), prefix, target.clone());
+    let concurrency = config.transfer.concurrency.0.max(1);
+    let ctx = Ctx::new(
+        opts,
+        store,
+        stats.clone(),
+        prefix,
+        target.clone(),
+        concurrency,
+    );
     let pass = Arc::new(tree::Pass {
         stats: stats.clone(),
         target: target.clone(),
@@ -625,7 +636,6 @@ pub async fn restore<S: ObjectStore>(
         next_tmp: ctx.next_tmp.clone(),
     });
     let fetched: Arc<crate::snapshot::Fetched> = Arc::from(fetched);
-    let concurrency = config.transfer.concurrency.0.max(1);
     // Files (and directories, symlinks, special files) first; then hard links to them; then
     // each directory's own metadata.
     for links in [false, true] {
@@ -697,8 +707,15 @@ async fn restore_listing<S: ObjectStore>(
     let (tx, rx) = mpsc::channel::<Result<Job, StoreError>>(JOBS_AHEAD);
     let producer = tokio::spawn(produce(pager, first, sub, manifest, stats.clone(), tx));
 
-    let ctx = Ctx::new(opts, store, stats.clone(), prefix, target.clone());
     let concurrency = config.transfer.concurrency.0.max(1);
+    let ctx = Ctx::new(
+        opts,
+        store,
+        stats.clone(),
+        prefix,
+        target.clone(),
+        concurrency,
+    );
     let result = run_jobs(ctx, rx, concurrency, opts, stop).await;
     producer.abort();
     if let Some(t) = target.filter(|t| t.dirs_created() > 0) {
@@ -735,7 +752,7 @@ async fn run_jobs<S: ObjectStore>(
                     break;
                 }
             }
-            job = rx.recv(), if !listing_done && running.len() < concurrency => match job {
+            job = rx.recv(), if !listing_done && running.len() < concurrency * FINISHING => match job {
                 Some(Ok(job)) => {
                     running.spawn(ctx.clone().restore_one(job));
                 }
@@ -951,6 +968,11 @@ struct Ctx<S> {
     keep_setid: bool,
     thaw: ThawOptions,
     next_tmp: Arc<AtomicU64>,
+    /// Downloads in flight (`transfer.concurrency`). A file gives its slot back once its bytes
+    /// are written and checked: making it durable and giving it its name (chown, mtime, fsync,
+    /// rename — local calls, or round trips on a mount) overlaps the next downloads instead of
+    /// holding them up.
+    downloads: Arc<tokio::sync::Semaphore>,
 }
 
 impl<S> Ctx<S> {
@@ -960,6 +982,7 @@ impl<S> Ctx<S> {
         stats: Arc<RestoreStats>,
         prefix: String,
         target: Option<Arc<Target>>,
+        concurrency: usize,
     ) -> Arc<Ctx<S>> {
         Arc::new(Ctx {
             store,
@@ -973,6 +996,7 @@ impl<S> Ctx<S> {
             keep_setid: opts.keep_setid,
             thaw: opts.thaw,
             next_tmp: Arc::new(AtomicU64::new(0)),
+            downloads: Arc::new(tokio::sync::Semaphore::new(concurrency)),
         })
     }
 }
@@ -1133,6 +1157,12 @@ impl<S: ObjectStore> Ctx<S> {
         may_be_escaped: bool,
     ) -> Result<(), Failure> {
         let version = job.version_id.as_deref();
+        let slot = self
+            .downloads
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
         let Some(download) = self.store.get(full_key, version).await? else {
             let why = match (&job.snap, version) {
                 (Some(_), Some(v)) => format!(
@@ -1244,7 +1274,7 @@ impl<S: ObjectStore> Ctx<S> {
             .write(
                 &rel,
                 full_key,
-                download,
+                (download, slot),
                 (reference, layout),
                 (meta, newer),
                 (owned, holes),
@@ -1263,7 +1293,7 @@ impl<S: ObjectStore> Ctx<S> {
         &self,
         rel: &Path,
         full_key: &str,
-        download: Download,
+        (download, slot): (Download, tokio::sync::OwnedSemaphorePermit),
         (reference, layout): (Reference, Option<crate::store::PartLayout>),
         (meta, newer): (Option<ObjectMeta>, Option<(Reference, Option<ObjectMeta>)>),
         (owned, holes): (bool, Vec<(u64, u64)>),
@@ -1337,6 +1367,7 @@ impl<S: ObjectStore> Ctx<S> {
             )));
         }
 
+        drop(slot);
         let (as_root, keep_setid, overwrite) = (self.as_root, self.keep_setid, self.overwrite);
         let (place_dir, tmp_name) = (dir, tmp.name().to_owned());
         let placed = blocking(move || {
