@@ -1050,7 +1050,7 @@ class Bench:
                 for tool in rotate(tools + bound, rep):
                     self.restore_run(f"restore-{name}", tool, tree, bucket, rep)
         self.restore_slow(tools)
-        if not self.args.quick:
+        if not self.args.quick and self.args.restore_million_limit:
             self.restore_million()
 
     def backup_for_restore(self, name, tree, scenario, tools, bucket=None, limit=RUN_LIMIT):
@@ -1145,7 +1145,8 @@ class Bench:
         self.million_bucket = bucket
         if self.backup_for_restore("million", tree, "restore-million", ["nightcopy"],
                                    bucket=bucket, limit=LONG_LIMIT):
-            self.restore_run("restore-million", "nightcopy", tree, bucket, 0, limit=LONG_LIMIT)
+            self.restore_run("restore-million", "nightcopy", tree, bucket, 0,
+                             limit=self.args.restore_million_limit)
 
     def close(self):
         if self.proxy:
@@ -1533,6 +1534,9 @@ def main():
                          "coordinator's run alone)")
     ap.add_argument("--coordinator-max-queued", type=int, default=40,
                     help="distribute.max-queued of the coordinator's million-file run")
+    ap.add_argument("--restore-million-limit", type=int, default=LONG_LIMIT,
+                    help=f"seconds the million-file restore may take (default {LONG_LIMIT}; 0: not "
+                    "run — a million GETs take about 40 minutes on Garage here)")
     ap.add_argument("--coordinator-limit", type=int, default=LONG_LIMIT,
                     help=f"seconds the coordinator's million-file run may take (default {LONG_LIMIT}; "
                     "0: not run): with --coordinator-max-queued 40, moto answered about "
