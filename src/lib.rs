@@ -10,11 +10,12 @@
 //! Beside the flow: `state` (lock, run record, manifest, unfinished uploads), `offsite` (the
 //! manifest's copy in the bucket), `snapshot` (the index of the tree a run saw) and `tree` (the
 //! walk spooled and joined with the committed manifest into the night's snapshot), `sparse` (a
-//! sparse file's extents read for it, and its holes punched again on restore), `store` (S3
-//! behind a trait without delete), `integrity` (what restored and verified bytes are checked
-//! against); for a distributed run `queue` (the work and results queues and what travels in
-//! them), `auth` (the key that seals queue messages and the manifest's copy) and `scan::beneath`
-//! (a message's path resolved beneath the source as the walk would have reached it); and the
+//! sparse file's extents read for it, and its holes punched again on restore), `xattrs` (extended
+//! attributes and ACLs, read and set again), `store` (S3 behind a trait without delete),
+//! `integrity` (what restored and verified bytes are checked against); for a distributed run
+//! `queue` (the work and results queues and what travels in them), `auth` (the key that seals
+//! queue messages and the manifest's copy) and `scan::beneath` (a message's path resolved beneath
+//! the source as the walk would have reached it); and the
 //! small pieces every part uses: `error` (what ends a command), `exit` (the exit codes), `keys`
 //! (path ↔ key), `fsutil` (files in the state directory through its handle), `stop`
 //! (SIGTERM/SIGINT). Machinery never imports a command.
@@ -32,6 +33,7 @@ pub mod offsite;
 pub mod snapshot;
 pub mod sparse;
 pub mod tree;
+pub mod xattrs;
 pub mod queue;
 pub mod integrity;
 pub mod report;

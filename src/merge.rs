@@ -185,6 +185,7 @@ pub(crate) mod tests {
             ino: 0,
             nlink: 1,
             blocks: u64::MAX,
+            xattrs: None,
             followed: false,
         }
     }

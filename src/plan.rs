@@ -171,6 +171,7 @@ mod tests {
             ino: 0,
             nlink: 1,
             blocks: u64::MAX,
+            xattrs: None,
             followed: false,
         }
     }

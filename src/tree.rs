@@ -59,6 +59,7 @@ use crate::state::manifest::{self, Cursor, ManifestEntry};
 use crate::stop::Stop;
 use crate::store::{ObjectStore, StoreError};
 use crate::upload::{Skip, Upload, Uploader};
+use crate::xattrs::Xattrs;
 
 /// The walk's spool in the state directory, while the run lasts.
 const SPOOL_FILE: &str = "snapshot.tree.gz";
@@ -236,8 +237,8 @@ fn walked(root: &Path, item: &Item) -> Walked {
         link,
         rdev: None,
         extents: None,
-        xattrs: None,
-        xattrs_dropped: false,
+        xattrs: recorded(e.xattrs.as_deref(), &e.path),
+        xattrs_dropped: e.xattrs.as_ref().is_some_and(|x| x.dropped),
     };
     let of_tree = |t: &TreeEntry, kind: Kind| Entry {
         path: keys::encode_raw_path(&t.rel),
@@ -257,8 +258,8 @@ fn walked(root: &Path, item: &Item) -> Walked {
             .map(|target| keys::encode_raw_path(Path::new(target))),
         rdev: matches!(kind, Kind::Char | Kind::Block).then_some(t.rdev),
         extents: None,
-        xattrs: None,
-        xattrs_dropped: false,
+        xattrs: recorded(t.xattrs.as_deref(), &t.rel),
+        xattrs_dropped: t.xattrs.as_ref().is_some_and(|x| x.dropped),
     };
     let (entry, linked, sparse) = match item {
         Item::File(e) => (
@@ -283,6 +284,19 @@ fn walked(root: &Path, item: &Item) -> Walked {
         linked,
         sparse,
     }
+}
+
+/// What an entry records of the extended attributes the walk read (`source.xattrs`).
+fn recorded(x: Option<&Xattrs>, path: &Path) -> Option<Vec<(String, String)>> {
+    let x = x?;
+    if x.dropped {
+        tracing::warn!(
+            "{}: its extended attributes are more than {} bytes: none are recorded",
+            shown(path),
+            snapshot::MAX_XATTR_BYTES
+        );
+    }
+    (!x.pairs.is_empty()).then(|| x.pairs.clone())
 }
 
 fn special_kind(mode: u32) -> Kind {
@@ -734,6 +748,7 @@ mod tests {
             max_key_bytes: 1024,
             max_file_size: u64::MAX,
             walk_concurrency: 1,
+            xattrs: false,
         };
         let mut sparse = Sparse::open(&Ok(opts));
         assert_eq!(sparse.read(&e), Some(vec![(0, 4096), (16 << 20, 4096)]));
@@ -849,6 +864,7 @@ mod tests {
             ino: 2,
             nlink,
             blocks: u64::MAX,
+            xattrs: None,
             followed: false,
         }
     }
@@ -864,6 +880,7 @@ mod tests {
             size: 4096,
             rdev: 0x0103,
             target: None,
+            xattrs: None,
         }
     }
 

@@ -230,6 +230,11 @@ pub struct Source {
     /// one entry at a time.
     #[serde(default = "default_walk_concurrency")]
     pub walk_concurrency: Concurrency,
+    /// Record extended attributes and POSIX ACLs in the night's snapshot (`xattrs.rs` says which):
+    /// one `listxattr` per file and directory on the walk, and a `getxattr` per attribute — a
+    /// round trip each on a network mount, so off unless asked for.
+    #[serde(default)]
+    pub xattrs: bool,
 }
 
 fn default_walk_concurrency() -> Concurrency {
@@ -940,6 +945,14 @@ mod tests {
         assert_eq!(c.transfer.part_size.0, 16 * Size::MIB);
         assert_eq!(c.transfer.bandwidth_limit.0, 0);
         assert_eq!(c.state_dir.0, PathBuf::from("/var/lib/nightcopy"));
+    }
+
+    #[test]
+    fn extended_attributes_are_read_only_when_asked_for() {
+        let base = "source:\n  path: /mnt/fs\ndestination:\n  bucket: b-1\n";
+        assert!(!parse(base).unwrap().source.xattrs);
+        let on = base.replace("/mnt/fs\n", "/mnt/fs\n  xattrs: true\n");
+        assert!(parse(&on).unwrap().source.xattrs);
     }
 
     #[test]

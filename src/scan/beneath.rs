@@ -176,6 +176,7 @@ impl Beneath {
             ino: st.st_ino,
             nlink: st.st_nlink as u64,
             blocks: st.st_blocks.max(0) as u64,
+            xattrs: None,
             followed: false,
         })
     }
@@ -218,6 +219,7 @@ mod tests {
             max_key_bytes: 1024,
             max_file_size,
             walk_concurrency: 1,
+            xattrs: false,
         })
         .unwrap()
     }

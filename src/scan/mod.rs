@@ -46,6 +46,7 @@ mod walk;
 use crate::config::{Config, ConfigError, Excludes, SymlinkPolicy};
 use crate::keys;
 use crate::report::Stats;
+use crate::xattrs::Xattrs;
 
 /// One regular file as seen by the scan.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +70,8 @@ pub struct LocalEntry {
     /// Allocated 512-byte blocks, from the same stat (`u64::MAX` where it did not say): fewer
     /// than the size needs, and the file may have holes (`may_have_holes`).
     pub blocks: u64,
+    /// Its extended attributes, read by a tree walk with `source.xattrs`.
+    pub xattrs: Option<Box<Xattrs>>,
     /// Reached through a symlink the walk chose to follow (`source.symlinks: follow`): only then
     /// may opening it follow a symlink.
     pub followed: bool,
@@ -97,6 +100,7 @@ impl LocalEntry {
             ino: m.ino(),
             nlink: m.nlink(),
             blocks: m.blocks(),
+            xattrs: None,
             followed: false,
         }
     }
@@ -153,6 +157,8 @@ pub struct TreeEntry {
     pub rdev: u64,
     /// A symlink's target, its bytes as they are.
     pub target: Option<OsString>,
+    /// A directory's extended attributes (`source.xattrs`).
+    pub xattrs: Option<Box<Xattrs>>,
 }
 
 /// Multiply-linked files whose other names may still come, kept at most (see the module's docs).
@@ -294,6 +300,8 @@ pub struct ScanOptions {
     pub max_file_size: u64,
     /// Threads that read directories and stat files side by side (`source.walk-concurrency`).
     pub walk_concurrency: usize,
+    /// In tree mode, read the extended attributes of files and directories (`source.xattrs`).
+    pub xattrs: bool,
 }
 
 impl ScanOptions {
@@ -308,6 +316,7 @@ impl ScanOptions {
             max_key_bytes: keys::MAX_KEY_BYTES - config.destination.prefix.as_str().len(),
             max_file_size: config.source.max_file_size.0,
             walk_concurrency: config.source.walk_concurrency.0,
+            xattrs: config.source.xattrs,
         })
     }
 }
@@ -350,6 +359,7 @@ mod tests {
             max_key_bytes: 1024,
             max_file_size: u64::MAX,
             walk_concurrency: 4,
+            xattrs: false,
         };
         let keys: Vec<String> = scan(opts, stats.clone()).map(|e| e.key).collect();
         let mut sorted = keys.clone();
@@ -482,6 +492,7 @@ mod walk_tests {
             max_key_bytes: 1024,
             max_file_size: u64::MAX,
             walk_concurrency: threads,
+            xattrs: false,
         }
     }
 
@@ -719,6 +730,49 @@ mod walk_tests {
             tree.calls(),
             (1 + dirs, 1 + dirs + files + symlinks + specials, symlinks)
         );
+    }
+
+    /// `source.xattrs` costs one `listxattr` per file and directory in tree mode (on the
+    /// directory's own handle, or through the parent's for a file), none for symlinks and
+    /// specials, and nothing in a files-only walk; what it reads comes with the items.
+    #[test]
+    fn xattrs_cost_a_listxattr_per_file_and_directory_in_tree_mode_only() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        fs::create_dir(r.join("d")).unwrap();
+        for f in ["x", "d/y"] {
+            fs::write(r.join(f), b"1").unwrap();
+        }
+        std::os::unix::fs::symlink("x", r.join("l")).unwrap();
+        nix::unistd::mkfifo(&r.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        for (p, v) in [("x", &b"blue"[..]), ("d", b"red")] {
+            rustix::fs::setxattr(r.join(p), "user.color", v, rustix::fs::XattrFlags::empty())
+                .expect("the test directory keeps user.* attributes");
+        }
+        let mut opts = options(r, &[], SymlinkPolicy::Skip, 2);
+        opts.xattrs = true;
+        let mut tree = walk::Walk::tree_with_ahead(&opts, Arc::new(Stats::default()), 20_000, 10);
+        let items: Vec<Item> = tree.by_ref().collect();
+        assert_eq!(tree.xattr_calls(), 1 + 2, "a directory and two files");
+        let color = |x: &Option<Box<Xattrs>>| x.as_ref().map(|x| x.pairs[0].1.clone());
+        for item in &items {
+            match item {
+                Item::Dir(t) => assert_eq!(color(&t.xattrs).as_deref(), Some("cmVk")),
+                Item::File(e) if e.key == "x" => {
+                    assert_eq!(color(&e.xattrs).as_deref(), Some("Ymx1ZQ=="))
+                }
+                Item::File(e) => assert_eq!(e.xattrs, None),
+                Item::Symlink(t) | Item::Special(t) => assert_eq!(t.xattrs, None),
+                Item::Hardlink { .. } => unreachable!(),
+            }
+        }
+        assert_eq!(items.len(), 5);
+        let mut walk = walk::Walk::with_ahead(&opts, Arc::new(Stats::default()), 20_000);
+        assert!(walk.by_ref().all(|e| e.xattrs.is_none()));
+        opts.xattrs = false;
+        let mut tree = walk::Walk::tree_with_ahead(&opts, Arc::new(Stats::default()), 20_000, 10);
+        assert_eq!(tree.by_ref().count(), 5);
+        assert_eq!(tree.xattr_calls(), 0);
     }
 
     /// The first names kept to find hard links never pass their bound: past it, a new

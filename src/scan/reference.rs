@@ -177,6 +177,7 @@ fn tree_entry(root: &Path, e: &DirEntry, stats: &Stats) -> Option<TreeEntry> {
         size: meta.len(),
         rdev: meta.rdev(),
         target,
+        xattrs: None,
     })
 }
 
@@ -253,6 +254,7 @@ fn entry(
         ino: meta.ino(),
         nlink: meta.nlink(),
         blocks: meta.blocks(),
+        xattrs: None,
         path: e.into_path(),
         size: meta.len(),
         mtime_ns: crate::fsutil::ns(meta.mtime(), meta.mtime_nsec()),

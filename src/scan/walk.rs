@@ -51,6 +51,7 @@ use super::{HardLinks, Item, LocalEntry, ScanOptions, TreeEntry};
 use crate::config::SymlinkPolicy;
 use crate::keys;
 use crate::report::{FileErrorKind, Stats};
+use crate::xattrs::Xattrs;
 
 /// Entries read ahead of the consumer before further directories wait (about 150 bytes each).
 pub const AHEAD_ENTRIES: usize = 20_000;
@@ -105,6 +106,7 @@ impl Meta {
             size: self.size,
             rdev: 0,
             target: None,
+            xattrs: None,
         }
     }
 
@@ -137,7 +139,8 @@ enum Kind {
 
 /// What the pool found for an entry.
 enum Found {
-    File(Meta),
+    /// A file's stat, and in tree mode with `source.xattrs` its extended attributes.
+    File(Meta, Option<Box<Xattrs>>),
     /// A symlink or a special file (tree mode only).
     Node(Box<Node>),
     /// A directory's listing, until the consumer enters it and takes it: a parent that kept its
@@ -167,13 +170,15 @@ struct Calls {
     /// `fstat`, `statx`, `fstatat` (a statx refused and redone as fstatat counts once).
     stat: AtomicUsize,
     readlink: AtomicUsize,
+    /// `listxattr`s (`source.xattrs`, tree mode).
+    xattr: AtomicUsize,
 }
 
 impl Found {
     /// A file's result, carried from a resolve into the sorted listing.
     fn copy_file(&self) -> Found {
         match self {
-            Found::File(m) => Found::File(*m),
+            Found::File(m, x) => Found::File(*m, x.clone()),
             Found::Vanished => Found::Vanished,
             Found::Error(e) => Found::Error(e.clone()),
             _ => unreachable!("only a file's stat is kept"),
@@ -222,6 +227,8 @@ struct Listing {
     ancestry: Arc<Ancestry>,
     /// The directory's own `fstat` (its item in tree mode).
     meta: Meta,
+    /// Its extended attributes (tree mode, `source.xattrs`).
+    xattrs: Option<Box<Xattrs>>,
     /// Open while stats or subdirectory opens still need it.
     fd: Mutex<Option<Arc<OwnedFd>>>,
     /// Stat tasks and subdirectory reads not yet done.
@@ -283,6 +290,7 @@ struct Unsorted {
     fd: OwnedFd,
     ancestry: Arc<Ancestry>,
     meta: Meta,
+    xattrs: Option<Box<Xattrs>>,
     slots: Vec<Slot>,
     /// The indices of the entries to resolve, and what each turned out to be.
     unresolved: Vec<usize>,
@@ -362,6 +370,8 @@ struct Opts {
     threads: usize,
     /// Tree mode: symlinks and specials are stat'ed (and symlinks read) too.
     tree: bool,
+    /// Tree mode with `source.xattrs`: files' and directories' extended attributes are read.
+    xattrs: bool,
 }
 
 /// The walk, yielding files (`Iterator`); `Tree` yields every item.
@@ -427,6 +437,7 @@ impl Walk {
                     ahead_entries: ahead_entries.max(1),
                     threads: opts.walk_concurrency.max(1),
                     tree: links.is_some(),
+                    xattrs: links.is_some() && opts.xattrs,
                 },
                 root: OnceLock::new(),
                 held: Arc::new(AtomicUsize::new(0)),
@@ -466,7 +477,7 @@ impl Walk {
         };
         // The root is read on the pool like any directory: a flat tree's one big directory needs
         // the pool's parallel stats as much as any other.
-        walk.shared.read_dir(root, fd, ancestry, m);
+        walk.shared.read_dir(root, fd, ancestry, (m, None));
         for _ in 0..opts.walk_concurrency.max(1) {
             let shared = walk.shared.clone();
             // Detached: a worker stuck in a hung mount must not hold up the end of the run.
@@ -591,6 +602,7 @@ impl Walk {
             dev: m.dev,
             ino: m.ino,
             blocks: m.blocks,
+            xattrs: None,
             followed: slot.followed,
         })
     }
@@ -604,10 +616,12 @@ impl Walk {
         at: Option<(&Listing, &Slot)>,
     ) -> Option<Item> {
         let tree = self.links.is_some() && at.is_some();
-        let item = |m: &Meta| {
+        let item = |m: &Meta, xattrs: Option<Box<Xattrs>>| {
             let (listing, slot) = at.expect("not the root");
             let key = listing.child_key(slot) + "/";
-            Item::Dir(m.tree_entry(key, listing.rel.join(&slot.name)))
+            let mut t = m.tree_entry(key, listing.rel.join(&slot.name));
+            t.xattrs = xattrs;
+            Item::Dir(t)
         };
         match found {
             Found::Dir(child) => {
@@ -616,7 +630,7 @@ impl Walk {
                     .unwrap()
                     .take()
                     .expect("a directory is entered once");
-                let entered = tree.then(|| item(&child.meta));
+                let entered = tree.then(|| item(&child.meta, child.xattrs.clone()));
                 self.stack.push((child, 0));
                 return entered;
             }
@@ -632,9 +646,9 @@ impl Walk {
                     "{}: another filesystem (one-file-system): not entered",
                     keys::shown(path)
                 );
-                return tree.then(|| item(m));
+                return tree.then(|| item(m, None));
             }
-            Found::File(_) | Found::Node(_) => unreachable!("a directory slot"),
+            Found::File(..) | Found::Node(_) => unreachable!("a directory slot"),
         }
         None
     }
@@ -717,9 +731,10 @@ impl Walk {
                 Kind::File => {
                     self.stats.scanned();
                     match self.wait(&slot.found, None) {
-                        Found::File(m) => {
-                            let m = *m;
-                            if let Some(e) = self.entry(&listing, slot, path, m) {
+                        Found::File(m, x) => {
+                            let (m, x) = (*m, x.clone());
+                            if let Some(mut e) = self.entry(&listing, slot, path, m) {
+                                e.xattrs = x;
                                 return Some(match &mut self.links {
                                     Some(links) => links.item(e),
                                     None => Item::File(e),
@@ -763,6 +778,12 @@ impl Tree {
     #[cfg(test)]
     pub(super) fn calls(&self) -> (usize, usize, usize) {
         self.0.calls()
+    }
+
+    /// `listxattr`s made (`source.xattrs`).
+    #[cfg(test)]
+    pub(super) fn xattr_calls(&self) -> usize {
+        self.0.shared.calls.xattr.load(SeqCst)
     }
 
     /// First names of multiply-linked files kept, and whether the bound was reached.
@@ -815,7 +836,10 @@ impl Shared {
                     if let Some(fd) = listing.fd() {
                         for slot in &listing.slots[from..to] {
                             let found = match slot.kind {
-                                Kind::File => self.stat_file(&fd, &slot.name, false),
+                                Kind::File => {
+                                    let found = self.stat_file(&fd, &slot.name, false);
+                                    self.with_xattrs(&fd, &slot.name, found)
+                                }
                                 Kind::Symlink => self.stat_node(&fd, slot, true),
                                 Kind::Special => self.stat_node(&fd, slot, false),
                                 _ => unreachable!("only files, symlinks and specials are stat'ed"),
@@ -918,12 +942,34 @@ impl Shared {
             index,
             admitted,
         };
-        self.read_dir(place, fd, ancestry, m);
+        // Read on the handle the walk holds: no lookup of the name again.
+        let xattrs = if self.opts.xattrs {
+            self.calls.xattr.fetch_add(1, Relaxed);
+            crate::xattrs::read_fd(&fd)
+                .map_err(|e| {
+                    tracing::debug!(
+                        "{}: extended attributes not read: {e}",
+                        keys::shown(&place.rel)
+                    )
+                })
+                .ok()
+                .flatten()
+                .map(Box::new)
+        } else {
+            None
+        };
+        self.read_dir(place, fd, ancestry, (m, xattrs));
     }
 
     /// Reads the directory open at `fd` (whose `fstat` is `meta`) and, once every entry's type is
     /// known (stat'ed side by side where readdir did not say), sorts and publishes it.
-    fn read_dir(&self, place: Place, fd: OwnedFd, ancestry: Arc<Ancestry>, meta: Meta) {
+    fn read_dir(
+        &self,
+        place: Place,
+        fd: OwnedFd,
+        ancestry: Arc<Ancestry>,
+        (meta, xattrs): (Meta, Option<Box<Xattrs>>),
+    ) {
         let slots = match read_entries(&self.opts, &fd) {
             Ok(s) => s,
             Err(e) => return self.publish(&place, Found::Error(e.to_string())),
@@ -942,6 +988,7 @@ impl Shared {
             fd,
             ancestry,
             meta,
+            xattrs,
             slots,
             resolved: (0..unresolved.len()).map(|_| OnceLock::new()).collect(),
             unresolved,
@@ -1028,6 +1075,7 @@ impl Shared {
             escaped: place.escaped,
             ancestry: unsorted.ancestry.clone(),
             meta: unsorted.meta,
+            xattrs: unsorted.xattrs.clone(),
             fd: Mutex::new(fd),
             pending: AtomicUsize::new(pending),
             slots,
@@ -1209,6 +1257,25 @@ impl Shared {
         }))
     }
 
+    /// A regular file's `found` with its extended attributes, when they are asked for (tree mode,
+    /// `source.xattrs`): read through the directory's handle, the name not followed. A file whose
+    /// attributes cannot be read is recorded without them (said at debug).
+    fn with_xattrs(&self, dir: &OwnedFd, name: &OsStr, found: Found) -> Found {
+        match found {
+            Found::File(m, None) if self.opts.xattrs && m.is_file() => {
+                self.calls.xattr.fetch_add(1, Relaxed);
+                match crate::xattrs::read_at(dir, name) {
+                    Ok(x) => Found::File(m, x.map(Box::new)),
+                    Err(e) => {
+                        tracing::debug!("{}: extended attributes not read: {e}", keys::shown(name));
+                        Found::File(m, None)
+                    }
+                }
+            }
+            found => found,
+        }
+    }
+
     fn stat_file(&self, dir: &OwnedFd, name: &OsStr, follow: bool) -> Found {
         self.calls.stat.fetch_add(1, Relaxed);
         let res = match statx_cached(dir, name, follow, self.opts.tree) {
@@ -1223,7 +1290,7 @@ impl Shared {
             }
         };
         match res {
-            Ok(m) => Found::File(m),
+            Ok(m) => Found::File(m, None),
             Err(Errno::ENOENT) => Found::Vanished,
             Err(e) => Found::Error(std::io::Error::from(e).to_string()),
         }
@@ -1236,7 +1303,7 @@ impl Shared {
         let is = |m: &Meta, t: SFlag| m.mode & SFlag::S_IFMT.bits() == t.bits();
         let mut link = slot.kind == Kind::Link;
         let mut found = self.stat_file(dir, &slot.name, link);
-        if let Found::File(m) = &found {
+        if let Found::File(m, _) = &found {
             if !link && is(m, SFlag::S_IFLNK) {
                 if !opts.follow {
                     return Resolved {
@@ -1250,14 +1317,17 @@ impl Shared {
             }
         }
         let (kind, keep) = match &found {
-            Found::File(m) if m.is_dir() => (Kind::Dir, false),
-            Found::File(m) if m.is_file() => (Kind::File, true),
-            Found::File(_) => (Kind::Special, false),
+            Found::File(m, _) if m.is_dir() => (Kind::Dir, false),
+            Found::File(m, _) if m.is_file() => (Kind::File, true),
+            Found::File(..) => (Kind::Special, false),
             Found::Vanished if link => (Kind::Dangling, false),
             Found::Error(_) if link => (Kind::Broken, true),
             // Gone, or unreadable: the file's slot says so when the consumer gets there.
             _ => (Kind::File, true),
         };
+        if kind == Kind::File {
+            found = self.with_xattrs(dir, &slot.name, found);
+        }
         Resolved {
             kind,
             // A special reached through a link is stat'ed through it again in tree mode.
