@@ -293,6 +293,123 @@ fn every_night_comes_back_as_it_was_from_the_bucket_alone() {
     c.assert_no_delete();
 }
 
+/// The extended attributes `source.xattrs` records (`user.*` and the POSIX ACLs) of every path
+/// below `root` but symlinks, nothing followed.
+fn xattrs_of(root: &Path) -> BTreeMap<Vec<u8>, Vec<Attr>> {
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(root).min_depth(1).follow_links(false) {
+        let e = e.unwrap();
+        if e.path_is_symlink() {
+            continue;
+        }
+        let mut names = vec![0u8; 64 * 1024];
+        let n = rustix::fs::llistxattr(e.path(), &mut names).unwrap();
+        let mut kept = Vec::new();
+        for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            let ours = name.starts_with(b"user.")
+                || name == b"system.posix_acl_access"
+                || name == b"system.posix_acl_default";
+            if ours {
+                let mut value = vec![0u8; 64 * 1024];
+                let c = std::ffi::CString::new(name).unwrap();
+                let len = rustix::fs::lgetxattr(e.path(), c.as_c_str(), &mut value).unwrap();
+                kept.push((name.to_vec(), value[..len].to_vec()));
+            }
+        }
+        kept.sort();
+        if !kept.is_empty() {
+            let rel = e.path().strip_prefix(root).unwrap();
+            out.insert(rel.as_os_str().as_bytes().to_vec(), kept);
+        }
+    }
+    out
+}
+
+/// An attribute's name and value.
+type Attr = (Vec<u8>, Vec<u8>);
+
+/// A POSIX ACL as the kernel keeps it in `system.posix_acl_*` (version 2, then tag, permissions
+/// and id per entry, sorted by tag and id), so the test needs no `setfacl`.
+fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
+}
+
+fn set_xattr(p: &Path, name: &str, value: &[u8]) {
+    rustix::fs::lsetxattr(p, name, value, rustix::fs::XattrFlags::empty()).unwrap_or_else(|e| {
+        panic!(
+            "{name} cannot be set on {} ({e}): this test needs a filesystem that keeps user.* \
+             attributes and POSIX ACLs (ext4, tmpfs since Linux 6.6)",
+            p.display()
+        )
+    });
+}
+
+#[test]
+fn extended_attributes_and_acls_come_back_with_source_xattrs_and_are_not_read_without() {
+    const UNDEFINED: u32 = u32::MAX;
+    // `setfacl -m u:4242:r` on a 644 file, and a directory's default ACL giving 4242 r-x.
+    let access = acl(&[
+        (0x01, 6, UNDEFINED),
+        (0x02, 4, 4242),
+        (0x04, 4, UNDEFINED),
+        (0x10, 4, UNDEFINED),
+        (0x20, 4, UNDEFINED),
+    ]);
+    let default = acl(&[
+        (0x01, 7, UNDEFINED),
+        (0x02, 5, 4242),
+        (0x04, 5, UNDEFINED),
+        (0x10, 5, UNDEFINED),
+        (0x20, 5, UNDEFINED),
+    ]);
+    for (on, hint) in [(true, "xattrs-on"), (false, "xattrs-off")] {
+        let mut c = Case::on(moto_s3(), moto_s3().versioned_dest(hint));
+        c.source_extra = format!("  xattrs: {on}\n");
+        let s = &c.src;
+        let tagged = c.write("tagged.txt", b"blue");
+        set_xattr(&tagged, "user.color", b"blue");
+        let acl_file = c.write("acl.txt", b"4242 may read");
+        fs::set_permissions(&acl_file, fs::Permissions::from_mode(0o644)).unwrap();
+        set_xattr(&acl_file, "system.posix_acl_access", &access);
+        fs::create_dir(s.join("shared")).unwrap();
+        set_xattr(&s.join("shared"), "user.project", b"apollo");
+        set_xattr(&s.join("shared"), "system.posix_acl_default", &default);
+        // Created below the default ACL: it inherits an access ACL of its own.
+        c.write("shared/inherited.txt", b"x");
+        c.write("plain.txt", b"no attributes");
+        symlink("tagged.txt", s.join("link")).unwrap();
+        let tree = tree_of(s);
+        let attrs = xattrs_of(s);
+        assert_eq!(
+            attrs
+                .keys()
+                .map(|k| String::from_utf8_lossy(k))
+                .collect::<Vec<_>>(),
+            ["acl.txt", "shared", "shared/inherited.txt", "tagged.txt"],
+            "{attrs:?}"
+        );
+        let out = c.run(&["run"]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let (to, out) = c.restore_to("restored", &[]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_same(&tree, &tree_of(&to), "the tree, modes included");
+        if on {
+            assert_eq!(xattrs_of(&to), attrs, "with source.xattrs: true");
+        } else {
+            // Nothing recorded: the restored files and directories have none (a restored file
+            // below a directory with no default ACL inherits nothing either).
+            assert_eq!(xattrs_of(&to), BTreeMap::new(), "with source.xattrs: false");
+        }
+        c.assert_no_delete();
+    }
+}
+
 /// A small deterministic generator: the trees differ by seed, and a failure names its seed.
 struct Rng(u64);
 

@@ -54,6 +54,7 @@ use crate::store::sdk::{self, SetupError};
 use crate::store::{
     Download, ErrorKind, ObjectMeta, ObjectStore, StoreError, VersionMarker, META_RAW_PATH,
 };
+use crate::xattrs;
 use select::{AsOfPicker, Pick};
 use target::{Dir, PlaceError, Target};
 
@@ -1265,10 +1266,10 @@ impl<S: ObjectStore> Ctx<S> {
             }
             None => (meta, owned, None),
         };
-        let holes = job
+        let (holes, attrs) = job
             .snap
             .as_ref()
-            .map(|s| s.holes.clone())
+            .map(|s| (s.holes.clone(), s.xattrs.clone()))
             .unwrap_or_default();
         let (verdict, bytes, was_newer) = self
             .write(
@@ -1277,7 +1278,7 @@ impl<S: ObjectStore> Ctx<S> {
                 (download, slot),
                 (reference, layout),
                 (meta, newer),
-                (owned, holes),
+                (owned, holes, attrs),
             )
             .await?;
         let target = self.shown_path(&rel);
@@ -1296,7 +1297,7 @@ impl<S: ObjectStore> Ctx<S> {
         (download, slot): (Download, tokio::sync::OwnedSemaphorePermit),
         (reference, layout): (Reference, Option<crate::store::PartLayout>),
         (meta, newer): (Option<ObjectMeta>, Option<(Reference, Option<ObjectMeta>)>),
-        (owned, holes): (bool, Vec<(u64, u64)>),
+        (owned, holes, attrs): (bool, Vec<(u64, u64)>, Vec<xattrs::Attr>),
     ) -> Result<(Verdict, u64, bool), Failure> {
         let local = |what: &str, e: io::Error| Failure::Local(format!("{what}: {e}"));
         let target = self.target.clone().expect("only a dry run has no target");
@@ -1370,6 +1371,7 @@ impl<S: ObjectStore> Ctx<S> {
         drop(slot);
         let (as_root, keep_setid, overwrite) = (self.as_root, self.keep_setid, self.overwrite);
         let (place_dir, tmp_name) = (dir, tmp.name().to_owned());
+        let shown_at = self.shown_path(rel);
         let placed = blocking(move || {
             // An owner only from nightcopy's own metadata; rclone's carries none. A file the
             // restoring user makes is theirs already (and their group's, unless the directory
@@ -1383,6 +1385,10 @@ impl<S: ObjectStore> Ctx<S> {
             if let Some(z) = zeros {
                 sparse::punch(&file, z.zero_holes());
             }
+            // Before the mode: an access ACL sets the group bits (to its mask), so the chmod
+            // is then always done, and gives the recorded mode back.
+            let acl = xattrs::set(&file, &attrs, &shown_at);
+            let created = if acl { u32::MAX } else { created };
             apply_meta(&file, meta.as_ref(), owner, keep_setid, created)?;
             // On disk before it gets its real name: after a power cut the name never points
             // at a file whose data was not written yet.

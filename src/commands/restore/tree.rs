@@ -28,6 +28,7 @@ use crate::report::FileErrorKind;
 use crate::snapshot::{self, Entry, Expected, Fetched, Kind};
 use crate::sparse;
 use crate::store::{ObjectMeta, ObjectStore, StoreError};
+use crate::xattrs;
 
 /// Which snapshot the command line names.
 pub struct Choice<'a> {
@@ -66,6 +67,8 @@ pub struct SnapFile {
     pub unversioned: bool,
     /// A sparse file's holes, from its checked extents (empty: none to punch).
     pub holes: Vec<(u64, u64)>,
+    /// Extended attributes to set, checked (`xattrs::decode`).
+    pub xattrs: Vec<xattrs::Attr>,
 }
 
 /// The restore's figures, as the passes count into them.
@@ -271,6 +274,11 @@ fn job(e: &Entry, key: String, rel: PathBuf) -> FileJob {
             sha256: hex32(e.sha256.as_deref()),
             unversioned: e.version.is_none(),
             holes: holes_of(e, &rel),
+            xattrs: e
+                .xattrs
+                .as_deref()
+                .map(|x| xattrs::decode(x, &rel))
+                .unwrap_or_default(),
             rel,
         },
     }
@@ -541,7 +549,7 @@ impl Pass {
                     None => Ok(None),
                 })
                 .and_then(|f| match f {
-                    Some(f) => set_dir_meta(&f, e, self.as_root)
+                    Some(f) => set_dir_meta(&f, e, self.as_root, &self.to.join(&rel))
                         .map_err(|err| PlaceError::Io(self.to.join(&rel), err)),
                     None => Ok(()),
                 });
@@ -572,10 +580,14 @@ fn kind_name(k: Kind) -> &'static str {
     }
 }
 
-/// Owner (as root), mode, mtime, on the open directory. A directory's set-group-ID bit is kept:
-/// on a directory it only makes new files inherit its group.
-fn set_dir_meta(f: &std::fs::File, e: &Entry, as_root: bool) -> io::Result<()> {
+/// Extended attributes (ACLs among them, before the mode they touch), owner (as root), mode,
+/// mtime, on the open directory. A directory's set-group-ID bit is kept: on a directory it only
+/// makes new files inherit its group.
+fn set_dir_meta(f: &std::fs::File, e: &Entry, as_root: bool, at: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    if let Some(x) = &e.xattrs {
+        xattrs::set(f, &xattrs::decode(x, at), at);
+    }
     if as_root {
         nix::unistd::fchown(
             f,
