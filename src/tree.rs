@@ -516,7 +516,15 @@ async fn write(config: &Config, run_started: u64) -> Result<Header, SaveError> {
 }
 
 /// The extents of the files that may have holes, read at the join, and what that cost.
+/// Files that looked sparse after which, if fewer than one in a hundred had a hole, the join stops
+/// looking: a filesystem that reports no allocated blocks (some FUSE and network ones), or
+/// compresses, would otherwise cost an open and a lookup per file of the tree.
+const GIVE_UP_AFTER: u64 = 1_000;
+
 struct Sparse {
+    /// The walk's options, until the source is opened (by the first file that may have holes:
+    /// a run without one opens nothing more).
+    scan: Option<ScanOptions>,
     beneath: Option<Beneath>,
     looked: u64,
     recorded: u64,
@@ -525,19 +533,16 @@ struct Sparse {
 
 impl Sparse {
     fn open(scan: &Result<ScanOptions, crate::config::ConfigError>) -> Sparse {
-        let beneath = match scan {
-            Ok(opts) => Beneath::open(opts.clone())
-                .map_err(|e| {
-                    tracing::debug!("no extents of sparse files this run: the source: {e}");
-                })
-                .ok(),
+        let scan = match scan {
+            Ok(opts) => Some(opts.clone()),
             Err(e) => {
                 tracing::debug!("no extents of sparse files this run: {e}");
                 None
             }
         };
         Sparse {
-            beneath,
+            scan,
+            beneath: None,
             looked: 0,
             recorded: 0,
             took: std::time::Duration::ZERO,
@@ -547,8 +552,27 @@ impl Sparse {
     /// The data extents of the file `e`, when it has a hole and is still the file whose bytes
     /// its record names (same size and mtime).
     fn read(&mut self, e: &Entry) -> Option<Vec<(u64, u64)>> {
-        let beneath = self.beneath.as_ref()?;
         let started = std::time::Instant::now();
+        if let Some(opts) = self.scan.take() {
+            self.beneath = Beneath::open(opts)
+                .map_err(|e| {
+                    tracing::debug!("no extents of sparse files this run: the source: {e}");
+                })
+                .ok();
+        }
+        if self.looked >= GIVE_UP_AFTER && self.recorded * 100 < self.looked {
+            if self.beneath.take().is_some() {
+                tracing::debug!(
+                    "{} of {} files whose blocks said they may have holes had one: no more \
+                     extents are looked for this run (the source's filesystem does not report \
+                     allocated blocks, or compresses)",
+                    self.recorded,
+                    self.looked
+                );
+            }
+            return None;
+        }
+        let beneath = self.beneath.as_ref()?;
         self.looked += 1;
         let extents = extents_of(beneath, e);
         self.took += started.elapsed();
@@ -760,6 +784,12 @@ mod tests {
         let through = entry("l/img", Kind::File, m.len(), local.mtime_ns);
         assert_eq!(sparse.read(&through), None);
         assert_eq!((sparse.looked, sparse.recorded), (3, 1));
+        // Past the give-up point with too few holes found: nothing more is opened.
+        e.mtime_ns -= 1;
+        sparse.looked = GIVE_UP_AFTER;
+        assert_eq!(sparse.read(&e), None);
+        sparse.looked = 0;
+        assert_eq!(sparse.read(&e), None, "given up for the rest of the run");
     }
 
     #[test]
