@@ -792,12 +792,14 @@ class Bench:
         say(f"tree {name}: {spec['files']} files ({time.monotonic() - t0:.0f}s to make or find)")
         return root, spec
 
-    def run(self, scenario, tool, tree, bucket, endpoint=None, mount=None, limit=RUN_LIMIT):
+    def run(self, scenario, tool, tree, bucket, endpoint=None, mount=None, limit=RUN_LIMIT,
+            args=None):
         done = self.results.get(scenario, {}).get(tool, [])
         if done and (done[0]["wall"] > SLOW_SECONDS or done[0]["rc"] == "timeout"):
             return None  # one slow run says enough; it is not repeated
+        more = dict(args=args) if args else {}
         argv, env = self.tools.command(tool, tree, bucket, endpoint or self.garage.endpoint,
-                                       self.args.walk_concurrency)
+                                       self.args.walk_concurrency, **more)
         if mount:
             mount.reset()
         r = measure(argv, env, self.log, None if tool.startswith("find") else self.garage, limit)
@@ -1011,10 +1013,12 @@ class Bench:
         self.million_bucket = bucket  # the restore's million-file scenario reads it back
         # The first copy of a million files is PUT-bound (about 6 minutes here): it must finish,
         # or the nothing-changed runs after it would be finishing it.
-        self.run("first-copy-million", "nightcopy", tree, bucket, limit=LONG_LIMIT)
+        # Not quiet: the snapshot's cost is read from the run's info line.
+        loud = ("run", "--force")
+        self.run("first-copy-million", "nightcopy", tree, bucket, limit=LONG_LIMIT, args=loud)
         self.snapshot_cost("first-copy-million")
         for _ in range(self.args.reps):
-            self.run("incr-nothing-million", "nightcopy", tree, bucket)
+            self.run("incr-nothing-million", "nightcopy", tree, bucket, args=loud)
             self.snapshot_cost("incr-nothing-million")
 
     def snapshot_cost(self, scenario):

@@ -183,7 +183,7 @@ pub async fn save<S: ObjectStore>(
         store,
         Arc::new(Stats::default()),
         config.destination.prefix.as_str().to_owned(),
-        &config.transfer,
+        &crate::upload::own_objects(&config.transfer),
         stop,
     );
     let done = uploader.upload(entry, Reason::New).await;

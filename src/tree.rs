@@ -649,7 +649,7 @@ async fn upload<S: ObjectStore>(
         store,
         Arc::new(Stats::default()),
         prefix.to_owned(),
-        &config.transfer,
+        &crate::upload::own_objects(&config.transfer),
         stop,
     );
     match uploader.upload(entry, Reason::New).await? {
