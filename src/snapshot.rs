@@ -469,6 +469,19 @@ pub async fn list<S: ObjectStore>(store: &S, prefix: &str) -> Result<Vec<String>
     Ok(ids)
 }
 
+/// Starts the download of snapshot `id`: its key and the download.
+async fn get<S: ObjectStore>(
+    store: &S,
+    prefix: &str,
+    id: &str,
+) -> Result<(String, crate::store::Download), FetchError> {
+    let key = object_key(prefix, id);
+    match store.get(&key, None).await? {
+        Some(download) => Ok((key, download)),
+        None => Err(FetchError::Missing(key)),
+    }
+}
+
 /// Only the header of snapshot `id` (its first member), checked — what `nightcopy snapshots` and
 /// the choice of a snapshot by time need. Reads at most `HEADER_BYTES` of the object.
 pub async fn fetch_header<S: ObjectStore>(
@@ -477,13 +490,10 @@ pub async fn fetch_header<S: ObjectStore>(
     id: &str,
     expected: &Expected<'_>,
 ) -> Result<Header, FetchError> {
-    let key = object_key(prefix, id);
+    let (key, download) = get(store, prefix, id).await?;
     let refused = |why| FetchError::Refused {
         key: key.clone(),
         why,
-    };
-    let Some(download) = store.get(&key, None).await? else {
-        return Err(FetchError::Missing(key));
     };
     let mut head = Vec::with_capacity(HEADER_BYTES.min(download.size as usize));
     let mut body = download.body;
@@ -554,13 +564,10 @@ pub async fn fetch<S: ObjectStore>(
     id: &str,
     expected: &Expected<'_>,
 ) -> Result<Fetched, FetchError> {
-    let key = object_key(prefix, id);
+    let (key, download) = get(store, prefix, id).await?;
     let refused = |why| FetchError::Refused {
         key: key.clone(),
         why,
-    };
-    let Some(download) = store.get(&key, None).await? else {
-        return Err(FetchError::Missing(key));
     };
     if download.size > LIMITS.inflated {
         return Err(refused(Refused::TooLarge(format!(
