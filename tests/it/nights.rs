@@ -12,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::common::run::Case;
 use crate::common::s3::moto_s3;
+use crate::common::slowfs::SlowFs;
 use crate::common::wait::clock_past_second;
 use sha2::{Digest, Sha256};
 
@@ -504,4 +505,80 @@ fn random_trees_over_several_nights_each_restore_as_that_night() {
             );
         }
     }
+}
+
+#[test]
+fn a_snapshot_restored_into_a_writable_fuse_mount_is_the_tree_and_costs_no_lookup_per_file() {
+    let c = Case::on(moto_s3(), moto_s3().versioned_dest("nights-mount"));
+    let s = &c.src;
+    const DIRS: usize = 5;
+    const PER_DIR: usize = 20;
+    for d in 0..DIRS {
+        for f in 0..PER_DIR {
+            let p = c.write(
+                &format!("d{d}/f{f:02}"),
+                format!("{d}/{f}").repeat(f).as_bytes(),
+            );
+            fs::set_permissions(
+                &p,
+                fs::Permissions::from_mode(0o600 + (f as u32 % 8) * 0o10),
+            )
+            .unwrap();
+            set_mtime(&p, 1_700_000_000_000_000_000 + (d * 100 + f) as i64);
+        }
+        fs::set_permissions(s.join(format!("d{d}")), fs::Permissions::from_mode(0o750)).unwrap();
+    }
+    symlink("d0/f01", s.join("link")).unwrap();
+    fs::hard_link(s.join("d1/f01"), s.join("twin")).unwrap();
+    fs::create_dir_all(s.join("empty")).unwrap();
+    let tree = tree_of(s);
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+
+    // An empty directory served through the writable mount, every operation counted.
+    let backing = c.root.join("backing");
+    fs::create_dir_all(&backing).unwrap();
+    let mount = SlowFs::mount_rw(&backing, &c.root.join("mnt"));
+    mount.reset();
+    let to = mount.mountpoint.to_str().unwrap().to_owned();
+    let out = c.run(&["restore", "--to", &to]);
+    let ops = mount.ops();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_same(&tree, &tree_of(&backing), "restored through the mount");
+    let op = |name: &str| ops.get(name).copied().unwrap_or(0);
+    // "twin" is linked, not created.
+    let (files, dirs) = ((DIRS * PER_DIR) as u64, DIRS as u64);
+    assert_eq!(op("create"), files, "one create per file: {ops:?}");
+    assert_eq!(op("link"), 1, "{ops:?}");
+    assert_eq!(
+        op("rename"),
+        files + 1,
+        "one rename per file and the symlink: {ops:?}"
+    );
+    assert_eq!(
+        op("fsync"),
+        files,
+        "each file on disk before its name: {ops:?}"
+    );
+    // The files are the restoring user's already: no chown but the six directories' and the
+    // symlink's.
+    assert_eq!(op("chown"), dirs + 2, "{ops:?}");
+    // Created with their modes: a chmod per directory, and per file only where the umask took
+    // bits the mode has.
+    let umask = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|v| u32::from_str_radix(v.trim(), 8).unwrap())
+        .unwrap();
+    let stripped = tree
+        .values()
+        .filter(|n| matches!(n.what, What::File(_)) && n.mode & umask != 0)
+        .count() as u64;
+    assert_eq!(op("chmod"), dirs + 1 + stripped, "umask {umask:o}: {ops:?}");
+    // Each directory opened once, not once per file below it.
+    assert!(op("opendir") <= 2 * (dirs + 2), "{ops:?}");
+    // In a directory this restore made, no name is looked up before it is created: the kernel's
+    // own lookups (a create's, a rename's) are all that is left.
+    assert!(op("getattr") <= 14 * files, "{ops:?}");
 }

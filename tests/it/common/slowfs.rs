@@ -20,6 +20,16 @@ impl SlowFs {
     /// Mounts `source` at `mountpoint` (created). Fails the test, naming what is missing, when
     /// FUSE or mfusepy is not there: a test that needs the mount never silently passes without it.
     pub fn mount(source: &Path, mountpoint: &Path) -> SlowFs {
+        SlowFs::mount_with(source, mountpoint, &[])
+    }
+
+    /// The same, writable (`--rw`): what a restore into a network or FUSE filesystem writes
+    /// through, counted.
+    pub fn mount_rw(source: &Path, mountpoint: &Path) -> SlowFs {
+        SlowFs::mount_with(source, mountpoint, &["--rw"])
+    }
+
+    fn mount_with(source: &Path, mountpoint: &Path, extra: &[&str]) -> SlowFs {
         std::fs::create_dir_all(mountpoint).unwrap();
         let stats = mountpoint.with_extension("stats.json");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slowfs.py");
@@ -28,7 +38,8 @@ impl SlowFs {
             .arg(source)
             .arg(mountpoint)
             .args(["--delay-ms", "0", "--stats"])
-            .arg(&stats);
+            .arg(&stats)
+            .args(extra);
         let output = Output::default();
         let (child, first) = spawn_with_first_line(cmd, &output, "slowfs", "`ready`")
             .unwrap_or_else(|e| {
