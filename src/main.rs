@@ -144,7 +144,7 @@ enum Command {
     ///
     /// One line per path on stdout, in key order, tab-separated: the class (added, removed,
     /// changed, metadata), then the kind of an added or removed path or what differs (such as
-    /// "mode 644→600"), then the path, escaped, always last. A renamed directory is its old
+    /// the mode, with its old and new value), then the path, escaped, always last. A renamed directory is its old
     /// paths removed and its new ones added. The summary is the closing log line.
     Diff {
         #[arg(long, env = "NIGHTCOPY_CONFIG", default_value = DEFAULT_PATH)]
