@@ -100,7 +100,16 @@ unit_state_is() { [ "$(unit_prop ActiveState)" = "$1" ]; }
 # The host sees only the empty mount point: the overlay exists in the booted system's namespace.
 root_sha256() { in_root sha256sum "$1" | cut -d' ' -f1; }
 root_lacks() { in_root test ! -e "$1"; }
-journal_has() { in_root journalctl -u nightcopy.service --no-pager -o cat | grep -q "$1"; }
+# journald takes a unit's stream asynchronously: a line logged just before the unit ended may be
+# read a moment later (seen with the machine busy). Up to 5 s for it, then a failure.
+journal_has() {
+  local _
+  for _ in $(seq 20); do
+    in_root journalctl -u nightcopy.service --no-pager -o cat | grep -q "$1" && return 0
+    sleep 0.25
+  done
+  return 1
+}
 
 # --- servers on 127.0.0.1 -----------------------------------------------------------------------
 key="AKIA$(random_hex 8)"
