@@ -616,15 +616,7 @@ pub async fn restore<S: ObjectStore>(
         stats.expect(c.files, c.bytes);
     }
     let target = open_target(opts)?;
-    let concurrency = config.transfer.concurrency.0.max(1);
-    let ctx = Ctx::new(
-        opts,
-        store,
-        stats.clone(),
-        prefix,
-        target.clone(),
-        concurrency,
-    );
+    let ctx = Ctx::new(config, opts, store, stats.clone(), prefix, target.clone());
     let pass = Arc::new(tree::Pass {
         stats: stats.clone(),
         target: target.clone(),
@@ -646,7 +638,7 @@ pub async fn restore<S: ObjectStore>(
             false => p.first(&f, &tx),
             true => p.links(&f, &tx),
         });
-        let done = run_jobs(ctx.clone(), rx, concurrency, opts, &stop).await;
+        let done = run_jobs(ctx.clone(), rx, opts, &stop).await;
         let produced = producer.await.expect("the snapshot's reader panicked");
         done?;
         produced?;
@@ -708,16 +700,8 @@ async fn restore_listing<S: ObjectStore>(
     let (tx, rx) = mpsc::channel::<Result<Job, StoreError>>(JOBS_AHEAD);
     let producer = tokio::spawn(produce(pager, first, sub, manifest, stats.clone(), tx));
 
-    let concurrency = config.transfer.concurrency.0.max(1);
-    let ctx = Ctx::new(
-        opts,
-        store,
-        stats.clone(),
-        prefix,
-        target.clone(),
-        concurrency,
-    );
-    let result = run_jobs(ctx, rx, concurrency, opts, stop).await;
+    let ctx = Ctx::new(config, opts, store, stats.clone(), prefix, target.clone());
+    let result = run_jobs(ctx, rx, opts, stop).await;
     producer.abort();
     if let Some(t) = target.filter(|t| t.dirs_created() > 0) {
         stats.dirs_created.store(t.dirs_created(), Relaxed);
@@ -725,12 +709,11 @@ async fn restore_listing<S: ObjectStore>(
     result
 }
 
-/// Restores the listed objects, `concurrency` at a time, until the listing is done, a fatal
-/// error, or a stop signal.
+/// Restores the listed objects, `transfer.concurrency` at a time, until the listing is done, a
+/// fatal error, or a stop signal.
 async fn run_jobs<S: ObjectStore>(
     ctx: Arc<Ctx<S>>,
     mut rx: mpsc::Receiver<Result<Job, StoreError>>,
-    concurrency: usize,
     opts: &RestoreOptions,
     stop: &Stop,
 ) -> Result<(), RestoreError> {
@@ -753,7 +736,7 @@ async fn run_jobs<S: ObjectStore>(
                     break;
                 }
             }
-            job = rx.recv(), if !listing_done && running.len() < concurrency * FINISHING => match job {
+            job = rx.recv(), if !listing_done && running.len() < ctx.concurrency * FINISHING => match job {
                 Some(Ok(job)) => {
                     running.spawn(ctx.clone().restore_one(job));
                 }
@@ -974,17 +957,20 @@ struct Ctx<S> {
     /// rename — local calls, or round trips on a mount) overlaps the next downloads instead of
     /// holding them up.
     downloads: Arc<tokio::sync::Semaphore>,
+    /// `transfer.concurrency`: the slots above.
+    concurrency: usize,
 }
 
 impl<S> Ctx<S> {
     fn new(
+        config: &Config,
         opts: &RestoreOptions,
         store: Arc<S>,
         stats: Arc<RestoreStats>,
         prefix: String,
         target: Option<Arc<Target>>,
-        concurrency: usize,
     ) -> Arc<Ctx<S>> {
+        let concurrency = config.transfer.concurrency.0.max(1);
         Arc::new(Ctx {
             store,
             stats,
@@ -998,6 +984,7 @@ impl<S> Ctx<S> {
             thaw: opts.thaw,
             next_tmp: Arc::new(AtomicU64::new(0)),
             downloads: Arc::new(tokio::sync::Semaphore::new(concurrency)),
+            concurrency,
         })
     }
 }
