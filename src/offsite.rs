@@ -748,6 +748,7 @@ mod tests {
         Download {
             size,
             etag_md5: None,
+            etag: None,
             meta: Default::default(),
             checksum_sha256: None,
             body: Box::pin(body),

@@ -524,6 +524,9 @@ pub struct Download {
     pub checksum_sha256: Option<String>,
     /// The MD5 the ETag is, when it is one (see [`etag_md5`]).
     pub etag_md5: Option<[u8; 16]>,
+    /// The ETag as sent: a ranged GET of the rest of an unversioned object names it (If-Match),
+    /// so that every range is of the bytes this download began with.
+    pub etag: Option<String>,
     pub body: BodyStream,
 }
 
@@ -655,6 +658,18 @@ pub trait ObjectStore: Send + Sync + 'static {
         key: &str,
         version_id: Option<&str>,
     ) -> impl Future<Output = Result<Option<Download>, StoreError>> + Send;
+
+    /// Bytes `start..end` of one object (a ranged GET), of the version given or else of the
+    /// object whose ETag is `if_match`: an object replaced meanwhile is an error
+    /// (PreconditionFailed), never other bytes. The stream ends after exactly `end - start`
+    /// bytes or with an error.
+    fn get_range(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+        if_match: Option<&str>,
+        range: std::ops::Range<u64>,
+    ) -> impl Future<Output = Result<BodyStream, StoreError>> + Send;
 
     /// One page of ListObjectVersions under `prefix`, keys returned relative to it.
     fn list_versions_page(

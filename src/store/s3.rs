@@ -43,9 +43,9 @@ use bytes::Bytes;
 use std::os::fd::AsRawFd;
 
 use super::{
-    Archive, ArchiveTier, CompletedPart, Download, ErrorKind, HeadInfo, ListPage, ListedPart,
-    ObjectMeta, ObjectStore, ObjectVersion, PartLayout, PutRequest, RemoteObject, StoreError,
-    ThawRequest, ThawTier, VersionMarker, VersionPage, Versioning,
+    Archive, ArchiveTier, BodyStream, CompletedPart, Download, ErrorKind, HeadInfo, ListPage,
+    ListedPart, ObjectMeta, ObjectStore, ObjectVersion, PartLayout, PutRequest, RemoteObject,
+    StoreError, ThawRequest, ThawTier, VersionMarker, VersionPage, Versioning,
 };
 use crate::config::Destination;
 use crate::keys::shown;
@@ -187,6 +187,34 @@ impl S3Store {
             }
             None => (None, None),
         }
+    }
+
+    /// An object's body as a stream of chunks, its errors per object, named.
+    fn body_stream(&self, key: &str, body: ByteStream) -> BodyStream {
+        let what = format!("{} in {}", shown(key), self.place);
+        let body = futures::stream::unfold(Some(body), move |body| {
+            let what = what.clone();
+            async move {
+                let mut body = body?;
+                match body.next().await? {
+                    Ok(chunk) => Some((Ok(chunk), Some(body))),
+                    Err(e) => {
+                        let detail = super::sdk::explain(&e);
+                        // The SDK's response checksum check fails the body's last read. Matched on
+                        // the text: the error type lives in a crate nightcopy does not depend on.
+                        let kind = if detail.contains("checksum mismatch") {
+                            ErrorKind::ChecksumMismatch
+                        } else {
+                            ErrorKind::Other
+                        };
+                        let err =
+                            StoreError::new(kind, format!("downloading {what} failed: {detail}"));
+                        Some((Err(err), None))
+                    }
+                }
+            }
+        });
+        Box::pin(body)
     }
 
     fn error<E>(&self, op: &str, key: &str, err: SdkError<E, HttpResponse>) -> StoreError
@@ -678,29 +706,7 @@ impl ObjectStore for S3Store {
             }
             Err(e) => return Err(self.error("downloading", key, e)),
         };
-        let what = format!("{key} in {}", self.place);
-        let body = futures::stream::unfold(Some(out.body), move |body| {
-            let what = what.clone();
-            async move {
-                let mut body = body?;
-                match body.next().await? {
-                    Ok(chunk) => Some((Ok(chunk), Some(body))),
-                    Err(e) => {
-                        let detail = super::sdk::explain(&e);
-                        // The SDK's response checksum check fails the body's last read. Matched on
-                        // the text: the error type lives in a crate nightcopy does not depend on.
-                        let kind = if detail.contains("checksum mismatch") {
-                            ErrorKind::ChecksumMismatch
-                        } else {
-                            ErrorKind::Other
-                        };
-                        let err =
-                            StoreError::new(kind, format!("downloading {what} failed: {detail}"));
-                        Some((Err(err), None))
-                    }
-                }
-            }
-        });
+        let body = self.body_stream(key, out.body);
         Ok(Some(Download {
             size: out.content_length.unwrap_or(0).max(0) as u64,
             etag_md5: super::etag_md5(
@@ -712,8 +718,49 @@ impl ObjectStore for S3Store {
             ),
             meta: out.metadata.unwrap_or_default(),
             checksum_sha256: out.checksum_sha256,
-            body: Box::pin(body),
+            etag: out.e_tag,
+            body,
         }))
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+        if_match: Option<&str>,
+        range: std::ops::Range<u64>,
+    ) -> Result<BodyStream, StoreError> {
+        let (start, len) = (range.start, range.end.saturating_sub(range.start));
+        if len == 0 {
+            return Ok(Box::pin(futures::stream::empty()));
+        }
+        let last = range.end - 1;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_version_id(version_id.map(str::to_owned))
+            .set_if_match(if_match.map(str::to_owned))
+            .range(format!("bytes={start}-{last}"))
+            .send()
+            .await
+            .map_err(|e| self.error("downloading", key, e))?;
+        // A server that ignores Range answers with the whole object: those are not the bytes
+        // asked for, whatever they are.
+        let expected = format!("bytes {start}-{last}/");
+        let answered = out.content_range.as_deref().unwrap_or("");
+        if !answered.starts_with(&expected) || out.content_length != Some(len as i64) {
+            return Err(StoreError::per_object(format!(
+                "downloading bytes {start}-{last} of {} in {}: the answer was not that range \
+                 (Content-Range {}, {} bytes)",
+                shown(key),
+                self.place,
+                shown(answered),
+                out.content_length.unwrap_or(-1)
+            )));
+        }
+        Ok(self.body_stream(key, out.body))
     }
 
     async fn list_versions_page(

@@ -211,7 +211,9 @@ fn a_mixed_tree_round_trips_byte_for_byte_and_metadata_for_metadata() {
         ["GetObject", "ListObjectsV2"],
         "{delta:?}"
     );
-    assert_eq!(delta["GetObject"], want.len());
+    // big.bin (13 MiB, over twice the 5 MiB part size) comes down as its first GET and two
+    // ranged ones.
+    assert_eq!(delta["GetObject"], want.len() + 2);
     c.assert_no_delete();
 }
 
@@ -718,4 +720,85 @@ fn without_a_manifest_objects_are_checked_against_their_own_and_composite_checks
         assert_eq!(store.count(op), 0, "{op:?}");
     }
     assert!(temp_files(&to).is_empty());
+}
+
+#[test]
+fn a_large_file_comes_down_in_ranges_side_by_side_every_byte_checked() {
+    let mut c = Case::new("restore-ranges");
+    c.transfer_extra = "  concurrency: 4\n".into();
+    // Past twice the part size (5 MiB in the tests' config): the first GET brings 5 MiB,
+    // ranged GETs the rest.
+    let big = pseudo_random(23 * 1024 * 1024 + 1, 31);
+    let damaged = pseudo_random(12 * 1024 * 1024, 32);
+    c.write("big.bin", &big);
+    c.write("damaged.bin", &damaged);
+    set_mtime_ns(&c.src.join("big.bin"), 1_600_000_000_123_456_789);
+    let out = c.run(&["run"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    // One byte in the last range: only read-back hashing of the ranges sees it.
+    let key = c.key("damaged.bin");
+    let mut bytes = s3().get(&c.dest, &key).body;
+    bytes[11 * 1024 * 1024] ^= 1;
+    let original = s3().get(&c.dest, &key);
+    let client = s3().direct_client();
+    s3().block_on(async {
+        client
+            .put_object()
+            .bucket(&c.dest.bucket)
+            .key(&key)
+            .set_metadata(Some(original.metadata.clone().into_iter().collect()))
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .expect("overwrite the object");
+    });
+
+    let before = c.server.requests(&c.dest).len();
+    let (to, out) = c.restore_into("restored");
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert_eq!(figure(&out, "files restored"), 1, "{}", out.stderr);
+    assert_eq!(figure(&out, "errors"), 1, "{}", out.stderr);
+    assert!(fs::read(to.join("big.bin")).unwrap() == big);
+    let meta = fs::metadata(to.join("big.bin")).unwrap();
+    assert_eq!(
+        meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        1_600_000_000_123_456_789
+    );
+    assert!(!to.join("damaged.bin").exists());
+    assert!(
+        out.stderr.contains(&format!("{key}: not restored")),
+        "{}",
+        out.stderr
+    );
+    assert!(temp_files(&to).is_empty(), "{:?}", temp_files(&to));
+
+    let requests = c.server.requests(&c.dest);
+    let big_key = c.key("big.bin");
+    let gets: Vec<_> = requests[before..]
+        .iter()
+        .filter(|r| r.op == Op::GetObject && r.key == big_key)
+        .collect();
+    let ranged: Vec<_> = gets
+        .iter()
+        .filter(|r| r.header("range").is_some())
+        .collect();
+    // 18 MiB + 1 byte after the first 5 MiB: ranges of 5, 5, 5 and 3 MiB + 1.
+    assert_eq!((gets.len(), ranged.len()), (5, 4), "{gets:#?}");
+    let mut asked: Vec<_> = ranged.iter().map(|r| r.header("range").unwrap()).collect();
+    asked.sort();
+    let mib = 1024 * 1024;
+    let want: Vec<String> = (1..5)
+        .map(|i| {
+            let end = ((i + 1) * 5 * mib).min(23 * mib + 1) - 1;
+            format!("bytes={}-{end}", i * 5 * mib)
+        })
+        .collect();
+    let mut want: Vec<&str> = want.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(asked, want);
+    // Unversioned: every range names the bytes the first GET began (If-Match its ETag).
+    assert!(
+        ranged.iter().all(|r| r.header("if-match").is_some()),
+        "{ranged:#?}"
+    );
 }

@@ -2,7 +2,8 @@
 //! its rules are the backup's rules turned around:
 //!
 //! - every object under the prefix (or `--path`) is downloaded into `--to`, each as a stream into
-//!   a temp file beside its final name, hashed on the way, checked (see `check`), given its mtime,
+//!   a temp file beside its final name (a large one as ranges side by side, `ranges`), hashed on
+//!   the way, checked (see `check`), given its mtime,
 //!   mode and — as root — owner, flushed to disk, and only then renamed into place: a crash or a
 //!   corrupt object never leaves a half or wrong file under a real name;
 //! - an existing file is never replaced without `--overwrite` (the rename itself refuses, so a file
@@ -16,8 +17,10 @@
 //!   thawed with `--thaw` (`thaw`): the restore then ends with exit 5, to be run again later.
 //!
 //! Memory stays flat: the listing is read page by page, the manifest is merged in key order, and
-//! at most `transfer.concurrency` downloads are in flight, each with one write buffer.
+//! at most `transfer.concurrency` downloads (or ranges of one) are in flight, each with one write
+//! buffer.
 
+mod ranges;
 pub mod select;
 mod target;
 mod thaw;
@@ -55,6 +58,7 @@ use crate::store::{
     Download, ErrorKind, ObjectMeta, ObjectStore, StoreError, VersionMarker, META_RAW_PATH,
 };
 use crate::xattrs;
+use ranges::Sink as _;
 use select::{AsOfPicker, Pick};
 use target::{Dir, PlaceError, Target};
 
@@ -959,6 +963,9 @@ struct Ctx<S> {
     downloads: Arc<tokio::sync::Semaphore>,
     /// `transfer.concurrency`: the slots above.
     concurrency: usize,
+    /// `transfer.part-size`: an object over twice this comes down in ranges of it, side by side
+    /// (`ranges`), aligned with the parts nightcopy uploaded it in.
+    range: u64,
 }
 
 impl<S> Ctx<S> {
@@ -985,6 +992,7 @@ impl<S> Ctx<S> {
             next_tmp: Arc::new(AtomicU64::new(0)),
             downloads: Arc::new(tokio::sync::Semaphore::new(concurrency)),
             concurrency,
+            range: config.transfer.part_size.0.max(1),
         })
     }
 }
@@ -1262,7 +1270,7 @@ impl<S: ObjectStore> Ctx<S> {
             .write(
                 &rel,
                 full_key,
-                (download, slot),
+                (download, version, slot),
                 (reference, layout),
                 (meta, newer),
                 (owned, holes, attrs),
@@ -1281,7 +1289,7 @@ impl<S: ObjectStore> Ctx<S> {
         &self,
         rel: &Path,
         full_key: &str,
-        (download, slot): (Download, tokio::sync::OwnedSemaphorePermit),
+        (download, version, slot): (Download, Option<&str>, tokio::sync::OwnedSemaphorePermit),
         (reference, layout): (Reference, Option<crate::store::PartLayout>),
         (meta, newer): (Option<ObjectMeta>, Option<(Reference, Option<ObjectMeta>)>),
         (owned, holes, attrs): (bool, Vec<(u64, u64)>, Vec<xattrs::Attr>),
@@ -1307,23 +1315,63 @@ impl<S: ObjectStore> Ctx<S> {
         let mut out =
             tokio::io::BufWriter::with_capacity(WRITE_BUF, tokio::fs::File::from_std(file));
         let md5 = reference.md5.is_some() || newer.as_ref().is_some_and(|n| n.0.md5.is_some());
-        let mut hasher = StreamHasher::new(download.size, layout).with_md5(md5);
+        let hasher = StreamHasher::new(download.size, layout).with_md5(md5);
         // The holes to punch once the bytes are checked: only where they came as zeros, so
         // that no recorded extent, however wrong, changes what the file reads.
-        let mut zeros = (!holes.is_empty()).then(|| ZeroCheck::new(holes));
+        let zeros = (!holes.is_empty()).then(|| ZeroCheck::new(holes));
+        let mut checking = Checking { hasher, zeros };
+        // A large object: this GET gives its first range (and the headers every check needs),
+        // ranged GETs the rest.
+        let size = download.size;
+        let pin = match version {
+            Some(v) => Some(ranges::Pin::Version(v.to_owned())),
+            None => download.etag.clone().map(ranges::Pin::ETag),
+        };
+        let ranged = pin.filter(|_| size > 2 * self.range);
+        let first = if ranged.is_some() {
+            self.range
+        } else {
+            u64::MAX
+        };
+        let mut written = 0u64;
         let mut body = download.body;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
-            hasher.update(&chunk);
-            if let Some(z) = zeros.as_mut() {
-                z.update(&chunk);
+        while written < first {
+            let Some(chunk) = body.next().await else {
+                break;
+            };
+            let mut chunk = chunk?;
+            if (chunk.len() as u64) > first - written {
+                chunk.truncate((first - written) as usize);
             }
+            written += chunk.len() as u64;
+            checking.update(&chunk);
             out.write_all(&chunk)
                 .await
                 .map_err(|e| local("cannot write", e))?;
         }
+        // The rest of the first GET's body is not read: its connection is closed, not reused.
+        drop(body);
         out.flush().await.map_err(|e| local("cannot write", e))?;
-        let file = out.into_inner().into_std().await;
+        let file = Arc::new(out.into_inner().into_std().await);
+        let mut slot = Some(slot);
+        if let (Some(pin), true) = (ranged, written == first) {
+            let rest = ranges::Rest {
+                store: self.store.clone(),
+                key: full_key.to_owned(),
+                pin,
+                from: first,
+                size,
+                range: self.range,
+            };
+            let (own, slots) = (slot.take().expect("held"), self.downloads.clone());
+            checking = ranges::fetch(rest, file.clone(), own, slots, checking)
+                .await
+                .map_err(|e| match e {
+                    ranges::RangeError::Store(e) => Failure::from(e),
+                    ranges::RangeError::Local(why) => Failure::Local(why),
+                })?;
+        }
+        let Checking { hasher, zeros } = checking;
         let digests = hasher.finish();
         if digests.bytes != download.size {
             return Err(Failure::Download(StoreError::per_object(format!(
@@ -1395,6 +1443,21 @@ impl<S: ObjectStore> Ctx<S> {
                 Err(Failure::Counted)
             }
             Err(e) => Err(local("cannot finish the file", e)),
+        }
+    }
+}
+
+/// What every downloaded byte goes through, in order.
+struct Checking {
+    hasher: StreamHasher,
+    zeros: Option<ZeroCheck>,
+}
+
+impl ranges::Sink for Checking {
+    fn update(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        if let Some(z) = self.zeros.as_mut() {
+            z.update(bytes);
         }
     }
 }

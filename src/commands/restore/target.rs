@@ -254,8 +254,10 @@ impl Dir {
     /// bits `mode` (the file's own, set-id aside: a temp name nobody knows beforehand, holding
     /// bytes the final file shows to the same readers).
     pub fn create_new(&self, name: &OsStr, mode: u32) -> io::Result<File> {
+        // Read too: a large file's ranges are hashed as the file holds them (`ranges`). The
+        // creating open has the access it asks for whatever `mode` says.
         let flags =
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         let fd = openat(
             self.fd.as_fd(),
             name,
