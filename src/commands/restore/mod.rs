@@ -64,6 +64,9 @@ use target::{Dir, PlaceError, Target};
 
 /// Per download: bytes gathered before a write to the temp file.
 const WRITE_BUF: usize = 256 * 1024;
+/// A file of at most this many bytes is checked in memory before it is written (`Ctx::write`):
+/// at most `FINISHING` × `transfer.concurrency` of them are in hand (8 MiB at 16).
+const IN_MEMORY: u64 = 128 * 1024;
 /// Files in hand per download slot: the one downloading, and those being made durable and named
 /// (`Ctx::downloads`). Each holds a file handle and a little memory, never a write buffer.
 const FINISHING: usize = 4;
@@ -1298,22 +1301,35 @@ impl<S: ObjectStore> Ctx<S> {
         let target = self.target.clone().expect("only a dry run has no target");
         let name = rel.file_name().expect("a target has a name").to_owned();
         let tmp = TempFile::new(select::temp_name(self.next_tmp.fetch_add(1, Relaxed)));
-        let (rel_owned, state) = (rel.to_owned(), tmp.state.clone());
         // Created with its final permission bits (set-id aside): one chmod less per file, a
         // round trip on a network or FUSE mount.
         let created = final_mode(meta.as_ref(), false) & 0o777;
-        let (dir, file) = blocking(move || {
-            let dir = target
-                .parent_of(&rel_owned, true)
-                .map_err(io::Error::other)?
-                .expect("created");
-            TempFile::create(&state, &dir, created).map(|file| (dir, file))
-        })
-        .await
-        .map_err(|e| local("cannot create the file", e))?;
-
-        let mut out =
-            tokio::io::BufWriter::with_capacity(WRITE_BUF, tokio::fs::File::from_std(file));
+        let make = {
+            let (rel, state) = (rel.to_owned(), tmp.state.clone());
+            move || -> io::Result<(Dir, File)> {
+                let dir = target
+                    .parent_of(&rel, true)
+                    .map_err(io::Error::other)?
+                    .expect("created");
+                TempFile::create(&state, &dir, created).map(|file| (dir, file))
+            }
+        };
+        // A small file stays in memory until its bytes are checked: its download slot is then
+        // held for the GET alone, and making the file (create, write, metadata, fsync, rename,
+        // each a round trip on a mount) is one hand-over to a blocking thread after it.
+        let in_memory = download.size <= IN_MEMORY;
+        let mut held = Vec::new();
+        let (mut made, mut out) = (None, None);
+        if !in_memory {
+            let (dir, file) = blocking(make.clone())
+                .await
+                .map_err(|e| local("cannot create the file", e))?;
+            made = Some(dir);
+            out = Some(tokio::io::BufWriter::with_capacity(
+                WRITE_BUF,
+                tokio::fs::File::from_std(file),
+            ));
+        }
         let md5 = reference.md5.is_some() || newer.as_ref().is_some_and(|n| n.0.md5.is_some());
         let hasher = StreamHasher::new(download.size, layout).with_md5(md5);
         // The holes to punch once the bytes are checked: only where they came as zeros, so
@@ -1327,7 +1343,7 @@ impl<S: ObjectStore> Ctx<S> {
             Some(v) => Some(ranges::Pin::Version(v.to_owned())),
             None => download.etag.clone().map(ranges::Pin::ETag),
         };
-        let ranged = pin.filter(|_| size > 2 * self.range);
+        let ranged = pin.filter(|_| size > 2 * self.range && !in_memory);
         let first = if ranged.is_some() {
             self.range
         } else {
@@ -1345,14 +1361,25 @@ impl<S: ObjectStore> Ctx<S> {
             }
             written += chunk.len() as u64;
             checking.update(&chunk);
-            out.write_all(&chunk)
-                .await
-                .map_err(|e| local("cannot write", e))?;
+            match out.as_mut() {
+                Some(out) => out
+                    .write_all(&chunk)
+                    .await
+                    .map_err(|e| local("cannot write", e))?,
+                // Never more than the size the answer gave, whatever the body goes on with.
+                None if written > size => break,
+                None => held.extend_from_slice(&chunk),
+            }
         }
         // The rest of the first GET's body is not read: its connection is closed, not reused.
         drop(body);
-        out.flush().await.map_err(|e| local("cannot write", e))?;
-        let file = Arc::new(out.into_inner().into_std().await);
+        let file = match out {
+            Some(mut out) => {
+                out.flush().await.map_err(|e| local("cannot write", e))?;
+                Some(Arc::new(out.into_inner().into_std().await))
+            }
+            None => None,
+        };
         let mut slot = Some(slot);
         if let (Some(pin), true) = (ranged, written == first) {
             let rest = ranges::Rest {
@@ -1364,7 +1391,8 @@ impl<S: ObjectStore> Ctx<S> {
                 range: self.range,
             };
             let (own, slots) = (slot.take().expect("held"), self.downloads.clone());
-            checking = ranges::fetch(rest, file.clone(), own, slots, checking)
+            let file = file.clone().expect("not in memory");
+            checking = ranges::fetch(rest, file, own, slots, checking)
                 .await
                 .map_err(|e| match e {
                     ranges::RangeError::Store(e) => Failure::from(e),
@@ -1405,9 +1433,17 @@ impl<S: ObjectStore> Ctx<S> {
 
         drop(slot);
         let (as_root, keep_setid, overwrite) = (self.as_root, self.keep_setid, self.overwrite);
-        let (place_dir, tmp_name) = (dir, tmp.name().to_owned());
+        let tmp_name = tmp.name().to_owned();
         let shown_at = self.shown_path(rel);
-        let placed = blocking(move || {
+        let placed = tokio::task::spawn_blocking(move || -> Result<(), Finish> {
+            let (place_dir, file) = match (made, file) {
+                (Some(dir), Some(file)) => (dir, file),
+                _ => {
+                    let (dir, mut file) = make().map_err(Finish::Create)?;
+                    io::Write::write_all(&mut file, &held).map_err(Finish::Write)?;
+                    (dir, Arc::new(file))
+                }
+            };
             // An owner only from nightcopy's own metadata; rclone's carries none. A file the
             // restoring user makes is theirs already (and their group's, unless the directory
             // is set-group-ID): no chown, one round trip less.
@@ -1424,27 +1460,44 @@ impl<S: ObjectStore> Ctx<S> {
             // is then always done, and gives the recorded mode back.
             let acl = xattrs::set(&file, &attrs, &shown_at);
             let created = if acl { u32::MAX } else { created };
-            apply_meta(&file, meta.as_ref(), owner, keep_setid, created)?;
+            apply_meta(&file, meta.as_ref(), owner, keep_setid, created).map_err(Finish::Place)?;
             // On disk before it gets its real name: after a power cut the name never points
             // at a file whose data was not written yet.
-            file.sync_data()?;
+            file.sync_data().map_err(Finish::Place)?;
             drop(file);
-            place_dir.place(&tmp_name, &name, overwrite)
+            place_dir
+                .place(&tmp_name, &name, overwrite)
+                .map_err(Finish::Place)
         })
-        .await;
+        .await
+        .unwrap_or_else(|e| {
+            Err(Finish::Place(io::Error::other(format!(
+                "file task failed: {e}"
+            ))))
+        });
         match placed {
             Ok(()) => {
                 tmp.disarm();
                 Ok((verdict, digests.bytes, was_newer))
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            Err(Finish::Place(e)) if e.kind() == io::ErrorKind::AlreadyExists => {
                 self.stats
                     .existing(&self.shown_path(rel), full_key, digests.bytes, false);
                 Err(Failure::Counted)
             }
-            Err(e) => Err(local("cannot finish the file", e)),
+            Err(Finish::Create(e)) => Err(local("cannot create the file", e)),
+            Err(Finish::Write(e)) => Err(local("cannot write", e)),
+            Err(Finish::Place(e)) => Err(local("cannot finish the file", e)),
         }
     }
+}
+
+/// Where making a file on disk failed: a name already taken is an existing file only when the
+/// final rename finds it.
+enum Finish {
+    Create(io::Error),
+    Write(io::Error),
+    Place(io::Error),
 }
 
 /// What every downloaded byte goes through, in order.
