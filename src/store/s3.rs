@@ -750,6 +750,19 @@ impl ObjectStore for S3Store {
         // asked for, whatever they are.
         let expected = format!("bytes {start}-{last}/");
         let answered = out.content_range.as_deref().unwrap_or("");
+        // And they are of the object asked for: a server that ignores If-Match (or a version)
+        // says so in the ETag (or version) of what it sent.
+        let other_object = if_match.is_some_and(|e| out.e_tag.as_deref() != Some(e))
+            || version_id.is_some_and(|v| out.version_id.as_deref().is_some_and(|got| got != v));
+        if other_object {
+            return Err(StoreError::per_object(format!(
+                "downloading bytes {start}-{last} of {} in {}: the object changed since its \
+                 download began (ETag {})",
+                shown(key),
+                self.place,
+                shown(out.e_tag.as_deref().unwrap_or("none"))
+            )));
+        }
         if !answered.starts_with(&expected) || out.content_length != Some(len as i64) {
             return Err(StoreError::per_object(format!(
                 "downloading bytes {start}-{last} of {} in {}: the answer was not that range \

@@ -70,8 +70,10 @@ const IN_MEMORY: u64 = 64 * 1024;
 /// (`Ctx::downloads`). Into a mount where every create, write, utime, fsync and rename is a round
 /// trip, these are what keeps its daemon busy: into the bench's 1 ms mount (5,000 files, 16
 /// slots) 4 took 32.0 s, 8 took 24.1 s, 16 took 18.7 s. Each holds a file handle and at most
-/// `IN_MEMORY` bytes: 16 MiB at 16 slots.
+/// `IN_MEMORY` bytes, and no more than `MAX_IN_HAND` in all (or two per slot): file handles,
+/// blocking threads and memory stay bounded at any concurrency (16 MiB of small files at most).
 const FINISHING: usize = 16;
+const MAX_IN_HAND: usize = 256;
 /// Listed objects queued ahead of the downloads.
 const JOBS_AHEAD: usize = 1024;
 
@@ -729,6 +731,9 @@ async fn run_jobs<S: ObjectStore>(
     let stop = stop.clone().signalled();
     tokio::pin!(stop);
     let mut running: JoinSet<Result<(), StoreError>> = JoinSet::new();
+    let in_hand = (ctx.concurrency * FINISHING)
+        .min(MAX_IN_HAND)
+        .max(ctx.concurrency * 2);
     let mut listing_done = false;
     let mut fatal: Option<RestoreError> = None;
     // `stop` never ends by itself, so the loop ends explicitly when the work is done.
@@ -745,7 +750,7 @@ async fn run_jobs<S: ObjectStore>(
                     break;
                 }
             }
-            job = rx.recv(), if !listing_done && running.len() < ctx.concurrency * FINISHING => match job {
+            job = rx.recv(), if !listing_done && running.len() < in_hand => match job {
                 Some(Ok(job)) => {
                     running.spawn(ctx.clone().restore_one(job));
                 }

@@ -118,17 +118,17 @@ pub async fn fetch<S: ObjectStore, K: Sink>(
     });
     // Dropped on an error: the streams still running are aborted with it.
     let mut streams = JoinSet::new();
-    streams.spawn(stream(shared.clone(), slot));
+    streams.spawn(stream(shared.clone(), slot, true));
     let mut running = 1;
     let mut arrived = BTreeSet::new();
     let mut sink = Some((sink, vec![0; BUF]));
     let mut hashed = 0;
     while hashed < count {
-        while running < MAX_STREAMS && shared.next.load(Relaxed) + (running as u64) < count {
+        while running < MAX_STREAMS && shared.unclaimed(hashed) > running as u64 {
             let Ok(more) = slots.clone().try_acquire_owned() else {
                 break;
             };
-            streams.spawn(stream(shared.clone(), more));
+            streams.spawn(stream(shared.clone(), more, false));
             running += 1;
         }
         match inbox.recv().await.expect("a sender is held here") {
@@ -164,18 +164,73 @@ pub async fn fetch<S: ObjectStore, K: Sink>(
     Ok(sink.expect("put back after each range").0)
 }
 
-/// One stream: claims ranges in order until none is left, on its own download slot.
-async fn stream<S: ObjectStore>(shared: Arc<Shared<S>>, slot: OwnedSemaphorePermit) {
+impl<S> Shared<S> {
+    /// Ranges no stream has claimed yet that are within the window of `hashed`.
+    fn unclaimed(&self, hashed: u64) -> u64 {
+        let end = (hashed + WINDOW).min(self.rest.count());
+        end.saturating_sub(self.next.load(Relaxed))
+    }
+
+    /// The next range within the window, or `None` when there is none: a stream on a slot of
+    /// its own never waits for the hash to catch up while holding it (another file may want
+    /// it); the coordinator starts one again when there is work.
+    fn claim_within(&self, hashed: u64) -> Option<u64> {
+        let end = (hashed + WINDOW).min(self.rest.count());
+        let mut next = self.next.load(Relaxed);
+        loop {
+            if next >= end {
+                return None;
+            }
+            match self
+                .next
+                .compare_exchange_weak(next, next + 1, Relaxed, Relaxed)
+            {
+                Ok(_) => return Some(next),
+                Err(now) => next = now,
+            }
+        }
+    }
+}
+
+/// Tells the coordinator a stream has ended, however it ended: a stream that stopped without
+/// reporting its range (a panic) fails the file, rather than leave it waiting for that range.
+struct Leaving<'a> {
+    reports: &'a mpsc::UnboundedSender<Report>,
+    clean: bool,
+}
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        if !self.clean {
+            let why = "a range's download ended without a result".to_owned();
+            let _ = self.reports.send(Report::Failed(RangeError::Local(why)));
+        }
+        let _ = self.reports.send(Report::Left);
+    }
+}
+
+/// One stream: claims ranges in order until none is left, on one download slot. The file's own
+/// stream (`own`) waits for the hash to come within reach of its next range; another ends.
+async fn stream<S: ObjectStore>(shared: Arc<Shared<S>>, slot: OwnedSemaphorePermit, own: bool) {
     let count = shared.rest.count();
     let mut hashed = shared.hashed.subscribe();
+    let mut leaving = Leaving {
+        reports: &shared.reports,
+        clean: false,
+    };
     loop {
-        let index = shared.next.fetch_add(1, Relaxed);
-        if index >= count {
-            break;
-        }
-        if hashed.wait_for(|&h| index < h + WINDOW).await.is_err() {
-            break;
-        }
+        let index = if own {
+            let index = shared.next.fetch_add(1, Relaxed);
+            if index >= count || hashed.wait_for(|&h| index < h + WINDOW).await.is_err() {
+                break;
+            }
+            index
+        } else {
+            match shared.claim_within(*hashed.borrow()) {
+                Some(index) => index,
+                None => break,
+            }
+        };
         match fetch_range(&shared, index).await {
             Ok(()) => {
                 let _ = shared.reports.send(Report::Done(index));
@@ -187,7 +242,7 @@ async fn stream<S: ObjectStore>(shared: Arc<Shared<S>>, slot: OwnedSemaphorePerm
         }
     }
     drop(slot);
-    let _ = shared.reports.send(Report::Left);
+    leaving.clean = true;
 }
 
 async fn fetch_range<S: ObjectStore>(shared: &Shared<S>, index: u64) -> Result<(), RangeError> {
@@ -353,6 +408,27 @@ mod tests {
                 (len as u64 - 100).div_ceil(1000)
             );
         }
+    }
+
+    #[test]
+    fn a_stream_that_ends_without_a_result_fails_the_file_instead_of_leaving_it_waiting() {
+        let (reports, mut inbox) = mpsc::unbounded_channel();
+        // As a panic in the middle of a range would leave it.
+        drop(Leaving {
+            reports: &reports,
+            clean: false,
+        });
+        assert!(matches!(
+            inbox.try_recv(),
+            Ok(Report::Failed(RangeError::Local(_)))
+        ));
+        assert!(matches!(inbox.try_recv(), Ok(Report::Left)));
+        drop(Leaving {
+            reports: &reports,
+            clean: true,
+        });
+        assert!(matches!(inbox.try_recv(), Ok(Report::Left)));
+        assert!(inbox.try_recv().is_err());
     }
 
     #[test]

@@ -273,6 +273,9 @@ pub enum FaultKind {
     /// An S3 error answer with this status and code, for what the local server does not enforce
     /// (a policy that denies, a wrong region, a skewed clock).
     Refuse { status: u16, code: &'static str },
+    /// A ranged GET answered with another ETag than the object's: what a server that ignores
+    /// If-Match sends once the object was replaced. Other requests pass untouched.
+    OtherETag,
 }
 
 /// Which requests of a bucket to fault: a share of them (0.0–1.0, deterministic from `seed`),
@@ -490,6 +493,17 @@ async fn handle(
         Some(FaultKind::Stall) => {
             tokio::time::sleep(stall.unwrap_or_default()).await;
             forward(&state, req).await
+        }
+        Some(FaultKind::OtherETag) => {
+            let ranged = req.headers().contains_key(hyper::header::RANGE);
+            let mut response = forward(&state, req).await;
+            if ranged {
+                response.headers_mut().insert(
+                    hyper::header::ETAG,
+                    "\"0123456789abcdef0123456789abcdef\"".parse().unwrap(),
+                );
+            }
+            response
         }
         Some(FaultKind::Reset) => {
             // The request reaches the server; its answer is cut off after the headers.
