@@ -220,6 +220,27 @@ impl MemoryStore {
         self.thaws.lock().unwrap().clone()
     }
 
+    /// The object, or one version of it where versions are kept.
+    fn version_of(&self, key: &str, version_id: Option<&str>) -> Option<Object> {
+        match (&self.versions, version_id) {
+            (Some(versions), Some(v)) => versions
+                .lock()
+                .unwrap()
+                .get(&(key.to_owned(), v.to_owned()))
+                .cloned(),
+            _ => self.object(key),
+        }
+    }
+
+    /// A body as the store streams it, in chunks of `chunk` bytes.
+    fn chunked(&self, body: Bytes) -> BodyStream {
+        let chunks: Vec<Result<Bytes, StoreError>> = (0..body.len())
+            .step_by(self.chunk)
+            .map(|at| Ok(body.slice(at..(at + self.chunk).min(body.len()))))
+            .collect();
+        Box::pin(futures::stream::iter(chunks))
+    }
+
     fn readable(&self, key: &str) -> bool {
         self.frozen
             .lock()
@@ -463,14 +484,7 @@ impl ObjectStore for MemoryStore {
     ) -> Result<Option<HeadInfo>, StoreError> {
         self.called(Op::Head);
         let frozen = self.frozen.lock().unwrap().get(key).copied();
-        let object = match (&self.versions, version_id) {
-            (Some(versions), Some(v)) => versions
-                .lock()
-                .unwrap()
-                .get(&(key.to_owned(), v.to_owned()))
-                .cloned(),
-            _ => self.object(key),
-        };
+        let object = self.version_of(key, version_id);
         Ok(object.map(|o| HeadInfo {
             size: o.body.len() as u64,
             etag_md5: None,
@@ -510,27 +524,14 @@ impl ObjectStore for MemoryStore {
                 ),
             ));
         }
-        let object = match (&self.versions, version_id) {
-            (Some(versions), Some(v)) => versions
-                .lock()
-                .unwrap()
-                .get(&(key.to_owned(), v.to_owned()))
-                .cloned(),
-            _ => self.object(key),
-        };
-        Ok(object.map(|o| {
-            let chunks: Vec<Result<Bytes, StoreError>> = (0..o.body.len())
-                .step_by(self.chunk)
-                .map(|at| Ok(o.body.slice(at..(at + self.chunk).min(o.body.len()))))
-                .collect();
-            Download {
-                size: o.body.len() as u64,
-                etag_md5: None,
-                etag: Some(o.etag()),
-                meta: o.meta,
-                checksum_sha256: o.checksum,
-                body: Box::pin(futures::stream::iter(chunks)),
-            }
+        let object = self.version_of(key, version_id);
+        Ok(object.map(|o| Download {
+            size: o.body.len() as u64,
+            etag_md5: None,
+            etag: Some(o.etag()),
+            meta: o.meta,
+            checksum_sha256: o.checksum,
+            body: self.chunked(o.body),
         }))
     }
 
@@ -542,14 +543,7 @@ impl ObjectStore for MemoryStore {
         range: std::ops::Range<u64>,
     ) -> Result<BodyStream, StoreError> {
         self.called(Op::GetRange);
-        let object = match (&self.versions, version_id) {
-            (Some(versions), Some(v)) => versions
-                .lock()
-                .unwrap()
-                .get(&(key.to_owned(), v.to_owned()))
-                .cloned(),
-            _ => self.object(key),
-        };
+        let object = self.version_of(key, version_id);
         let Some(o) = object else {
             return Err(StoreError::per_object(format!(
                 "downloading {key} failed: NoSuchKey"
@@ -562,12 +556,7 @@ impl ObjectStore for MemoryStore {
         }
         let end = range.end.min(o.body.len() as u64) as usize;
         let start = (range.start as usize).min(end);
-        let body = o.body.slice(start..end);
-        let chunks: Vec<Result<Bytes, StoreError>> = (0..body.len())
-            .step_by(self.chunk)
-            .map(|at| Ok(body.slice(at..(at + self.chunk).min(body.len()))))
-            .collect();
-        Ok(Box::pin(futures::stream::iter(chunks)))
+        Ok(self.chunked(o.body.slice(start..end)))
     }
 
     async fn list_versions_page(

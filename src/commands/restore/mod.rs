@@ -1326,16 +1326,13 @@ impl<S: ObjectStore> Ctx<S> {
         // each a round trip on a mount) is one hand-over to a blocking thread after it.
         let in_memory = download.size <= IN_MEMORY;
         let mut held = Vec::new();
-        let (mut made, mut out) = (None, None);
+        let mut out = None;
         if !in_memory {
             let (dir, file) = blocking(make.clone())
                 .await
                 .map_err(|e| local("cannot create the file", e))?;
-            made = Some(dir);
-            out = Some(tokio::io::BufWriter::with_capacity(
-                WRITE_BUF,
-                tokio::fs::File::from_std(file),
-            ));
+            let file = tokio::fs::File::from_std(file);
+            out = Some((dir, tokio::io::BufWriter::with_capacity(WRITE_BUF, file)));
         }
         let md5 = reference.md5.is_some() || newer.as_ref().is_some_and(|n| n.0.md5.is_some());
         let hasher = StreamHasher::new(download.size, layout).with_md5(md5);
@@ -1369,7 +1366,7 @@ impl<S: ObjectStore> Ctx<S> {
             written += chunk.len() as u64;
             checking.update(&chunk);
             match out.as_mut() {
-                Some(out) => out
+                Some((_, out)) => out
                     .write_all(&chunk)
                     .await
                     .map_err(|e| local("cannot write", e))?,
@@ -1380,10 +1377,11 @@ impl<S: ObjectStore> Ctx<S> {
         }
         // The rest of the first GET's body is not read: its connection is closed, not reused.
         drop(body);
-        let file = match out {
-            Some(mut out) => {
+        // The temp file, once made: only after the check for a file held in memory.
+        let made = match out {
+            Some((dir, mut out)) => {
                 out.flush().await.map_err(|e| local("cannot write", e))?;
-                Some(Arc::new(out.into_inner().into_std().await))
+                Some((dir, Arc::new(out.into_inner().into_std().await)))
             }
             None => None,
         };
@@ -1398,7 +1396,7 @@ impl<S: ObjectStore> Ctx<S> {
                 range: self.range,
             };
             let (own, slots) = (slot.take().expect("held"), self.downloads.clone());
-            let file = file.clone().expect("not in memory");
+            let file = made.as_ref().expect("not in memory").1.clone();
             checking = ranges::fetch(rest, file, own, slots, checking)
                 .await
                 .map_err(|e| match e {
@@ -1443,9 +1441,9 @@ impl<S: ObjectStore> Ctx<S> {
         let tmp_name = tmp.name().to_owned();
         let shown_at = self.shown_path(rel);
         let placed = tokio::task::spawn_blocking(move || -> Result<(), Finish> {
-            let (place_dir, file) = match (made, file) {
-                (Some(dir), Some(file)) => (dir, file),
-                _ => {
+            let (place_dir, file) = match made {
+                Some(made) => made,
+                None => {
                     let (dir, mut file) = make().map_err(Finish::Create)?;
                     io::Write::write_all(&mut file, &held).map_err(Finish::Write)?;
                     (dir, Arc::new(file))
